@@ -1,0 +1,181 @@
+//! The admin HTTP server: `/live`, `/ready`, `/metrics`, `/config`, and from loopback
+//! only `/shutdown` and `/log-level`. Each request does a small, bounded amount of work,
+//! so it can share a data path's runtime without taking from it.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::log::LogLevel;
+
+/// The content type of Prometheus' OpenMetrics text format.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What must happen before the proxy is ready. Each guard names its reason; the proxy is
+/// ready when every guard has been released and it is not draining.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pending: Mutex<Vec<&'static str>>,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+impl Readiness {
+    /// Holds readiness until [`Readiness::release`] is called with the same reason.
+    pub fn hold(&self, reason: &'static str) {
+        self.pending.lock().push(reason);
+    }
+
+    pub fn release(&self, reason: &'static str) {
+        self.pending.lock().retain(|r| *r != reason);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready, otherwise why not.
+    pub fn check(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("draining".into());
+        }
+        let pending = self.pending.lock();
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("waiting for {}", pending.join(", ")))
+        }
+    }
+}
+
+/// Everything the admin endpoints read or act on.
+#[derive(Debug)]
+pub struct Admin {
+    pub registry: Registry,
+    pub readiness: Arc<Readiness>,
+    pub config_json: String,
+    pub log: LogLevel,
+    /// Cancelled by `POST /shutdown`.
+    pub shutdown: CancellationToken,
+}
+
+/// Serves admin requests on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&admin, peer, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(error) = conn.await {
+                debug!(%error, "admin connection failed");
+            }
+        });
+    }
+}
+
+/// Routes one admin request.
+pub async fn handle(
+    admin: &Admin,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let loopback = peer.ip().to_canonical().is_loopback();
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => match admin.readiness.check() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        (&Method::GET, "/metrics") => {
+            let mut body = String::with_capacity(16 * 1024);
+            if prometheus_client::encoding::text::encode(&mut body, &admin.registry).is_err() {
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "metrics encoding failed\n",
+                );
+            }
+            let mut rsp = text(StatusCode::OK, body);
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(OPENMETRICS),
+            );
+            rsp
+        }
+        (&Method::GET, "/config") => {
+            let mut rsp = text(StatusCode::OK, admin.config_json.clone());
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "application/json".parse().expect("valid"),
+            );
+            rsp
+        }
+        (_, "/shutdown" | "/log-level") if !loopback => {
+            text(StatusCode::FORBIDDEN, "only allowed from loopback\n")
+        }
+        (&Method::POST, "/shutdown") => {
+            info!("shutdown requested through the admin server");
+            admin.shutdown.cancel();
+            text(StatusCode::ACCEPTED, "shutting down\n")
+        }
+        (&Method::GET, "/log-level") => text(StatusCode::OK, format!("{}\n", admin.log.get())),
+        (&Method::PUT, "/log-level") => {
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "body too large or unreadable\n"),
+            };
+            let filter = String::from_utf8_lossy(&body).trim().to_string();
+            match admin.log.set(&filter) {
+                Ok(()) => {
+                    info!(%filter, "log filter changed");
+                    text(StatusCode::OK, format!("{filter}\n"))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/shutdown" | "/log-level") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready, /metrics or /config\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(body.into()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("valid"),
+    );
+    rsp
+}

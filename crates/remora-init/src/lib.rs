@@ -1,0 +1,437 @@
+//! `remora-init`: installs the iptables rules that send a pod's TCP traffic through
+//! `remora-proxy`. Rule generation ([`rules`]) is pure; this module validates the
+//! configuration and drives `iptables-save`/`iptables-restore` through an [`Iptables`]
+//! seam that tests can replace.
+
+pub mod rules;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use ipnet::IpNet;
+use remora_config::{ConfigError, Knob, Loader, parse_port, parse_port_ranges};
+
+pub use rules::{Family, Plan};
+
+pub const PROXY_UID: Knob = Knob::value(
+    "proxy-uid",
+    "REMORA_PROXY_UID",
+    Some("2102"),
+    "UID the proxy runs as; its traffic is never redirected",
+);
+pub const INBOUND_PORT: Knob = Knob::value(
+    "inbound-port",
+    "REMORA_INBOUND_PORT",
+    Some("4143"),
+    "The proxy's inbound port",
+);
+pub const OUTBOUND_PORT: Knob = Knob::value(
+    "outbound-port",
+    "REMORA_OUTBOUND_PORT",
+    Some("4140"),
+    "The proxy's outbound port",
+);
+pub const SKIP_INBOUND_PORTS: Knob = Knob::value(
+    "skip-inbound-ports",
+    "REMORA_SKIP_INBOUND_PORTS",
+    Some("4191"),
+    "Inbound ports (and ranges) not redirected; the admin port so probes and scrapes reach it directly",
+);
+pub const SKIP_OUTBOUND_PORTS: Knob = Knob::value(
+    "skip-outbound-ports",
+    "REMORA_SKIP_OUTBOUND_PORTS",
+    Some(""),
+    "Destination ports (and ranges) the pod reaches without the proxy",
+);
+pub const SKIP_SUBNETS: Knob = Knob::value(
+    "skip-subnets",
+    "REMORA_SKIP_SUBNETS",
+    Some(""),
+    "CIDRs whose traffic is never redirected, either way",
+);
+pub const IPTABLES_MODE: Knob = Knob::value(
+    "iptables-mode",
+    "REMORA_IPTABLES_MODE",
+    Some("auto"),
+    "auto (the variant already holding rules, else nft), nft or legacy",
+);
+pub const IPV6: Knob = Knob::switch("ipv6", "REMORA_IPV6", "Also set up ip6tables");
+pub const DRY_RUN: Knob = Knob::switch(
+    "dry-run",
+    "REMORA_DRY_RUN",
+    "Print the exact iptables-restore input; change nothing",
+);
+pub const CLEANUP: Knob = Knob::switch(
+    "cleanup",
+    "REMORA_CLEANUP",
+    "Remove Remora's rules and chains",
+);
+
+pub const KNOBS: &[Knob] = &[
+    PROXY_UID,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    SKIP_INBOUND_PORTS,
+    SKIP_OUTBOUND_PORTS,
+    SKIP_SUBNETS,
+    IPTABLES_MODE,
+    IPV6,
+    DRY_RUN,
+    CLEANUP,
+];
+
+/// Which iptables variant to drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+impl Mode {
+    fn suffix(self) -> &'static str {
+        match self {
+            Mode::Nft => "nft",
+            Mode::Legacy | Mode::Auto => "legacy",
+        }
+    }
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub plan: Plan,
+    pub mode: Mode,
+    pub ipv6: bool,
+    pub dry_run: bool,
+    pub cleanup: bool,
+}
+
+impl Config {
+    /// Parses flags and environment; every bad value is reported at once, before
+    /// anything is changed.
+    pub fn load(
+        args: impl IntoIterator<Item = String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let cmd = remora_config::command(
+            "remora-init",
+            "Redirects a pod's TCP traffic through remora-proxy with iptables.",
+            KNOBS,
+        );
+        let mut l = Loader::new(cmd, args, env)?;
+        let proxy_uid = l.get(&PROXY_UID, |s| match s.parse::<u32>() {
+            Ok(0) => Err("must not be 0: root's traffic would bypass the proxy".into()),
+            Ok(uid) => Ok(uid),
+            Err(_) => Err("expected a numeric UID".into()),
+        });
+        let inbound_port = l.get(&INBOUND_PORT, parse_port);
+        let outbound_port = l.get(&OUTBOUND_PORT, parse_port);
+        let skip_inbound_ports = l.get(&SKIP_INBOUND_PORTS, parse_port_ranges);
+        let skip_outbound_ports = l.get(&SKIP_OUTBOUND_PORTS, parse_port_ranges);
+        let skip_subnets = l.get(&SKIP_SUBNETS, parse_subnets);
+        let mode = l.get(&IPTABLES_MODE, |s| match s {
+            "auto" => Ok(Mode::Auto),
+            "nft" => Ok(Mode::Nft),
+            "legacy" => Ok(Mode::Legacy),
+            _ => Err("expected auto, nft or legacy".into()),
+        });
+        let ipv6 = l.flag(&IPV6);
+        let dry_run = l.flag(&DRY_RUN);
+        let cleanup = l.flag(&CLEANUP);
+        if inbound_port.is_some() && inbound_port == outbound_port {
+            l.error("--inbound-port and --outbound-port must differ");
+        }
+        l.finish()?;
+        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
+        Ok(Self {
+            plan: Plan {
+                proxy_uid: proxy_uid.ok_or_else(missing)?,
+                inbound_port: inbound_port.ok_or_else(missing)?,
+                outbound_port: outbound_port.ok_or_else(missing)?,
+                skip_inbound_ports: skip_inbound_ports.ok_or_else(missing)?,
+                skip_outbound_ports: skip_outbound_ports.ok_or_else(missing)?,
+                skip_subnets: skip_subnets.ok_or_else(missing)?,
+            },
+            mode: mode.ok_or_else(missing)?,
+            ipv6,
+            dry_run,
+            cleanup,
+        })
+    }
+}
+
+fn parse_subnets(s: &str) -> Result<Vec<IpNet>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            n.parse::<IpNet>()
+                .map_err(|_| format!("{n:?} is not a CIDR such as 10.0.0.0/8"))
+        })
+        .collect()
+}
+
+/// Running iptables failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot run {program}: {source}; is the iptables package installed in the init image?")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} failed ({status}): {stderr}\ninput was:\n{input}")]
+    Failed {
+        program: String,
+        status: String,
+        stderr: String,
+        input: String,
+    },
+    #[error(
+        "{program} succeeded but chain {chain} is missing afterwards; the rules were not applied"
+    )]
+    NotApplied {
+        program: String,
+        chain: &'static str,
+    },
+}
+
+/// The seam to the iptables binaries.
+pub trait Iptables {
+    /// Whether `program` can be run.
+    fn exists(&self, program: &str) -> bool;
+    /// Runs `program args…` with `input` on stdin and returns its stdout.
+    fn run(&self, program: &str, args: &[&str], input: &str) -> Result<String, InitError>;
+}
+
+/// Runs the real binaries.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+impl Iptables for System {
+    fn exists(&self, program: &str) -> bool {
+        std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+            .unwrap_or(false)
+    }
+
+    fn run(&self, program: &str, args: &[&str], input: &str) -> Result<String, InitError> {
+        let spawn = |source| InitError::Spawn {
+            program: program.to_string(),
+            source,
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).map_err(spawn)?;
+        }
+        let out = child.wait_with_output().map_err(spawn)?;
+        if !out.status.success() {
+            return Err(InitError::Failed {
+                program: program.to_string(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                input: input.to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn binary(family: Family, mode: Mode, tool: &str) -> String {
+    let base = match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    };
+    format!("{base}-{}-{tool}", mode.suffix())
+}
+
+/// Resolves `auto`: the variant whose tables already hold rules, else nft when its
+/// binaries exist, else legacy.
+pub fn resolve_mode(ipt: &dyn Iptables, family: Family, mode: Mode) -> Mode {
+    if mode != Mode::Auto {
+        return mode;
+    }
+    let rules = |m: Mode| {
+        let save = binary(family, m, "save");
+        if !ipt.exists(&save) {
+            return None;
+        }
+        let out = ipt.run(&save, &[], "").ok()?;
+        Some(out.lines().filter(|l| l.starts_with("-A ")).count())
+    };
+    match (rules(Mode::Nft), rules(Mode::Legacy)) {
+        (Some(n), Some(l)) if l > n => Mode::Legacy,
+        (Some(_), _) => Mode::Nft,
+        (None, Some(_)) => Mode::Legacy,
+        (None, None) => Mode::Nft,
+    }
+}
+
+/// Installs (or with `cleanup` removes) the rules for every family asked for. Returns
+/// the restore input of each family, which is all that happens with `dry_run`.
+pub fn apply(ipt: &dyn Iptables, config: &Config) -> Result<Vec<String>, InitError> {
+    let families: &[Family] = if config.ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    let mut inputs = Vec::new();
+    for &family in families {
+        let mode = resolve_mode(ipt, family, config.mode);
+        let save = binary(family, mode, "save");
+        let restore = binary(family, mode, "restore");
+        let current = ipt.run(&save, &["-t", "nat"], "")?;
+        let input = if config.cleanup {
+            rules::cleanup(&current)
+        } else {
+            rules::install(&config.plan, family, &current)
+        };
+        if !config.dry_run && !input.is_empty() {
+            ipt.run(&restore, &["--noflush"], &input)?;
+            let after = ipt.run(&save, &["-t", "nat"], "")?;
+            if !config.cleanup {
+                for chain in [rules::INBOUND_CHAIN, rules::OUTBOUND_CHAIN] {
+                    if !after
+                        .lines()
+                        .any(|l| l.starts_with(&format!("-A {chain} ")))
+                    {
+                        return Err(InitError::NotApplied {
+                            program: restore,
+                            chain,
+                        });
+                    }
+                }
+            }
+        }
+        inputs.push(input);
+    }
+    Ok(inputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{cell::RefCell, collections::HashMap};
+
+    fn load(args: &[&str]) -> Result<Config, ConfigError> {
+        let args = std::iter::once("remora-init")
+            .chain(args.iter().copied())
+            .map(String::from);
+        Config::load(args, &|_| None)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.plan.proxy_uid, 2102);
+        assert_eq!((c.plan.inbound_port, c.plan.outbound_port), (4143, 4140));
+        assert_eq!(c.plan.skip_inbound_ports[0].to_string(), "4191");
+        assert_eq!(c.mode, Mode::Auto);
+        assert!(!c.ipv6 && !c.dry_run && !c.cleanup);
+    }
+
+    #[test]
+    fn every_bad_flag_is_reported_before_anything_changes() {
+        let err = load(&[
+            "--proxy-uid",
+            "0",
+            "--inbound-port",
+            "70000",
+            "--skip-subnets",
+            "10.0.0.0/8,nonsense",
+            "--iptables-mode",
+            "both",
+            "--skip-outbound-ports",
+            "9-1",
+        ])
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "--proxy-uid",
+            "--inbound-port",
+            "\"nonsense\" is not a CIDR",
+            "--iptables-mode",
+            "--skip-outbound-ports",
+        ] {
+            assert!(err.contains(needle), "{needle} missing in {err}");
+        }
+        let err = load(&["--inbound-port", "4140"]).unwrap_err().to_string();
+        assert!(err.contains("must differ"), "{err}");
+    }
+
+    /// Records calls; `tables` maps a save binary to what it prints.
+    #[derive(Default)]
+    struct Fake {
+        tables: HashMap<String, String>,
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl Iptables for Fake {
+        fn exists(&self, program: &str) -> bool {
+            self.tables.contains_key(program)
+        }
+        fn run(&self, program: &str, args: &[&str], input: &str) -> Result<String, InitError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("{program} {}", args.join(" ")));
+            if program.ends_with("-restore") {
+                assert!(!input.is_empty());
+                return Ok(String::new());
+            }
+            Ok(self.tables.get(program).cloned().unwrap_or_default())
+        }
+    }
+
+    #[test]
+    fn auto_prefers_the_variant_holding_rules() {
+        let mut fake = Fake::default();
+        fake.tables
+            .insert("iptables-nft-save".into(), "*nat\nCOMMIT\n".into());
+        fake.tables.insert(
+            "iptables-legacy-save".into(),
+            "*nat\n-A OUTPUT -j X\nCOMMIT\n".into(),
+        );
+        assert_eq!(resolve_mode(&fake, Family::V4, Mode::Auto), Mode::Legacy);
+        fake.tables
+            .insert("iptables-legacy-save".into(), String::new());
+        assert_eq!(resolve_mode(&fake, Family::V4, Mode::Auto), Mode::Nft);
+        fake.tables.remove("iptables-nft-save");
+        assert_eq!(resolve_mode(&fake, Family::V4, Mode::Auto), Mode::Legacy);
+        assert_eq!(resolve_mode(&fake, Family::V4, Mode::Nft), Mode::Nft);
+    }
+
+    #[test]
+    fn dry_run_changes_nothing_and_ipv6_covers_both_families() {
+        let mut fake = Fake::default();
+        fake.tables
+            .insert("iptables-nft-save".into(), String::new());
+        fake.tables
+            .insert("ip6tables-nft-save".into(), String::new());
+        let config = load(&["--dry-run", "--ipv6", "--iptables-mode", "nft"]).unwrap();
+        let inputs = apply(&fake, &config).unwrap();
+        assert_eq!(inputs.len(), 2);
+        assert!(
+            fake.calls.borrow().iter().all(|c| !c.contains("restore")),
+            "{:?}",
+            fake.calls
+        );
+    }
+
+    #[test]
+    fn a_restore_that_did_not_take_is_an_error() {
+        let mut fake = Fake::default();
+        fake.tables
+            .insert("iptables-nft-save".into(), String::new());
+        let config = load(&["--iptables-mode", "nft"]).unwrap();
+        let err = apply(&fake, &config).unwrap_err().to_string();
+        assert!(err.contains("chain REMORA_INBOUND is missing"), "{err}");
+    }
+}

@@ -1,0 +1,38 @@
+//! `remora-init`: validates its flags, then installs (or removes) the pod's interception
+//! rules, or with `--dry-run` prints them.
+
+use std::process::ExitCode;
+
+use remora_init::{Config, System, apply};
+
+fn main() -> ExitCode {
+    let config = match Config::load(std::env::args(), &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(remora_config::ConfigError::Args(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("remora-init: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match apply(&System, &config) {
+        Ok(inputs) => {
+            if config.dry_run {
+                for input in inputs {
+                    print!("{input}");
+                }
+            } else {
+                let what = if config.cleanup {
+                    "removed"
+                } else {
+                    "installed"
+                };
+                eprintln!("remora-init: interception rules {what}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("remora-init: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Wiring: binds the listeners, then runs the data path and the admin server until
+//! shutdown, which drains in-flight work within the grace period.
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc};
+
+use prometheus_client::registry::Registry;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use remora_admin::{Admin, LogLevel, Readiness};
+
+use crate::{
+    config::Config,
+    metrics::{Direction, Metrics},
+    proxy::{self, Ctx},
+};
+
+/// The proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "cannot listen on {addr} ({what}): {source}; is another proxy already running in this pod?"
+    )]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("none of the {what} addresses could be bound: {addrs:?}")]
+    NoListener {
+        what: &'static str,
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+/// A bound, not yet running proxy.
+pub struct App {
+    config: Config,
+    inbound: Vec<TcpListener>,
+    outbound: Vec<TcpListener>,
+    admin_listeners: Vec<TcpListener>,
+    admin: Arc<Admin>,
+    ctx: Arc<Ctx>,
+}
+
+impl App {
+    /// Binds every listener. Nothing is served until [`App::run`].
+    pub async fn build(config: Config, log: LogLevel) -> Result<Self, BuildError> {
+        let inbound = bind_all("inbound", &config.inbound_addrs)?;
+        let outbound = bind_all("outbound", &config.outbound_addrs)?;
+        let admin_listeners = bind_all("admin", &config.admin_addrs)?;
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let readiness = Arc::new(Readiness::default());
+        let admin = Arc::new(Admin {
+            registry,
+            readiness,
+            config_json: remora_config::to_json(&config.effective),
+            log,
+            shutdown: CancellationToken::new(),
+        });
+        let ctx = Arc::new(Ctx {
+            opaque_ports: config.opaque_ports.clone(),
+            detect_timeout: config.detect_timeout,
+            connect_timeout: config.connect_timeout,
+            metrics,
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        Ok(Self {
+            config,
+            inbound,
+            outbound,
+            admin_listeners,
+            admin,
+            ctx,
+        })
+    }
+
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        local_addrs(&self.inbound)
+    }
+
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        local_addrs(&self.outbound)
+    }
+
+    pub fn admin_addrs(&self) -> Vec<SocketAddr> {
+        local_addrs(&self.admin_listeners)
+    }
+
+    /// Serves until `shutdown` completes (or `POST /shutdown`), then stops accepting,
+    /// gives in-flight connections the grace period, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            config,
+            inbound,
+            outbound,
+            admin_listeners,
+            admin,
+            ctx,
+        } = self;
+        for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
+            info!(target: "remora_proxy::config", "{}={} ({source})", e.env, e.value);
+        }
+        info!(
+            inbound = ?local_addrs(&inbound),
+            outbound = ?local_addrs(&outbound),
+            admin = ?local_addrs(&admin_listeners),
+            "remora-proxy {} running without a controller: every destination is passthrough \
+             and traffic is NOT encrypted",
+            env!("CARGO_PKG_VERSION"),
+        );
+        let admin_stop = CancellationToken::new();
+        for l in admin_listeners {
+            tokio::spawn(remora_admin::serve(l, admin.clone(), admin_stop.clone()));
+        }
+        let mut accept_loops = Vec::new();
+        for (listeners, direction) in [
+            (inbound, Direction::Inbound),
+            (outbound, Direction::Outbound),
+        ] {
+            for l in listeners {
+                accept_loops.push(tokio::spawn(proxy::accept_loop(l, direction, ctx.clone())));
+            }
+        }
+
+        tokio::select! {
+            _ = shutdown => info!("shutdown signal received"),
+            _ = admin.shutdown.cancelled() => {}
+        }
+        admin.readiness.set_draining();
+        ctx.drain.cancel();
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        ctx.tracker.close();
+        let open = ctx.tracker.len();
+        info!(open, grace = ?config.shutdown_grace_period, "stopped accepting; draining connections");
+        if tokio::time::timeout(config.shutdown_grace_period, ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = ctx.tracker.len(),
+                "grace period over: closing the remaining connections"
+            );
+        }
+        admin_stop.cancel();
+        info!("shut down");
+    }
+}
+
+fn local_addrs(listeners: &[TcpListener]) -> Vec<SocketAddr> {
+    listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect()
+}
+
+/// Binds every address; an IPv6 address the pod cannot use (IPv6 disabled) is skipped,
+/// as long as one address is bound.
+fn bind_all(what: &'static str, addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BuildError> {
+    let mut out = Vec::new();
+    for &addr in addrs {
+        match bind(addr) {
+            Ok(l) => out.push(l),
+            Err(e) if addr.is_ipv6() && ipv6_unavailable(&e) => {
+                warn!(%addr, error = %e, "IPv6 is not available: not listening on {what} address");
+            }
+            Err(source) => return Err(BuildError::Bind { what, addr, source }),
+        }
+    }
+    if out.is_empty() {
+        return Err(BuildError::NoListener {
+            what,
+            addrs: addrs.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+fn ipv6_unavailable(e: &io::Error) -> bool {
+    // EAFNOSUPPORT (97) or EADDRNOTAVAIL (99): no IPv6 stack, or no such address.
+    matches!(e.raw_os_error(), Some(97 | 99))
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // So [::]:port and 0.0.0.0:port can both be bound.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}

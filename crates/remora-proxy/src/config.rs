@@ -1,0 +1,280 @@
+//! The proxy's configuration: its knob table and the typed [`Config`] built from it.
+//! The environment is read here and nowhere else, through a lookup tests fill from a map.
+
+use std::{net::SocketAddr, time::Duration};
+
+use remora_admin::LogFormat;
+use remora_config::{Effective, Knob, Loader, PortRange};
+
+pub use remora_config::ConfigError;
+
+pub const INBOUND_ADDR: Knob = Knob::value(
+    "inbound-addr",
+    "REMORA_INBOUND_ADDR",
+    Some("0.0.0.0:4143,[::]:4143"),
+    "Inbound listeners (iptables PREROUTING redirects here); an unavailable IPv6 address is skipped",
+);
+pub const OUTBOUND_ADDR: Knob = Knob::value(
+    "outbound-addr",
+    "REMORA_OUTBOUND_ADDR",
+    Some("127.0.0.1:4140,[::1]:4140"),
+    "Outbound listeners (iptables OUTPUT redirects here); loopback only, so nothing outside the pod reaches them",
+);
+pub const ADMIN_ADDR: Knob = Knob::value(
+    "admin-addr",
+    "REMORA_ADMIN_ADDR",
+    Some("0.0.0.0:4191,[::]:4191"),
+    "Admin listeners: /metrics, /live, /ready, /config; /shutdown and /log-level from loopback only",
+);
+pub const OPAQUE_PORTS: Knob = Knob::value(
+    "opaque-ports",
+    "REMORA_OPAQUE_PORTS",
+    Some("25,587,3306,4444,5432,6379,9300,11211"),
+    "Destination ports proxied as TCP without protocol detection (server-speaks-first protocols)",
+);
+pub const DETECT_TIMEOUT: Knob = Knob::value(
+    "detect-timeout",
+    "REMORA_DETECT_TIMEOUT",
+    Some("10s"),
+    "How long to wait for a client's first bytes before treating the connection as opaque TCP",
+);
+pub const CONNECT_TIMEOUT: Knob = Knob::value(
+    "connect-timeout",
+    "REMORA_CONNECT_TIMEOUT",
+    Some("5s"),
+    "Limit for connecting to a destination; passthrough destinations may be far away",
+);
+pub const SHUTDOWN_GRACE_PERIOD: Knob = Knob::value(
+    "shutdown-grace-period",
+    "REMORA_SHUTDOWN_GRACE_PERIOD",
+    Some("25s"),
+    "After SIGTERM, how long in-flight work may finish; under Kubernetes' default 30s",
+);
+pub const WORKER_THREADS: Knob = Knob::value(
+    "worker-threads",
+    "REMORA_WORKER_THREADS",
+    Some("2"),
+    "Runtime worker threads; a sidecar should stay small, raise it for very busy pods",
+);
+pub const LOG: Knob = Knob::value(
+    "log",
+    "REMORA_LOG",
+    Some("info"),
+    "Log filter in tracing's EnvFilter syntax (e.g. info,remora_proxy=debug)",
+);
+pub const LOG_FORMAT: Knob = Knob::value(
+    "log-format",
+    "REMORA_LOG_FORMAT",
+    Some("plain"),
+    "Log format: plain or json",
+);
+
+/// Every knob of `remora-proxy`, in the order `--help` and the README list them.
+pub const KNOBS: &[Knob] = &[
+    INBOUND_ADDR,
+    OUTBOUND_ADDR,
+    ADMIN_ADDR,
+    OPAQUE_PORTS,
+    DETECT_TIMEOUT,
+    CONNECT_TIMEOUT,
+    SHUTDOWN_GRACE_PERIOD,
+    WORKER_THREADS,
+    LOG,
+    LOG_FORMAT,
+];
+
+/// The proxy's validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub inbound_addrs: Vec<SocketAddr>,
+    pub outbound_addrs: Vec<SocketAddr>,
+    pub admin_addrs: Vec<SocketAddr>,
+    pub opaque_ports: Vec<PortRange>,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_grace_period: Duration,
+    pub worker_threads: usize,
+    pub log: String,
+    pub log_format: LogFormat,
+    /// The effective values as written, for the start-up log and `/config`.
+    pub effective: Vec<Effective>,
+}
+
+impl Config {
+    /// Parses `args` (with the program name first) and the environment seen through `env`.
+    /// Every bad value is reported in one error.
+    pub fn load(
+        args: impl IntoIterator<Item = String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let cmd = remora_config::command(
+            "remora-proxy",
+            "The Remora sidecar proxy: carries a pod's intercepted TCP traffic.",
+            KNOBS,
+        );
+        let mut l = Loader::new(cmd, args, env)?;
+        let inbound_addrs = l.get(&INBOUND_ADDR, parse_addrs);
+        let outbound_addrs = l.get(&OUTBOUND_ADDR, parse_addrs);
+        let admin_addrs = l.get(&ADMIN_ADDR, parse_addrs);
+        let opaque_ports = l.get(&OPAQUE_PORTS, remora_config::parse_port_ranges);
+        let detect_timeout = l.get(&DETECT_TIMEOUT, parse_positive_duration);
+        let connect_timeout = l.get(&CONNECT_TIMEOUT, parse_positive_duration);
+        let shutdown_grace_period = l.get(&SHUTDOWN_GRACE_PERIOD, remora_config::parse_duration);
+        let worker_threads = l.get(&WORKER_THREADS, |s| match s.parse::<usize>() {
+            Ok(n @ 1..=64) => Ok(n),
+            _ => Err("expected a whole number from 1 to 64".into()),
+        });
+        let log = l.get(&LOG, remora_admin::log::parse_filter);
+        let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
+        if let (Some(outbound), Some(inbound)) = (&outbound_addrs, &inbound_addrs) {
+            if let Some(a) = outbound.iter().find(|a| !a.ip().is_loopback()) {
+                l.error(format!(
+                    "REMORA_OUTBOUND_ADDR {a} is not a loopback address: the outbound listener \
+                     must not be reachable from outside the pod"
+                ));
+            }
+            if let Some(a) = outbound
+                .iter()
+                .find(|o| inbound.iter().any(|i| i.port() == o.port()))
+            {
+                l.error(format!(
+                    "REMORA_OUTBOUND_ADDR and REMORA_INBOUND_ADDR share port {}: give each its own",
+                    a.port()
+                ));
+            }
+        }
+        let effective = l.finish()?;
+        // finish() succeeded, so every value above parsed.
+        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
+        Ok(Self {
+            inbound_addrs: inbound_addrs.ok_or_else(missing)?,
+            outbound_addrs: outbound_addrs.ok_or_else(missing)?,
+            admin_addrs: admin_addrs.ok_or_else(missing)?,
+            opaque_ports: opaque_ports.ok_or_else(missing)?,
+            detect_timeout: detect_timeout.ok_or_else(missing)?,
+            connect_timeout: connect_timeout.ok_or_else(missing)?,
+            shutdown_grace_period: shutdown_grace_period.ok_or_else(missing)?,
+            worker_threads: worker_threads.ok_or_else(missing)?,
+            log: log.ok_or_else(missing)?,
+            log_format: log_format.ok_or_else(missing)?,
+            effective,
+        })
+    }
+
+    /// Whether connections to `port` skip protocol detection.
+    pub fn is_opaque(&self, port: u16) -> bool {
+        self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+}
+
+/// A comma-separated, non-empty list of socket addresses (`127.0.0.1:4140,[::1]:4140`).
+fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("{a:?} is not an IP:port address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err("expected at least one IP:port address".into());
+    }
+    Ok(addrs)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match remora_config::parse_duration(s)? {
+        d if d.is_zero() => Err("must be longer than zero".into()),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args = std::iter::once("remora-proxy")
+            .chain(args.iter().copied())
+            .map(String::from);
+        Config::load(args, &|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = load(&[], &[]).unwrap();
+        assert_eq!(
+            c.inbound_addrs,
+            [
+                "0.0.0.0:4143".parse().unwrap(),
+                "[::]:4143".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.outbound_addrs[0], "127.0.0.1:4140".parse().unwrap());
+        assert_eq!(c.admin_addrs[0].port(), 4191);
+        for port in [25, 587, 3306, 4444, 5432, 6379, 9300, 11211] {
+            assert!(c.is_opaque(port), "{port} is opaque by default");
+        }
+        assert!(!c.is_opaque(80));
+        assert_eq!(c.log_format, LogFormat::Plain);
+        assert_eq!(c.effective.len(), KNOBS.len(), "every knob is in /config");
+    }
+
+    #[test]
+    fn env_and_flags_override() {
+        let c = load(
+            &["--detect-timeout", "250ms"],
+            &[
+                ("REMORA_OPAQUE_PORTS", "7000-7002"),
+                ("REMORA_LOG_FORMAT", "json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.detect_timeout, Duration::from_millis(250));
+        assert!(c.is_opaque(7001) && !c.is_opaque(25));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let err = load(
+            &["--connect-timeout", "0s"],
+            &[
+                ("REMORA_INBOUND_ADDR", "nowhere"),
+                ("REMORA_OPAQUE_PORTS", "25,70000"),
+                ("REMORA_LOG_FORMAT", "xml"),
+                ("REMORA_LOG", "[[["),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "--connect-timeout=\"0s\"",
+            "REMORA_INBOUND_ADDR=\"nowhere\"",
+            "REMORA_OPAQUE_PORTS=\"25,70000\"",
+            "REMORA_LOG_FORMAT=\"xml\"",
+            "REMORA_LOG=\"[[[\"",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn outbound_must_stay_on_loopback_and_apart_from_inbound() {
+        let err = load(&[], &[("REMORA_OUTBOUND_ADDR", "0.0.0.0:4140")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let err = load(&[], &[("REMORA_OUTBOUND_ADDR", "127.0.0.1:4143")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("share port 4143"), "{err}");
+    }
+}

@@ -1,0 +1,143 @@
+//! Protocol detection: decides from a connection's first bytes whether it speaks
+//! HTTP/1, HTTP/2 (prior knowledge, as gRPC does) or something else.
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The most bytes read while detecting. A request line longer than this is still
+/// proxied, as opaque TCP: detection never refuses a connection.
+pub const MAX_DETECT_BYTES: usize = 8 * 1024;
+
+/// The longest method name accepted (`PROPPATCH`, `MKCALENDAR` and friends fit).
+const MAX_METHOD_LEN: usize = 24;
+
+/// What the bytes seen so far say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Http1,
+    Http2,
+    /// Not HTTP: proxy as TCP.
+    Opaque,
+    /// Could still be HTTP: read more.
+    NeedMore,
+}
+
+/// Classifies a connection's first bytes.
+pub fn classify(buf: &[u8]) -> Verdict {
+    if buf.is_empty() {
+        return Verdict::NeedMore;
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Verdict::Http2
+        } else {
+            Verdict::NeedMore
+        };
+    }
+    let verdict = classify_http1(buf);
+    if verdict == Verdict::NeedMore && buf.len() >= MAX_DETECT_BYTES {
+        return Verdict::Opaque;
+    }
+    verdict
+}
+
+/// Checks for an HTTP/1 request line: `token SP request-target SP HTTP/1.x CRLF`.
+fn classify_http1(buf: &[u8]) -> Verdict {
+    let method_len = buf.iter().take_while(|&&b| is_token(b)).count();
+    if method_len > MAX_METHOD_LEN {
+        return Verdict::Opaque;
+    }
+    let Some(&after_method) = buf.get(method_len) else {
+        return Verdict::NeedMore;
+    };
+    if method_len == 0 || after_method != b' ' {
+        return Verdict::Opaque;
+    }
+    let rest = &buf[method_len + 1..];
+    let target_len = rest.iter().take_while(|&&b| b.is_ascii_graphic()).count();
+    let Some(&after_target) = rest.get(target_len) else {
+        return Verdict::NeedMore;
+    };
+    if target_len == 0 || after_target != b' ' {
+        return Verdict::Opaque;
+    }
+    let version = &rest[target_len + 1..];
+    for want in [b"HTTP/1.1\r\n".as_slice(), b"HTTP/1.0\r\n".as_slice()] {
+        let n = version.len().min(want.len());
+        if version[..n] == want[..n] {
+            return if n == want.len() {
+                Verdict::Http1
+            } else {
+                Verdict::NeedMore
+            };
+        }
+    }
+    Verdict::Opaque
+}
+
+/// RFC 9110 `tchar`.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Verdict::*;
+
+    #[test]
+    fn table() {
+        // A request line that has not ended within the detect buffer is not waited for.
+        let long_target = format!("GET /{}", "a".repeat(MAX_DETECT_BYTES));
+        let cases: &[(&[u8], Verdict)] = &[
+            (b"", NeedMore),
+            (b"G", NeedMore),
+            (b"GET", NeedMore),
+            (b"GET /", NeedMore),
+            (b"GET / HTTP/1.1", NeedMore),
+            (b"GET / HTTP/1.1\r", NeedMore),
+            (b"GET / HTTP/1.1\r\n", Http1),
+            (b"GET /x?y=1 HTTP/1.0\r\nHost: a\r\n\r\n", Http1),
+            (b"M-SEARCH * HTTP/1.1\r\n", Http1),
+            (b"CONNECT example.com:443 HTTP/1.1\r\n", Http1),
+            (b"P", NeedMore),
+            (b"PRI * HTTP/2.0\r\n", NeedMore),
+            (H2_PREFACE, Http2),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04", Http2),
+            // A PRI request line that is not the preface is not HTTP/1.x either.
+            (b"PRI * HTTP/2.0\r\n\r\nXX", Opaque),
+            (b"GET / HTTP/2.0\r\n", Opaque),
+            (b"GET / SPDY/3\r\n", Opaque),
+            (b"GET  / HTTP/1.1\r\n", Opaque),
+            (b"GET /\x00 HTTP/1.1\r\n", Opaque),
+            (b" GET / HTTP/1.1\r\n", Opaque),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", Opaque),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", Opaque),
+            (b"\x00\x00\x00\x00", Opaque),
+            (b"*3\r\n$3\r\nSET\r\n", Opaque),
+            (
+                b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                Opaque,
+            ),
+            (long_target.as_bytes(), Opaque),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                classify(input),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn every_prefix_of_a_request_waits_for_more() {
+        for full in [b"DELETE /items/7 HTTP/1.1\r\n".as_slice(), H2_PREFACE] {
+            for n in 1..full.len() {
+                assert_eq!(classify(&full[..n]), NeedMore, "prefix of {n} bytes");
+            }
+        }
+    }
+}

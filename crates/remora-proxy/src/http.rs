@@ -1,0 +1,160 @@
+//! HTTP proxying: serves a detected HTTP/1 or HTTP/2 client connection with hyper and
+//! forwards each request upstream, streaming bodies and trailers, and continuing
+//! upgraded (`101`) and `CONNECT` exchanges as raw byte streams.
+
+mod body;
+mod headers;
+mod upstream;
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+pub use body::{MeteredBody, grpc_status};
+pub use headers::{strip_hop_by_hop, wants_upgrade};
+pub use upstream::{Upstream, UpstreamError, Version};
+
+use crate::metrics::HttpMetrics;
+
+/// The header that says why the proxy, not the application, produced a response.
+pub const ERROR_HEADER: &str = "remora-error";
+
+/// What a proxied response's body is: the upstream's stream, or the proxy's own message.
+pub type ProxyBody = MeteredBody<Either<Incoming, Full<Bytes>>>;
+
+/// Serves one client connection until it closes, or until `drain` asks it to finish
+/// its in-flight requests and close.
+pub async fn serve<I>(io: I, upstream: Upstream, metrics: HttpMetrics, drain: CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let upstream = Arc::new(upstream);
+    let version = upstream.version();
+    let addr = upstream.addr();
+    let svc = service_fn(move |req| {
+        let (upstream, metrics) = (upstream.clone(), metrics.clone());
+        async move { Ok::<_, Infallible>(forward(req, &upstream, metrics).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match version {
+        Version::Http1 => {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        Version::Http2 => {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(error) = result {
+        debug!(%addr, %error, "HTTP connection ended with an error");
+    }
+}
+
+/// Forwards one request and returns what the client should see.
+async fn forward(
+    mut req: Request<Incoming>,
+    upstream: &Upstream,
+    metrics: HttpMetrics,
+) -> Response<ProxyBody> {
+    metrics.requests.inc();
+    let start = Instant::now();
+    let upgrade = wants_upgrade(&req);
+    let connect = req.method() == Method::CONNECT;
+    let grpc = is_grpc(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+
+    let response = match upstream.send(req).await {
+        Ok(mut rsp) => {
+            let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
+                || (connect && rsp.status().is_success());
+            strip_hop_by_hop(rsp.headers_mut(), switched);
+            if let (true, Some(client_upgrade)) = (switched, client_upgrade) {
+                let server_upgrade = hyper::upgrade::on(&mut rsp);
+                tokio::spawn(tunnel(client_upgrade, server_upgrade));
+            }
+            rsp.map(Either::Left)
+        }
+        Err(error) => {
+            debug!(%error, "upstream request failed");
+            error_response(StatusCode::BAD_GATEWAY, &error.to_string(), grpc).map(Either::Right)
+        }
+    };
+    metrics.duration.observe(start.elapsed().as_secs_f64());
+    let status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    let body = MeteredBody::new(body, metrics, status, &parts.headers);
+    Response::from_parts(parts, body)
+}
+
+/// Copies bytes between an upgraded client connection and its upgraded upstream.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, server) {
+        Ok((client, server)) => {
+            crate::tcp::forward(TokioIo::new(client), TokioIo::new(server)).await
+        }
+        Err(error) => debug!(%error, "upgrade did not complete"),
+    }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// A response made by the proxy. gRPC clients get a trailers-only response with
+/// `UNAVAILABLE` (14), which their libraries understand; others get `status`.
+pub fn error_response(status: StatusCode, reason: &str, grpc: bool) -> Response<Full<Bytes>> {
+    let reason_value =
+        HeaderValue::from_str(reason).unwrap_or(HeaderValue::from_static("proxy error"));
+    let mut rsp = Response::new(Full::new(Bytes::new()));
+    if grpc {
+        let h = rsp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static("14"));
+        h.insert("grpc-message", reason_value.clone());
+    } else {
+        *rsp.status_mut() = status;
+        *rsp.body_mut() = Full::new(Bytes::from(format!("{reason}\n")));
+        rsp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    rsp.headers_mut().insert(ERROR_HEADER, reason_value);
+    rsp
+}

@@ -1,0 +1,98 @@
+//! A response body that records the response's outcome when its stream ends.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::metrics::HttpMetrics;
+
+pin_project_lite::pin_project! {
+    /// Wraps a response body; counts the response in `remora_http_responses_total` once,
+    /// when the stream ends or is dropped, with the gRPC status from its trailers.
+    pub struct MeteredBody<B> {
+        #[pin]
+        inner: B,
+        metrics: Option<HttpMetrics>,
+        status: u16,
+        grpc_status: Option<u32>,
+        failed: bool,
+        // Had nothing to send from the start (HEAD, 204, 304): never polled, yet complete.
+        empty: bool,
+    }
+
+    impl<B> PinnedDrop for MeteredBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(m) = this.metrics.take() {
+                // Dropped before its end: complete only if nothing was left to send.
+                m.response(*this.status, *this.grpc_status, !*this.failed && *this.empty);
+            }
+        }
+    }
+}
+
+impl<B: Body> MeteredBody<B> {
+    pub fn new(inner: B, metrics: HttpMetrics, status: u16, headers: &HeaderMap) -> Self {
+        let empty = inner.is_end_stream();
+        Self {
+            inner,
+            metrics: Some(metrics),
+            status,
+            grpc_status: grpc_status(headers),
+            failed: false,
+            empty,
+        }
+    }
+}
+
+/// The `grpc-status` field, if present and numeric.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    *this.grpc_status = grpc_status(trailers).or(*this.grpc_status);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => *this.failed = true,
+            Poll::Ready(None) => {
+                if let Some(m) = this.metrics.take() {
+                    m.response(*this.status, *this.grpc_status, !*this.failed);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,21 @@
+//! `remora-proxy`: the sidecar that carries a meshed pod's intercepted TCP traffic.
+//!
+//! Outbound connections (redirected by iptables OUTPUT to 127.0.0.1:4140) and inbound
+//! ones (redirected by PREROUTING to :4143) are accepted, their original destination is
+//! read from the NAT table, their protocol is detected, and they are forwarded: HTTP per
+//! request with hyper, everything else as a byte stream. [`App`] is the whole proxy;
+//! `main.rs` only reads the configuration and calls it.
+
+pub mod addr;
+pub mod app;
+pub mod config;
+pub mod connect;
+pub mod detect;
+pub mod http;
+pub mod io;
+pub mod metrics;
+pub mod proxy;
+pub mod tcp;
+
+pub use app::{App, BuildError};
+pub use config::Config;

@@ -1,0 +1,376 @@
+//! The proxy's Prometheus metrics. Names and labels are part of the contract
+//! (see docs/contract.md); every label set here is bounded.
+
+use std::borrow::Cow;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::{Registry, Unit},
+};
+
+use remora_admin::ProcessCollector;
+
+/// Latency buckets for request durations, in seconds: 0.5 ms to 30 s.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+    30.0,
+];
+
+/// Buckets for protocol detection time, in seconds: 10 µs (the client had spoken
+/// already) up to the default detect timeout.
+pub const DETECT_BUCKETS: [f64; 12] = [
+    0.00001, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+];
+
+/// Which side of the pod a connection came in on.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// The labels every traffic metric carries.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub direction: Direction,
+    /// Outbound: the Service as `name.namespace:port`, or `passthrough`; inbound: the port.
+    pub target: Cow<'static, str>,
+    pub tls: bool,
+    /// The peer's SPIFFE ID, or empty when the connection is not mutually authenticated.
+    pub peer_identity: Cow<'static, str>,
+}
+
+/// Whether a response counts as a success.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Classification {
+    Success,
+    Failure,
+}
+
+impl EncodeLabelValue for Classification {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            Classification::Success => "success",
+            Classification::Failure => "failure",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    /// The HTTP status; 0 when no response headers arrived (the stream failed).
+    pub status_code: u16,
+    pub classification: Classification,
+    /// The gRPC status from the trailers (or trailers-only headers); empty when not gRPC.
+    pub grpc_status: Option<u32>,
+}
+
+/// The outcome of protocol detection, one label value each.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DetectResult {
+    Http1,
+    Http2,
+    /// The client's bytes were not HTTP.
+    Opaque,
+    /// The server spoke before the client did.
+    ServerFirst,
+    /// The client said nothing within the detect timeout.
+    Timeout,
+    /// The client closed before its bytes said anything.
+    ClientClosed,
+    /// The port is configured opaque: no detection was tried.
+    OpaquePort,
+}
+
+impl DetectResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectResult::Http1 => "http1",
+            DetectResult::Http2 => "http2",
+            DetectResult::Opaque => "opaque",
+            DetectResult::ServerFirst => "server_first",
+            DetectResult::Timeout => "timeout",
+            DetectResult::ClientClosed => "client_closed",
+            DetectResult::OpaquePort => "opaque_port",
+        }
+    }
+}
+
+impl EncodeLabelValue for DetectResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub direction: Direction,
+    pub result: DetectResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the data path records.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    tcp_opened: Family<TrafficLabels, Counter>,
+    tcp_closed: Family<TrafficLabels, Counter>,
+    tcp_open: Family<TrafficLabels, Gauge>,
+    tcp_read: Family<TrafficLabels, Counter>,
+    tcp_written: Family<TrafficLabels, Counter>,
+    http_requests: Family<TrafficLabels, Counter>,
+    http_responses: Family<ResponseLabels, Counter>,
+    http_duration: HistogramFamily<TrafficLabels>,
+    detect_total: Family<DetectLabels, Counter>,
+    detect_duration: HistogramFamily<DetectLabels>,
+}
+
+impl Metrics {
+    /// Registers the `remora_*` families in `registry` and the `process_*` ones at its root.
+    pub fn register(registry: &mut Registry) -> Self {
+        registry.register_collector(Box::new(ProcessCollector));
+        let r = registry.sub_registry_with_prefix("remora");
+        let m = Self {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_open: Family::default(),
+            tcp_read: Family::default(),
+            tcp_written: Family::default(),
+            http_requests: Family::default(),
+            http_responses: Family::default(),
+            http_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+            detect_total: Family::default(),
+            detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
+        };
+        r.register(
+            "build",
+            "Remora build information",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        r.register(
+            "tcp_connections_opened",
+            "TCP connections accepted",
+            m.tcp_opened.clone(),
+        );
+        r.register(
+            "tcp_connections_closed",
+            "TCP connections closed",
+            m.tcp_closed.clone(),
+        );
+        r.register(
+            "tcp_connections_open",
+            "TCP connections open now",
+            m.tcp_open.clone(),
+        );
+        r.register(
+            "tcp_read_bytes",
+            "Bytes read from accepted connections",
+            m.tcp_read.clone(),
+        );
+        r.register(
+            "tcp_written_bytes",
+            "Bytes written to accepted connections",
+            m.tcp_written.clone(),
+        );
+        r.register(
+            "http_requests",
+            "HTTP requests received",
+            m.http_requests.clone(),
+        );
+        r.register(
+            "http_responses",
+            "HTTP responses sent, counted when the response stream ends",
+            m.http_responses.clone(),
+        );
+        r.register_with_unit(
+            "http_response_duration",
+            "Time from a request's arrival to its response headers",
+            Unit::Seconds,
+            m.http_duration.clone(),
+        );
+        r.register(
+            "protocol_detect",
+            "Protocol detection outcomes",
+            m.detect_total.clone(),
+        );
+        r.register_with_unit(
+            "protocol_detect_duration",
+            "Time protocol detection took",
+            Unit::Seconds,
+            m.detect_duration.clone(),
+        );
+        m
+    }
+
+    /// Counts a newly accepted connection; the returned handle counts its bytes and,
+    /// when dropped, its close.
+    pub fn connection(&self, labels: &TrafficLabels) -> ConnMetrics {
+        self.tcp_opened.get_or_create(labels).inc();
+        let open = self.tcp_open.get_or_create_owned(labels);
+        open.inc();
+        ConnMetrics {
+            read: self.tcp_read.get_or_create_owned(labels),
+            written: self.tcp_written.get_or_create_owned(labels),
+            closed: self.tcp_closed.get_or_create_owned(labels),
+            open,
+        }
+    }
+
+    pub fn detected(
+        &self,
+        direction: Direction,
+        result: DetectResult,
+        elapsed: std::time::Duration,
+    ) {
+        let labels = DetectLabels { direction, result };
+        self.detect_total.get_or_create(&labels).inc();
+        self.detect_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Handles for one connection's HTTP requests.
+    pub fn http(&self, labels: TrafficLabels) -> HttpMetrics {
+        HttpMetrics {
+            requests: self.http_requests.get_or_create_owned(&labels),
+            duration: self.http_duration.get_or_create_owned(&labels),
+            responses: self.http_responses.clone(),
+            labels,
+        }
+    }
+}
+
+/// One connection's counters. Dropping it counts the close.
+#[derive(Debug)]
+pub struct ConnMetrics {
+    pub read: Counter,
+    pub written: Counter,
+    closed: Counter,
+    open: Gauge,
+}
+
+impl Drop for ConnMetrics {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.closed.inc();
+    }
+}
+
+/// One connection's HTTP metric handles.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
+    pub requests: Counter,
+    pub duration: Histogram,
+    responses: Family<ResponseLabels, Counter>,
+    labels: TrafficLabels,
+}
+
+impl HttpMetrics {
+    pub fn response(&self, status_code: u16, grpc_status: Option<u32>, complete: bool) {
+        let failed = !complete || status_code >= 500 || grpc_status.is_some_and(|c| c != 0);
+        let classification = if failed {
+            Classification::Failure
+        } else {
+            Classification::Success
+        };
+        let labels = ResponseLabels {
+            traffic: self.labels.clone(),
+            status_code,
+            classification,
+            grpc_status,
+        };
+        self.responses.get_or_create(&labels).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> TrafficLabels {
+        TrafficLabels {
+            direction: Direction::Outbound,
+            target: Cow::Borrowed("passthrough"),
+            tls: false,
+            peer_identity: Cow::Borrowed(""),
+        }
+    }
+
+    fn render(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn contract_names_and_labels() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let conn = m.connection(&labels());
+        conn.read.inc_by(7);
+        let http = m.http(labels());
+        http.requests.inc();
+        http.response(200, Some(0), true);
+        http.response(200, Some(14), true);
+        http.response(503, None, true);
+        m.detected(
+            Direction::Inbound,
+            DetectResult::ServerFirst,
+            std::time::Duration::ZERO,
+        );
+        let text = render(&registry);
+        let common = r#"direction="outbound",target="passthrough",tls="false",peer_identity="""#;
+        for line in [
+            format!("remora_tcp_connections_opened_total{{{common}}} 1"),
+            format!("remora_tcp_connections_open{{{common}}} 1"),
+            format!("remora_tcp_read_bytes_total{{{common}}} 7"),
+            format!("remora_http_requests_total{{{common}}} 1"),
+            format!(
+                "remora_http_responses_total{{{common},status_code=\"200\",classification=\"success\",grpc_status=\"0\"}} 1"
+            ),
+            format!(
+                "remora_http_responses_total{{{common},status_code=\"200\",classification=\"failure\",grpc_status=\"14\"}} 1"
+            ),
+            format!(
+                "remora_http_responses_total{{{common},status_code=\"503\",classification=\"failure\",grpc_status=\"\"}} 1"
+            ),
+            r#"remora_protocol_detect_total{direction="inbound",result="server_first"} 1"#.into(),
+            "remora_build_info{version=".into(),
+            "process_resident_memory_bytes ".into(),
+        ] {
+            assert!(text.contains(&line), "missing {line} in:\n{text}");
+        }
+        drop(conn);
+        let text = render(&registry);
+        assert!(text.contains(&format!("remora_tcp_connections_open{{{common}}} 0")));
+        assert!(text.contains(&format!(
+            "remora_tcp_connections_closed_total{{{common}}} 1"
+        )));
+    }
+}

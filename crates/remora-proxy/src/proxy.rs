@@ -1,0 +1,211 @@
+//! The data path: accept loops for the inbound and outbound listeners, and the
+//! per-connection pipeline accept → original destination → detect → forward.
+
+use std::{borrow::Cow, io, sync::Arc, time::Duration};
+
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    addr::{ClientAddr, OrigDst},
+    connect::{ConnectError, connect, orig_dst, reset},
+    detect::{Verdict, classify},
+    http::{self, Upstream, Version},
+    io::{CountingIo, PrefixedIo},
+    metrics::{DetectResult, Direction, Metrics, TrafficLabels},
+    tcp,
+};
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Ctx {
+    pub opaque_ports: Vec<remora_config::PortRange>,
+    pub detect_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub metrics: Metrics,
+    /// Cancelled when the proxy starts draining.
+    pub drain: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// An accepted connection and where it was going.
+#[derive(Debug, Clone, Copy)]
+struct Accept {
+    direction: Direction,
+    orig_dst: OrigDst,
+}
+
+/// Accepts connections until the drain starts.
+pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<Ctx>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.drain.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let ctx2 = ctx.clone();
+                ctx.tracker.spawn(serve_connection(
+                    ctx2,
+                    direction,
+                    stream,
+                    ClientAddr(client),
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                warn!(%error, direction = direction.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    ctx: Arc<Ctx>,
+    direction: Direction,
+    stream: TcpStream,
+    client: ClientAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let orig_dst = match orig_dst(&stream) {
+        Ok(dst) if stream.local_addr().ok() != Some(dst.0) => dst,
+        Ok(dst) => {
+            // Not redirected by iptables: forwarding would connect back to ourselves.
+            warn!(%client, %dst, direction = direction.as_str(),
+                "refusing a connection made to the proxy's own port rather than redirected to it");
+            reset(&stream);
+            return;
+        }
+        Err(error) => {
+            warn!(%client, %error, "refusing a connection without an original destination \
+                (is conntrack available in this network namespace?)");
+            reset(&stream);
+            return;
+        }
+    };
+    let accept = Accept {
+        direction,
+        orig_dst,
+    };
+    let span = info_span!("conn", dir = direction.as_str(), client = %client, dst = %orig_dst);
+    Box::pin(dispatch(&ctx, accept, stream))
+        .instrument(span)
+        .await;
+}
+
+/// Detects the protocol while connecting upstream, then forwards.
+async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
+    let labels = TrafficLabels {
+        direction: accept.direction,
+        target: match accept.direction {
+            Direction::Outbound => Cow::Borrowed("passthrough"),
+            Direction::Inbound => Cow::Owned(accept.orig_dst.0.port().to_string()),
+        },
+        tls: false,
+        peer_identity: Cow::Borrowed(""),
+    };
+    let conn = ctx.metrics.connection(&labels);
+    let mut io = CountingIo::new(stream, conn.read.clone(), conn.written.clone());
+    let port = accept.orig_dst.0.port();
+    let start = Instant::now();
+
+    if ctx.opaque_ports.iter().any(|r| r.contains(port)) {
+        ctx.metrics
+            .detected(accept.direction, DetectResult::OpaquePort, start.elapsed());
+        match connect(accept.orig_dst, ctx.connect_timeout).await {
+            Ok(upstream) => tcp::forward(io, upstream).await,
+            Err(error) => refuse(io.get_ref(), &error),
+        }
+        return;
+    }
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut connecting = Box::pin(connect(accept.orig_dst, ctx.connect_timeout));
+    let mut upstream: Option<TcpStream> = None;
+    let deadline = tokio::time::sleep(ctx.detect_timeout);
+    tokio::pin!(deadline);
+    let result = loop {
+        let step = {
+            let server_spoke = async {
+                match &upstream {
+                    Some(s) => drop(s.readable().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = io.read_buf(&mut buf) => Step::Read(r),
+                r = &mut connecting, if upstream.is_none() => Step::Connected(r),
+                _ = server_spoke => Step::ServerSpoke,
+                _ = &mut deadline => Step::Timeout,
+            }
+        };
+        match step {
+            Step::Read(Ok(0)) => break DetectResult::ClientClosed,
+            Step::Read(Ok(_)) => match classify(&buf) {
+                Verdict::NeedMore => {}
+                Verdict::Http1 => break DetectResult::Http1,
+                Verdict::Http2 => break DetectResult::Http2,
+                Verdict::Opaque => break DetectResult::Opaque,
+            },
+            Step::Read(Err(error)) => {
+                debug!(%error, "client connection failed during detection");
+                return;
+            }
+            Step::Connected(Ok(s)) => upstream = Some(s),
+            Step::Connected(Err(error)) => return refuse(io.get_ref(), &error),
+            Step::ServerSpoke => break DetectResult::ServerFirst,
+            Step::Timeout => break DetectResult::Timeout,
+        }
+    };
+    ctx.metrics
+        .detected(accept.direction, result, start.elapsed());
+    debug!(
+        result = result.as_str(),
+        bytes = buf.len(),
+        "protocol detected"
+    );
+    let io = PrefixedIo::new(buf.freeze(), io);
+
+    let version = match result {
+        DetectResult::Http1 => Version::Http1,
+        DetectResult::Http2 => Version::Http2,
+        _ => {
+            let upstream = match upstream {
+                Some(s) => s,
+                None => match connecting.await {
+                    Ok(s) => s,
+                    Err(error) => return refuse(io.into_parts().1.get_ref(), &error),
+                },
+            };
+            return tcp::forward(io, upstream).await;
+        }
+    };
+    // An HTTP client whose destination cannot be reached gets a 502 that says why.
+    let fresh = match upstream {
+        Some(s) => Ok(s),
+        None => connecting.await,
+    };
+    let upstream = Upstream::new(accept.orig_dst, version, Some(fresh), ctx.connect_timeout);
+    http::serve(io, upstream, ctx.metrics.http(labels), ctx.drain.clone()).await;
+}
+
+enum Step {
+    Read(io::Result<usize>),
+    Connected(Result<TcpStream, ConnectError>),
+    ServerSpoke,
+    Timeout,
+}
+
+/// The destination cannot be reached: the client sees a reset, as if it had been refused.
+fn refuse(client: &TcpStream, error: &ConnectError) {
+    info!(%error, "closing the client connection: its destination is unreachable");
+    reset(client);
+}
