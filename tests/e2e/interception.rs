@@ -1,1 +1,515 @@
-fn main() {}
+//! End to end: two pods (network namespaces on a veth link), each with `remora-init`'s
+//! iptables rules and a `remora-proxy` running as UID 2102. Clients in the client pod
+//! dial the server pod's IP as an unmeshed app would; the kernel redirects every
+//! connection through both proxies.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty, Full, channel::Channel};
+use hyper_util::rt::TokioIo;
+use remora_tests::{
+    Binaries, PodPair, Proxy,
+    backend::{self, Body, GREETING},
+    client::{self, metrics, sample},
+    e2e_enabled,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    sync::mpsc,
+};
+
+const APP: &str = "10.77.0.2:8080";
+const GREETER: &str = "10.77.0.2:7000";
+const ECHO: &str = "10.77.0.2:7001";
+const TEN_MIB: usize = 10 * 1024 * 1024;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Two meshed pods with the backends running. Fields drop in order: proxies first.
+struct Mesh {
+    client_proxy: Proxy,
+    server_proxy: Proxy,
+    slow: mpsc::UnboundedReceiver<()>,
+    pods: PodPair,
+    _bins: Binaries,
+}
+
+async fn mesh(env: &[(&str, &str)]) -> Option<Mesh> {
+    if !e2e_enabled() {
+        return None;
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    pods.client.intercept(&bins);
+    pods.server.intercept(&bins);
+    let slow = backend::http(&pods.server, addr("0.0.0.0:8080"));
+    backend::greeter(&pods.server, addr("0.0.0.0:7000"));
+    backend::echo(&pods.server, addr("0.0.0.0:7001"));
+    let client_proxy = Proxy::start(&pods.client, &bins, env).await;
+    let server_proxy = Proxy::start(&pods.server, &bins, env).await;
+    Some(Mesh {
+        client_proxy,
+        server_proxy,
+        slow,
+        pods,
+        _bins: bins,
+    })
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|n| match n {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|n| match n {}).boxed()
+}
+
+/// Bytes whose every position matters: a reordered or dropped chunk changes them.
+fn pattern(len: usize) -> Bytes {
+    (0..len)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// Polls `check` until it holds, for at most five seconds: metrics for a response are
+/// recorded when its stream ends, a moment after the client has read it.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let mut last = String::new();
+    for _ in 0..100 {
+        match check().await {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_bodies_streams_and_chunking_arrive_intact() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let mut h1 = client::http1(&m.pods.client, addr(APP)).await?;
+
+    // A 10 MiB body with a content-length, echoed back.
+    let body = pattern(TEN_MIB);
+    let req = Request::post("/echo")
+        .header("host", "app")
+        .body(full(body.clone()))?;
+    let rsp = h1.send_request(req).await?;
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.headers()["x-echo"], "1", "the backend answered");
+    let got = rsp.into_body().collect().await?.to_bytes();
+    assert!(got == body, "10 MiB echo differs: {} bytes back", got.len());
+
+    // A chunked request body, streamed in 64 pieces on the same connection.
+    let (mut tx, chunked) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+    let sent = pattern(64 * 16 * 1024);
+    let pieces = sent.clone();
+    tokio::spawn(async move {
+        for piece in pieces.chunks(16 * 1024) {
+            tx.send_data(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+    });
+    h1.ready().await?;
+    let rsp = h1
+        .send_request(
+            Request::post("/echo")
+                .header("host", "app")
+                .body(chunked.boxed())?,
+        )
+        .await?;
+    assert_eq!(rsp.status(), 200);
+    assert!(
+        rsp.into_body().collect().await?.to_bytes() == sent,
+        "chunked echo differs"
+    );
+
+    // A chunked response stream.
+    h1.ready().await?;
+    let rsp = h1
+        .send_request(
+            Request::get("/chunks?n=200")
+                .header("host", "app")
+                .body(empty())?,
+        )
+        .await?;
+    assert_eq!(rsp.status(), 200);
+    assert!(rsp.headers().get("content-length").is_none());
+    assert_eq!(rsp.headers()["transfer-encoding"], "chunked");
+    let want: String = (0..200).map(|i| format!("chunk-{i}\n")).collect();
+    assert_eq!(
+        String::from_utf8(rsp.into_body().collect().await?.to_bytes().to_vec())?,
+        want
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_bodies_and_grpc_trailers_arrive_intact() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let mut h2 = client::http2(&m.pods.client, addr(APP)).await?;
+
+    let body = pattern(TEN_MIB);
+    let rsp = h2
+        .send_request(Request::post("http://app/echo").body(full(body.clone()))?)
+        .await?;
+    assert_eq!(rsp.status(), 200);
+    assert_eq!(rsp.version(), http::Version::HTTP_2);
+    assert!(
+        rsp.into_body().collect().await?.to_bytes() == body,
+        "10 MiB h2 echo differs"
+    );
+
+    let message = pattern(1024 * 1024);
+    let req = Request::post("http://app/grpc")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(message.clone()))?;
+    let rsp = h2.send_request(req).await?;
+    assert_eq!(rsp.status(), 200);
+    let collected = rsp.into_body().collect().await?;
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers survived both proxies");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        trailers["x-received-bytes"],
+        message.len().to_string().as_str()
+    );
+    assert!(collected.to_bytes() == message);
+
+    let client_proxy = &m.pods.client;
+    eventually("gRPC status recorded", async || {
+        let text = metrics(client_proxy).await;
+        let ok = [
+            ("direction", "outbound"),
+            ("grpc_status", "0"),
+            ("classification", "success"),
+        ];
+        match sample(&text, "remora_http_responses_total", &ok) {
+            1.0 => Ok(()),
+            n => Err(format!("{n} gRPC responses counted:\n{text}")),
+        }
+    })
+    .await;
+    let text = metrics(&m.pods.server).await;
+    assert_eq!(
+        sample(
+            &text,
+            "remora_protocol_detect_total",
+            &[("direction", "inbound"), ("result", "http2")]
+        ),
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_continues_as_a_byte_stream() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let mut h1 = client::http1(&m.pods.client, addr(APP)).await?;
+    let req = Request::get("/ws")
+        .header("host", "app")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())?;
+    let rsp = h1.send_request(req).await?;
+    assert_eq!(rsp.status(), 101);
+    assert_eq!(rsp.headers()["upgrade"], "websocket");
+    assert_eq!(
+        rsp.headers()["sec-websocket-accept"],
+        "accept-dGhlIHNhbXBsZSBub25jZQ=="
+    );
+    let mut io = TokioIo::new(hyper::upgrade::on(rsp).await?);
+    for msg in ["first frame", "second frame after the first"] {
+        io.write_all(msg.as_bytes()).await?;
+        let mut back = vec![0u8; msg.len()];
+        io.read_exact(&mut back).await?;
+        assert_eq!(back, msg.as_bytes());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_speaks_first_is_never_stalled_by_detection() -> anyhow::Result<()> {
+    // A detect timeout far longer than the read below: the greeting can only arrive in
+    // time if the proxies do not wait for the client to speak.
+    let Some(m) = mesh(&[("REMORA_DETECT_TIMEOUT", "120s")]).await else {
+        return Ok(());
+    };
+    let stream = m.pods.client.connect(addr(GREETER)).await?;
+    let (r, mut w) = tokio::io::split(stream);
+    let mut lines = BufReader::new(r).lines();
+    let greeting = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await;
+    let greeting = greeting.expect("greeting stalled behind protocol detection")?;
+    assert_eq!(greeting.as_deref(), Some(GREETING.trim_end()));
+    w.write_all(b"ping\n").await?;
+    assert_eq!(lines.next_line().await?.as_deref(), Some("echo ping"));
+
+    let server_first = |dir| [("direction", dir), ("result", "server_first")];
+    let text = metrics(&m.pods.client).await;
+    assert_eq!(
+        sample(
+            &text,
+            "remora_protocol_detect_total",
+            &server_first("outbound")
+        ),
+        1.0,
+        "{text}"
+    );
+    let text = metrics(&m.pods.server).await;
+    assert_eq!(
+        sample(
+            &text,
+            "remora_protocol_detect_total",
+            &server_first("inbound")
+        ),
+        1.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_silent_and_half_sent_clients_are_carried_or_closed_cleanly() -> anyhow::Result<()>
+{
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    // Bytes that are not HTTP go through as opaque TCP.
+    let garbage: &[u8] = b"\x16\x03\x01\x00\xffnot http at all\x00\x01\x02";
+    let mut s = m.pods.client.connect(addr(ECHO)).await?;
+    s.write_all(garbage).await?;
+    let mut back = vec![0u8; garbage.len()];
+    s.read_exact(&mut back).await?;
+    assert_eq!(back, garbage);
+    // A client that says nothing and leaves, and one that stops mid request line.
+    drop(m.pods.client.connect(addr(ECHO)).await?);
+    let mut half = m.pods.client.connect(addr(APP)).await?;
+    half.write_all(b"GET /hel").await?;
+    drop(half);
+    // Both proxies still carry traffic.
+    let (status, body) = client::get(&m.pods.client, addr(APP), "/hello").await?;
+    assert_eq!((status, body.as_str()), (200, "hello from the backend"));
+    let text = metrics(&m.pods.client).await;
+    let opaque = [("direction", "outbound"), ("result", "opaque")];
+    assert_eq!(
+        sample(&text, "remora_protocol_detect_total", &opaque),
+        1.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_the_traffic_and_proxy_connections_are_not_recaptured() -> anyhow::Result<()>
+{
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    for _ in 0..5 {
+        let (status, body) = client::get(&m.pods.client, addr(APP), "/hello").await?;
+        assert_eq!((status, body.as_str()), (200, "hello from the backend"));
+    }
+    let (client_pod, server_pod) = (&m.pods.client, &m.pods.server);
+    eventually("both proxies count five requests", async || {
+        let c = metrics(client_pod).await;
+        let s = metrics(server_pod).await;
+        let out = [
+            ("direction", "outbound"),
+            ("target", "passthrough"),
+            ("tls", "false"),
+        ];
+        let inb = [("direction", "inbound"), ("target", "8080")];
+        let ok = [("status_code", "200"), ("classification", "success")];
+        let checks = [
+            // Exactly one accepted connection per client connection: had a proxy's own
+            // upstream connection been redirected again, it would be counted (or loop).
+            (
+                "client outbound connections",
+                sample(&c, "remora_tcp_connections_opened_total", &out),
+                5.0,
+            ),
+            (
+                "client inbound connections",
+                sample(
+                    &c,
+                    "remora_tcp_connections_opened_total",
+                    &[("direction", "inbound")],
+                ),
+                0.0,
+            ),
+            (
+                "server inbound connections",
+                sample(&s, "remora_tcp_connections_opened_total", &inb),
+                5.0,
+            ),
+            (
+                "server outbound connections",
+                sample(
+                    &s,
+                    "remora_tcp_connections_opened_total",
+                    &[("direction", "outbound")],
+                ),
+                0.0,
+            ),
+            (
+                "client requests",
+                sample(&c, "remora_http_requests_total", &out),
+                5.0,
+            ),
+            (
+                "server requests",
+                sample(&s, "remora_http_requests_total", &inb),
+                5.0,
+            ),
+            (
+                "client 200s",
+                sample(
+                    &c,
+                    "remora_http_responses_total",
+                    &[out.as_slice(), &ok].concat(),
+                ),
+                5.0,
+            ),
+            (
+                "server 200s",
+                sample(
+                    &s,
+                    "remora_http_responses_total",
+                    &[inb.as_slice(), &ok].concat(),
+                ),
+                5.0,
+            ),
+            (
+                "client latency observations",
+                sample(&c, "remora_http_response_duration_seconds_count", &out),
+                5.0,
+            ),
+            (
+                "connections still open",
+                sample(&s, "remora_tcp_connections_open", &inb),
+                0.0,
+            ),
+        ];
+        for (what, got, want) in checks {
+            if got != want {
+                return Err(format!(
+                    "{what}: {got}, want {want}\nclient:\n{c}\nserver:\n{s}"
+                ));
+            }
+        }
+        if sample(&c, "remora_tcp_read_bytes_total", &out) <= 0.0
+            || sample(&s, "remora_tcp_written_bytes_total", &inb) <= 0.0
+        {
+            return Err("byte counters did not move".into());
+        }
+        Ok(())
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_to_the_proxy_itself_is_refused_not_looped() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+    // The reset can arrive before connect() returns, or on the first read.
+    match m.pods.client.connect(addr("127.0.0.1:4140")).await {
+        Err(e) => assert!(reset(&e), "{e}"),
+        Ok(mut s) => {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nhost: loop\r\n\r\n").await;
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await? {
+                Ok(0) => {}
+                Err(e) if reset(&e) => {}
+                other => panic!("the proxy answered a connection made to itself: {other:?}"),
+            }
+        }
+    }
+    let text = metrics(&m.pods.client).await;
+    assert_eq!(
+        sample(&text, "remora_tcp_connections_opened_total", &[]),
+        0.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_proxy_stopped_connections_fail() -> anyhow::Result<()> {
+    let Some(mut m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let (status, _) = client::get(&m.pods.client, addr(APP), "/hello").await?;
+    assert_eq!(status, 200);
+
+    // Without the server's proxy its inbound redirect leads nowhere.
+    m.server_proxy.kill();
+    match client::get(&m.pods.client, addr(APP), "/hello").await {
+        Ok((status, body)) => assert_eq!(status, 502, "reached the app without its proxy: {body}"),
+        Err(e) => eprintln!("request failed as expected: {e}"),
+    }
+    // Without the client's proxy the outbound redirect leads nowhere.
+    m.client_proxy.kill();
+    let err = m
+        .pods
+        .client
+        .connect(addr(APP))
+        .await
+        .expect_err("connected without the proxy");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_exits() -> anyhow::Result<()> {
+    let Some(mut m) = mesh(&[("REMORA_SHUTDOWN_GRACE_PERIOD", "20s")]).await else {
+        return Ok(());
+    };
+    let mut h1 = client::http1(&m.pods.client, addr(APP)).await?;
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get("/slow?ms=1500")
+            .header("host", "app")
+            .body(empty())
+            .unwrap();
+        let rsp = h1.send_request(req).await?;
+        let status = rsp.status();
+        let body = rsp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    });
+    m.slow
+        .recv()
+        .await
+        .expect("the slow request reached the backend");
+    m.server_proxy.terminate();
+    let (status, body) = in_flight.await??;
+    assert_eq!((status.as_u16(), &body[..]), (200, &b"slow done"[..]));
+    assert_eq!(
+        m.server_proxy.wait(Duration::from_secs(20)).await,
+        Some(0),
+        "clean exit after drain"
+    );
+    assert!(
+        m.server_proxy.log_text().contains("draining"),
+        "{}",
+        m.server_proxy.log_text()
+    );
+    Ok(())
+}

@@ -1,1 +1,40 @@
-//! placeholder
+//! The end-to-end harness: "pods" made of network namespaces joined by a veth pair,
+//! with real `remora-init` iptables rules and real `remora-proxy` processes running as
+//! the proxy's UID. Test servers and clients run in-process, on sockets created inside
+//! a pod's namespace.
+//!
+//! These tests need root, `ip`, `iptables` and `setpriv`. When they cannot run they fail
+//! and say why; `REMORA_E2E_SKIP=1` skips them loudly on a laptop (CI never sets it).
+
+pub mod backend;
+pub mod client;
+pub mod pod;
+pub mod proc;
+
+pub use pod::{Pod, PodPair};
+pub use proc::{Binaries, Proxy};
+
+/// Returns false (after saying so) when the suite is skipped on purpose; panics with
+/// the reason when it cannot run.
+pub fn e2e_enabled() -> bool {
+    if std::env::var("REMORA_E2E_SKIP").is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPING end-to-end test: REMORA_E2E_SKIP=1 is set");
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        panic!(
+            "end-to-end tests need root (network namespaces and iptables); run them as root, \
+             or set REMORA_E2E_SKIP=1 to skip them on a development machine"
+        );
+    }
+    for tool in ["ip", "iptables-restore", "iptables-save", "setpriv"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(
+            found,
+            "end-to-end tests need `{tool}`: apt-get install -y iproute2 iptables util-linux"
+        );
+    }
+    true
+}

@@ -1,5 +1,10 @@
 //! Protocol detection: decides from a connection's first bytes whether it speaks
-//! HTTP/1, HTTP/2 (prior knowledge, as gRPC does) or something else.
+//! HTTP/1, HTTP/2 (prior knowledge, as gRPC does) or something else ([`classify`]),
+//! racing the client's first bytes against the server's ([`race`]).
+
+mod race;
+
+pub use race::{Detection, RaceError, race};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";

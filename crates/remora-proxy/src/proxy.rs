@@ -1,11 +1,9 @@
 //! The data path: accept loops for the inbound and outbound listeners, and the
 //! per-connection pipeline accept → original destination → detect → forward.
 
-use std::{borrow::Cow, io, sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
-use bytes::BytesMut;
 use tokio::{
-    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     time::Instant,
 };
@@ -15,7 +13,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     addr::{ClientAddr, OrigDst},
     connect::{ConnectError, connect, orig_dst, reset},
-    detect::{Verdict, classify},
+    detect::{Detection, RaceError, race},
     http::{self, Upstream, Version},
     io::{CountingIo, PrefixedIo},
     metrics::{DetectResult, Direction, Metrics, TrafficLabels},
@@ -127,52 +125,26 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
         return;
     }
 
-    let mut buf = BytesMut::with_capacity(1024);
     let mut connecting = Box::pin(connect(accept.orig_dst, ctx.connect_timeout));
-    let mut upstream: Option<TcpStream> = None;
-    let deadline = tokio::time::sleep(ctx.detect_timeout);
-    tokio::pin!(deadline);
-    let result = loop {
-        let step = {
-            let server_spoke = async {
-                match &upstream {
-                    Some(s) => drop(s.readable().await),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                r = io.read_buf(&mut buf) => Step::Read(r),
-                r = &mut connecting, if upstream.is_none() => Step::Connected(r),
-                _ = server_spoke => Step::ServerSpoke,
-                _ = &mut deadline => Step::Timeout,
-            }
-        };
-        match step {
-            Step::Read(Ok(0)) => break DetectResult::ClientClosed,
-            Step::Read(Ok(_)) => match classify(&buf) {
-                Verdict::NeedMore => {}
-                Verdict::Http1 => break DetectResult::Http1,
-                Verdict::Http2 => break DetectResult::Http2,
-                Verdict::Opaque => break DetectResult::Opaque,
-            },
-            Step::Read(Err(error)) => {
-                debug!(%error, "client connection failed during detection");
-                return;
-            }
-            Step::Connected(Ok(s)) => upstream = Some(s),
-            Step::Connected(Err(error)) => return refuse(io.get_ref(), &error),
-            Step::ServerSpoke => break DetectResult::ServerFirst,
-            Step::Timeout => break DetectResult::Timeout,
+    let Detection {
+        result,
+        prefix,
+        upstream,
+    } = match race(&mut io, connecting.as_mut(), ctx.detect_timeout).await {
+        Ok(d) => d,
+        Err(RaceError::Client(error)) => {
+            return debug!(%error, "client connection failed during detection");
         }
+        Err(RaceError::Connect(error)) => return refuse(io.get_ref(), &error),
     };
     ctx.metrics
         .detected(accept.direction, result, start.elapsed());
     debug!(
         result = result.as_str(),
-        bytes = buf.len(),
+        bytes = prefix.len(),
         "protocol detected"
     );
-    let io = PrefixedIo::new(buf.freeze(), io);
+    let io = PrefixedIo::new(prefix, io);
 
     let version = match result {
         DetectResult::Http1 => Version::Http1,
@@ -195,13 +167,6 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
     };
     let upstream = Upstream::new(accept.orig_dst, version, Some(fresh), ctx.connect_timeout);
     http::serve(io, upstream, ctx.metrics.http(labels), ctx.drain.clone()).await;
-}
-
-enum Step {
-    Read(io::Result<usize>),
-    Connected(Result<TcpStream, ConnectError>),
-    ServerSpoke,
-    Timeout,
 }
 
 /// The destination cannot be reached: the client sees a reset, as if it had been refused.

@@ -69,12 +69,18 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
                     *this.grpc_status = grpc_status(trailers).or(*this.grpc_status);
+                }
+                // A body of known length may never be polled to its `None`.
+                if this.inner.is_end_stream()
+                    && let Some(m) = this.metrics.take()
+                {
+                    m.response(*this.status, *this.grpc_status, true);
                 }
             }
             Poll::Ready(Some(Err(_))) => *this.failed = true,

@@ -1,0 +1,193 @@
+//! The applications the tests talk to, running in a pod's namespace: an HTTP/1 + h2c
+//! server with echo, streaming, gRPC-style trailers, upgrade and slow endpoints; a
+//! server-speaks-first TCP greeter; a raw TCP echo server.
+
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, channel::Channel, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    sync::mpsc,
+};
+
+use crate::Pod;
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The greeting the server-speaks-first backend sends on accept.
+pub const GREETING: &str = "220 remora-test ready\r\n";
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Starts the HTTP backend on `addr` in `pod`. Each request to `/slow` is announced on
+/// the returned channel before it is answered.
+pub fn http(pod: &Pod, addr: SocketAddr) -> mpsc::UnboundedReceiver<()> {
+    let listener = pod.listen(addr);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| handle(req, tx.clone()));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    rx
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    slow: mpsc::UnboundedSender<()>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let rsp = match path.as_str() {
+        "/hello" => Response::new(full("hello from the backend")),
+        "/echo" => {
+            let mut rsp = Response::new(req.into_body().map_err(Into::into).boxed());
+            rsp.headers_mut()
+                .insert("x-echo", HeaderValue::from_static("1"));
+            rsp
+        }
+        "/chunks" => {
+            let n: usize = query
+                .strip_prefix("n=")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(10);
+            let (mut tx, body) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(1);
+            tokio::spawn(async move {
+                for i in 0..n {
+                    if tx
+                        .send_data(Bytes::from(format!("chunk-{i}\n")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+            Response::new(body.boxed())
+        }
+        "/grpc" => {
+            let data = match req.into_body().collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
+            };
+            let (mut tx, body) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+            tokio::spawn(async move {
+                let len = data.len();
+                let _ = tx.send_data(data).await;
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                trailers.insert("x-received-bytes", HeaderValue::from(len));
+                let _ = tx.send_trailers(trailers).await;
+            });
+            let mut rsp = Response::new(body.boxed());
+            rsp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            rsp
+        }
+        "/ws" => {
+            let key = req.headers().get("sec-websocket-key").cloned();
+            let Some(key) = key else {
+                return Ok(status(StatusCode::BAD_REQUEST));
+            };
+            let on_upgrade = hyper::upgrade::on(req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let mut rsp = status(StatusCode::SWITCHING_PROTOCOLS);
+            let h = rsp.headers_mut();
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let accept = format!("accept-{}", key.to_str().unwrap_or(""));
+            h.insert(
+                "sec-websocket-accept",
+                HeaderValue::from_str(&accept).expect("header"),
+            );
+            rsp
+        }
+        "/slow" => {
+            let ms: u64 = query
+                .strip_prefix("ms=")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(500);
+            let _ = slow.send(());
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Response::new(full("slow done"))
+        }
+        _ => status(StatusCode::NOT_FOUND),
+    };
+    Ok(rsp)
+}
+
+fn status(code: StatusCode) -> Response<Body> {
+    let mut rsp = Response::new(full(Bytes::new()));
+    *rsp.status_mut() = code;
+    rsp
+}
+
+/// A server-speaks-first service (like SMTP or MySQL): greets on accept, then echoes lines.
+pub fn greeter(pod: &Pod, addr: SocketAddr) {
+    let listener = pod.listen(addr);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if stream.write_all(GREETING.as_bytes()).await.is_err() {
+                    return;
+                }
+                let (r, mut w) = stream.split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("echo {line}\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A raw TCP echo server.
+pub fn echo(pod: &Pod, addr: SocketAddr) {
+    let listener = pod.listen(addr);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}

@@ -1,0 +1,182 @@
+//! Pods: network namespaces, joined in pairs by a veth link.
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A network namespace standing in for a pod. Deleted on drop.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+/// Two pods on one link: a client (10.77.0.1) and a server (10.77.0.2). The addresses
+/// exist only inside the two namespaces, so every test can use the same ones.
+#[derive(Debug)]
+pub struct PodPair {
+    pub client: Pod,
+    pub server: Pod,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl PodPair {
+    pub fn new() -> Self {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = Pod::create(format!("remora-c-{id}"), "10.77.0.1".parse().unwrap());
+        let server = Pod::create(format!("remora-s-{id}"), "10.77.0.2".parse().unwrap());
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &server.name,
+        ]));
+        for pod in [&client, &server] {
+            pod.ip_cmd(&["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"]);
+            pod.ip_cmd(&["link", "set", "eth0", "up"]);
+        }
+        Self { client, server }
+    }
+}
+
+impl Default for PodPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pod {
+    fn create(name: String, ip: IpAddr) -> Self {
+        // A namespace left behind by a crashed run with the same name is replaced.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let pod = Self { name, ip };
+        pod.ip_cmd(&["link", "set", "lo", "up"]);
+        pod
+    }
+
+    fn ip_cmd(&self, args: &[&str]) {
+        run(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    /// A command that runs inside this pod's namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// `remora-init` with `args`, inside the pod; returns its output whatever it is.
+    pub fn init(&self, bins: &crate::Binaries, args: &[&str]) -> Output {
+        self.command(bins.init.to_str().unwrap())
+            .args(args)
+            .output()
+            .expect("run remora-init")
+    }
+
+    /// Installs the interception rules, failing the test if that fails.
+    pub fn intercept(&self, bins: &crate::Binaries) {
+        let out = self.init(bins, &[]);
+        assert!(
+            out.status.success(),
+            "remora-init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `iptables-save -t nat` inside the pod.
+    pub fn nat_rules(&self) -> String {
+        let out = self
+            .command("iptables-save")
+            .args(["-t", "nat"])
+            .output()
+            .expect("iptables-save");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` on a thread that has entered this pod's network namespace: sockets it
+    /// creates belong to the pod for their whole life.
+    pub fn enter<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path)?;
+            setns(ns, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+        .unwrap_or_else(|e| panic!("in namespace {}: {e}", self.name))
+    }
+
+    /// A listener inside the pod.
+    pub fn listen(&self, addr: SocketAddr) -> TcpListener {
+        let std = self.enter(move || {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(128)?;
+            Ok(std::net::TcpListener::from(s))
+        });
+        TcpListener::from_std(std).expect("register listener")
+    }
+
+    /// Connects from inside the pod, as an application there would (not as the proxy's UID).
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let std = self.enter(move || {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpStream::from(s))
+        });
+        let socket = TcpSocket::from_std_stream(std);
+        let stream = tokio::time::timeout(std::time::Duration::from_secs(10), socket.connect(addr))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

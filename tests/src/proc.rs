@@ -1,0 +1,190 @@
+//! The Remora binaries under test, and proxy processes started from them.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+use crate::Pod;
+
+/// The proxy's UID, from the contract: iptables never redirects its traffic.
+pub const PROXY_UID: &str = "2102";
+
+/// Copies of the built binaries in a world-readable folder, so the proxy can run as
+/// its own unprivileged UID wherever the workspace is checked out. Removed on drop.
+#[derive(Debug)]
+pub struct Binaries {
+    dir: PathBuf,
+    pub proxy: PathBuf,
+    pub init: PathBuf,
+}
+
+impl Binaries {
+    pub fn new() -> Self {
+        // target/debug/deps/<test> → target/debug
+        let exe = std::env::current_exe().expect("current exe");
+        let built = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let dir =
+            std::env::temp_dir().join(format!("remora-e2e-{}-{}", std::process::id(), unique()));
+        fs::create_dir_all(&dir).expect("create binaries folder");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let copy = |name: &str| {
+            let from = built.join(name);
+            assert!(
+                from.is_file(),
+                "{} is missing: build the binaries first (cargo build --workspace --bins; `make test` does)",
+                from.display()
+            );
+            let to = dir.join(name);
+            fs::copy(&from, &to).expect("copy binary");
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).expect("chmod");
+            to
+        };
+        Self {
+            proxy: copy("remora-proxy"),
+            init: copy("remora-init"),
+            dir,
+        }
+    }
+}
+
+impl Default for Binaries {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Binaries {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unique() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running `remora-proxy` in a pod. Killed on drop; its log is printed if the test failed.
+#[derive(Debug)]
+pub struct Proxy {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pod: String,
+}
+
+impl Proxy {
+    /// Starts the proxy in `pod` as UID 2102 with `env` on top of the defaults, and
+    /// waits until its admin server reports ready.
+    pub async fn start(pod: &Pod, bins: &Binaries, env: &[(&str, &str)]) -> Self {
+        let log = bins
+            .dir
+            .join(format!("proxy-{}-{}.log", pod.name, unique()));
+        let file = fs::File::create(&log).expect("log file");
+        let mut cmd = pod.command("setpriv");
+        cmd.args([
+            "--reuid",
+            PROXY_UID,
+            "--regid",
+            PROXY_UID,
+            "--clear-groups",
+            "--",
+        ])
+        .arg(&bins.proxy)
+        .env_clear()
+        .env("REMORA_LOG", "info,remora_proxy=debug")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().expect("log file"))
+        .stderr(file);
+        let child = cmd.spawn().expect("spawn remora-proxy");
+        let mut proxy = Self {
+            child: Some(child),
+            log,
+            pod: pod.name.clone(),
+        };
+        for _ in 0..200 {
+            if let Some(status) = proxy
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "remora-proxy exited at start ({status}):\n{}",
+                    proxy.log_text()
+                );
+            }
+            if let Ok((200, _)) =
+                crate::client::get(pod, "127.0.0.1:4191".parse().unwrap(), "/ready").await
+            {
+                return proxy;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "remora-proxy in {} never became ready:\n{}",
+            proxy.pod,
+            proxy.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// Sends SIGTERM (to `ip netns exec`, which execs into setpriv and then the proxy).
+    pub fn terminate(&self) {
+        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
+    }
+
+    /// Kills the proxy at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or None if still running.
+    pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- remora-proxy log ({}) ----\n{}",
+                self.pod,
+                self.log_text()
+            );
+        }
+    }
+}
