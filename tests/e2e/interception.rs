@@ -215,7 +215,7 @@ async fn h2c_bodies_and_grpc_trailers_arrive_intact() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrade_continues_as_a_byte_stream() -> anyhow::Result<()> {
+async fn websocket_upgrade_and_connect_continue_as_byte_streams() -> anyhow::Result<()> {
     let Some(m) = mesh(&[]).await else {
         return Ok(());
     };
@@ -234,7 +234,21 @@ async fn websocket_upgrade_continues_as_a_byte_stream() -> anyhow::Result<()> {
         rsp.headers()["sec-websocket-accept"],
         "accept-dGhlIHNhbXBsZSBub25jZQ=="
     );
-    let mut io = TokioIo::new(hyper::upgrade::on(rsp).await?);
+    echo_through(TokioIo::new(hyper::upgrade::on(rsp).await?)).await?;
+
+    // CONNECT: after the 200 the connection is a tunnel.
+    let mut h1 = client::http1(&m.pods.client, addr(APP)).await?;
+    let rsp = h1
+        .send_request(Request::connect("db.example:5432").body(empty())?)
+        .await?;
+    assert_eq!(rsp.status(), 200);
+    echo_through(TokioIo::new(hyper::upgrade::on(rsp).await?)).await
+}
+
+/// Writes messages into an upgraded connection and expects them echoed back.
+async fn echo_through(
+    mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) -> anyhow::Result<()> {
     for msg in ["first frame", "second frame after the first"] {
         io.write_all(msg.as_bytes()).await?;
         let mut back = vec![0u8; msg.len()];
@@ -511,5 +525,39 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits() -> anyhow::Result<(
         "{}",
         m.server_proxy.log_text()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_calling_its_own_ip_reaches_its_app_directly() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let (status, body) = client::get(&m.pods.server, addr(APP), "/hello").await?;
+    assert_eq!((status, body.as_str()), (200, "hello from the backend"));
+    // Loopback traffic stays in the pod: neither listener saw it.
+    let text = metrics(&m.pods.server).await;
+    assert_eq!(
+        sample(&text, "remora_tcp_connections_opened_total", &[]),
+        0.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_bound_to_loopback_is_not_exposed_by_the_mesh() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let _slow = backend::http(&m.pods.server, addr("127.0.0.1:8082"));
+    // It serves inside its pod…
+    let (status, _) = client::get(&m.pods.server, addr("127.0.0.1:8082"), "/hello").await?;
+    assert_eq!(status, 200);
+    // …but the inbound proxy forwards to the pod IP, where nothing listens.
+    match client::get(&m.pods.client, addr("10.77.0.2:8082"), "/hello").await {
+        Ok((status, body)) => assert_eq!(status, 502, "a loopback-only app was reached: {body}"),
+        Err(e) => eprintln!("request failed as expected: {e}"),
+    }
     Ok(())
 }

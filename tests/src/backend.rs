@@ -54,6 +54,11 @@ async fn handle(
     req: Request<Incoming>,
     slow: mpsc::UnboundedSender<()>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.method() == http::Method::CONNECT {
+        // A tunnel: after the 200 the connection echoes bytes.
+        tokio::spawn(echo_upgraded(hyper::upgrade::on(req)));
+        return Ok(status(StatusCode::OK));
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let rsp = match path.as_str() {
@@ -110,14 +115,7 @@ async fn handle(
             let Some(key) = key else {
                 return Ok(status(StatusCode::BAD_REQUEST));
             };
-            let on_upgrade = hyper::upgrade::on(req);
-            tokio::spawn(async move {
-                if let Ok(upgraded) = on_upgrade.await {
-                    let mut io = TokioIo::new(upgraded);
-                    let (mut r, mut w) = tokio::io::split(&mut io);
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                }
-            });
+            tokio::spawn(echo_upgraded(hyper::upgrade::on(req)));
             let mut rsp = status(StatusCode::SWITCHING_PROTOCOLS);
             let h = rsp.headers_mut();
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -141,6 +139,14 @@ async fn handle(
         _ => status(StatusCode::NOT_FOUND),
     };
     Ok(rsp)
+}
+
+async fn echo_upgraded(on_upgrade: hyper::upgrade::OnUpgrade) {
+    if let Ok(upgraded) = on_upgrade.await {
+        let mut io = TokioIo::new(upgraded);
+        let (mut r, mut w) = tokio::io::split(&mut io);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    }
 }
 
 fn status(code: StatusCode) -> Response<Body> {

@@ -10,6 +10,36 @@ pub use log::{LogFormat, LogLevel};
 pub use process::ProcessCollector;
 pub use server::{Admin, Readiness, serve};
 
+use std::process::ExitCode;
+
+/// What a binary's `main` does before its app runs: start logging with `filter` and
+/// `format`, and build a multi-threaded runtime (`threads` workers, or one per core).
+/// On failure the reason is printed and the exit code returned.
+pub fn start(
+    binary: &str,
+    filter: &str,
+    format: LogFormat,
+    threads: Option<usize>,
+) -> Result<(LogLevel, tokio::runtime::Runtime), ExitCode> {
+    let log = LogLevel::init(filter, format).map_err(|e| {
+        eprintln!("{binary}: cannot start logging: {e}");
+        ExitCode::from(2)
+    })?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    let runtime = builder
+        .thread_name(binary)
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{binary}: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        })?;
+    Ok((log, runtime))
+}
+
 /// Completes on SIGTERM (what Kubernetes sends) or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

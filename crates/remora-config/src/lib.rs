@@ -84,6 +84,23 @@ pub enum ConfigError {
     Args(#[from] clap::Error),
 }
 
+/// For a binary's `main`: the configuration, or the exit code after telling the user
+/// what is wrong (clap's own output and status for `--help`, `--version` and bad flags;
+/// every invalid value and status 2 otherwise).
+pub fn or_exit<C>(
+    binary: &str,
+    loaded: Result<C, ConfigError>,
+) -> Result<C, std::process::ExitCode> {
+    match loaded {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Args(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            Err(std::process::ExitCode::from(2))
+        }
+    }
+}
+
 /// Builds the clap command for a binary from its knob table.
 pub fn command(name: &'static str, about: &'static str, knobs: &[Knob]) -> clap::Command {
     let mut cmd = clap::Command::new(name)

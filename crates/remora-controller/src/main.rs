@@ -1,36 +1,22 @@
-//! `remora-controller`: reads its configuration, starts logging, runs until SIGTERM.
+//! `remora-controller`: reads its configuration, starts logging and runs the controller
+//! until SIGTERM, SIGINT or `POST /shutdown`.
 
 use std::process::ExitCode;
 
-use remora_admin::LogLevel;
 use remora_controller::{App, Config};
 
 fn main() -> ExitCode {
-    let config = match Config::load(std::env::args(), &|k| std::env::var(k).ok()) {
+    let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
+    let config = match remora_config::or_exit("remora-controller", loaded) {
         Ok(c) => c,
-        Err(remora_config::ConfigError::Args(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("remora-controller: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let log = match LogLevel::init(&config.log, config.log_format) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("remora-controller: cannot start logging: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("remora-controller: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let threads = None;
+    let (log, runtime) =
+        match remora_admin::start("remora-controller", &config.log, config.log_format, threads) {
+            Ok(started) => started,
+            Err(code) => return code,
+        };
     runtime.block_on(async move {
         match App::build(config, log).await {
             Ok(app) => {

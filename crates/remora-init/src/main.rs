@@ -6,13 +6,10 @@ use std::process::ExitCode;
 use remora_init::{Config, System, apply};
 
 fn main() -> ExitCode {
-    let config = match Config::load(std::env::args(), &|k| std::env::var(k).ok()) {
+    let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
+    let config = match remora_config::or_exit("remora-init", loaded) {
         Ok(c) => c,
-        Err(remora_config::ConfigError::Args(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("remora-init: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match apply(&System, &config) {
         Ok(inputs) => {

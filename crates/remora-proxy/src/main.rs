@@ -1,39 +1,22 @@
 //! `remora-proxy`: reads its configuration, starts logging and runs the proxy until
-//! SIGTERM or SIGINT.
+//! SIGTERM, SIGINT or `POST /shutdown`.
 
 use std::process::ExitCode;
 
-use remora_admin::LogLevel;
-use remora_proxy::{App, Config, config::ConfigError};
+use remora_proxy::{App, Config};
 
 fn main() -> ExitCode {
-    let config = match Config::load(std::env::args(), &|k| std::env::var(k).ok()) {
+    let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
+    let config = match remora_config::or_exit("remora-proxy", loaded) {
         Ok(c) => c,
-        Err(ConfigError::Args(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("remora-proxy: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let log = match LogLevel::init(&config.log, config.log_format) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("remora-proxy: cannot start logging: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .thread_name("remora-proxy")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("remora-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let threads = Some(config.worker_threads);
+    let (log, runtime) =
+        match remora_admin::start("remora-proxy", &config.log, config.log_format, threads) {
+            Ok(started) => started,
+            Err(code) => return code,
+        };
     runtime.block_on(async move {
         match App::build(config, log).await {
             Ok(app) => {
