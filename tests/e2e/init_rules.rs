@@ -6,6 +6,14 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The chain and rule lines of an `iptables-save` dump, without its timestamped comments.
+fn rules(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn install_rerun_dry_run_and_cleanup() {
     if !e2e_enabled() {
@@ -26,11 +34,17 @@ fn install_rerun_dry_run_and_cleanup() {
         "{printed}"
     );
     assert!(printed.trim_end().ends_with("COMMIT"), "{printed}");
-    assert_eq!(pod.nat_rules(), pristine, "dry run changed the rules");
+    assert_eq!(
+        rules(&pod.nat_rules()),
+        rules(&pristine),
+        "dry run changed the rules"
+    );
 
     // The printed input is exactly what a real run applies.
     let mut restore = pod.command("iptables-restore");
-    restore.arg("--noflush").stdin(std::process::Stdio::piped());
+    restore
+        .args(["--noflush", "--wait=10"])
+        .stdin(std::process::Stdio::piped());
     let mut child = restore.spawn().unwrap();
     use std::io::Write;
     child
@@ -110,7 +124,11 @@ fn install_rerun_dry_run_and_cleanup() {
     for needle in ["--proxy-uid", "bogus", "--outbound-port"] {
         assert!(err.contains(needle), "{needle} not in: {err}");
     }
-    assert_eq!(pod.nat_rules(), replaced, "a failed run changed the rules");
+    assert_eq!(
+        rules(&pod.nat_rules()),
+        rules(&replaced),
+        "a failed run changed the rules"
+    );
 
     // Cleanup removes everything of ours, and is safe to repeat.
     for _ in 0..2 {

@@ -295,7 +295,8 @@ pub fn apply(ipt: &dyn Iptables, config: &Config) -> Result<Vec<String>, InitErr
             rules::install(&config.plan, family, &current)
         };
         if !config.dry_run && !input.is_empty() {
-            ipt.run(&restore, &["--noflush"], &input)?;
+            // Wait for the xtables lock rather than fail when another tool holds it.
+            ipt.run(&restore, &["--noflush", "--wait=10"], &input)?;
             let after = ipt.run(&save, &["-t", "nat"], "")?;
             if !config.cleanup {
                 for chain in [rules::INBOUND_CHAIN, rules::OUTBOUND_CHAIN] {
