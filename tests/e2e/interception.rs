@@ -561,3 +561,46 @@ async fn an_app_bound_to_loopback_is_not_exposed_by_the_mesh() -> anyhow::Result
     }
     Ok(())
 }
+
+/// Many concurrent gRPC-style exchanges: every response keeps its trailers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_trailers_survive_concurrent_load() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[]).await else {
+        return Ok(());
+    };
+    let h2 = client::http2(&m.pods.client, addr(APP)).await?;
+    let message = Bytes::from_static(b"\x00\x00\x00\x00\x0bhello world");
+    let mut tasks = Vec::new();
+    for _ in 0..5000 {
+        let (mut h2, message) = (h2.clone(), message.clone());
+        tasks.push(tokio::spawn(async move {
+            h2.ready().await?;
+            let req = Request::post("http://app/grpc")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(full(message))?;
+            let rsp = h2.send_request(req).await?;
+            let headers = rsp.headers().clone();
+            let collected = rsp.into_body().collect().await?;
+            anyhow::Ok((headers, collected.trailers().cloned()))
+        }));
+        if tasks.len() % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let mut missing = Vec::new();
+    for t in tasks {
+        let (headers, trailers) = t.await??;
+        match trailers.as_ref().and_then(|t| t.get("grpc-status")) {
+            Some(s) if s == "0" => {}
+            _ => missing.push(format!("{headers:?} / {trailers:?}")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of 5000 lost their trailers, e.g. {}",
+        missing.len(),
+        missing[0]
+    );
+    Ok(())
+}

@@ -38,6 +38,8 @@ pub fn http(pod: &Pod, addr: SocketAddr) -> mpsc::UnboundedReceiver<()> {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            // As servers commonly do: trailers and small frames are not held back by Nagle.
+            let _ = stream.set_nodelay(true);
             let tx = tx.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| handle(req, tx.clone()));
@@ -193,6 +195,34 @@ pub fn echo(pod: &Pod, addr: SocketAddr) {
             tokio::spawn(async move {
                 let (mut r, mut w) = stream.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
+/// A bulk sender for throughput: reads an 8-byte big-endian length, then writes that
+/// many bytes and closes.
+pub fn blast(pod: &Pod, addr: SocketAddr) {
+    let listener = pod.listen(addr);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let Ok(mut left) = stream.read_u64().await else {
+                    return;
+                };
+                let chunk = vec![0x5au8; 64 * 1024];
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if stream.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                }
+                let _ = stream.shutdown().await;
             });
         }
     });

@@ -28,14 +28,19 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// The binaries next to the running test executable (`target/<profile>/deps/…`).
     pub fn new() -> Self {
-        // target/debug/deps/<test> → target/debug
         let exe = std::env::current_exe().expect("current exe");
         let built = exe
             .parent()
             .and_then(Path::parent)
             .expect("target dir")
             .to_path_buf();
+        Self::from_dir(&built)
+    }
+
+    /// The binaries in `built` (e.g. `target/release`).
+    pub fn from_dir(built: &Path) -> Self {
         let dir =
             std::env::temp_dir().join(format!("remora-e2e-{}-{}", std::process::id(), unique()));
         fs::create_dir_all(&dir).expect("create binaries folder");
@@ -57,6 +62,21 @@ impl Binaries {
             init: copy("remora-init"),
             dir,
         }
+    }
+}
+
+impl Binaries {
+    /// Copies another program next to ours, runnable by the proxy's UID.
+    pub fn add(&self, program: &Path) -> PathBuf {
+        let to = self.dir.join(program.file_name().expect("a file"));
+        fs::copy(program, &to).unwrap_or_else(|e| panic!("copy {}: {e}", program.display()));
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).expect("chmod");
+        to
+    }
+
+    /// The folder the copies live in (also holds the proxies' logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -87,12 +107,32 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts the proxy in `pod` as UID 2102 with `env` on top of the defaults, and
+    /// Starts `remora-proxy` in `pod` as UID 2102 with `env` on top of the defaults, and
     /// waits until its admin server reports ready.
     pub async fn start(pod: &Pod, bins: &Binaries, env: &[(&str, &str)]) -> Self {
+        let mut env_all = vec![("REMORA_LOG", "info,remora_proxy=debug")];
+        env_all.extend_from_slice(env);
+        let ready = ("127.0.0.1:4191".parse().unwrap(), "/ready");
+        Self::start_program(pod, bins, &bins.proxy, &[], &env_all, ready).await
+    }
+
+    /// Starts any proxy `program` in `pod` as UID 2102 with exactly `env`, and waits
+    /// until `GET ready.1` on `ready.0` (inside the pod) answers 200.
+    pub async fn start_program(
+        pod: &Pod,
+        bins: &Binaries,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: (std::net::SocketAddr, &str),
+    ) -> Self {
+        let name = program
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("proxy");
         let log = bins
             .dir
-            .join(format!("proxy-{}-{}.log", pod.name, unique()));
+            .join(format!("{name}-{}-{}.log", pod.name, unique()));
         let file = fs::File::create(&log).expect("log file");
         let mut cmd = pod.command("setpriv");
         cmd.args([
@@ -103,39 +143,36 @@ impl Proxy {
             "--clear-groups",
             "--",
         ])
-        .arg(&bins.proxy)
+        .arg(program)
+        .args(args)
         .env_clear()
-        .env("REMORA_LOG", "info,remora_proxy=debug")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(file.try_clone().expect("log file"))
         .stderr(file);
-        let child = cmd.spawn().expect("spawn remora-proxy");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let mut proxy = Self {
             child: Some(child),
             log,
             pod: pod.name.clone(),
         };
-        for _ in 0..200 {
+        for _ in 0..400 {
             if let Some(status) = proxy
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "remora-proxy exited at start ({status}):\n{}",
-                    proxy.log_text()
-                );
+                panic!("{name} exited at start ({status}):\n{}", proxy.log_text());
             }
-            if let Ok((200, _)) =
-                crate::client::get(pod, "127.0.0.1:4191".parse().unwrap(), "/ready").await
-            {
+            if let Ok((200, _)) = crate::client::get(pod, ready.0, ready.1).await {
                 return proxy;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!(
-            "remora-proxy in {} never became ready:\n{}",
+            "{name} in {} never became ready:\n{}",
             proxy.pod,
             proxy.log_text()
         );
@@ -145,13 +182,14 @@ impl Proxy {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    /// The process id (`ip netns exec` and `setpriv` exec into the proxy: same process).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Sends SIGTERM (to `ip netns exec`, which execs into setpriv and then the proxy).
     pub fn terminate(&self) {
-        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM");
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
     }
 
     /// Kills the proxy at once.

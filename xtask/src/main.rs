@@ -3,6 +3,10 @@
 //! - `codegen` rewrites the generated parts of the docs (the README's configuration
 //!   reference, from each binary's knob table).
 //! - `codegen --check` fails when a committed copy is stale (CI runs it).
+//! - `bench [options]` measures the data path against a direct connection and Envoy,
+//!   and writes `BENCHMARKS.md` (see docs/benchmarks.md).
+
+mod bench;
 
 use std::{fs, path::PathBuf};
 
@@ -22,8 +26,9 @@ fn main() -> anyhow::Result<()> {
     {
         ["codegen"] => codegen(false),
         ["codegen", "--check"] => codegen(true),
+        ["bench", ..] => bench::run(&root(), &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask codegen [--check]");
+            eprintln!("usage: cargo xtask codegen [--check] | cargo xtask bench [options]");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,54 @@
+//! Micro-benchmarks of the proxy's per-connection and per-request hot paths. Figures
+//! go to BENCHMARKS.md by hand; nothing here is asserted.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue};
+use remora_proxy::{
+    detect::{H2_PREFACE, classify},
+    http::strip_hop_by_hop,
+};
+
+fn detection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("classify");
+    let http1 = b"GET /api/v1/items?limit=10 HTTP/1.1\r\nhost: items.default.svc\r\n\r\n";
+    let tls = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03abcdefghijklmnopqrstuvwxyz";
+    g.bench_function("http1_request_line", |b| {
+        b.iter(|| classify(black_box(http1)))
+    });
+    g.bench_function("h2_preface", |b| b.iter(|| classify(black_box(H2_PREFACE))));
+    g.bench_function("tls_client_hello", |b| b.iter(|| classify(black_box(tls))));
+    g.finish();
+}
+
+fn headers(c: &mut Criterion) {
+    let mut typical = HeaderMap::new();
+    for (k, v) in [
+        ("host", "items.default.svc.cluster.local"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "*/*"),
+        ("content-type", "application/json"),
+        ("content-length", "42"),
+        ("x-request-id", "6f1c2a4e-0b1d-4c55-9b1e-3f1f0d2c1a77"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("connection", "keep-alive"),
+    ] {
+        typical.insert(k, HeaderValue::from_static(v));
+    }
+    let mut g = c.benchmark_group("strip_hop_by_hop");
+    g.bench_function("typical_request", |b| {
+        b.iter_batched(
+            || typical.clone(),
+            |mut h| strip_hop_by_hop(&mut h, false),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, detection, headers);
+criterion_main!(benches);

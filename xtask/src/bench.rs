@@ -1,0 +1,360 @@
+//! `cargo xtask bench`: what the mesh costs, measured. A client pod and a server pod
+//! (network namespaces with `remora-init`'s real iptables rules) and a small hyper
+//! backend; the same load runs back to back over each path — direct (no proxy), the
+//! Remora pair, and the Envoy pair when installed — and the figures go to
+//! `BENCHMARKS.md` (and `--json`). Nothing here is a pass/fail test.
+
+mod envoy;
+mod load;
+mod procstat;
+mod report;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::Context;
+use remora_tests::{Binaries, PodPair, Proxy, backend, e2e_enabled};
+
+use load::{Mode, Spec};
+
+const APP: &str = "10.77.0.2:8080";
+const BLAST: &str = "10.77.0.2:7002";
+
+/// What `cargo xtask bench` was asked for.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub rates: Vec<u32>,
+    pub concurrency: usize,
+    pub throughput_mib: u64,
+    /// `Some(true)`: install Envoy if missing; `Some(false)`: never run it; `None`: run
+    /// it when installed.
+    pub envoy: Option<bool>,
+    pub json: bool,
+    pub write: bool,
+    /// Which paths to run (all by default).
+    pub paths: Vec<PathKind>,
+    /// Extra environment for the Remora proxies (`--remora-env KEY=VALUE`, repeatable).
+    pub remora_env: Vec<(String, String)>,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut o = Self {
+            duration: Duration::from_secs(5),
+            warmup: Duration::from_secs(1),
+            rates: vec![1000, 3000],
+            concurrency: 32,
+            throughput_mib: 512,
+            envoy: None,
+            json: false,
+            write: true,
+            paths: vec![PathKind::Direct, PathKind::Remora, PathKind::Envoy],
+            remora_env: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().context(format!("{a} needs a value"));
+            match a.as_str() {
+                "--duration" => {
+                    o.duration =
+                        remora_config::parse_duration(value()?).map_err(anyhow::Error::msg)?
+                }
+                "--warmup" => {
+                    o.warmup =
+                        remora_config::parse_duration(value()?).map_err(anyhow::Error::msg)?
+                }
+                "--rates" => {
+                    o.rates = value()?
+                        .split(',')
+                        .map(|r| r.trim().parse())
+                        .collect::<Result<_, _>>()?
+                }
+                "--concurrency" => o.concurrency = value()?.parse()?,
+                "--throughput-mib" => o.throughput_mib = value()?.parse()?,
+                "--envoy" => o.envoy = Some(true),
+                "--no-envoy" => o.envoy = Some(false),
+                "--paths" => {
+                    o.paths = value()?
+                        .split(',')
+                        .map(|p| match p.trim() {
+                            "direct" => Ok(PathKind::Direct),
+                            "remora" => Ok(PathKind::Remora),
+                            "envoy" => Ok(PathKind::Envoy),
+                            other => Err(anyhow::anyhow!(
+                                "unknown path {other}: direct, remora or envoy"
+                            )),
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                "--remora-env" => {
+                    let kv = value()?;
+                    let (k, v) = kv.split_once('=').context("--remora-env takes KEY=VALUE")?;
+                    o.remora_env.push((k.to_string(), v.to_string()));
+                }
+                "--json" => o.json = true,
+                "--no-write" => o.write = false,
+                other => anyhow::bail!(
+                    "unknown option {other}\nusage: cargo xtask bench [--duration 5s] [--warmup 1s] \
+                     [--rates 1000,3000] [--concurrency 32] [--throughput-mib 512] \
+                     [--paths direct,remora,envoy] [--remora-env KEY=VALUE] [--envoy|--no-envoy] [--json] [--no-write]"
+                ),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Which way traffic goes from the client pod to the server pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    Direct,
+    Remora,
+    Envoy,
+}
+
+impl PathKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::Remora => "remora pair",
+            PathKind::Envoy => "envoy pair",
+        }
+    }
+}
+
+/// One load scenario's figures.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub mode: Mode,
+    pub rate: Option<u32>,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub rps: f64,
+    pub completed: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Both proxies' CPU seconds over the scenario (warm-up included), and the wall time.
+    pub proxy_cpu_s: f64,
+    pub wall_s: f64,
+}
+
+/// Memory of one proxy after its path's load.
+#[derive(Debug, Clone)]
+pub struct Memory {
+    pub side: &'static str,
+    pub peak_rss_mib: f64,
+    pub private_mib: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PathRun {
+    pub kind: PathKind,
+    pub scenarios: Vec<Scenario>,
+    pub throughput_mib_s: f64,
+    pub memory: Vec<Memory>,
+}
+
+pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let opts = Options::parse(args)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if cfg!(debug_assertions) {
+        // A debug load generator would be the bottleneck: measure with release builds of
+        // everything, the proxies and this harness alike.
+        let status = std::process::Command::new(&cargo)
+            .current_dir(root)
+            .args([
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "xtask",
+                "--",
+                "bench",
+            ])
+            .args(args)
+            .status()
+            .context("re-run the benchmark in release mode")?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let built = std::process::Command::new(&cargo)
+        .current_dir(root)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "remora-proxy",
+            "--package",
+            "remora-init",
+        ])
+        .status()
+        .context("build the release binaries")?;
+    anyhow::ensure!(built.success(), "building the release binaries failed");
+    if !e2e_enabled() {
+        anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
+    }
+    let envoy_bin = match opts.envoy {
+        Some(false) => None,
+        Some(true) => envoy::binary(root, true)?,
+        None => envoy::binary(root, false)?,
+    };
+    if envoy_bin.is_none() && opts.envoy.is_none() {
+        eprintln!("envoy is not installed: `cargo xtask bench --envoy` installs it into .tools/");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut paths = Vec::new();
+    for &kind in &opts.paths {
+        if kind == PathKind::Envoy && envoy_bin.is_none() {
+            continue;
+        }
+        eprintln!("== {}", kind.name());
+        paths.push(runtime.block_on(run_path(root, kind, &opts, envoy_bin.as_deref()))?);
+    }
+    let info = report::Info::collect(root, args);
+    if opts.json {
+        println!("{}", report::json(&info, &opts, &paths));
+    }
+    let md = report::markdown(&info, &opts, &paths);
+    if opts.write {
+        // The hand-written notes (profiles, findings) survive a regeneration.
+        let path = root.join("BENCHMARKS.md");
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let notes = old.find("\n## Notes").map(|i| &old[i..]).unwrap_or("");
+        std::fs::write(&path, format!("{md}{notes}")).context("write BENCHMARKS.md")?;
+        eprintln!("wrote BENCHMARKS.md");
+    }
+    if !opts.json {
+        println!("{md}");
+    }
+    Ok(())
+}
+
+async fn run_path(
+    root: &Path,
+    kind: PathKind,
+    opts: &Options,
+    envoy_bin: Option<&Path>,
+) -> anyhow::Result<PathRun> {
+    let bins = Binaries::from_dir(&root.join("target/release"));
+    let pods = PodPair::new();
+    let _slow = backend::http(&pods.server, "0.0.0.0:8080".parse()?);
+    backend::blast(&pods.server, "0.0.0.0:7002".parse()?);
+    let mut proxies: Vec<(&'static str, Proxy)> = Vec::new();
+    match kind {
+        PathKind::Direct => {}
+        PathKind::Remora => {
+            pods.client.intercept(&bins);
+            pods.server.intercept(&bins);
+            let mut env = vec![("REMORA_LOG", "warn")];
+            env.extend(
+                opts.remora_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            );
+            proxies.push(("client", Proxy::start(&pods.client, &bins, &env).await));
+            proxies.push(("server", Proxy::start(&pods.server, &bins, &env).await));
+        }
+        PathKind::Envoy => {
+            pods.client.intercept(&bins);
+            pods.server.intercept(&bins);
+            let envoy = bins.add(envoy_bin.expect("envoy binary"));
+            for (side, pod, listen, port) in [
+                ("client", &pods.client, "127.0.0.1", 4140),
+                ("server", &pods.server, "0.0.0.0", 4143),
+            ] {
+                let cfg = bins.dir().join(format!("envoy-{side}.yaml"));
+                std::fs::write(
+                    &cfg,
+                    envoy::config(listen, port, 9901, "2 workers like remora-proxy"),
+                )?;
+                let args = [
+                    "-c",
+                    cfg.to_str().expect("utf-8 path"),
+                    "--concurrency",
+                    "2",
+                    "--log-level",
+                    "warn",
+                    "--disable-hot-restart",
+                ];
+                let ready = ("127.0.0.1:9901".parse()?, "/ready");
+                proxies.push((
+                    side,
+                    Proxy::start_program(pod, &bins, &envoy, &args, &[], ready).await,
+                ));
+            }
+        }
+    }
+    let pids: Vec<u32> = proxies.iter().map(|(_, p)| p.pid()).collect();
+    let cpu = || pids.iter().map(|&p| procstat::cpu_seconds(p)).sum::<f64>();
+    let app: SocketAddr = APP.parse()?;
+
+    let mut scenarios = Vec::new();
+    for mode in [Mode::Http1, Mode::Grpc] {
+        let rates = opts.rates.iter().map(|&r| Some(r)).chain([None]);
+        for rate in rates {
+            let spec = Spec {
+                mode,
+                rate,
+                concurrency: opts.concurrency,
+                warmup: opts.warmup,
+                duration: opts.duration,
+            };
+            let (cpu0, t0) = (cpu(), std::time::Instant::now());
+            let out = load::run(&pods.client, app, spec).await?;
+            let (proxy_cpu_s, wall_s) = (cpu() - cpu0, t0.elapsed().as_secs_f64());
+            let q = |p: f64| out.latency.value_at_quantile(p);
+            let s = Scenario {
+                mode,
+                rate,
+                p50_us: q(0.5),
+                p90_us: q(0.9),
+                p99_us: q(0.99),
+                p999_us: q(0.999),
+                rps: out.rps(),
+                completed: out.completed,
+                errors: out.errors,
+                first_error: out.first_error.clone(),
+                proxy_cpu_s,
+                wall_s,
+            };
+            eprintln!(
+                "   {:<20} {:>10}  p50 {:>6}µs  p99 {:>6}µs  {:>8.0} rps  {} errors",
+                mode.name(),
+                rate.map(|r| format!("{r} rps"))
+                    .unwrap_or_else(|| "max".into()),
+                s.p50_us,
+                s.p99_us,
+                s.rps,
+                s.errors
+            );
+            scenarios.push(s);
+        }
+    }
+    let throughput_mib_s = load::throughput(
+        &pods.client,
+        BLAST.parse()?,
+        opts.throughput_mib * 1024 * 1024,
+    )
+    .await?;
+    eprintln!("   opaque TCP throughput {throughput_mib_s:.0} MiB/s");
+    let memory = proxies
+        .iter()
+        .map(|(side, p)| Memory {
+            side,
+            peak_rss_mib: procstat::peak_rss_mib(p.pid()),
+            private_mib: procstat::private_mib(p.pid()),
+        })
+        .collect();
+    Ok(PathRun {
+        kind,
+        scenarios,
+        throughput_mib_s,
+        memory,
+    })
+}

@@ -1,0 +1,383 @@
+//! The benchmark report: Markdown for `BENCHMARKS.md`, JSON for machines, and an honest
+//! verdict on each aim.
+
+use std::{fmt::Write as _, path::Path, process::Command};
+
+use super::{Options, PathKind, PathRun, Scenario, load::Mode};
+
+/// Where and when the figures were taken.
+#[derive(Debug)]
+pub struct Info {
+    pub date: String,
+    pub commit: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+    pub command: String,
+}
+
+impl Info {
+    pub fn collect(root: &Path, args: &[String]) -> Self {
+        let out = |cmd: &mut Command| {
+            cmd.output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default()
+        };
+        let commit =
+            out(Command::new("git")
+                .arg("-C")
+                .arg(root)
+                .args(["rev-parse", "--short", "HEAD"]));
+        let dirty = !out(Command::new("git").arg("-C").arg(root).args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]))
+        .is_empty();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            date: out(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
+            commit: if dirty {
+                format!("{commit} (with uncommitted changes)")
+            } else {
+                commit
+            },
+            cpu: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            memory_gib: meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .map(|kib| kib / 1024.0 / 1024.0)
+                .unwrap_or(0.0),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            command: format!("cargo xtask bench {}", args.join(" "))
+                .trim_end()
+                .to_string(),
+        }
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn find(paths: &[PathRun], kind: PathKind) -> Option<&PathRun> {
+    paths.iter().find(|p| p.kind == kind)
+}
+
+fn scenario(path: &PathRun, mode: Mode, rate: Option<u32>) -> Option<&Scenario> {
+    path.scenarios
+        .iter()
+        .find(|s| s.mode == mode && s.rate == rate)
+}
+
+/// One aim: what, the figure, and whether it was met.
+struct Aim {
+    what: String,
+    figure: String,
+    met: Option<bool>,
+}
+
+fn aims(paths: &[PathRun]) -> Vec<Aim> {
+    let mut out = Vec::new();
+    let (Some(direct), Some(remora)) =
+        (find(paths, PathKind::Direct), find(paths, PathKind::Remora))
+    else {
+        return out;
+    };
+    if let (Some(d), Some(r)) = (
+        scenario(direct, Mode::Http1, Some(1000)),
+        scenario(remora, Mode::Http1, Some(1000)),
+    ) {
+        let p50 = r.p50_us as f64 - d.p50_us as f64;
+        let p99 = r.p99_us as f64 - d.p99_us as f64;
+        out.push(Aim {
+            what: "at 1,000 RPS the pair adds ≤ 0.25 ms at p50 (plaintext; the mTLS row comes with identity)".into(),
+            figure: format!("+{:.3} ms", p50 / 1000.0),
+            met: Some(p50 <= 250.0),
+        });
+        out.push(Aim {
+            what: "at 1,000 RPS the pair adds ≤ 1 ms at p99".into(),
+            figure: format!("+{:.3} ms", p99 / 1000.0),
+            met: Some(p99 <= 1000.0),
+        });
+        let cores = r.proxy_cpu_s / r.wall_s;
+        out.push(Aim {
+            what: "at 1,000 RPS both proxies together use ≤ 0.2 cores".into(),
+            figure: format!("{cores:.3} cores"),
+            met: Some(cores <= 0.2),
+        });
+    }
+    let peak = remora
+        .memory
+        .iter()
+        .map(|m| m.peak_rss_mib)
+        .fold(0.0, f64::max);
+    out.push(Aim {
+        what: "≤ 10 MiB peak RSS per proxy".into(),
+        figure: format!("{peak:.1} MiB (the larger of the two)"),
+        met: Some(peak <= 10.0),
+    });
+    for mode in [Mode::Http1, Mode::Grpc] {
+        let r = scenario(remora, mode, None).map(|s| s.rps);
+        let e = find(paths, PathKind::Envoy)
+            .and_then(|p| scenario(p, mode, None))
+            .map(|s| s.rps);
+        out.push(match (r, e) {
+            (Some(r), Some(e)) => Aim {
+                what: format!("{}: max RPS ≥ 2× the Envoy pair's", mode.name()),
+                figure: format!("{:.2}×", r / e),
+                met: Some(r >= 2.0 * e),
+            },
+            _ => Aim {
+                what: format!("{}: max RPS ≥ 2× the Envoy pair's", mode.name()),
+                figure: "Envoy not run".into(),
+                met: None,
+            },
+        });
+    }
+    out
+}
+
+pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(
+        w,
+        "What the mesh costs, measured by `cargo xtask bench` (see [docs/benchmarks.md](docs/benchmarks.md) \
+         for the method). Every path runs the same load back to back in one run; figures are \
+         compared with the direct path measured in the same run. Regenerate with the command \
+         below; the figures are this machine's, not a promise.\n"
+    );
+    let _ = writeln!(w, "| | |\n| --- | --- |");
+    let _ = writeln!(w, "| date | {} |", info.date);
+    let _ = writeln!(w, "| commit | {} |", info.commit);
+    let _ = writeln!(
+        w,
+        "| machine | {} × {}, {:.0} GiB, Linux {} |",
+        info.cores, info.cpu, info.memory_gib, info.kernel
+    );
+    let _ = writeln!(w, "| command | `{}` |", info.command);
+    let _ = writeln!(
+        w,
+        "| load | {} s measured after {} s warm-up per scenario; {} connections (HTTP/1.1) or up to 2 (HTTP/2); closed loop with {} callers |",
+        opts.duration.as_secs_f64(),
+        opts.warmup.as_secs_f64(),
+        opts.concurrency,
+        opts.concurrency
+    );
+    let _ = writeln!(
+        w,
+        "| paths | {} |\n",
+        paths
+            .iter()
+            .map(|p| p.kind.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let _ = writeln!(
+        w,
+        "## Aims\n\n| aim | this run | met |\n| --- | --- | --- |"
+    );
+    for a in aims(paths) {
+        let met = match a.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(w, "| {} | {} | {met} |", a.what, a.figure);
+    }
+
+    let direct = find(paths, PathKind::Direct);
+    for mode in [Mode::Http1, Mode::Grpc] {
+        for rate in opts.rates.iter().map(|&r| Some(r)).chain([None]) {
+            let title = match rate {
+                Some(r) => format!("{}, open loop at {r} RPS", mode.name()),
+                None => format!("{}, closed loop (maximum)", mode.name()),
+            };
+            let _ = writeln!(w, "\n## {title}\n");
+            let _ = writeln!(
+                w,
+                "| path | p50 ms | p90 ms | p99 ms | p99.9 ms | +p50 | +p99 | RPS | vs direct | errors | proxy CPU s / 1k req | proxy cores |"
+            );
+            let _ = writeln!(
+                w,
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            );
+            let base = direct.and_then(|d| scenario(d, mode, rate));
+            for p in paths {
+                let Some(s) = scenario(p, mode, rate) else {
+                    continue;
+                };
+                let (add50, add99, ratio) = match base {
+                    Some(b) => (
+                        format!("{:+.3}", (s.p50_us as f64 - b.p50_us as f64) / 1000.0),
+                        format!("{:+.3}", (s.p99_us as f64 - b.p99_us as f64) / 1000.0),
+                        format!("{:.2}", s.rps / b.rps),
+                    ),
+                    None => ("".into(), "".into(), "".into()),
+                };
+                let (cpu_per_k, cores) = if p.kind == PathKind::Direct {
+                    ("—".into(), "—".into())
+                } else {
+                    (
+                        format!(
+                            "{:.3}",
+                            s.proxy_cpu_s / (s.completed.max(1) as f64 / 1000.0)
+                        ),
+                        format!("{:.3}", s.proxy_cpu_s / s.wall_s),
+                    )
+                };
+                let errors = match &s.first_error {
+                    Some(e) => format!("{} ({e})", s.errors),
+                    None => s.errors.to_string(),
+                };
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {} | {} | {add50} | {add99} | {:.0} | {ratio} | {errors} | {cpu_per_k} | {cores} |",
+                    p.kind.name(),
+                    ms(s.p50_us),
+                    ms(s.p90_us),
+                    ms(s.p99_us),
+                    ms(s.p999_us),
+                    s.rps
+                );
+            }
+        }
+    }
+
+    let _ = writeln!(w, "\n## Memory per proxy (after the load)\n");
+    let _ = writeln!(
+        w,
+        "| path | proxy | peak RSS MiB | private MiB |\n| --- | --- | ---: | ---: |"
+    );
+    for p in paths {
+        for m in &p.memory {
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.1} | {:.1} |",
+                p.kind.name(),
+                m.side,
+                m.peak_rss_mib,
+                m.private_mib
+            );
+        }
+    }
+
+    let _ = writeln!(
+        w,
+        "\n## Opaque TCP throughput ({} MiB, one connection)\n",
+        opts.throughput_mib
+    );
+    let _ = writeln!(w, "| path | MiB/s | vs direct |\n| --- | ---: | ---: |");
+    let base = direct.map(|d| d.throughput_mib_s);
+    for p in paths {
+        let ratio = base
+            .map(|b| format!("{:.2}", p.throughput_mib_s / b))
+            .unwrap_or_default();
+        let _ = writeln!(
+            w,
+            "| {} | {:.0} | {ratio} |",
+            p.kind.name(),
+            p.throughput_mib_s
+        );
+    }
+    md
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
+    let mut j = String::new();
+    let _ = write!(
+        j,
+        "{{\"date\":{},\"commit\":{},\"cpu\":{},\"cores\":{},\"memory_gib\":{:.1},\"kernel\":{},\"command\":{},\
+         \"duration_s\":{},\"warmup_s\":{},\"paths\":[",
+        json_str(&info.date),
+        json_str(&info.commit),
+        json_str(&info.cpu),
+        info.cores,
+        info.memory_gib,
+        json_str(&info.kernel),
+        json_str(&info.command),
+        opts.duration.as_secs_f64(),
+        opts.warmup.as_secs_f64()
+    );
+    for (i, p) in paths.iter().enumerate() {
+        if i > 0 {
+            j.push(',');
+        }
+        let _ = write!(
+            j,
+            "{{\"path\":{},\"throughput_mib_s\":{:.1},\"scenarios\":[",
+            json_str(p.kind.name()),
+            p.throughput_mib_s
+        );
+        for (k, s) in p.scenarios.iter().enumerate() {
+            if k > 0 {
+                j.push(',');
+            }
+            let _ = write!(
+                j,
+                "{{\"mode\":{},\"rate\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"rps\":{:.1},\
+                 \"completed\":{},\"errors\":{},\"proxy_cpu_s\":{:.3},\"wall_s\":{:.3}}}",
+                json_str(s.mode.name()),
+                s.rate
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "null".into()),
+                s.p50_us,
+                s.p90_us,
+                s.p99_us,
+                s.p999_us,
+                s.rps,
+                s.completed,
+                s.errors,
+                s.proxy_cpu_s,
+                s.wall_s
+            );
+        }
+        j.push_str("],\"memory\":[");
+        for (k, m) in p.memory.iter().enumerate() {
+            if k > 0 {
+                j.push(',');
+            }
+            let _ = write!(
+                j,
+                "{{\"proxy\":{},\"peak_rss_mib\":{:.2},\"private_mib\":{:.2}}}",
+                json_str(m.side),
+                m.peak_rss_mib,
+                m.private_mib
+            );
+        }
+        j.push_str("]}");
+    }
+    j.push_str("]}");
+    j
+}
