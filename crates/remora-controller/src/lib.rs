@@ -1,119 +1,96 @@
-//! `remora-controller`: the control plane. This version parses its configuration and
-//! serves its admin port; discovery, policy and identity are added behind it.
+//! `remora-controller`: the control plane. A source (`dir:` today) feeds one index;
+//! `Destination.Get` streams each target's endpoints to the proxies; the admin port
+//! reports readiness after the first full sync, and metrics.
+
+pub mod config;
+pub mod convert;
+pub mod core;
+pub mod discovery;
+pub mod grpc;
+pub mod index;
+pub mod metrics;
+pub mod source;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
-use prometheus_client::{encoding::EncodeLabelSet, metrics::info::Info, registry::Registry};
-use remora_admin::{Admin, LogFormat, LogLevel, ProcessCollector, Readiness};
-use remora_config::{ConfigError, Effective, Knob, Loader};
-use tokio::net::TcpListener;
+use prometheus_client::registry::Registry;
+use remora_admin::{Admin, LogLevel, Readiness};
+use remora_api::v1::destination_server::DestinationServer;
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-pub const ADMIN_ADDR: Knob = Knob::value(
-    "admin-addr",
-    "REMORA_ADMIN_ADDR",
-    Some("0.0.0.0:9990"),
-    "Admin listener: /metrics, /live, /ready, /config",
-);
-pub const LOG: Knob = Knob::value(
-    "log",
-    "REMORA_LOG",
-    Some("info"),
-    "Log filter (tracing EnvFilter syntax)",
-);
-pub const LOG_FORMAT: Knob = Knob::value(
-    "log-format",
-    "REMORA_LOG_FORMAT",
-    Some("plain"),
-    "Log format: plain or json",
-);
+pub use config::{Config, KNOBS, SourceKind};
 
-pub const KNOBS: &[Knob] = &[ADMIN_ADDR, LOG, LOG_FORMAT];
-
-/// The controller's validated configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub admin_addr: SocketAddr,
-    pub log: String,
-    pub log_format: LogFormat,
-    pub effective: Vec<Effective>,
-}
-
-impl Config {
-    pub fn load(
-        args: impl IntoIterator<Item = String>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, ConfigError> {
-        let cmd = remora_config::command(
-            "remora-controller",
-            "The Remora control plane: discovery, policy and identity for the proxies.",
-            KNOBS,
-        );
-        let mut l = Loader::new(cmd, args, env)?;
-        let admin_addr = l.get(&ADMIN_ADDR, |s| {
-            s.parse::<SocketAddr>()
-                .map_err(|_| "expected IP:port".into())
-        });
-        let log = l.get(&LOG, remora_admin::log::parse_filter);
-        let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
-        let effective = l.finish()?;
-        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
-        Ok(Self {
-            admin_addr: admin_addr.ok_or_else(missing)?,
-            log: log.ok_or_else(missing)?,
-            log_format: log_format.ok_or_else(missing)?,
-            effective,
-        })
-    }
-}
+use crate::{
+    discovery::Discovery,
+    grpc::DestinationService,
+    index::{Domains, Index},
+    metrics::Metrics,
+    source::Source,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot listen on {addr} (admin): {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("--source kube is not available in this build yet: use --source dir:PATH")]
+    KubeUnavailable,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
+/// Readiness waits for this until the source's first full sync.
+const INITIAL_SYNC: &str = "initial sync of the source";
 
 /// A bound, not yet running controller.
 pub struct App {
+    config: Config,
     admin_listener: TcpListener,
+    grpc_listener: TcpListener,
     admin: Arc<Admin>,
+    discovery: Arc<Discovery>,
+    source: Box<dyn Source>,
 }
 
 impl App {
     pub async fn build(config: Config, log: LogLevel) -> Result<Self, BuildError> {
-        let admin_listener = TcpListener::bind(config.admin_addr)
-            .await
-            .map_err(|source| BuildError::Bind {
-                addr: config.admin_addr,
-                source,
-            })?;
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BuildError::Bind { what, addr, source })
+        };
+        let admin_listener = bind("admin", config.admin_addr).await?;
+        let grpc_listener = bind("gRPC", config.grpc_addr).await?;
+        let source: Box<dyn Source> = match &config.source {
+            SourceKind::Dir(path) => Box::new(source::dir::Dir::new(path.clone())),
+            SourceKind::Kube => return Err(BuildError::KubeUnavailable),
+        };
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(ProcessCollector));
-        registry
-            .sub_registry_with_prefix("remora_controller")
-            .register(
-                "build",
-                "Remora build information",
-                Info::new(BuildLabels {
-                    version: env!("CARGO_PKG_VERSION"),
-                }),
-            );
+        let metrics = Metrics::register(&mut registry);
+        let readiness = Arc::new(Readiness::default());
+        readiness.hold(INITIAL_SYNC);
         let admin = Arc::new(Admin {
             registry,
-            readiness: Arc::new(Readiness::default()),
+            readiness,
             config_json: remora_config::to_json(&config.effective),
             log,
             shutdown: CancellationToken::new(),
         });
+        let domains = Domains {
+            trust_domain: config.trust_domain.clone(),
+            cluster_domain: config.cluster_domain.clone(),
+        };
+        let discovery = Discovery::new(Index::new(domains), metrics);
         Ok(Self {
+            config,
             admin_listener,
+            grpc_listener,
             admin,
+            discovery,
+            source,
         })
     }
 
@@ -121,21 +98,73 @@ impl App {
         self.admin_listener.local_addr()
     }
 
+    pub fn grpc_addr(&self) -> io::Result<SocketAddr> {
+        self.grpc_listener.local_addr()
+    }
+
     /// Serves until `shutdown` completes or `POST /shutdown`.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Self {
+            config,
+            admin_listener,
+            grpc_listener,
+            admin,
+            discovery,
+            source,
+        } = self;
+        for e in &config.effective {
+            info!(target: "remora_controller::config", "{}={} ({})", e.env, e.value, e.source);
+        }
+        info!(
+            admin = ?admin_listener.local_addr().ok(),
+            grpc = ?grpc_listener.local_addr().ok(),
+            "remora-controller {} running",
+            env!("CARGO_PKG_VERSION")
+        );
         let stop = CancellationToken::new();
-        info!(admin = ?self.admin_listener.local_addr().ok(), "remora-controller {} running", env!("CARGO_PKG_VERSION"));
-        let server = tokio::spawn(remora_admin::serve(
-            self.admin_listener,
-            self.admin.clone(),
+        let admin_task = tokio::spawn(remora_admin::serve(
+            admin_listener,
+            admin.clone(),
             stop.clone(),
         ));
+
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let source_task = tokio::spawn(source.run(events_tx));
+        let readiness = admin.readiness.clone();
+        let writer = tokio::spawn(discovery.clone().run_writer(events_rx, move || {
+            info!("source synced: ready");
+            readiness.release(INITIAL_SYNC);
+        }));
+
+        let service =
+            DestinationService::new(discovery, config.cluster_domain.clone(), stop.clone());
+        let grpc_stop = stop.clone();
+        let grpc = tokio::spawn(async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let result = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(
+                    DestinationServer::new(service),
+                    incoming,
+                    grpc_stop.cancelled(),
+                )
+                .await;
+            if let Err(error) = result {
+                warn!(%error, "gRPC server failed");
+            }
+        });
+
         tokio::select! {
             _ = shutdown => {}
-            _ = self.admin.shutdown.cancelled() => {}
+            _ = admin.shutdown.cancelled() => {}
         }
+        info!("shutting down");
+        admin.readiness.set_draining();
         stop.cancel();
-        let _ = server.await;
+        source_task.abort();
+        let _ = grpc.await;
+        let _ = writer.await;
+        let _ = admin_task.await;
         info!("shut down");
     }
 }

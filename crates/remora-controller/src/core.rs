@@ -1,0 +1,213 @@
+//! The domain of discovery, free of kube and proto types: the objects the index keeps
+//! and the answers it gives.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+/// A namespaced name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NsName {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for NsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a Service port forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: TargetPort,
+    /// `appProtocol`, when set.
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: NsName,
+    /// Empty for headless Services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub headless: bool,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// The pod behind the endpoint (`targetRef` of kind Pod).
+    pub pod: Option<String>,
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub id: NsName,
+    /// The Service it belongs to (`kubernetes.io/service-name`), in the same namespace.
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub id: NsName,
+    pub ips: Vec<IpAddr>,
+    pub service_account: String,
+    /// Carries `remora.io/meshed: "true"`: its proxy has an identity.
+    pub meshed: bool,
+}
+
+/// Any object a source delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Service(Service),
+    Slice(EndpointSlice),
+    Pod(Pod),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    Slice,
+    Pod,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::Slice => "EndpointSlice",
+            Kind::Pod => "Pod",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub id: NsName,
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Service(s) => ObjectKey {
+                kind: Kind::Service,
+                id: s.id.clone(),
+            },
+            Object::Slice(s) => ObjectKey {
+                kind: Kind::Slice,
+                id: s.id.clone(),
+            },
+            Object::Pod(p) => ObjectKey {
+                kind: Kind::Pod,
+                id: p.id.clone(),
+            },
+        }
+    }
+}
+
+/// What a source tells the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Apply(Object),
+    Delete(ObjectKey),
+    /// Everything the source had at start has been delivered.
+    Synced,
+}
+
+/// What a proxy asks about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `<name>.<namespace>.svc.<cluster-domain>:<port>`.
+    Service { id: NsName, port: u16 },
+    /// A ClusterIP or pod IP, and a port.
+    Addr(SocketAddr),
+}
+
+/// How to speak to a port, when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Unknown,
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// The identity an endpoint's proxy proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub spiffe_id: String,
+    pub server_name: String,
+}
+
+/// One endpoint of a resolved target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    pub addr: SocketAddr,
+    pub identity: Option<Identity>,
+    pub protocol: Protocol,
+    /// False while terminating but still serving.
+    pub ready: bool,
+    pub zone: Option<String>,
+    /// Bounded metric labels: pod, namespace, serviceaccount.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The answer for one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Nothing known: the proxy forwards as-is.
+    Unknown,
+    Known {
+        /// `<name>.<namespace>:<port>`; empty for a bare pod.
+        service: String,
+        protocol: Protocol,
+        headless: bool,
+        endpoints: BTreeMap<SocketAddr, EndpointView>,
+    },
+}
+
+/// A published answer and when the change behind it entered the controller.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub resolution: Resolution,
+    /// When the earliest source event of the batch that produced it arrived.
+    pub since: Option<std::time::Instant>,
+}
+
+pub type Shared = Arc<Published>;

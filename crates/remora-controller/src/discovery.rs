@@ -1,0 +1,105 @@
+//! The single writer and the published answers. Events are applied to the index in
+//! batches; every target some proxy watches has one `watch` channel, shared by all of
+//! its streams, and gets a new answer only when its answer changed.
+
+use std::{collections::HashMap, sync::Arc, time::Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    core::{Event, Published, Shared, Target},
+    index::{Index, Touched},
+    metrics::Metrics,
+};
+
+/// The most events applied before answers are recomputed: a burst is coalesced, and a
+/// long one still publishes as it goes.
+const MAX_BATCH: usize = 1024;
+
+pub struct Discovery {
+    index: RwLock<Index>,
+    /// One channel per watched target. Lock order: `subs`, then `index`.
+    subs: Mutex<HashMap<Target, watch::Sender<Shared>>>,
+    metrics: Metrics,
+}
+
+impl Discovery {
+    pub fn new(index: Index, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            index: RwLock::new(index),
+            subs: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The current answer for `target`, and every later one.
+    pub fn subscribe(&self, target: Target) -> watch::Receiver<Shared> {
+        let mut subs = self.subs.lock();
+        if let Some(tx) = subs.get(&target) {
+            return tx.subscribe();
+        }
+        let resolution = self.index.read().resolve(&target);
+        let (tx, rx) = watch::channel(Arc::new(Published {
+            resolution,
+            since: None,
+        }));
+        subs.insert(target, tx);
+        rx
+    }
+
+    /// Applies events until the source ends; `on_synced` runs once the source has
+    /// delivered its initial state.
+    pub async fn run_writer(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<(Event, Instant)>,
+        on_synced: impl FnOnce() + Send,
+    ) {
+        let mut on_synced = Some(on_synced);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while events.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let since = batch.iter().map(|(_, at)| *at).min();
+            let mut touched = Touched::default();
+            let mut synced = false;
+            {
+                let mut index = self.index.write();
+                for (event, _) in batch.drain(..) {
+                    synced |= event == Event::Synced;
+                    index.apply(event, &mut touched);
+                }
+                self.metrics.set_objects(index.counts());
+            }
+            if !touched.is_empty() {
+                self.publish(&touched, since);
+            }
+            if synced && let Some(f) = on_synced.take() {
+                f();
+            }
+        }
+    }
+
+    fn publish(&self, touched: &Touched, since: Option<Instant>) {
+        let mut subs = self.subs.lock();
+        // Targets nobody watches any more are forgotten.
+        subs.retain(|_, tx| tx.receiver_count() > 0);
+        let index = self.index.read();
+        for (target, tx) in subs.iter() {
+            if !index.affects(target, touched) {
+                continue;
+            }
+            let resolution = index.resolve(target);
+            tx.send_if_modified(|current| {
+                if current.resolution == resolution {
+                    return false;
+                }
+                *current = Arc::new(Published { resolution, since });
+                true
+            });
+        }
+        self.metrics.set_targets(subs.len());
+    }
+}

@@ -1,0 +1,308 @@
+//! The gRPC side: `Destination.Get` streams a full snapshot, then deltas, from the
+//! published answers. A stream costs a receiver and its last-sent set; no task.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+};
+
+use futures_util::Stream;
+use remora_api::v1 as api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    core::{EndpointView, NsName, Protocol, Resolution, Shared, Target},
+    discovery::Discovery,
+};
+
+/// Parses a `GetDestination.target`.
+pub fn parse_target(target: &str, cluster_domain: &str) -> Result<Target, String> {
+    if let Ok(addr) = target.parse::<SocketAddr>() {
+        return Ok(Target::Addr(addr));
+    }
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("target {target:?} has no port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("target {target:?} has a bad port"))?;
+    if host.parse::<IpAddr>().is_ok() {
+        return Err(format!("target {target:?}: put IPv6 addresses in brackets"));
+    }
+    let suffix = format!(".svc.{cluster_domain}");
+    let rest = host
+        .trim_end_matches('.')
+        .strip_suffix(&suffix)
+        .ok_or_else(|| format!("target {target:?} is not <name>.<namespace>{suffix}:<port>"))?;
+    match rest.split_once('.') {
+        Some((name, ns)) if !name.is_empty() && !ns.is_empty() && !ns.contains('.') => {
+            Ok(Target::Service {
+                id: NsName::new(ns, name),
+                port,
+            })
+        }
+        _ => Err(format!(
+            "target {target:?} is not <name>.<namespace>{suffix}:<port>"
+        )),
+    }
+}
+
+pub struct DestinationService {
+    discovery: Arc<Discovery>,
+    cluster_domain: String,
+    shutdown: CancellationToken,
+}
+
+impl DestinationService {
+    pub fn new(
+        discovery: Arc<Discovery>,
+        cluster_domain: String,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            discovery,
+            cluster_domain,
+            shutdown,
+        }
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<api::Update, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl api::destination_server::Destination for DestinationService {
+    type GetStream = UpdateStream;
+
+    async fn get(
+        &self,
+        req: Request<api::GetDestination>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let target = parse_target(&req.get_ref().target, &self.cluster_domain)
+            .map_err(Status::invalid_argument)?;
+        let rx = self.discovery.subscribe(target);
+        let metrics = self.discovery.metrics().clone();
+        metrics.streams_open.inc();
+        let state = StreamState {
+            rx,
+            sent: None,
+            pending: VecDeque::new(),
+            first: true,
+            guard: OpenGuard(metrics),
+        };
+        let shutdown = self.shutdown.clone();
+        let stream = futures_util::stream::unfold(state, move |mut s| {
+            let shutdown = shutdown.clone();
+            async move {
+                loop {
+                    if let Some(u) = s.pending.pop_front() {
+                        s.guard.0.updates_sent.inc();
+                        return Some((Ok(u), s));
+                    }
+                    if !s.first {
+                        tokio::select! {
+                            r = s.rx.changed() => if r.is_err() { return None },
+                            _ = shutdown.cancelled() => return None,
+                        }
+                    }
+                    s.first = false;
+                    let published: Shared = s.rx.borrow_and_update().clone();
+                    s.pending = updates(&mut s.sent, &published.resolution);
+                    if let Some(since) = published.since
+                        && !s.pending.is_empty()
+                    {
+                        s.guard
+                            .0
+                            .update_latency
+                            .observe(since.elapsed().as_secs_f64());
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+struct StreamState {
+    rx: watch::Receiver<Shared>,
+    /// What the proxy has: `None` before the first snapshot or after `Unknown`.
+    sent: Option<BTreeMap<SocketAddr, EndpointView>>,
+    pending: VecDeque<api::Update>,
+    first: bool,
+    guard: OpenGuard,
+}
+
+/// Counts the stream as open while it lives.
+struct OpenGuard(crate::metrics::Metrics);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.streams_open.dec();
+    }
+}
+
+/// The messages that bring a proxy from `sent` to `now`, updating `sent`.
+pub fn updates(
+    sent: &mut Option<BTreeMap<SocketAddr, EndpointView>>,
+    now: &Resolution,
+) -> VecDeque<api::Update> {
+    let mut out = VecDeque::new();
+    match now {
+        Resolution::Unknown => {
+            *sent = None;
+            out.push_back(api::Update {
+                kind: Some(api::update::Kind::NoEndpoints(api::NoEndpoints {
+                    exists: false,
+                })),
+                reset: true,
+                target: None,
+            });
+        }
+        Resolution::Known {
+            service,
+            protocol,
+            headless,
+            endpoints,
+        } => {
+            let info = api::TargetInfo {
+                service: service.clone(),
+                protocol: hint(*protocol) as i32,
+                headless: *headless,
+            };
+            match sent.as_ref() {
+                None => {
+                    let kind = if endpoints.is_empty() {
+                        api::update::Kind::NoEndpoints(api::NoEndpoints { exists: true })
+                    } else {
+                        api::update::Kind::Add(api::AddEndpoints {
+                            endpoints: endpoints.values().map(endpoint).collect(),
+                        })
+                    };
+                    out.push_back(api::Update {
+                        kind: Some(kind),
+                        reset: true,
+                        target: Some(info),
+                    });
+                }
+                Some(before) => {
+                    let removed: Vec<api::SocketAddress> = before
+                        .keys()
+                        .filter(|a| !endpoints.contains_key(a))
+                        .map(|a| socket(*a))
+                        .collect();
+                    let added: Vec<api::Endpoint> = endpoints
+                        .iter()
+                        .filter(|(a, e)| before.get(a) != Some(e))
+                        .map(|(_, e)| endpoint(e))
+                        .collect();
+                    if endpoints.is_empty() {
+                        out.push_back(api::Update {
+                            kind: Some(api::update::Kind::NoEndpoints(api::NoEndpoints {
+                                exists: true,
+                            })),
+                            reset: true,
+                            target: Some(info),
+                        });
+                    } else {
+                        if !removed.is_empty() {
+                            out.push_back(api::Update {
+                                kind: Some(api::update::Kind::Remove(api::RemoveEndpoints {
+                                    addresses: removed,
+                                })),
+                                reset: false,
+                                target: None,
+                            });
+                        }
+                        if !added.is_empty() {
+                            out.push_back(api::Update {
+                                kind: Some(api::update::Kind::Add(api::AddEndpoints {
+                                    endpoints: added,
+                                })),
+                                reset: false,
+                                target: Some(info),
+                            });
+                        }
+                    }
+                }
+            }
+            *sent = Some(endpoints.clone());
+        }
+    }
+    out
+}
+
+fn hint(p: Protocol) -> api::ProtocolHint {
+    match p {
+        Protocol::Unknown => api::ProtocolHint::Unspecified,
+        Protocol::Http1 => api::ProtocolHint::Http1,
+        Protocol::Http2 => api::ProtocolHint::Http2,
+        Protocol::Opaque => api::ProtocolHint::Opaque,
+    }
+}
+
+fn socket(a: SocketAddr) -> api::SocketAddress {
+    let ip = match a.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    api::SocketAddress {
+        ip,
+        port: u32::from(a.port()),
+    }
+}
+
+fn endpoint(e: &EndpointView) -> api::Endpoint {
+    api::Endpoint {
+        address: Some(socket(e.addr)),
+        weight: 10_000,
+        identity: e.identity.as_ref().map(|i| api::TlsIdentity {
+            spiffe_id: i.spiffe_id.clone(),
+            server_name: i.server_name.clone(),
+        }),
+        protocol: hint(e.protocol) as i32,
+        zone: e.zone.clone().unwrap_or_default(),
+        labels: e.labels.clone().into_iter().collect(),
+        ready: e.ready,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let svc = |ns: &str, name: &str, port| Target::Service {
+            id: NsName::new(ns, name),
+            port,
+        };
+        assert_eq!(
+            parse_target("web.shop.svc.cluster.local:80", "cluster.local"),
+            Ok(svc("shop", "web", 80))
+        );
+        assert_eq!(
+            parse_target("web.shop.svc.cluster.local.:80", "cluster.local"),
+            Ok(svc("shop", "web", 80))
+        );
+        assert_eq!(
+            parse_target("10.96.0.10:80", "cluster.local"),
+            Ok(Target::Addr("10.96.0.10:80".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_target("[fd00::1]:443", "cluster.local"),
+            Ok(Target::Addr("[fd00::1]:443".parse().unwrap()))
+        );
+        for bad in [
+            "web:80",
+            "web.shop.svc.other.local:80",
+            "fd00::1:80",
+            "web.shop.svc.cluster.local",
+            "a.b.c.svc.cluster.local:1",
+        ] {
+            assert!(parse_target(bad, "cluster.local").is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Where the index's objects come from. A source sends [`Event`]s; the index never
+//! knows which source is in use.
+
+pub mod dir;
+pub mod yaml;
+
+use std::{future::Future, pin::Pin};
+
+use tokio::sync::mpsc;
+
+use crate::core::Event;
+
+/// A stream of timestamped events into the index's single writer.
+pub type Events = mpsc::Sender<(Event, std::time::Instant)>;
+
+/// A source of Services, EndpointSlices and Pods.
+pub trait Source: Send {
+    /// Delivers everything it has, then [`Event::Synced`], then every change, until
+    /// the receiver is dropped.
+    fn run(self: Box<Self>, events: Events) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
