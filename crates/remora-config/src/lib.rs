@@ -169,7 +169,15 @@ impl<'a> Loader<'a> {
         knob: &Knob,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Option<T> {
-        let (raw, source) = self.raw(knob)?;
+        let Some((raw, source)) = self.raw(knob) else {
+            // Unset and without a default: still listed, so /config shows every knob.
+            self.effective.push(Effective {
+                env: knob.env,
+                value: String::new(),
+                source: Source::Default,
+            });
+            return None;
+        };
         match parse(raw.trim()) {
             Ok(v) => {
                 self.effective.push(Effective {

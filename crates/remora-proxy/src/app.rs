@@ -13,9 +13,14 @@ use remora_admin::{Admin, LogLevel, Readiness};
 
 use crate::{
     config::Config,
+    discovery::{ClientInfo, Discovery},
     metrics::{Direction, Metrics},
     proxy::{self, Ctx},
 };
+
+/// How often idle destinations are looked for, and how long unused makes one idle.
+const DISCOVERY_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
+const DISCOVERY_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,8 @@ pub enum BuildError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("{0}")]
+    Controller(String),
     #[error("none of the {what} addresses could be bound: {addrs:?}")]
     NoListener {
         what: &'static str,
@@ -61,7 +68,28 @@ impl App {
             log,
             shutdown: CancellationToken::new(),
         });
+        let discovery = match &config.controller_addr {
+            Some(addr) => {
+                let info = ClientInfo {
+                    namespace: config.namespace.clone(),
+                    pod_name: config.pod_name.clone(),
+                    pod_ip: config.pod_ip.clone(),
+                };
+                let d = Discovery::new(
+                    addr,
+                    info,
+                    metrics.control_reconnects.clone(),
+                    config.connect_timeout,
+                )
+                .map_err(BuildError::Controller)?;
+                Some(d)
+            }
+            None => None,
+        };
         let ctx = Arc::new(Ctx {
+            discovery,
+            discovery_wait: config.discovery_wait,
+            preconnect_delay: config.preconnect_delay,
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
             connect_timeout: config.connect_timeout,
@@ -105,14 +133,32 @@ impl App {
         for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
             info!(target: "remora_proxy::config", "{}={} ({source})", e.env, e.value);
         }
-        info!(
-            inbound = ?local_addrs(&inbound),
-            outbound = ?local_addrs(&outbound),
-            admin = ?local_addrs(&admin_listeners),
-            "remora-proxy {} running without a controller: every destination is passthrough \
-             and traffic is NOT encrypted",
-            env!("CARGO_PKG_VERSION"),
-        );
+        match &config.controller_addr {
+            Some(controller) => info!(
+                inbound = ?local_addrs(&inbound),
+                outbound = ?local_addrs(&outbound),
+                admin = ?local_addrs(&admin_listeners),
+                %controller,
+                "remora-proxy {} running; traffic is NOT encrypted yet",
+                env!("CARGO_PKG_VERSION"),
+            ),
+            None => warn!(
+                inbound = ?local_addrs(&inbound),
+                outbound = ?local_addrs(&outbound),
+                admin = ?local_addrs(&admin_listeners),
+                "remora-proxy {} running WITHOUT a controller: every destination is passthrough \
+                 and traffic is NOT encrypted",
+                env!("CARGO_PKG_VERSION"),
+            ),
+        }
+        if let Some(discovery) = ctx.discovery.clone() {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(DISCOVERY_SWEEP).await;
+                    discovery.evict_idle(DISCOVERY_IDLE);
+                }
+            });
+        }
         let admin_stop = CancellationToken::new();
         for l in admin_listeners {
             tokio::spawn(remora_admin::serve(l, admin.clone(), admin_stop.clone()));

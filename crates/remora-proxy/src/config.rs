@@ -8,6 +8,42 @@ use remora_config::{Effective, Knob, Loader, PortRange};
 
 pub use remora_config::ConfigError;
 
+pub const CONTROLLER_ADDR: Knob = Knob::value(
+    "controller-addr",
+    "REMORA_CONTROLLER_ADDR",
+    None,
+    "The controller's gRPC address (http://host:8086); unset runs standalone: every destination passthrough",
+);
+pub const NAMESPACE: Knob = Knob::value(
+    "namespace",
+    "REMORA_NAMESPACE",
+    Some(""),
+    "The pod's namespace (downward API), sent to the controller",
+);
+pub const POD_NAME: Knob = Knob::value(
+    "pod-name",
+    "REMORA_POD_NAME",
+    Some(""),
+    "The pod's name (downward API), sent to the controller",
+);
+pub const POD_IP: Knob = Knob::value(
+    "pod-ip",
+    "REMORA_POD_IP",
+    Some(""),
+    "The pod's IP (downward API), sent to the controller",
+);
+pub const DISCOVERY_WAIT: Knob = Knob::value(
+    "discovery-wait",
+    "REMORA_DISCOVERY_WAIT",
+    Some("1s"),
+    "How long a connection waits for the controller's first answer, or a Service for endpoints, before passthrough or a fast 503",
+);
+pub const PRECONNECT_DELAY: Knob = Knob::value(
+    "preconnect-delay",
+    "REMORA_PRECONNECT_DELAY",
+    Some("50ms"),
+    "For a Service, how long to wait for the client's first bytes before connecting ahead for server-speaks-first protocols",
+);
 pub const INBOUND_ADDR: Knob = Knob::value(
     "inbound-addr",
     "REMORA_INBOUND_ADDR",
@@ -71,6 +107,10 @@ pub const LOG_FORMAT: Knob = Knob::value(
 
 /// Every knob of `remora-proxy`, in the order `--help` and the README list them.
 pub const KNOBS: &[Knob] = &[
+    CONTROLLER_ADDR,
+    NAMESPACE,
+    POD_NAME,
+    POD_IP,
     INBOUND_ADDR,
     OUTBOUND_ADDR,
     ADMIN_ADDR,
@@ -78,6 +118,8 @@ pub const KNOBS: &[Knob] = &[
     DETECT_TIMEOUT,
     CONNECT_TIMEOUT,
     SHUTDOWN_GRACE_PERIOD,
+    DISCOVERY_WAIT,
+    PRECONNECT_DELAY,
     WORKER_THREADS,
     LOG,
     LOG_FORMAT,
@@ -86,6 +128,12 @@ pub const KNOBS: &[Knob] = &[
 /// The proxy's validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub controller_addr: Option<String>,
+    pub namespace: String,
+    pub pod_name: String,
+    pub pod_ip: String,
+    pub discovery_wait: Duration,
+    pub preconnect_delay: Duration,
     pub inbound_addrs: Vec<SocketAddr>,
     pub outbound_addrs: Vec<SocketAddr>,
     pub admin_addrs: Vec<SocketAddr>,
@@ -113,6 +161,13 @@ impl Config {
             KNOBS,
         );
         let mut l = Loader::new(cmd, args, env)?;
+        let controller_addr = l.get(&CONTROLLER_ADDR, parse_controller_addr);
+        let text = |s: &str| Ok::<_, String>(s.to_string());
+        let namespace = l.get(&NAMESPACE, text);
+        let pod_name = l.get(&POD_NAME, text);
+        let pod_ip = l.get(&POD_IP, text);
+        let discovery_wait = l.get(&DISCOVERY_WAIT, remora_config::parse_duration);
+        let preconnect_delay = l.get(&PRECONNECT_DELAY, remora_config::parse_duration);
         let inbound_addrs = l.get(&INBOUND_ADDR, parse_addrs);
         let outbound_addrs = l.get(&OUTBOUND_ADDR, parse_addrs);
         let admin_addrs = l.get(&ADMIN_ADDR, parse_addrs);
@@ -147,6 +202,12 @@ impl Config {
         // finish() succeeded, so every value above parsed.
         let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
         Ok(Self {
+            controller_addr,
+            namespace: namespace.ok_or_else(missing)?,
+            pod_name: pod_name.ok_or_else(missing)?,
+            pod_ip: pod_ip.ok_or_else(missing)?,
+            discovery_wait: discovery_wait.ok_or_else(missing)?,
+            preconnect_delay: preconnect_delay.ok_or_else(missing)?,
             inbound_addrs: inbound_addrs.ok_or_else(missing)?,
             outbound_addrs: outbound_addrs.ok_or_else(missing)?,
             admin_addrs: admin_addrs.ok_or_else(missing)?,
@@ -164,6 +225,22 @@ impl Config {
     /// Whether connections to `port` skip protocol detection.
     pub fn is_opaque(&self, port: u16) -> bool {
         self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+}
+
+/// `http://host:port`. TLS to the controller arrives with the proxy's identity.
+fn parse_controller_addr(s: &str) -> Result<String, String> {
+    let rest = match s.strip_prefix("http://") {
+        Some(r) => r,
+        None if s.starts_with("https://") => {
+            return Err("https:// needs the proxy's identity, which this version does not have yet: use http://".into());
+        }
+        None => return Err("expected http://host:port".into()),
+    };
+    let authority = rest.trim_end_matches('/');
+    match authority.parse::<http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some() => Ok(format!("http://{authority}")),
+        _ => Err("expected http://host:port".into()),
     }
 }
 
@@ -224,6 +301,7 @@ mod tests {
         }
         assert!(!c.is_opaque(80));
         assert_eq!(c.log_format, LogFormat::Plain);
+        assert_eq!(c.controller_addr, None, "standalone unless told otherwise");
         assert_eq!(c.effective.len(), KNOBS.len(), "every knob is in /config");
     }
 
@@ -263,6 +341,28 @@ mod tests {
             "REMORA_LOG=\"[[[\"",
         ] {
             assert!(err.contains(needle), "{needle} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn controller_address() {
+        let c = load(
+            &[],
+            &[(
+                "REMORA_CONTROLLER_ADDR",
+                "http://remora-controller.remora-system.svc:8086/",
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.controller_addr.as_deref(),
+            Some("http://remora-controller.remora-system.svc:8086")
+        );
+        for bad in ["remora:8086", "http://remora", "https://remora:8086"] {
+            let err = load(&[], &[("REMORA_CONTROLLER_ADDR", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("REMORA_CONTROLLER_ADDR"), "{bad}: {err}");
         }
     }
 

@@ -14,6 +14,8 @@ pub enum ConnectError {
     Timeout { addr: OrigDst, timeout: Duration },
     #[error("connecting to {addr} failed: {source}")]
     Io { addr: OrigDst, source: io::Error },
+    #[error("service {service} has no endpoints")]
+    NoEndpoints { service: std::sync::Arc<str> },
 }
 
 /// Connects to `addr` within `timeout`, with Nagle off: the proxy writes whole messages.

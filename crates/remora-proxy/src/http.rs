@@ -4,6 +4,8 @@
 
 mod body;
 mod headers;
+pub mod pool;
+pub mod route;
 mod upstream;
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
@@ -23,6 +25,7 @@ use tracing::debug;
 
 pub use body::{MeteredBody, grpc_status};
 pub use headers::{strip_hop_by_hop, wants_upgrade};
+pub use route::{Route, RouteError};
 pub use upstream::{Upstream, UpstreamError, Version};
 
 use crate::metrics::HttpMetrics;
@@ -35,16 +38,15 @@ pub type ProxyBody = MeteredBody<Either<Incoming, Full<Bytes>>>;
 
 /// Serves one client connection until it closes, or until `drain` asks it to finish
 /// its in-flight requests and close.
-pub async fn serve<I>(io: I, upstream: Upstream, metrics: HttpMetrics, drain: CancellationToken)
+pub async fn serve<I>(io: I, route: Route, metrics: HttpMetrics, drain: CancellationToken)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let upstream = Arc::new(upstream);
-    let version = upstream.version();
-    let addr = upstream.addr();
+    let route = Arc::new(route);
+    let version = route.version();
     let svc = service_fn(move |req| {
-        let (upstream, metrics) = (upstream.clone(), metrics.clone());
-        async move { Ok::<_, Infallible>(forward(req, &upstream, metrics).await) }
+        let (route, metrics) = (route.clone(), metrics.clone());
+        async move { Ok::<_, Infallible>(forward(req, &route, metrics).await) }
     });
     let io = TokioIo::new(io);
     let result = match version {
@@ -77,14 +79,14 @@ where
         }
     };
     if let Err(error) = result {
-        debug!(%addr, %error, "HTTP connection ended with an error");
+        debug!(%error, "HTTP connection ended with an error");
     }
 }
 
 /// Forwards one request and returns what the client should see.
 async fn forward(
     mut req: Request<Incoming>,
-    upstream: &Upstream,
+    route: &Route,
     metrics: HttpMetrics,
 ) -> Response<ProxyBody> {
     metrics.requests.inc();
@@ -95,8 +97,8 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
-    let response = match upstream.send(req).await {
-        Ok(mut rsp) => {
+    let (response, in_flight) = match route.send(req).await {
+        Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (connect && rsp.status().is_success());
             strip_hop_by_hop(rsp.headers_mut(), switched);
@@ -104,17 +106,18 @@ async fn forward(
                 let server_upgrade = hyper::upgrade::on(&mut rsp);
                 tokio::spawn(tunnel(client_upgrade, server_upgrade));
             }
-            rsp.map(Either::Left)
+            (rsp.map(Either::Left), in_flight)
         }
         Err(error) => {
-            debug!(%error, "upstream request failed");
-            error_response(StatusCode::BAD_GATEWAY, &error.to_string(), grpc).map(Either::Right)
+            debug!(%error, "request failed");
+            let rsp = error_response(error.status(), &error.to_string(), grpc);
+            (rsp.map(Either::Right), None)
         }
     };
     metrics.duration.observe(start.elapsed().as_secs_f64());
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
-    let body = MeteredBody::new(body, metrics, status, &parts.headers);
+    let body = MeteredBody::new(body, metrics, status, &parts.headers, in_flight);
     Response::from_parts(parts, body)
 }
 

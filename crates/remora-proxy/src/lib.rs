@@ -8,9 +8,11 @@
 
 pub mod addr;
 pub mod app;
+pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod detect;
+pub mod discovery;
 pub mod http;
 pub mod io;
 pub mod metrics;

@@ -147,6 +147,8 @@ pub struct Metrics {
     http_duration: HistogramFamily<TrafficLabels>,
     detect_total: Family<DetectLabels, Counter>,
     detect_duration: HistogramFamily<DetectLabels>,
+    /// Destination streams to the controller that ended and were started again.
+    pub control_reconnects: Counter,
 }
 
 impl Metrics {
@@ -165,6 +167,7 @@ impl Metrics {
             http_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             detect_total: Family::default(),
             detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
+            control_reconnects: Counter::default(),
         };
         r.register(
             "build",
@@ -224,6 +227,11 @@ impl Metrics {
             "Time protocol detection took",
             Unit::Seconds,
             m.detect_duration.clone(),
+        );
+        r.register(
+            "control_stream_reconnects",
+            "Controller streams that ended and were started again",
+            m.control_reconnects.clone(),
         );
         m
     }

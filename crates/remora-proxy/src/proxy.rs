@@ -14,7 +14,8 @@ use crate::{
     addr::{ClientAddr, OrigDst},
     connect::{ConnectError, connect, orig_dst, reset},
     detect::{Detection, RaceError, race},
-    http::{self, Upstream, Version},
+    discovery::{Discovery, Target, View},
+    http::{self, Route, Upstream, Version},
     io::{CountingIo, PrefixedIo},
     metrics::{DetectResult, Direction, Metrics, TrafficLabels},
     tcp,
@@ -27,6 +28,10 @@ pub struct Ctx {
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub metrics: Metrics,
+    /// Present when a controller is configured.
+    pub discovery: Option<Arc<Discovery>>,
+    pub discovery_wait: Duration,
+    pub preconnect_delay: Duration,
     /// Cancelled when the proxy starts draining.
     pub drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -99,13 +104,76 @@ async fn serve_connection(
         .await;
 }
 
-/// Detects the protocol while connecting upstream, then forwards.
+/// Where a connection goes, as discovery says.
+enum Dest {
+    /// The original destination, as-is.
+    Passthrough,
+    /// A Service's endpoints, balanced.
+    Service { target: Arc<Target>, name: Arc<str> },
+}
+
+/// Asks discovery about an outbound connection's destination. Anything not known to
+/// be a Service (an unknown address, a pod, a headless Service, or no answer within
+/// the wait) is passthrough.
+async fn resolve(ctx: &Ctx, accept: &Accept) -> Dest {
+    let (Some(discovery), Direction::Outbound) = (&ctx.discovery, accept.direction) else {
+        return Dest::Passthrough;
+    };
+    let target = discovery.target(accept.orig_dst);
+    let mut views = target.views.clone();
+    let view =
+        match tokio::time::timeout(ctx.discovery_wait, views.wait_for(|v| *v != View::Pending))
+            .await
+        {
+            Ok(Ok(v)) => v.clone(),
+            _ => {
+                debug!("no answer from discovery in time: passthrough");
+                return Dest::Passthrough;
+            }
+        };
+    match view {
+        View::Service {
+            name,
+            headless: false,
+            ..
+        } => Dest::Service { target, name },
+        _ => Dest::Passthrough,
+    }
+}
+
+/// Connects for opaque TCP: to the original destination, or to a balanced endpoint.
+async fn connect_dest(
+    ctx: &Ctx,
+    dest: &Dest,
+    orig_dst: OrigDst,
+) -> Result<TcpStream, ConnectError> {
+    match dest {
+        Dest::Passthrough => connect(orig_dst, ctx.connect_timeout).await,
+        Dest::Service { target, name } => {
+            let no_endpoints = || ConnectError::NoEndpoints {
+                service: name.clone(),
+            };
+            let endpoints = http::route::endpoints(target, ctx.discovery_wait)
+                .await
+                .ok_or_else(no_endpoints)?;
+            let ep = target.balancer.pick(&endpoints).ok_or_else(no_endpoints)?;
+            connect(OrigDst(ep.addr), ctx.connect_timeout).await
+        }
+    }
+}
+
+/// Resolves the destination, detects the protocol while connecting upstream, then
+/// forwards.
 async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
+    let dest = resolve(ctx, &accept).await;
     let labels = TrafficLabels {
         direction: accept.direction,
-        target: match accept.direction {
-            Direction::Outbound => Cow::Borrowed("passthrough"),
-            Direction::Inbound => Cow::Owned(accept.orig_dst.0.port().to_string()),
+        target: match (&dest, accept.direction) {
+            (Dest::Service { name, .. }, _) => Cow::Owned(name.to_string()),
+            (Dest::Passthrough, Direction::Outbound) => Cow::Borrowed("passthrough"),
+            (Dest::Passthrough, Direction::Inbound) => {
+                Cow::Owned(accept.orig_dst.0.port().to_string())
+            }
         },
         tls: false,
         peer_identity: Cow::Borrowed(""),
@@ -118,14 +186,26 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
     if ctx.opaque_ports.iter().any(|r| r.contains(port)) {
         ctx.metrics
             .detected(accept.direction, DetectResult::OpaquePort, start.elapsed());
-        match connect(accept.orig_dst, ctx.connect_timeout).await {
+        match connect_dest(ctx, &dest, accept.orig_dst).await {
             Ok(upstream) => tcp::forward(io, upstream).await,
             Err(error) => refuse(io.get_ref(), &error),
         }
         return;
     }
 
-    let mut connecting = Box::pin(connect(accept.orig_dst, ctx.connect_timeout));
+    // Connecting ahead lets a server that speaks first be heard. For a Service it waits
+    // a moment: an HTTP client speaks at once, and its requests are balanced over
+    // pooled connections instead.
+    let delay = match dest {
+        Dest::Passthrough => Duration::ZERO,
+        Dest::Service { .. } => ctx.preconnect_delay,
+    };
+    let mut connecting = Box::pin(async {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        connect_dest(ctx, &dest, accept.orig_dst).await
+    });
     let Detection {
         result,
         prefix,
@@ -160,13 +240,33 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
             return tcp::forward(io, upstream).await;
         }
     };
-    // An HTTP client whose destination cannot be reached gets a 502 that says why.
-    let fresh = match upstream {
-        Some(s) => Ok(s),
-        None => connecting.await,
+    let route = match &dest {
+        Dest::Service { target, name } => {
+            // A connection made ahead for a slow client is not needed: requests are pooled.
+            drop((upstream, connecting));
+            Route::Balanced {
+                target: target.clone(),
+                service: name.clone(),
+                version,
+                orig_dst: accept.orig_dst,
+                wait: ctx.discovery_wait,
+            }
+        }
+        Dest::Passthrough => {
+            // An HTTP client whose destination cannot be reached gets a 502 that says why.
+            let fresh = match upstream {
+                Some(s) => Ok(s),
+                None => connecting.await,
+            };
+            Route::Passthrough(Upstream::new(
+                accept.orig_dst,
+                version,
+                Some(fresh),
+                ctx.connect_timeout,
+            ))
+        }
     };
-    let upstream = Upstream::new(accept.orig_dst, version, Some(fresh), ctx.connect_timeout);
-    http::serve(io, upstream, ctx.metrics.http(labels), ctx.drain.clone()).await;
+    http::serve(io, route, ctx.metrics.http(labels), ctx.drain.clone()).await;
 }
 
 /// The destination cannot be reached: the client sees a reset, as if it had been refused.

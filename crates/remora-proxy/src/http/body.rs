@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::metrics::HttpMetrics;
+use crate::{balance::InFlight, metrics::HttpMetrics};
 
 pin_project_lite::pin_project! {
     /// Wraps a response body; counts the response in `remora_http_responses_total` once,
@@ -23,6 +23,8 @@ pin_project_lite::pin_project! {
         failed: bool,
         // Had nothing to send from the start (HEAD, 204, 304): never polled, yet complete.
         empty: bool,
+        // The balancer counts the request in flight until its response has ended.
+        in_flight: Option<InFlight>,
     }
 
     impl<B> PinnedDrop for MeteredBody<B> {
@@ -37,7 +39,13 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: Body> MeteredBody<B> {
-    pub fn new(inner: B, metrics: HttpMetrics, status: u16, headers: &HeaderMap) -> Self {
+    pub fn new(
+        inner: B,
+        metrics: HttpMetrics,
+        status: u16,
+        headers: &HeaderMap,
+        in_flight: Option<InFlight>,
+    ) -> Self {
         let empty = inner.is_end_stream();
         Self {
             inner,
@@ -46,6 +54,7 @@ impl<B: Body> MeteredBody<B> {
             grpc_status: grpc_status(headers),
             failed: false,
             empty,
+            in_flight,
         }
     }
 }
@@ -85,6 +94,7 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
             }
             Poll::Ready(Some(Err(_))) => *this.failed = true,
             Poll::Ready(None) => {
+                this.in_flight.take();
                 if let Some(m) = this.metrics.take() {
                     m.response(*this.status, *this.grpc_status, !*this.failed);
                 }

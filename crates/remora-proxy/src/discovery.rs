@@ -1,0 +1,429 @@
+//! The proxy's discovery client: one `Destination.Get` stream per original destination
+//! in use, shared by every connection to it, reconnected with jittered backoff, and
+//! forgotten when idle. While the controller is unreachable the last known endpoints
+//! stay in use, so traffic keeps flowing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use remora_api::v1 as api;
+use tokio::{sync::watch, task::AbortHandle, time::Instant};
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use crate::{addr::OrigDst, balance::Balancer};
+
+/// One endpoint as the proxy uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// The identity its proxy presents (used for mTLS once identity lands).
+    pub server_name: Option<Arc<str>>,
+    pub ready: bool,
+}
+
+/// What is known about one original destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// No answer yet.
+    Pending,
+    /// The controller does not know it: forward as-is.
+    Passthrough,
+    /// A Service port.
+    Service {
+        /// `name.namespace:port`, the `target` metric label.
+        name: Arc<str>,
+        headless: bool,
+        endpoints: Arc<[Endpoint]>,
+    },
+    /// A bare meshed or unmeshed pod: forwarded as-is.
+    Pod,
+}
+
+/// A destination's stream of views and the balancer every connection to it shares.
+#[derive(Debug)]
+pub struct Target {
+    pub views: watch::Receiver<View>,
+    pub balancer: Arc<Balancer>,
+}
+
+struct Entry {
+    target: Arc<Target>,
+    last_used: Instant,
+    task: AbortHandle,
+}
+
+/// Who is asking, sent with every request.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub namespace: String,
+    pub pod_name: String,
+    pub pod_ip: String,
+}
+
+/// Backoff between reconnects: from 100 ms, doubling, to 10 s, with ±50 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+pub struct Discovery {
+    client: api::destination_client::DestinationClient<Channel>,
+    info: ClientInfo,
+    targets: Mutex<HashMap<OrigDst, Entry>>,
+    reconnects: Counter,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("targets", &self.targets.lock().len())
+            .finish()
+    }
+}
+
+impl Discovery {
+    /// A client for the controller at `addr` (`http://host:port`); connects lazily.
+    pub fn new(
+        addr: &str,
+        info: ClientInfo,
+        reconnects: Counter,
+        connect_timeout: Duration,
+    ) -> Result<Arc<Self>, String> {
+        let channel = Channel::from_shared(addr.to_string())
+            .map_err(|e| format!("controller address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Arc::new(Self {
+            client: api::destination_client::DestinationClient::new(channel),
+            info,
+            targets: Mutex::new(HashMap::new()),
+            reconnects,
+            connect_timeout,
+        }))
+    }
+
+    /// The shared target for `dst`, starting its stream on first use.
+    pub fn target(self: &Arc<Self>, dst: OrigDst) -> Arc<Target> {
+        let mut targets = self.targets.lock();
+        let now = Instant::now();
+        if let Some(e) = targets.get_mut(&dst) {
+            e.last_used = now;
+            return e.target.clone();
+        }
+        let (tx, rx) = watch::channel(View::Pending);
+        let target = Arc::new(Target {
+            views: rx,
+            balancer: Arc::new(Balancer::new(self.connect_timeout)),
+        });
+        let task = tokio::spawn(self.clone().watch(dst, tx)).abort_handle();
+        targets.insert(
+            dst,
+            Entry {
+                target: target.clone(),
+                last_used: now,
+                task,
+            },
+        );
+        target
+    }
+
+    /// Forgets targets unused for `idle` (their streams end). Returns how many remain.
+    pub fn evict_idle(&self, idle: Duration) -> usize {
+        let mut targets = self.targets.lock();
+        targets.retain(|dst, e| {
+            // In use by a connection right now, or recently: keep.
+            let keep = Arc::strong_count(&e.target) > 1 || e.last_used.elapsed() < idle;
+            if !keep {
+                debug!(%dst, "forgetting an idle destination");
+                e.task.abort();
+            }
+            keep
+        });
+        targets.len()
+    }
+
+    /// Keeps `tx` up to date for `dst` for as long as the target is in use.
+    async fn watch(self: Arc<Self>, dst: OrigDst, tx: watch::Sender<View>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut seed = jitter_seed(dst.0);
+        loop {
+            let started = Instant::now();
+            match self.stream(dst, &tx).await {
+                Ok(()) => debug!(%dst, "destination stream ended"),
+                Err(status) => debug!(%dst, %status, "destination stream failed"),
+            }
+            self.reconnects.inc();
+            // A stream that lived a while was healthy: start the backoff over.
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            if *tx.borrow() == View::Pending {
+                // Never answered: connections waiting on it pass through rather than stall.
+                tx.send_replace(View::Passthrough);
+                warn!(%dst, "controller unreachable: passing this destination through until it answers");
+            }
+            seed = xorshift(seed);
+            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn stream(&self, dst: OrigDst, tx: &watch::Sender<View>) -> Result<(), tonic::Status> {
+        let req = api::GetDestination {
+            target: dst.to_string(),
+            client: Some(api::ClientInfo {
+                namespace: self.info.namespace.clone(),
+                pod_name: self.info.pod_name.clone(),
+                pod_ip: self.info.pod_ip.clone(),
+                zone: String::new(),
+                proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+            }),
+        };
+        let mut stream = self.client.clone().get(req).await?.into_inner();
+        let mut state = State::default();
+        while let Some(update) = stream.message().await? {
+            if let Some(view) = state.apply(update) {
+                tx.send_if_modified(|v| {
+                    let changed = *v != view;
+                    *v = view;
+                    changed
+                });
+            }
+        }
+        info!(%dst, "controller closed the destination stream");
+        Ok(())
+    }
+}
+
+/// The endpoints of one stream, rebuilt from snapshot and deltas.
+#[derive(Default)]
+struct State {
+    info: Option<api::TargetInfo>,
+    endpoints: BTreeMap<SocketAddr, Endpoint>,
+    exists: Option<bool>,
+}
+
+impl State {
+    /// Applies an update; the new view, or None if the update was malformed.
+    fn apply(&mut self, u: api::Update) -> Option<View> {
+        if u.reset {
+            self.endpoints.clear();
+        }
+        if let Some(info) = u.target {
+            self.info = Some(info);
+        }
+        match u.kind? {
+            api::update::Kind::Add(add) => {
+                self.exists = Some(true);
+                for e in add.endpoints {
+                    let Some(addr) = e.address.as_ref().and_then(socket_addr) else {
+                        continue;
+                    };
+                    let server_name = e.identity.map(|i| Arc::from(i.server_name.as_str()));
+                    self.endpoints.insert(
+                        addr,
+                        Endpoint {
+                            addr,
+                            server_name,
+                            ready: e.ready,
+                        },
+                    );
+                }
+            }
+            api::update::Kind::Remove(rm) => {
+                for a in rm.addresses.iter().filter_map(socket_addr) {
+                    self.endpoints.remove(&a);
+                }
+            }
+            api::update::Kind::NoEndpoints(n) => {
+                self.endpoints.clear();
+                self.exists = Some(n.exists);
+            }
+        }
+        Some(self.view())
+    }
+
+    fn view(&self) -> View {
+        let Some(info) = &self.info else {
+            return if self.exists == Some(true) {
+                View::Pod
+            } else {
+                View::Passthrough
+            };
+        };
+        if info.service.is_empty() {
+            return View::Pod;
+        }
+        View::Service {
+            name: Arc::from(info.service.as_str()),
+            headless: info.headless,
+            endpoints: self.endpoints.values().cloned().collect::<Vec<_>>().into(),
+        }
+    }
+}
+
+fn socket_addr(a: &api::SocketAddress) -> Option<SocketAddr> {
+    let ip: IpAddr = match a.ip.len() {
+        4 => <[u8; 4]>::try_from(a.ip.as_slice()).ok()?.into(),
+        16 => <[u8; 16]>::try_from(a.ip.as_slice()).ok()?.into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::try_from(a.port).ok()?))
+}
+
+fn jitter_seed(addr: SocketAddr) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(1);
+    let a = match addr.ip() {
+        IpAddr::V4(v4) => u32::from(v4) as u64,
+        IpAddr::V6(v6) => u128::from(v6) as u64,
+    };
+    (t ^ (a << 16) ^ addr.port() as u64) | 1
+}
+
+/// A xorshift step: enough randomness for jitter and balancer picks.
+pub fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ip: [u8; 4], port: u32, ready: bool) -> api::Endpoint {
+        api::Endpoint {
+            address: Some(api::SocketAddress {
+                ip: ip.to_vec(),
+                port,
+            }),
+            weight: 10_000,
+            ready,
+            ..Default::default()
+        }
+    }
+
+    fn info(service: &str) -> Option<api::TargetInfo> {
+        Some(api::TargetInfo {
+            service: service.into(),
+            protocol: 0,
+            headless: false,
+        })
+    }
+
+    fn addrs(v: &View) -> Vec<String> {
+        match v {
+            View::Service { endpoints, .. } => {
+                endpoints.iter().map(|e| e.addr.to_string()).collect()
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_deltas() {
+        let mut s = State::default();
+        let add = |eps| Some(api::update::Kind::Add(api::AddEndpoints { endpoints: eps }));
+        let v = s
+            .apply(api::Update {
+                kind: add(vec![
+                    ep([10, 0, 0, 1], 80, true),
+                    ep([10, 0, 0, 2], 80, true),
+                ]),
+                reset: true,
+                target: info("web.shop:80"),
+            })
+            .unwrap();
+        assert_eq!(addrs(&v), ["10.0.0.1:80", "10.0.0.2:80"]);
+        let rm = api::RemoveEndpoints {
+            addresses: vec![api::SocketAddress {
+                ip: vec![10, 0, 0, 1],
+                port: 80,
+            }],
+        };
+        let v = s
+            .apply(api::Update {
+                kind: Some(api::update::Kind::Remove(rm)),
+                reset: false,
+                target: None,
+            })
+            .unwrap();
+        assert_eq!(addrs(&v), ["10.0.0.2:80"]);
+        let v = s
+            .apply(api::Update {
+                kind: add(vec![ep([10, 0, 0, 3], 80, false)]),
+                reset: false,
+                target: None,
+            })
+            .unwrap();
+        assert_eq!(addrs(&v), ["10.0.0.2:80", "10.0.0.3:80"]);
+        // A new snapshot replaces everything.
+        let v = s
+            .apply(api::Update {
+                kind: add(vec![ep([10, 0, 0, 9], 80, true)]),
+                reset: true,
+                target: info("web.shop:80"),
+            })
+            .unwrap();
+        assert_eq!(addrs(&v), ["10.0.0.9:80"]);
+        let none = api::update::Kind::NoEndpoints(api::NoEndpoints { exists: true });
+        let v = s
+            .apply(api::Update {
+                kind: Some(none),
+                reset: true,
+                target: info("web.shop:80"),
+            })
+            .unwrap();
+        assert!(addrs(&v).is_empty());
+    }
+
+    #[test]
+    fn unknown_and_pod_targets() {
+        let mut s = State::default();
+        let unknown = api::update::Kind::NoEndpoints(api::NoEndpoints { exists: false });
+        assert_eq!(
+            s.apply(api::Update {
+                kind: Some(unknown),
+                reset: true,
+                target: None
+            }),
+            Some(View::Passthrough)
+        );
+        let mut s = State::default();
+        let add = api::update::Kind::Add(api::AddEndpoints {
+            endpoints: vec![ep([10, 0, 0, 4], 8080, true)],
+        });
+        assert_eq!(
+            s.apply(api::Update {
+                kind: Some(add),
+                reset: true,
+                target: info("")
+            }),
+            Some(View::Pod)
+        );
+        let mut s = State::default();
+        assert_eq!(
+            s.apply(api::Update {
+                kind: None,
+                reset: true,
+                target: None
+            }),
+            None,
+            "malformed"
+        );
+    }
+}
