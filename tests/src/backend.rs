@@ -32,6 +32,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// the returned channel before it is answered.
 pub fn http(pod: &Pod, addr: SocketAddr) -> mpsc::UnboundedReceiver<()> {
     let listener = pod.listen(addr);
+    let name: std::sync::Arc<str> = pod.name.as_str().into();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -40,9 +41,9 @@ pub fn http(pod: &Pod, addr: SocketAddr) -> mpsc::UnboundedReceiver<()> {
             };
             // As servers commonly do: trailers and small frames are not held back by Nagle.
             let _ = stream.set_nodelay(true);
-            let tx = tx.clone();
+            let (tx, name) = (tx.clone(), name.clone());
             tokio::spawn(async move {
-                let svc = service_fn(move |req| handle(req, tx.clone()));
+                let svc = service_fn(move |req| handle(req, tx.clone(), name.clone()));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
@@ -55,6 +56,7 @@ pub fn http(pod: &Pod, addr: SocketAddr) -> mpsc::UnboundedReceiver<()> {
 async fn handle(
     req: Request<Incoming>,
     slow: mpsc::UnboundedSender<()>,
+    name: std::sync::Arc<str>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() == http::Method::CONNECT {
         // A tunnel: after the 200 the connection echoes bytes.
@@ -65,6 +67,8 @@ async fn handle(
     let query = req.uri().query().unwrap_or("").to_string();
     let rsp = match path.as_str() {
         "/hello" => Response::new(full("hello from the backend")),
+        // Which pod answered: the namespace's name.
+        "/whoami" => Response::new(full(name.to_string())),
         "/echo" => {
             let mut rsp = Response::new(req.into_body().map_err(Into::into).boxed());
             rsp.headers_mut()

@@ -10,6 +10,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{Pod, backend::Body};
 
+/// An empty request body.
+pub fn empty() -> Body {
+    Empty::<Bytes>::new().map_err(|n| match n {}).boxed()
+}
+
 /// An HTTP/1 connection from `pod` to `addr`.
 pub async fn http1(pod: &Pod, addr: SocketAddr) -> anyhow::Result<http1::SendRequest<Body>> {
     let io = TokioIo::new(pod.connect(addr).await?);

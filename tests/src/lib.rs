@@ -8,9 +8,11 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod pod;
 pub mod proc;
 
+pub use cluster::Cluster;
 pub use pod::{Pod, PodPair};
 pub use proc::{Binaries, Proxy};
 

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 pub struct Pod {
     pub name: String,
     pub ip: IpAddr,
+    owned: bool,
 }
 
 /// Two pods on one link: a client (10.77.0.1) and a server (10.77.0.2). The addresses
@@ -26,7 +27,7 @@ pub struct PodPair {
     pub server: Pod,
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+pub(crate) static NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl PodPair {
     pub fn new() -> Self {
@@ -66,17 +67,31 @@ impl Default for PodPair {
 }
 
 impl Pod {
-    fn create(name: String, ip: IpAddr) -> Self {
+    pub(crate) fn create(name: String, ip: IpAddr) -> Self {
         // A namespace left behind by a crashed run with the same name is replaced.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(Command::new("ip").args(["netns", "add", &name]));
-        let pod = Self { name, ip };
+        let pod = Self {
+            name,
+            ip,
+            owned: true,
+        };
         pod.ip_cmd(&["link", "set", "lo", "up"]);
         pod
     }
 
-    fn ip_cmd(&self, args: &[&str]) {
+    pub(crate) fn ip_cmd(&self, args: &[&str]) {
         run(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    /// A handle on an existing pod that does not delete it when dropped (for tasks that
+    /// outlive a borrow of the owner).
+    pub fn borrowed(name: String, ip: IpAddr) -> Self {
+        Self {
+            name,
+            ip,
+            owned: false,
+        }
     }
 
     /// A command that runs inside this pod's namespace.
@@ -164,13 +179,16 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
     }
 }
 
-fn run(cmd: &mut Command) {
+pub(crate) fn run(cmd: &mut Command) {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));

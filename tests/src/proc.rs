@@ -25,6 +25,7 @@ pub struct Binaries {
     dir: PathBuf,
     pub proxy: PathBuf,
     pub init: PathBuf,
+    pub controller: PathBuf,
 }
 
 impl Binaries {
@@ -60,6 +61,7 @@ impl Binaries {
         Self {
             proxy: copy("remora-proxy"),
             init: copy("remora-init"),
+            controller: copy("remora-controller"),
             dir,
         }
     }

@@ -189,6 +189,8 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "remora-proxy",
             "--package",
             "remora-init",
+            "--package",
+            "remora-controller",
         ])
         .status()
         .context("build the release binaries")?;

@@ -44,23 +44,28 @@ struct Ewma {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr, connect_timeout: Duration) -> Self {
+    fn new(addr: SocketAddr, connect_timeout: Duration, rtt: f64) -> Self {
         Self {
             addr,
             in_flight: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma {
-                value: DEFAULT_RTT.as_secs_f64(),
+                value: rtt,
                 at: Instant::now(),
             }),
             clients: EndpointClients::new(addr, connect_timeout),
         }
     }
 
+    /// The latency estimate now, faded toward zero since the last observation (so an
+    /// endpoint left alone is tried again).
+    fn latency(&self, now: Instant) -> f64 {
+        let e = *self.ewma.lock();
+        e.value * decay_weight(now.saturating_duration_since(e.at))
+    }
+
     /// Latency × (requests in flight + 1): lower is better.
     fn cost(&self, now: Instant) -> f64 {
-        let e = *self.ewma.lock();
-        let decayed = e.value * decay_weight(now.saturating_duration_since(e.at));
-        decayed * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
+        self.latency(now) * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
     }
 
     /// Records one response's latency: a slower one is taken at once (the peak), a
@@ -157,10 +162,20 @@ impl Balancer {
             if !Arc::ptr_eq(&guard.synced_to, endpoints) {
                 // The set changed: keep the state of endpoints still present, drop the rest
                 // (in-flight requests hold their own reference and finish).
+                // A new endpoint starts at the others' average latency: a pessimistic
+                // default would starve it behind fast peers, an optimistic one would
+                // stampede it.
+                let now = Instant::now();
+                let known: Vec<f64> = guard.by_addr.values().map(|s| s.latency(now)).collect();
+                let initial = if known.is_empty() {
+                    DEFAULT_RTT.as_secs_f64()
+                } else {
+                    known.iter().sum::<f64>() / known.len() as f64
+                };
                 let mut next = HashMap::with_capacity(endpoints.len());
                 for e in endpoints.iter() {
                     let state = guard.by_addr.remove(&e.addr).unwrap_or_else(|| {
-                        Arc::new(EndpointState::new(e.addr, self.connect_timeout))
+                        Arc::new(EndpointState::new(e.addr, self.connect_timeout, initial))
                     });
                     next.insert(e.addr, state);
                 }
@@ -260,6 +275,18 @@ mod tests {
             assert_ne!(b.pick(&fewer).unwrap().addr, held.endpoint().addr);
         }
         drop(held);
+        // An endpoint that joins later is tried, though its peers are fast.
+        let b = Balancer::new(Duration::from_secs(1));
+        let two = endpoints(2);
+        for _ in 0..10 {
+            b.pick(&two).unwrap().observe(Duration::from_micros(300));
+        }
+        let three = endpoints(3);
+        let newcomer = three[2].addr;
+        let picks = (0..600)
+            .filter(|_| b.pick(&three).unwrap().addr == newcomer)
+            .count();
+        assert!(picks > 100, "the new endpoint got {picks} of 600");
         let mut mixed: Vec<Endpoint> = endpoints(2).to_vec();
         mixed[0].ready = false;
         let mixed: Arc<[Endpoint]> = mixed.into();
