@@ -38,8 +38,10 @@ pub enum BuildError {
         addr: SocketAddr,
         source: io::Error,
     },
-    #[error("--source kube is not available in this build yet: use --source dir:PATH")]
-    KubeUnavailable,
+    #[error(
+        "cannot use the Kubernetes API: {0}; in a pod, is the ServiceAccount token mounted? elsewhere, is KUBECONFIG set?"
+    )]
+    Kube(String),
 }
 
 /// Readiness waits for this until the source's first full sync.
@@ -56,7 +58,26 @@ pub struct App {
 }
 
 impl App {
+    /// Binds the listeners and connects the configured source.
     pub async fn build(config: Config, log: LogLevel) -> Result<Self, BuildError> {
+        let source: Box<dyn Source> = match &config.source {
+            SourceKind::Dir(path) => Box::new(source::dir::Dir::new(path.clone())),
+            SourceKind::Kube => {
+                let client = ::kube::Client::try_default()
+                    .await
+                    .map_err(|e| BuildError::Kube(e.to_string()))?;
+                Box::new(source::kube::KubeSource::new(client))
+            }
+        };
+        Self::with_source(config, log, source).await
+    }
+
+    /// Binds the listeners, with `source` in place of the configured one.
+    pub async fn with_source(
+        config: Config,
+        log: LogLevel,
+        source: Box<dyn Source>,
+    ) -> Result<Self, BuildError> {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -64,10 +85,6 @@ impl App {
         };
         let admin_listener = bind("admin", config.admin_addr).await?;
         let grpc_listener = bind("gRPC", config.grpc_addr).await?;
-        let source: Box<dyn Source> = match &config.source {
-            SourceKind::Dir(path) => Box::new(source::dir::Dir::new(path.clone())),
-            SourceKind::Kube => return Err(BuildError::KubeUnavailable),
-        };
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let readiness = Arc::new(Readiness::default());

@@ -2,6 +2,7 @@
 //! knows which source is in use.
 
 pub mod dir;
+pub mod kube;
 pub mod yaml;
 
 use std::{future::Future, pin::Pin};

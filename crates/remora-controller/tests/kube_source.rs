@@ -1,0 +1,308 @@
+//! `--source kube` against an in-process fake API server that speaks real HTTP list and
+//! watch, through a real `kube::Client`, with the answers reaching the real proxy-side
+//! discovery client over a real gRPC stream.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use remora_controller::{App, Config, source::kube::KubeSource};
+use remora_proxy::{
+    addr::OrigDst,
+    discovery::{ClientInfo, Discovery, View},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const PODS: &str = "/api/v1/pods";
+
+/// A fake API server: objects per collection, an event log for watches to resume from.
+#[derive(Default)]
+struct Fake {
+    rv: u64,
+    objects: BTreeMap<(&'static str, String), Value>,
+    log: Vec<(u64, &'static str, Value)>,
+    watchers: Vec<(&'static str, mpsc::UnboundedSender<Bytes>)>,
+}
+
+fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    match path {
+        SERVICES => Some((SERVICES, "v1", "ServiceList")),
+        SLICES => Some((SLICES, "discovery.k8s.io/v1", "EndpointSliceList")),
+        PODS => Some((PODS, "v1", "PodList")),
+        _ => None,
+    }
+}
+
+impl Fake {
+    /// Stores `object` and tells the watchers (`ADDED`/`MODIFIED`).
+    fn apply(&mut self, path: &'static str, mut object: Value) {
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let kind = if self.objects.insert((path, name), object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.emit(path, json!({"type": kind, "object": object}));
+    }
+
+    /// Removes an object without telling anyone, as if the watch had missed it.
+    fn forget(&mut self, path: &'static str, name: &str) {
+        self.rv += 1;
+        self.objects.remove(&(path, name.to_string()));
+    }
+
+    fn emit(&mut self, path: &'static str, event: Value) {
+        self.log.push((self.rv, path, event.clone()));
+        let line = Bytes::from(format!("{event}\n"));
+        self.watchers
+            .retain(|(p, tx)| *p != path || tx.send(line.clone()).is_ok());
+    }
+
+    /// Ends every watch of `path` with `410 Gone`, as the API server does for an
+    /// expired resource version: the client must list again.
+    fn expire(&mut self, path: &'static str) {
+        let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "metadata": {},
+            "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
+        let line = Bytes::from(format!("{gone}\n"));
+        for (_, tx) in self.watchers.iter().filter(|(p, _)| *p == path) {
+            let _ = tx.send(line.clone());
+        }
+        self.watchers.retain(|(p, _)| *p != path);
+    }
+
+    fn list(&self, path: &'static str, api_version: &str, kind: &str) -> Value {
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|((p, _), _)| *p == path)
+            .map(|(_, o)| o.clone())
+            .collect();
+        json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
+    }
+}
+
+/// A watch response: event lines as they come, never ending on its own.
+struct WatchBody(mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+type Body = http_body_util::Either<Full<Bytes>, WatchBody>;
+
+async fn serve(
+    fake: Arc<Mutex<Fake>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let Some((path, api_version, kind)) = collection(req.uri().path()) else {
+        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(b"{}"))));
+        *rsp.status_mut() = http::StatusCode::NOT_FOUND;
+        return Ok(rsp);
+    };
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+    };
+    let mut fake = fake.lock();
+    let body = if param("watch").is_some_and(|w| w == "true" || w == "1") {
+        let from: u64 = param("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (rv, p, event) in &fake.log {
+            if *p == path && *rv > from {
+                let _ = tx.send(Bytes::from(format!("{event}\n")));
+            }
+        }
+        fake.watchers.push((path, tx));
+        Body::Right(WatchBody(rx))
+    } else {
+        Body::Left(Full::new(Bytes::from(
+            fake.list(path, api_version, kind).to_string(),
+        )))
+    };
+    let mut rsp = Response::new(body);
+    rsp.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(rsp)
+}
+
+async fn start_fake(fake: Arc<Mutex<Fake>>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |r| serve(fake.clone(), r));
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn service(name: &str, cluster_ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "managedFields": [{"manager": "kubectl"}]},
+        "spec": {"clusterIP": cluster_ip, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+}
+
+fn slice(ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": format!("web-{ip}")}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}], "endpoints": endpoints})
+}
+
+fn pod(ip: &str, meshed: bool) -> Value {
+    let labels = if meshed {
+        json!({"remora.io/meshed": "true"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("web-{ip}"), "namespace": "shop", "labels": labels},
+        "spec": {"serviceAccountName": "web", "containers": []}, "status": {"podIP": ip}})
+}
+
+/// Waits (bounded) until the proxy-side view satisfies `want`.
+async fn until(
+    views: &mut tokio::sync::watch::Receiver<View>,
+    what: &str,
+    want: impl Fn(&View) -> bool,
+) {
+    let ok = tokio::time::timeout(Duration::from_secs(15), views.wait_for(|v| want(v)))
+        .await
+        .is_ok();
+    assert!(ok, "{what}: last view {:?}", *views.borrow());
+}
+
+fn endpoints(v: &View) -> Vec<(String, bool)> {
+    match v {
+        View::Service { endpoints, .. } => endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.server_name.is_some()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_list_watch_relist_reaches_the_proxy() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock();
+        f.apply(SERVICES, service("web", "10.96.0.10"));
+        f.apply(SLICES, slice(&["10.0.0.1", "10.0.0.2"]));
+        f.apply(PODS, pod("10.0.0.1", true));
+        f.apply(PODS, pod("10.0.0.2", false));
+    }
+    let api = start_fake(fake.clone()).await;
+    let mut cfg = kube::Config::new(format!("http://{api}").parse().unwrap());
+    cfg.default_namespace = "default".into();
+    let client = kube::Client::try_from(cfg).unwrap();
+
+    let args = [
+        "remora-controller",
+        "--source",
+        "kube",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let config = Config::load(args.map(String::from), &|_| None).unwrap();
+    let app = App::with_source(
+        config,
+        remora_admin::LogLevel::detached("info"),
+        Box::new(KubeSource::new(client)),
+    )
+    .await
+    .unwrap();
+    let grpc = app.grpc_addr().unwrap();
+    tokio::spawn(app.run(std::future::pending()));
+
+    let discovery = Discovery::new(
+        &format!("http://{grpc}"),
+        ClientInfo::default(),
+        prometheus_client::metrics::counter::Counter::default(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let mut views = target.views.clone();
+
+    // The initial list: two endpoints, the meshed one with its identity.
+    until(&mut views, "initial list", |v| {
+        endpoints(v)
+            == [
+                ("10.0.0.1:8080".to_string(), true),
+                ("10.0.0.2:8080".to_string(), false),
+            ]
+    })
+    .await;
+
+    // A watch event adds an endpoint.
+    fake.lock()
+        .apply(SLICES, slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    until(&mut views, "watched change", |v| endpoints(v).len() == 3).await;
+
+    // A malformed object is skipped; the watch goes on.
+    fake.lock().apply(SERVICES, service("broken", "999.1.1.1"));
+    fake.lock().apply(SLICES, slice(&["10.0.0.1"]));
+    until(&mut views, "change after a malformed object", |v| {
+        endpoints(v).len() == 1
+    })
+    .await;
+
+    // The slice disappears while the watch misses it; 410 Gone forces a relist, and the
+    // relist's absence of the slice deletes it.
+    {
+        let mut f = fake.lock();
+        f.forget(SLICES, "web-abc");
+        f.expire(SLICES);
+    }
+    until(
+        &mut views,
+        "relist after 410",
+        |v| matches!(v, View::Service { endpoints, .. } if endpoints.is_empty()),
+    )
+    .await;
+}
