@@ -4,6 +4,7 @@
 //! Remora pair, and the Envoy pair when installed — and the figures go to
 //! `BENCHMARKS.md` (and `--json`). Nothing here is a pass/fail test.
 
+mod controller;
 mod envoy;
 mod load;
 mod procstat;
@@ -158,7 +159,7 @@ pub struct PathRun {
 }
 
 pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let opts = Options::parse(args)?;
+    let controller = args.first().is_some_and(|a| a == "controller");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if cfg!(debug_assertions) {
         // A debug load generator would be the bottleneck: measure with release builds of
@@ -195,6 +196,10 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .status()
         .context("build the release binaries")?;
     anyhow::ensure!(built.success(), "building the release binaries failed");
+    if controller {
+        return run_controller(root, &args[1..]);
+    }
+    let opts = Options::parse(args)?;
     if !e2e_enabled() {
         anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
     }
@@ -234,6 +239,31 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if !opts.json {
         println!("{md}");
     }
+    Ok(())
+}
+
+fn run_controller(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let opts = controller::Options::parse(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(controller::run(root, opts))?;
+    let info = report::Info::collect(root, args);
+    let section = controller::markdown(&report, &info.date, &info.commit);
+    println!("{section}");
+    // The section lives in the notes, which the data-path benchmark keeps.
+    let path = root.join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let begin = "<!-- BEGIN controller";
+    let end = "<!-- END controller -->\n";
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) => format!("{}{section}{}", &old[..b], &old[e + end.len()..]),
+        _ if old.contains("\n## Notes") => format!("{}\n{section}", old.trim_end()),
+        _ => format!("{}\n\n## Notes\n\n{section}", old.trim_end()),
+    };
+    std::fs::write(&path, new).context("write BENCHMARKS.md")?;
+    eprintln!("updated the controller section of BENCHMARKS.md");
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //!   reference, from each binary's knob table).
 //! - `codegen --check` fails when a committed copy is stale (CI runs it).
 //! - `bench [options]` measures the data path against a direct connection and Envoy,
+//!   `bench controller [options]` the control plane under load;
 //!   and writes `BENCHMARKS.md` (see docs/benchmarks.md).
 
 mod bench;
