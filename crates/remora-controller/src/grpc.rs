@@ -306,3 +306,81 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod update_tests {
+    use super::*;
+    use crate::core::EndpointView;
+
+    fn view(addrs: &[&str]) -> Resolution {
+        let endpoints = addrs
+            .iter()
+            .map(|a| {
+                let addr: SocketAddr = a.parse().unwrap();
+                let e = EndpointView {
+                    addr,
+                    identity: None,
+                    protocol: Protocol::Unknown,
+                    ready: true,
+                    zone: None,
+                    labels: Default::default(),
+                };
+                (addr, e)
+            })
+            .collect();
+        Resolution::Known {
+            service: "web.shop:80".into(),
+            protocol: Protocol::Http1,
+            headless: false,
+            endpoints,
+        }
+    }
+
+    fn kinds(u: &VecDeque<api::Update>) -> Vec<String> {
+        u.iter()
+            .map(|u| {
+                let kind = match &u.kind {
+                    Some(api::update::Kind::Add(a)) => format!("add{}", a.endpoints.len()),
+                    Some(api::update::Kind::Remove(r)) => format!("remove{}", r.addresses.len()),
+                    Some(api::update::Kind::NoEndpoints(n)) => format!("none(exists={})", n.exists),
+                    None => "?".into(),
+                };
+                if u.reset { format!("{kind}!") } else { kind }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_then_deltas_then_empty_then_unknown() {
+        let mut sent = None;
+        assert_eq!(
+            kinds(&updates(&mut sent, &view(&["10.0.0.1:80", "10.0.0.2:80"]))),
+            ["add2!"]
+        );
+        assert_eq!(
+            kinds(&updates(&mut sent, &view(&["10.0.0.2:80", "10.0.0.3:80"]))),
+            ["remove1", "add1"]
+        );
+        assert!(
+            updates(&mut sent, &view(&["10.0.0.2:80", "10.0.0.3:80"])).is_empty(),
+            "nothing changed"
+        );
+        assert_eq!(
+            kinds(&updates(&mut sent, &view(&[]))),
+            ["none(exists=true)!"]
+        );
+        assert_eq!(
+            kinds(&updates(&mut sent, &view(&["10.0.0.9:80"]))),
+            ["add1"]
+        );
+        assert_eq!(
+            kinds(&updates(&mut sent, &Resolution::Unknown)),
+            ["none(exists=false)!"]
+        );
+        assert_eq!(
+            kinds(&updates(&mut sent, &view(&["10.0.0.9:80"]))),
+            ["add1!"],
+            "after unknown: a new snapshot"
+        );
+    }
+}

@@ -149,3 +149,63 @@ pub fn diff(from: &BTreeMap<ObjectKey, Object>, to: &BTreeMap<ObjectKey, Object>
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Kind;
+    use tokio::sync::mpsc;
+
+    const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    async fn next(rx: &mut mpsc::Receiver<(Event, Instant)>) -> Event {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an event")
+            .expect("open")
+            .0
+    }
+
+    #[tokio::test]
+    async fn changes_are_delivered_and_a_broken_file_keeps_its_last_good_objects() {
+        let dir = std::env::temp_dir().join(format!("remora-dir-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("web.yaml"), SVC).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml, not read").unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(Box::new(Dir::new(&dir)).run(tx));
+        assert!(
+            matches!(next(&mut rx).await, Event::Apply(Object::Service(s)) if s.id.name == "web")
+        );
+        assert_eq!(next(&mut rx).await, Event::Synced);
+
+        // Broken YAML: reported, and the Service stays (no Delete).
+        std::fs::write(
+            dir.join("web.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+        )
+        .unwrap();
+        let quiet = tokio::time::timeout(POLL_INTERVAL * 3, rx.recv()).await;
+        assert!(quiet.is_err(), "a broken file changed the state: {quiet:?}");
+
+        // Fixed with a change: the new version is applied.
+        std::fs::write(
+            dir.join("web.yaml"),
+            SVC.replace("10.96.0.10", "10.96.0.11"),
+        )
+        .unwrap();
+        match next(&mut rx).await {
+            Event::Apply(Object::Service(s)) => {
+                assert_eq!(s.cluster_ips[0].to_string(), "10.96.0.11")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The file removed: its objects are deleted.
+        std::fs::remove_file(dir.join("web.yaml")).unwrap();
+        assert!(matches!(next(&mut rx).await, Event::Delete(k) if k.kind == Kind::Service));
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
