@@ -12,6 +12,26 @@ pub use server::{Admin, Readiness, serve};
 
 use std::process::ExitCode;
 
+use prometheus_client::{encoding::EncodeLabelSet, metrics::info::Info, registry::Registry};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Registers `<prefix>_build_info{version}` and the `process_*` family: what every
+/// Remora binary's `/metrics` starts with.
+pub fn register_common(registry: &mut Registry, prefix: &str) {
+    registry.register_collector(Box::new(ProcessCollector));
+    registry.sub_registry_with_prefix(prefix).register(
+        "build",
+        "Remora build information",
+        Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+        }),
+    );
+}
+
 /// What a binary's `main` does before its app runs: start logging with `filter` and
 /// `format`, and build a multi-threaded runtime (`threads` workers, or one per core).
 /// On failure the reason is printed and the exit code returned.

@@ -2,10 +2,9 @@
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
-use remora_admin::ProcessCollector;
 
 use crate::core::Kind;
 
@@ -25,11 +24,6 @@ struct KindLabels {
     kind: Kind,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
 #[derive(Debug, Clone)]
 pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
@@ -41,7 +35,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
-        registry.register_collector(Box::new(ProcessCollector));
+        remora_admin::register_common(registry, "remora_controller");
         let r = registry.sub_registry_with_prefix("remora_controller");
         let m = Self {
             objects: Family::default(),
@@ -50,13 +44,6 @@ impl Metrics {
             updates_sent: Counter::default(),
             update_latency: Histogram::new(LATENCY_BUCKETS),
         };
-        r.register(
-            "build",
-            "Remora build information",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            }),
-        );
         r.register("objects", "Objects indexed", m.objects.clone());
         r.register(
             "targets",

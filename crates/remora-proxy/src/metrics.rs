@@ -5,11 +5,9 @@ use std::borrow::Cow;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
-
-use remora_admin::ProcessCollector;
 
 /// Latency buckets for request durations, in seconds: 0.5 ms to 30 s.
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -127,11 +125,6 @@ pub struct DetectLabels {
     pub result: DetectResult,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the data path records.
@@ -154,7 +147,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers the `remora_*` families in `registry` and the `process_*` ones at its root.
     pub fn register(registry: &mut Registry) -> Self {
-        registry.register_collector(Box::new(ProcessCollector));
+        remora_admin::register_common(registry, "remora");
         let r = registry.sub_registry_with_prefix("remora");
         let m = Self {
             tcp_opened: Family::default(),
@@ -169,13 +162,6 @@ impl Metrics {
             detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
             control_reconnects: Counter::default(),
         };
-        r.register(
-            "build",
-            "Remora build information",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            }),
-        );
         r.register(
             "tcp_connections_opened",
             "TCP connections accepted",

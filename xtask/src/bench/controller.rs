@@ -296,7 +296,7 @@ pub async fn run(root: &Path, opts: Options) -> anyhow::Result<Report> {
         e2e_p99_ms: q(0.99),
         e2e_max_ms: *lat.last().unwrap_or(&0.0),
         internal,
-        rss_mib: rss_mib(pid),
+        rss_mib: procstat::rss_mib(pid),
         peak_rss_mib: procstat::peak_rss_mib(pid),
         burst_cpu_s,
         total_cpu_s: procstat::cpu_seconds(pid),
@@ -304,16 +304,6 @@ pub async fn run(root: &Path, opts: Options) -> anyhow::Result<Report> {
     drop(controller);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 /// A plain HTTP/1.0 GET on loopback: status and body.

@@ -24,6 +24,11 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
     kib_field(&format!("/proc/{pid}/status"), "VmHWM:") / 1024.0
 }
 
+/// Resident memory now (VmRSS) in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    kib_field(&format!("/proc/{pid}/status"), "VmRSS:") / 1024.0
+}
+
 /// Private (not shared with any other process) memory in MiB, clean plus dirty.
 pub fn private_mib(pid: u32) -> f64 {
     let path = format!("/proc/{pid}/smaps_rollup");

@@ -3,6 +3,8 @@
 
 use std::{fmt::Write as _, path::Path, process::Command};
 
+use remora_config::json_string as json_str;
+
 use super::{Options, PathKind, PathRun, Scenario, load::Mode};
 
 /// Where and when the figures were taken.
@@ -298,20 +300,6 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
         );
     }
     md
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
