@@ -35,6 +35,42 @@ pub const CLUSTER_DOMAIN: Knob = Knob::value(
     Some("cluster.local"),
     "The cluster's DNS domain, for <name>.<namespace>.svc.<domain> targets",
 );
+pub const DEV_CA: Knob = Knob::value(
+    "dev-ca",
+    "REMORA_DEV_CA",
+    None,
+    "Folder for a development CA: a root and an issuer are created there if absent (trust-anchors.pem is what proxies trust)",
+);
+pub const ISSUER_CERT: Knob = Knob::value(
+    "issuer-cert",
+    "REMORA_ISSUER_CERT",
+    None,
+    "Issuer (intermediate CA) certificate, PEM",
+);
+pub const ISSUER_KEY: Knob = Knob::value(
+    "issuer-key",
+    "REMORA_ISSUER_KEY",
+    None,
+    "Issuer private key, PEM (PKCS#8)",
+);
+pub const TRUST_ANCHORS: Knob = Knob::value(
+    "trust-anchors",
+    "REMORA_TRUST_ANCHORS",
+    None,
+    "Trust anchors (root CA bundle), PEM",
+);
+pub const TOKEN_VALIDATOR: Knob = Knob::value(
+    "token-validator",
+    "REMORA_TOKEN_VALIDATOR",
+    Some("kube"),
+    "How proxies' ServiceAccount tokens are checked: kube (TokenReview) or static:FILE",
+);
+pub const CERT_LIFETIME: Knob = Knob::value(
+    "cert-lifetime",
+    "REMORA_CERT_LIFETIME",
+    Some("24h"),
+    "Lifetime of the proxies' certificates",
+);
 pub const LOG: Knob = Knob::value(
     "log",
     "REMORA_LOG",
@@ -54,9 +90,34 @@ pub const KNOBS: &[Knob] = &[
     ADMIN_ADDR,
     TRUST_DOMAIN,
     CLUSTER_DOMAIN,
+    DEV_CA,
+    ISSUER_CERT,
+    ISSUER_KEY,
+    TRUST_ANCHORS,
+    TOKEN_VALIDATOR,
+    CERT_LIFETIME,
     LOG,
     LOG_FORMAT,
 ];
+
+/// Where the issuer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IssuerSource {
+    /// Identity is off: `Certify` answers UNAVAILABLE.
+    None,
+    Dev(PathBuf),
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        anchors: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Kube,
+    Static(PathBuf),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceKind {
@@ -72,6 +133,9 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub trust_domain: String,
     pub cluster_domain: String,
+    pub issuer: IssuerSource,
+    pub tokens: TokenSource,
+    pub cert_lifetime: std::time::Duration,
     pub log: String,
     pub log_format: LogFormat,
     pub effective: Vec<Effective>,
@@ -114,6 +178,41 @@ impl Config {
         let admin_addr = l.get(&ADMIN_ADDR, addr);
         let trust_domain = l.get(&TRUST_DOMAIN, domain);
         let cluster_domain = l.get(&CLUSTER_DOMAIN, domain);
+        let path = |s: &str| {
+            if s.is_empty() {
+                Err("expected a path".to_string())
+            } else {
+                Ok(PathBuf::from(s))
+            }
+        };
+        let dev_ca = l.get(&DEV_CA, path);
+        let issuer_cert = l.get(&ISSUER_CERT, path);
+        let issuer_key = l.get(&ISSUER_KEY, path);
+        let trust_anchors = l.get(&TRUST_ANCHORS, path);
+        let issuer = match (dev_ca, issuer_cert, issuer_key, trust_anchors) {
+            (None, None, None, None) => Some(IssuerSource::None),
+            (Some(dir), None, None, None) => Some(IssuerSource::Dev(dir)),
+            (None, Some(cert), Some(key), Some(anchors)) => {
+                Some(IssuerSource::Files { cert, key, anchors })
+            }
+            _ => {
+                l.error("identity needs either --dev-ca DIR, or all of --issuer-cert, --issuer-key and --trust-anchors");
+                None
+            }
+        };
+        let tokens = l.get(&TOKEN_VALIDATOR, |s| match s {
+            "kube" => Ok(TokenSource::Kube),
+            _ => match s.strip_prefix("static:") {
+                Some(p) if !p.is_empty() => Ok(TokenSource::Static(PathBuf::from(p))),
+                _ => Err("expected kube or static:FILE".into()),
+            },
+        });
+        let cert_lifetime = l.get(&CERT_LIFETIME, |s| {
+            match remora_config::parse_duration(s)? {
+                d if d < std::time::Duration::from_secs(5) => Err("must be at least 5s".into()),
+                d => Ok(d),
+            }
+        });
         let log = l.get(&LOG, remora_admin::log::parse_filter);
         let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
         let effective = l.finish()?;
@@ -124,6 +223,9 @@ impl Config {
             admin_addr: admin_addr.ok_or_else(missing)?,
             trust_domain: trust_domain.ok_or_else(missing)?,
             cluster_domain: cluster_domain.ok_or_else(missing)?,
+            issuer: issuer.ok_or_else(missing)?,
+            tokens: tokens.ok_or_else(missing)?,
+            cert_lifetime: cert_lifetime.ok_or_else(missing)?,
             log: log.ok_or_else(missing)?,
             log_format: log_format.ok_or_else(missing)?,
             effective,

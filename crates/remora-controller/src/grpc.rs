@@ -19,6 +19,41 @@ use crate::{
     discovery::Discovery,
 };
 
+/// The controller's gRPC services behind one listener, routed by path (what tonic's
+/// router would do, without its axum dependency).
+#[derive(Clone)]
+pub struct Routes {
+    pub destination: api::destination_server::DestinationServer<DestinationService>,
+    pub identity: api::identity_server::IdentityServer<crate::identity::grpc::IdentityService>,
+}
+
+impl<B> tower_service::Service<http::Request<B>> for Routes
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path().starts_with("/remora.v1.Identity/") {
+            Box::pin(self.identity.call(req))
+        } else {
+            // Destination, and anything unknown, which its server answers UNIMPLEMENTED.
+            Box::pin(self.destination.call(req))
+        }
+    }
+}
+
 /// Parses a `GetDestination.target`.
 pub fn parse_target(target: &str, cluster_domain: &str) -> Result<Target, String> {
     if let Ok(addr) = target.parse::<SocketAddr>() {

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod core;
 pub mod discovery;
 pub mod grpc;
+pub mod identity;
 pub mod index;
 pub mod metrics;
 pub mod source;
@@ -15,16 +16,21 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use remora_admin::{Admin, LogLevel, Readiness};
-use remora_api::v1::destination_server::DestinationServer;
+use remora_api::v1::{destination_server::DestinationServer, identity_server::IdentityServer};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{Config, KNOBS, SourceKind};
+pub use config::{Config, IssuerSource, KNOBS, SourceKind, TokenSource};
 
 use crate::{
     discovery::Discovery,
     grpc::DestinationService,
+    identity::{
+        Ca, TokenValidator,
+        grpc::IdentityService,
+        token::{KubeTokens, StaticTokens},
+    },
     index::{Domains, Index},
     metrics::Metrics,
     source::Source,
@@ -42,6 +48,10 @@ pub enum BuildError {
         "cannot use the Kubernetes API: {0}; in a pod, is the ServiceAccount token mounted? elsewhere, is KUBECONFIG set?"
     )]
     Kube(String),
+    #[error("identity: {0}")]
+    Ca(#[from] identity::CaError),
+    #[error("identity: {0}")]
+    Tokens(String),
 }
 
 /// Readiness waits for this until the source's first full sync.
@@ -55,6 +65,7 @@ pub struct App {
     admin: Arc<Admin>,
     discovery: Arc<Discovery>,
     source: Box<dyn Source>,
+    identity: IdentityService,
 }
 
 impl App {
@@ -101,6 +112,7 @@ impl App {
             cluster_domain: config.cluster_domain.clone(),
         };
         let discovery = Discovery::new(Index::new(domains), metrics);
+        let identity = identity_service(&config).await?;
         Ok(Self {
             config,
             admin_listener,
@@ -108,6 +120,7 @@ impl App {
             admin,
             discovery,
             source,
+            identity,
         })
     }
 
@@ -128,6 +141,7 @@ impl App {
             admin,
             discovery,
             source,
+            identity,
         } = self;
         for e in &config.effective {
             info!(target: "remora_controller::config", "{}={} ({})", e.env, e.value, e.source);
@@ -153,18 +167,20 @@ impl App {
             readiness.release(INITIAL_SYNC);
         }));
 
-        let service =
-            DestinationService::new(discovery, config.cluster_domain.clone(), stop.clone());
+        let routes = grpc::Routes {
+            destination: DestinationServer::new(DestinationService::new(
+                discovery,
+                config.cluster_domain.clone(),
+                stop.clone(),
+            )),
+            identity: IdentityServer::new(identity),
+        };
         let grpc_stop = stop.clone();
         let grpc = tokio::spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             let result = tonic::transport::Server::builder()
-                .serve_with_incoming_shutdown(
-                    DestinationServer::new(service),
-                    incoming,
-                    grpc_stop.cancelled(),
-                )
+                .serve_with_incoming_shutdown(routes, incoming, grpc_stop.cancelled())
                 .await;
             if let Err(error) = result {
                 warn!(%error, "gRPC server failed");
@@ -184,4 +200,46 @@ impl App {
         let _ = admin_task.await;
         info!("shut down");
     }
+}
+
+/// The CA and token validator the configuration asks for; without a CA, `Certify`
+/// answers UNAVAILABLE and says what to configure.
+async fn identity_service(config: &Config) -> Result<IdentityService, BuildError> {
+    let ca = match &config.issuer {
+        IssuerSource::None => None,
+        IssuerSource::Dev(dir) => Some(Arc::new(Ca::dev(
+            dir,
+            &config.trust_domain,
+            config.cert_lifetime,
+        )?)),
+        IssuerSource::Files { cert, key, anchors } => Some(Arc::new(Ca::from_files(
+            cert,
+            key,
+            anchors,
+            &config.trust_domain,
+            config.cert_lifetime,
+        )?)),
+    };
+    let tokens: Option<Arc<dyn TokenValidator>> = match (&ca, &config.tokens) {
+        (None, _) => None,
+        (Some(_), TokenSource::Static(path)) => Some(Arc::new(
+            StaticTokens::load(path).map_err(BuildError::Tokens)?,
+        )),
+        (Some(_), TokenSource::Kube) => {
+            let client = ::kube::Client::try_default()
+                .await
+                .map_err(|e| BuildError::Kube(e.to_string()))?;
+            Some(Arc::new(KubeTokens::new(client)))
+        }
+    };
+    if ca.is_none() {
+        warn!(
+            "identity is not configured (--dev-ca or --issuer-*): proxies cannot get certificates"
+        );
+    }
+    Ok(IdentityService::new(
+        ca,
+        tokens,
+        config.trust_domain.clone(),
+    ))
 }

@@ -1,0 +1,253 @@
+//! The controller's certificate authority: an issuer (intermediate) certificate and key,
+//! and the trust anchors every proxy verifies against. From files in production, or
+//! generated once into a folder (`--dev-ca`) for development and tests.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType,
+};
+use time::OffsetDateTime;
+
+use super::{ServiceAccount, server_name, spiffe_id};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("generating the development CA failed: {0}")]
+    Generate(String),
+}
+
+/// Why a CSR was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("the CSR cannot be parsed or its signature is wrong: {0}")]
+    Malformed(String),
+    #[error("the CSR's key must be ECDSA P-256")]
+    KeyAlgorithm,
+    #[error("the CSR must name exactly {want:?} (URI and DNS SANs), it names {got:?}")]
+    Names { want: Vec<String>, got: Vec<String> },
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// A signed leaf and what comes with it.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    pub leaf_der: Vec<u8>,
+    /// From the leaf's issuer up to, not including, a trust anchor.
+    pub chain_der: Vec<Vec<u8>>,
+    pub not_after: SystemTime,
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    issuer_der: Vec<u8>,
+    trust_anchors_pem: String,
+    trust_domain: String,
+    lifetime: Duration,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|e| CaError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn pem_to_der(pem_text: &str, path: &Path) -> Result<Vec<u8>, CaError> {
+    let p = pem::parse(pem_text).map_err(|e| CaError::File {
+        path: path.into(),
+        reason: format!("not PEM: {e}"),
+    })?;
+    Ok(p.into_contents())
+}
+
+impl Ca {
+    /// The issuer from `cert`/`key` (PEM), trusted through `anchors` (PEM bundle).
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        anchors: &Path,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, CaError> {
+        let cert_pem = read(cert)?;
+        let key_pair = KeyPair::from_pem(&read(key)?).map_err(|e| CaError::File {
+            path: key.into(),
+            reason: format!("not a PKCS#8 private key: {e}"),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| CaError::File {
+            path: cert.into(),
+            reason: format!("not a CA certificate: {e}"),
+        })?;
+        let trust_anchors_pem = read(anchors)?;
+        if !trust_anchors_pem.contains("BEGIN CERTIFICATE") {
+            return Err(CaError::File {
+                path: anchors.into(),
+                reason: "no certificate in the bundle".into(),
+            });
+        }
+        Ok(Self {
+            issuer,
+            issuer_der: pem_to_der(&cert_pem, cert)?,
+            trust_anchors_pem,
+            trust_domain: trust_domain.into(),
+            lifetime,
+        })
+    }
+
+    /// A development CA in `dir`: created (root and issuer) when absent, reused after.
+    /// `dir/trust-anchors.pem` is what proxies trust.
+    pub fn dev(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
+        let (cert, key, anchors) = (
+            dir.join("issuer.pem"),
+            dir.join("issuer.key"),
+            dir.join("trust-anchors.pem"),
+        );
+        if !(cert.exists() && key.exists() && anchors.exists()) {
+            generate(dir, trust_domain)?;
+        }
+        Self::from_files(&cert, &key, &anchors, trust_domain, lifetime)
+    }
+
+    pub fn trust_anchors_pem(&self) -> &str {
+        &self.trust_anchors_pem
+    }
+
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
+    /// Signs `csr_der` for `sa`, if it names exactly that ServiceAccount's identity.
+    pub fn certify(&self, sa: &ServiceAccount, csr_der: &[u8]) -> Result<Certified, CertifyError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| CertifyError::Malformed(e.to_string()))?;
+        if csr.public_key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+            return Err(CertifyError::KeyAlgorithm);
+        }
+        let uri = spiffe_id(&self.trust_domain, sa);
+        let dns = server_name(&self.trust_domain, sa);
+        let mut got: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_string(),
+                SanType::DnsName(d) => d.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        got.sort();
+        let mut want = vec![uri.clone(), dns.clone()];
+        want.sort();
+        let kinds_ok = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .any(|s| matches!(s, SanType::URI(u) if u.as_str() == uri))
+            && csr
+                .params
+                .subject_alt_names
+                .iter()
+                .any(|s| matches!(s, SanType::DnsName(d) if d.as_str() == dns));
+        if got != want || !kinds_ok {
+            return Err(CertifyError::Names { want, got });
+        }
+        let sign = |e: rcgen::Error| CertifyError::Sign(e.to_string());
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![
+            SanType::URI(uri.as_str().try_into().map_err(sign)?),
+            SanType::DnsName(dns.as_str().try_into().map_err(sign)?),
+        ];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        // A minute of slack for clocks that are slightly behind.
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + self.lifetime;
+        let leaf = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(sign)?;
+        Ok(Certified {
+            leaf_der: leaf.der().to_vec(),
+            chain_der: vec![self.issuer_der.clone()],
+            not_after: SystemTime::now() + self.lifetime,
+        })
+    }
+}
+
+/// Creates a root (10 years) and an issuer (1 year) under it, and writes the issuer's
+/// certificate and key and the root as the trust anchors. Keys are written 0600.
+fn generate(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+    let g = |e: rcgen::Error| CaError::Generate(e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| CaError::File {
+        path: dir.into(),
+        reason: e.to_string(),
+    })?;
+    let now = OffsetDateTime::now_utc();
+    let ca_params = |cn: String, path_len: u8, years: i64| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.not_before = now - time::Duration::minutes(1);
+        p.not_after = now + time::Duration::days(365 * years);
+        p
+    };
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let root_params = ca_params(format!("Remora development root ({trust_domain})"), 1, 10);
+    let root = root_params.self_signed(&root_key).map_err(g)?;
+    let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(g)?;
+    let issuer_params = ca_params(format!("Remora development issuer ({trust_domain})"), 0, 1);
+    let issuer = issuer_params
+        .signed_by(&issuer_key, &Issuer::new(root_params, &root_key))
+        .map_err(g)?;
+    let write = |name: &str, text: String, private: bool| -> Result<(), CaError> {
+        let path = dir.join(name);
+        let err = |e: std::io::Error| CaError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        std::fs::write(&path, text).map_err(err)?;
+        if private {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        }
+        Ok(())
+    };
+    write("root.key", root_key.serialize_pem(), true)?;
+    write("issuer.key", issuer_key.serialize_pem(), true)?;
+    write("issuer.pem", issuer.pem(), false)?;
+    write("trust-anchors.pem", root.pem(), false)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

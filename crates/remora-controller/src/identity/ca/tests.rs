@@ -1,0 +1,154 @@
+//! The CA signs exactly what a token entitles, and nothing else.
+
+use super::*;
+use rcgen::{PKCS_ECDSA_P384_SHA384, SanType};
+use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+fn sa(ns: &str, name: &str) -> ServiceAccount {
+    ServiceAccount {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn csr(names: &[SanType], alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+    let key = KeyPair::generate_for(alg).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = names.to_vec();
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+fn names_for(ns: &str, name: &str) -> Vec<SanType> {
+    vec![
+        SanType::URI(
+            format!("spiffe://cluster.local/ns/{ns}/sa/{name}")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+        SanType::DnsName(
+            format!("{name}.{ns}.serviceaccount.identity.cluster.local")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+    ]
+}
+
+fn dev_ca() -> (Ca, PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "remora-ca-test-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        Ca::dev(&dir, "cluster.local", Duration::from_secs(24 * 3600)).unwrap(),
+        dir,
+    )
+}
+
+#[test]
+fn a_csr_naming_the_tokens_service_account_is_signed_as_a_mesh_leaf() {
+    let (ca, dir) = dev_ca();
+    let out = ca
+        .certify(
+            &sa("shop", "web"),
+            &csr(&names_for("shop", "web"), &PKCS_ECDSA_P256_SHA256),
+        )
+        .unwrap();
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&out.leaf_der).unwrap();
+    let sans: Vec<String> = leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::URI(u) => format!("uri:{u}"),
+            GeneralName::DNSName(d) => format!("dns:{d}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        sans,
+        [
+            "uri:spiffe://cluster.local/ns/shop/sa/web",
+            "dns:web.shop.serviceaccount.identity.cluster.local"
+        ]
+    );
+    let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    assert!(!leaf.is_ca());
+    let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    assert_eq!(
+        lifetime,
+        24 * 3600 + 60,
+        "24 h plus a minute of clock slack"
+    );
+    let (_, issuer) =
+        x509_parser::certificate::X509Certificate::from_der(&out.chain_der[0]).unwrap();
+    assert_eq!(leaf.issuer(), issuer.subject());
+    leaf.verify_signature(Some(issuer.public_key()))
+        .expect("signed by the issuer");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn anything_else_is_refused_with_the_reason() {
+    let (ca, dir) = dev_ca();
+    let web = sa("shop", "web");
+    let p256 = &PKCS_ECDSA_P256_SHA256;
+    // A token for sa web, a CSR for sa other.
+    let err = ca
+        .certify(&web, &csr(&names_for("shop", "other"), p256))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("must name exactly") && err.contains("sa/other"),
+        "{err}"
+    );
+    // One name too many, or one missing.
+    let mut extra = names_for("shop", "web");
+    extra.push(SanType::DnsName("evil.example.com".try_into().unwrap()));
+    assert!(matches!(
+        ca.certify(&web, &csr(&extra, p256)),
+        Err(CertifyError::Names { .. })
+    ));
+    assert!(matches!(
+        ca.certify(&web, &csr(&names_for("shop", "web")[..1], p256)),
+        Err(CertifyError::Names { .. })
+    ));
+    // The wrong key type, and garbage.
+    assert!(matches!(
+        ca.certify(
+            &web,
+            &csr(&names_for("shop", "web"), &PKCS_ECDSA_P384_SHA384)
+        ),
+        Err(CertifyError::KeyAlgorithm)
+    ));
+    assert!(matches!(
+        ca.certify(&web, b"\x30\x03garbage"),
+        Err(CertifyError::Malformed(_))
+    ));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_dev_ca_is_made_once_and_reused() {
+    let (ca, dir) = dev_ca();
+    let anchors = ca.trust_anchors_pem().to_string();
+    let key_mode = std::fs::metadata(dir.join("issuer.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(key_mode.permissions().mode() & 0o777, 0o600);
+    let again = Ca::dev(&dir, "cluster.local", Duration::from_secs(60)).unwrap();
+    assert_eq!(again.trust_anchors_pem(), anchors);
+    // A broken issuer file is an error that names the file, not a new CA.
+    std::fs::write(dir.join("issuer.pem"), "nonsense").unwrap();
+    let err = Ca::dev(&dir, "cluster.local", Duration::from_secs(60))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("issuer.pem"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
