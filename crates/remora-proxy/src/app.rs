@@ -14,6 +14,7 @@ use remora_admin::{Admin, LogLevel, Readiness};
 use crate::{
     config::Config,
     discovery::{ClientInfo, Discovery},
+    identity::{self, Identity},
     metrics::{Direction, Metrics},
     proxy::{self, Ctx},
 };
@@ -35,6 +36,8 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Controller(String),
+    #[error("identity: {0}")]
+    Identity(String),
     #[error("none of the {what} addresses could be bound: {addrs:?}")]
     NoListener {
         what: &'static str,
@@ -50,6 +53,7 @@ pub struct App {
     admin_listeners: Vec<TcpListener>,
     admin: Arc<Admin>,
     ctx: Arc<Ctx>,
+    identity: Option<Arc<Identity>>,
 }
 
 impl App {
@@ -61,6 +65,27 @@ impl App {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let readiness = Arc::new(Readiness::default());
+        let identity = match &config.identity {
+            Some(ic) => {
+                let anchors = std::fs::read_to_string(&ic.trust_anchors).map_err(|e| {
+                    BuildError::Identity(format!(
+                        "REMORA_TRUST_ANCHORS {}: {e}",
+                        ic.trust_anchors.display()
+                    ))
+                })?;
+                if !anchors.contains("BEGIN CERTIFICATE") {
+                    return Err(BuildError::Identity(format!(
+                        "REMORA_TRUST_ANCHORS {} holds no PEM certificate",
+                        ic.trust_anchors.display()
+                    )));
+                }
+                readiness.hold(identity::READY_REASON);
+                Some(Arc::new(
+                    Identity::new(ic.clone()).map_err(|e| BuildError::Identity(e.to_string()))?,
+                ))
+            }
+            None => None,
+        };
         let admin = Arc::new(Admin {
             registry,
             readiness,
@@ -104,6 +129,7 @@ impl App {
             admin_listeners,
             admin,
             ctx,
+            identity,
         })
     }
 
@@ -129,7 +155,20 @@ impl App {
             admin_listeners,
             admin,
             ctx,
+            identity,
         } = self;
+        if let (Some(identity), Some(addr)) = (identity, &config.controller_addr) {
+            match tonic::transport::Channel::from_shared(addr.clone()) {
+                Ok(endpoint) => {
+                    let channel = endpoint
+                        .connect_timeout(std::time::Duration::from_secs(3))
+                        .connect_lazy();
+                    let expiry = ctx.metrics.cert_expiry.clone();
+                    tokio::spawn(identity.run(channel, admin.readiness.clone(), expiry));
+                }
+                Err(error) => warn!(%error, "cannot reach the controller for identity"),
+            }
+        }
         for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
             info!(target: "remora_proxy::config", "{}={} ({source})", e.env, e.value);
         }

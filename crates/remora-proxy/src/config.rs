@@ -32,6 +32,30 @@ pub const POD_IP: Knob = Knob::value(
     Some(""),
     "The pod's IP (downward API), sent to the controller",
 );
+pub const TRUST_DOMAIN: Knob = Knob::value(
+    "trust-domain",
+    "REMORA_TRUST_DOMAIN",
+    Some("cluster.local"),
+    "Trust domain of the mesh's identities",
+);
+pub const TRUST_ANCHORS: Knob = Knob::value(
+    "trust-anchors",
+    "REMORA_TRUST_ANCHORS",
+    None,
+    "The mesh's trust anchors (PEM); with REMORA_IDENTITY_TOKEN_FILE, turns identity on",
+);
+pub const IDENTITY_TOKEN_FILE: Knob = Knob::value(
+    "identity-token-file",
+    "REMORA_IDENTITY_TOKEN_FILE",
+    None,
+    "The pod's projected ServiceAccount token (audience identity.remora.io), re-read at each renewal",
+);
+pub const SERVICE_ACCOUNT: Knob = Knob::value(
+    "service-account",
+    "REMORA_SERVICE_ACCOUNT",
+    Some(""),
+    "The pod's ServiceAccount (downward API); its identity is what the proxy certifies",
+);
 pub const DISCOVERY_WAIT: Knob = Knob::value(
     "discovery-wait",
     "REMORA_DISCOVERY_WAIT",
@@ -111,6 +135,10 @@ pub const KNOBS: &[Knob] = &[
     NAMESPACE,
     POD_NAME,
     POD_IP,
+    SERVICE_ACCOUNT,
+    TRUST_DOMAIN,
+    TRUST_ANCHORS,
+    IDENTITY_TOKEN_FILE,
     INBOUND_ADDR,
     OUTBOUND_ADDR,
     ADMIN_ADDR,
@@ -132,6 +160,8 @@ pub struct Config {
     pub namespace: String,
     pub pod_name: String,
     pub pod_ip: String,
+    /// Present when identity is on.
+    pub identity: Option<crate::identity::IdentityConfig>,
     pub discovery_wait: Duration,
     pub preconnect_delay: Duration,
     pub inbound_addrs: Vec<SocketAddr>,
@@ -166,6 +196,43 @@ impl Config {
         let namespace = l.get(&NAMESPACE, text);
         let pod_name = l.get(&POD_NAME, text);
         let pod_ip = l.get(&POD_IP, text);
+        let service_account = l.get(&SERVICE_ACCOUNT, text);
+        let trust_domain = l.get(&TRUST_DOMAIN, text);
+        let path = |s: &str| {
+            if s.is_empty() {
+                Err("expected a path".to_string())
+            } else {
+                Ok(std::path::PathBuf::from(s))
+            }
+        };
+        let trust_anchors = l.get(&TRUST_ANCHORS, path);
+        let token_file = l.get(&IDENTITY_TOKEN_FILE, path);
+        let identity = match (trust_anchors, token_file) {
+            (None, None) => None,
+            (Some(trust_anchors), Some(token_file)) => {
+                let (ns, sa) = (
+                    namespace.clone().unwrap_or_default(),
+                    service_account.clone().unwrap_or_default(),
+                );
+                if ns.is_empty() || sa.is_empty() {
+                    l.error("identity needs REMORA_NAMESPACE and REMORA_SERVICE_ACCOUNT (from the downward API)");
+                }
+                if controller_addr.is_none() {
+                    l.error("identity needs REMORA_CONTROLLER_ADDR: certificates come from the controller");
+                }
+                Some(crate::identity::IdentityConfig {
+                    trust_domain: trust_domain.clone().unwrap_or_default(),
+                    namespace: ns,
+                    service_account: sa,
+                    token_file,
+                    trust_anchors,
+                })
+            }
+            _ => {
+                l.error("identity needs both REMORA_TRUST_ANCHORS and REMORA_IDENTITY_TOKEN_FILE");
+                None
+            }
+        };
         let discovery_wait = l.get(&DISCOVERY_WAIT, remora_config::parse_duration);
         let preconnect_delay = l.get(&PRECONNECT_DELAY, remora_config::parse_duration);
         let inbound_addrs = l.get(&INBOUND_ADDR, parse_addrs);
@@ -190,7 +257,7 @@ impl Config {
             }
             if let Some(a) = outbound
                 .iter()
-                .find(|o| inbound.iter().any(|i| i.port() == o.port()))
+                .find(|o| o.port() != 0 && inbound.iter().any(|i| i.port() == o.port()))
             {
                 l.error(format!(
                     "REMORA_OUTBOUND_ADDR and REMORA_INBOUND_ADDR share port {}: give each its own",
@@ -206,6 +273,7 @@ impl Config {
             namespace: namespace.ok_or_else(missing)?,
             pod_name: pod_name.ok_or_else(missing)?,
             pod_ip: pod_ip.ok_or_else(missing)?,
+            identity,
             discovery_wait: discovery_wait.ok_or_else(missing)?,
             preconnect_delay: preconnect_delay.ok_or_else(missing)?,
             inbound_addrs: inbound_addrs.ok_or_else(missing)?,

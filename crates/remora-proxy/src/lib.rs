@@ -14,6 +14,7 @@ pub mod connect;
 pub mod detect;
 pub mod discovery;
 pub mod http;
+pub mod identity;
 pub mod io;
 pub mod metrics;
 pub mod proxy;

@@ -142,6 +142,8 @@ pub struct Metrics {
     detect_duration: HistogramFamily<DetectLabels>,
     /// Destination streams to the controller that ended and were started again.
     pub control_reconnects: Counter,
+    /// When the current certificate expires, seconds since the epoch.
+    pub cert_expiry: Gauge,
 }
 
 impl Metrics {
@@ -161,6 +163,7 @@ impl Metrics {
             detect_total: Family::default(),
             detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
             control_reconnects: Counter::default(),
+            cert_expiry: Gauge::default(),
         };
         r.register(
             "tcp_connections_opened",
@@ -218,6 +221,12 @@ impl Metrics {
             "control_stream_reconnects",
             "Controller streams that ended and were started again",
             m.control_reconnects.clone(),
+        );
+        r.register_with_unit(
+            "identity_cert_expiry_timestamp",
+            "When the proxy's certificate expires, seconds since the epoch",
+            Unit::Seconds,
+            m.cert_expiry.clone(),
         );
         m
     }

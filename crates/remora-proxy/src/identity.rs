@@ -1,0 +1,222 @@
+//! The proxy's identity: a P-256 key made in memory (never written anywhere), certified
+//! by the controller with the pod's ServiceAccount token, and renewed at 70 % of each
+//! certificate's lifetime. `/ready` waits for the first certificate.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use prometheus_client::metrics::gauge::Gauge;
+use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use remora_admin::Readiness;
+use remora_api::v1 as api;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+/// What readiness waits for.
+pub const READY_REASON: &str = "identity certificate";
+
+/// When to renew, as a share of the certificate's lifetime.
+const RENEW_AT: f64 = 0.7;
+/// Retries after a failed certification: from 1 s, doubling, to 30 s, with jitter.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Who this proxy is and where its token is.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub token_file: PathBuf,
+    pub trust_anchors: PathBuf,
+}
+
+impl IdentityConfig {
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+
+    pub fn server_name(&self) -> String {
+        format!(
+            "{}.{}.serviceaccount.identity.{}",
+            self.service_account, self.namespace, self.trust_domain
+        )
+    }
+}
+
+/// A certificate and its private key, ready for TLS.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub leaf_der: Vec<u8>,
+    pub chain_der: Vec<Vec<u8>>,
+    /// PKCS#8.
+    pub key_der: Vec<u8>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(
+        "token file {path} cannot be read: {source}; is the pod's ServiceAccount token projected there?"
+    )]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("making the key or CSR failed: {0}")]
+    Key(String),
+    #[error("the controller refused to certify {identity}: {status}")]
+    Refused {
+        identity: String,
+        status: tonic::Status,
+    },
+    #[error("the controller's certificate is unusable: {0}")]
+    BadCertificate(String),
+}
+
+/// Certifies and renews; publishes the current credentials.
+pub struct Identity {
+    config: IdentityConfig,
+    key: KeyPair,
+    current: watch::Sender<Option<Arc<Credentials>>>,
+}
+
+impl Identity {
+    pub fn new(config: IdentityConfig) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        Ok(Self {
+            config,
+            key,
+            current: watch::channel(None).0,
+        })
+    }
+
+    /// The current credentials, and every renewal.
+    pub fn credentials(&self) -> watch::Receiver<Option<Arc<Credentials>>> {
+        self.current.subscribe()
+    }
+
+    /// One certification: read the token, send a CSR, check what comes back.
+    pub async fn certify(
+        &self,
+        client: &mut api::identity_client::IdentityClient<Channel>,
+    ) -> Result<Credentials, IdentityError> {
+        let token = std::fs::read_to_string(&self.config.token_file).map_err(|source| {
+            IdentityError::Token {
+                path: self.config.token_file.clone(),
+                source,
+            }
+        })?;
+        let spiffe = self.config.spiffe_id();
+        let dns = self.config.server_name();
+        let key_err = |e: rcgen::Error| IdentityError::Key(e.to_string());
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI(spiffe.as_str().try_into().map_err(key_err)?),
+            SanType::DnsName(dns.as_str().try_into().map_err(key_err)?),
+        ];
+        let csr = params.serialize_request(&self.key).map_err(key_err)?;
+        let req = api::CertifyRequest {
+            token: token.trim().to_string(),
+            identity: spiffe.clone(),
+            certificate_signing_request: csr.der().to_vec(),
+        };
+        let rsp = client
+            .certify(req)
+            .await
+            .map_err(|status| IdentityError::Refused {
+                identity: spiffe.clone(),
+                status,
+            })?
+            .into_inner();
+        let bad = |m: String| IdentityError::BadCertificate(m);
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&rsp.leaf_certificate)
+            .map_err(|e| bad(format!("not a certificate: {e}")))?;
+        let names: Vec<String> = leaf
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if names != [spiffe.clone()] {
+            return Err(bad(format!("it names {names:?}, not {spiffe}")));
+        }
+        let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+        let (not_before, not_after) = (
+            at(leaf.validity().not_before.timestamp()),
+            at(leaf.validity().not_after.timestamp()),
+        );
+        if not_after <= SystemTime::now() {
+            return Err(bad("it has already expired".into()));
+        }
+        Ok(Credentials {
+            leaf_der: rsp.leaf_certificate,
+            chain_der: rsp.intermediate_certificates,
+            key_der: self.key.serialize_der(),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Certifies now, then renews at 70 % of each lifetime; retries failures with backoff.
+    /// Releases `readiness` after the first certificate.
+    pub async fn run(self: Arc<Self>, channel: Channel, readiness: Arc<Readiness>, expiry: Gauge) {
+        let mut client = api::identity_client::IdentityClient::new(channel);
+        let mut retry = RETRY_MIN;
+        loop {
+            match self.certify(&mut client).await {
+                Ok(creds) => {
+                    retry = RETRY_MIN;
+                    let expires = creds
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    expiry.set(expires.as_secs() as i64);
+                    // 70 % of what is left now: the issuer may backdate notBefore for clock
+                    // skew, which must not pull the renewal earlier.
+                    let left = creds
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let wait = left.mul_f64(RENEW_AT).max(RETRY_MIN);
+                    info!(identity = %self.config.spiffe_id(), renew_in = ?wait, "certified");
+                    self.current.send_replace(Some(Arc::new(creds)));
+                    readiness.release(READY_REASON);
+                    tokio::time::sleep(wait).await;
+                }
+                Err(error) => {
+                    warn!(%error, retry_in = ?retry, "certification failed");
+                    tokio::time::sleep(retry.mul_f64(0.5 + jitter())).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+}
+
+fn jitter() -> f64 {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (crate::discovery::xorshift(nanos as u64 | 1) % 1000) as f64 / 1000.0
+}
