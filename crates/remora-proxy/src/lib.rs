@@ -19,6 +19,7 @@ pub mod io;
 pub mod metrics;
 pub mod proxy;
 pub mod tcp;
+pub mod tls;
 
 pub use app::{App, BuildError};
 pub use config::Config;

@@ -104,8 +104,14 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
         polled
     }
 
+    /// Never claimed early. When an upstream HTTP/2 response's trailers arrive while
+    /// its last DATA frame is being forwarded, hyper can take "end of stream" from the
+    /// inner body before the trailers are seen and finish the stream without them (the
+    /// `grpc_trailers_survive_concurrent_load` test lost one response in 5,000 in 6 of
+    /// 20 loaded runs). Saying "not yet" costs an empty final DATA frame and makes hyper
+    /// poll once more, which yields the trailers or the real end.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        false
     }
 
     fn size_hint(&self) -> SizeHint {

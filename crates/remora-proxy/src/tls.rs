@@ -1,0 +1,192 @@
+//! mTLS between proxies (rustls, TLS 1.3 only). A server presents its certificate only
+//! to clients that ask for its own name (SNI = its DNS-form identity) and requires a
+//! client certificate from the same trust anchors; a client checks that the server's
+//! certificate chains to the anchors and names exactly the identity discovery promised.
+
+use std::{fmt, sync::Arc};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use x509_parser::{extensions::GeneralName, prelude::FromDer};
+
+use crate::identity::Credentials;
+
+/// ALPN for HTTP between proxies.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN for opaque TCP between proxies.
+pub const ALPN_OPAQUE: &[u8] = b"remora-opaque/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("trust anchors: {0}")]
+    Anchors(String),
+    #[error("our certificate or key cannot be used: {0}")]
+    Credentials(String),
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        peer: String,
+        source: std::io::Error,
+    },
+    #[error("{peer} presented identity {got:?}, expected {want}")]
+    WrongIdentity {
+        peer: String,
+        want: String,
+        got: Option<String>,
+    },
+}
+
+/// The crypto provider: ring. (Its key exchanges are classical; the post-quantum hybrid
+/// X25519MLKEM768 needs the aws-lc-rs provider, a C build this project avoids for now.)
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The trust anchors from a PEM bundle.
+pub fn roots(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| TlsError::Anchors(e.to_string()))?;
+        store
+            .add(cert)
+            .map_err(|e| TlsError::Anchors(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(TlsError::Anchors("no certificate in the bundle".into()));
+    }
+    Ok(Arc::new(store))
+}
+
+fn certified_key(creds: &Credentials) -> Result<Arc<CertifiedKey>, TlsError> {
+    let mut chain = vec![CertificateDer::from(creds.leaf_der.clone())];
+    chain.extend(creds.chain_der.iter().cloned().map(CertificateDer::from));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der.clone()));
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| TlsError::Credentials(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// Presents the certificate only for the local name.
+struct OwnName {
+    name: String,
+    key: Arc<CertifiedKey>,
+}
+
+impl fmt::Debug for OwnName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnName").field("name", &self.name).finish()
+    }
+}
+
+impl ResolvesServerCert for OwnName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        (hello.server_name() == Some(self.name.as_str())).then(|| self.key.clone())
+    }
+}
+
+/// The inbound side: our certificate for `local_name`, client certificates required.
+pub fn server_config(
+    creds: &Credentials,
+    roots: Arc<RootCertStore>,
+    local_name: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Anchors(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Credentials(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(OwnName {
+            name: local_name.into(),
+            key: certified_key(creds)?,
+        }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_OPAQUE.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The outbound side: our certificate as the client's, the anchors for the server's.
+pub fn client_config(
+    creds: &Credentials,
+    roots: Arc<RootCertStore>,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut chain = vec![CertificateDer::from(creds.leaf_der.clone())];
+    chain.extend(creds.chain_der.iter().cloned().map(CertificateDer::from));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der.clone()));
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Credentials(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::Credentials(e.to_string()))?;
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID (URI SAN) of a peer's leaf certificate.
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let leaf = certs?.first()?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    })
+}
+
+/// Connects to a server that must be `spiffe_id`, reachable by its DNS-form `server_name`.
+pub async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    config: Arc<ClientConfig>,
+    server_name: &str,
+    spiffe_id: &str,
+) -> Result<tokio_rustls::client::TlsStream<IO>, TlsError> {
+    let peer = server_name.to_string();
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| TlsError::Handshake {
+        peer: peer.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, io)
+        .await
+        .map_err(|source| TlsError::Handshake {
+            peer: peer.clone(),
+            source,
+        })?;
+    let got = peer_identity(tls.get_ref().1.peer_certificates());
+    if got.as_deref() != Some(spiffe_id) {
+        return Err(TlsError::WrongIdentity {
+            peer,
+            want: spiffe_id.into(),
+            got,
+        });
+    }
+    Ok(tls)
+}
+
+/// Accepts a client that must present a certificate from the anchors; its SPIFFE ID.
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: IO,
+    config: Arc<ServerConfig>,
+) -> Result<(tokio_rustls::server::TlsStream<IO>, Option<String>), TlsError> {
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(io)
+        .await
+        .map_err(|source| TlsError::Handshake {
+            peer: "client".into(),
+            source,
+        })?;
+    let id = peer_identity(tls.get_ref().1.peer_certificates());
+    Ok((tls, id))
+}
+
+#[cfg(test)]
+mod tests;
