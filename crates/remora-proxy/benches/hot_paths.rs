@@ -50,5 +50,22 @@ fn headers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, detection, headers);
+fn balancer(c: &mut Criterion) {
+    use remora_proxy::{balance::Balancer, discovery::Endpoint};
+    use std::{net::SocketAddr, sync::Arc, time::Duration};
+    let endpoints: Arc<[Endpoint]> = (1..=10u8)
+        .map(|i| Endpoint {
+            addr: SocketAddr::from(([10, 0, 0, i], 8080)),
+            server_name: None,
+            ready: true,
+        })
+        .collect::<Vec<_>>()
+        .into();
+    let b = Balancer::new(Duration::from_secs(1));
+    c.bench_function("balancer_pick/10_endpoints", |bench| {
+        bench.iter(|| black_box(b.pick(black_box(&endpoints))))
+    });
+}
+
+criterion_group!(benches, detection, headers, balancer);
 criterion_main!(benches);

@@ -115,6 +115,8 @@ impl Drop for InFlight {
 struct States {
     synced_to: Arc<[Endpoint]>,
     by_addr: HashMap<SocketAddr, Arc<EndpointState>>,
+    /// What a pick chooses from.
+    candidates: Vec<Arc<EndpointState>>,
 }
 
 /// The endpoints of one destination and their state.
@@ -137,6 +139,7 @@ impl Balancer {
             states: Mutex::new(States {
                 synced_to: Arc::from(Vec::new()),
                 by_addr: HashMap::new(),
+                candidates: Vec::new(),
             }),
             seed: AtomicU64::new(seed),
         }
@@ -151,61 +154,67 @@ impl Balancer {
     /// Picks an endpoint from `endpoints` (the current view): ready ones first; among
     /// terminating ones only when nothing is ready. None when there are none.
     pub fn pick(&self, endpoints: &Arc<[Endpoint]>) -> Option<Arc<EndpointState>> {
-        let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
-        let pool: Vec<&Endpoint> = if ready.is_empty() {
-            endpoints.iter().collect()
-        } else {
-            ready
-        };
-        let states = {
+        // Two candidates chosen under the lock; their costs are read outside it. The
+        // candidate list is rebuilt only when the endpoint set changes, so a pick
+        // allocates nothing.
+        let r = self.random();
+        let (ea, eb) = {
             let mut guard = self.states.lock();
             if !Arc::ptr_eq(&guard.synced_to, endpoints) {
-                // The set changed: keep the state of endpoints still present, drop the rest
-                // (in-flight requests hold their own reference and finish).
-                // A new endpoint starts at the others' average latency: a pessimistic
-                // default would starve it behind fast peers, an optimistic one would
-                // stampede it.
-                let now = Instant::now();
-                let known: Vec<f64> = guard.by_addr.values().map(|s| s.latency(now)).collect();
-                let initial = if known.is_empty() {
-                    DEFAULT_RTT.as_secs_f64()
-                } else {
-                    known.iter().sum::<f64>() / known.len() as f64
-                };
-                let mut next = HashMap::with_capacity(endpoints.len());
-                for e in endpoints.iter() {
-                    let state = guard.by_addr.remove(&e.addr).unwrap_or_else(|| {
-                        Arc::new(EndpointState::new(e.addr, self.connect_timeout, initial))
-                    });
-                    next.insert(e.addr, state);
+                *guard = self.sync(&guard, endpoints);
+            }
+            let pool = &guard.candidates;
+            match pool.len() {
+                0 => return None,
+                1 => return Some(pool[0].clone()),
+                n => {
+                    let a = (r % n as u64) as usize;
+                    let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+                    (pool[a].clone(), pool[b].clone())
                 }
-                *guard = States {
-                    synced_to: endpoints.clone(),
-                    by_addr: next,
-                };
             }
-            pool.iter()
-                .filter_map(|e| guard.by_addr.get(&e.addr).cloned())
-                .collect::<Vec<_>>()
         };
-        match states.len() {
-            0 => None,
-            1 => states.into_iter().next(),
-            n => {
-                let r = self.random();
-                let a = (r % n as u64) as usize;
-                let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
-                let now = Instant::now();
-                let (ea, eb) = (&states[a], &states[b]);
-                let (ca, cb) = (ea.cost(now), eb.cost(now));
-                // Costs within 1 % are a tie: a coin decides, so equal endpoints share.
-                let first = if (ca - cb).abs() <= 0.01 * ca.max(cb) {
-                    r & 1 == 0
-                } else {
-                    ca < cb
-                };
-                Some(if first { ea.clone() } else { eb.clone() })
-            }
+        let now = Instant::now();
+        let (ca, cb) = (ea.cost(now), eb.cost(now));
+        // Costs within 1 % are a tie: a coin decides, so equal endpoints share.
+        let first = if (ca - cb).abs() <= 0.01 * ca.max(cb) {
+            r & 1 == 0
+        } else {
+            ca < cb
+        };
+        Some(if first { ea } else { eb })
+    }
+
+    /// The states for a new endpoint set: those of endpoints still present are kept, the
+    /// rest dropped (in-flight requests hold their own reference and finish). A new
+    /// endpoint starts at the others' average latency: a pessimistic default would
+    /// starve it behind fast peers, an optimistic one would stampede it.
+    fn sync(&self, old: &States, endpoints: &Arc<[Endpoint]>) -> States {
+        let now = Instant::now();
+        let known: Vec<f64> = old.by_addr.values().map(|s| s.latency(now)).collect();
+        let initial = if known.is_empty() {
+            DEFAULT_RTT.as_secs_f64()
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let mut by_addr = HashMap::with_capacity(endpoints.len());
+        for e in endpoints.iter() {
+            let state = old.by_addr.get(&e.addr).cloned().unwrap_or_else(|| {
+                Arc::new(EndpointState::new(e.addr, self.connect_timeout, initial))
+            });
+            by_addr.insert(e.addr, state);
+        }
+        // Ready endpoints; terminating ones only when nothing is ready.
+        let any_ready = endpoints.iter().any(|e| e.ready);
+        let candidates = endpoints
+            .iter()
+            .filter(|e| e.ready || !any_ready)
+            .filter_map(|e| by_addr.get(&e.addr).cloned())
+            .collect();
+        States {
+            synced_to: endpoints.clone(),
+            by_addr,
+            candidates,
         }
     }
 }
