@@ -161,73 +161,63 @@ fn status(code: StatusCode) -> Response<Body> {
     rsp
 }
 
-/// A server-speaks-first service (like SMTP or MySQL): greets on accept, then echoes lines.
-pub fn greeter(pod: &Pod, addr: SocketAddr) {
+/// Serves every connection accepted on `addr` in `pod` with `handle`, each in its own task.
+fn serve_tcp<F, Fut>(pod: &Pod, addr: SocketAddr, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = pod.listen(addr);
     tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handle(stream));
+        }
+    });
+}
+
+/// A server-speaks-first service (like SMTP or MySQL): greets on accept, then echoes lines.
+pub fn greeter(pod: &Pod, addr: SocketAddr) {
+    serve_tcp(pod, addr, |mut stream| async move {
+        if stream.write_all(GREETING.as_bytes()).await.is_err() {
+            return;
+        }
+        let (r, mut w) = stream.split();
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if w.write_all(format!("echo {line}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
                 return;
-            };
-            tokio::spawn(async move {
-                if stream.write_all(GREETING.as_bytes()).await.is_err() {
-                    return;
-                }
-                let (r, mut w) = stream.split();
-                let mut lines = BufReader::new(r).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if w.write_all(format!("echo {line}\r\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+            }
         }
     });
 }
 
 /// A raw TCP echo server.
 pub fn echo(pod: &Pod, addr: SocketAddr) {
-    let listener = pod.listen(addr);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
+    serve_tcp(pod, addr, |mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
     });
 }
 
 /// A bulk sender for throughput: reads an 8-byte big-endian length, then writes that
 /// many bytes and closes.
 pub fn blast(pod: &Pod, addr: SocketAddr) {
-    let listener = pod.listen(addr);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+    serve_tcp(pod, addr, |mut stream| async move {
+        use tokio::io::AsyncReadExt;
+        let Ok(mut left) = stream.read_u64().await else {
+            return;
+        };
+        let chunk = vec![0x5au8; 64 * 1024];
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            if stream.write_all(&chunk[..n]).await.is_err() {
                 return;
-            };
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let Ok(mut left) = stream.read_u64().await else {
-                    return;
-                };
-                let chunk = vec![0x5au8; 64 * 1024];
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    if stream.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                    left -= n as u64;
-                }
-                let _ = stream.shutdown().await;
-            });
+            }
+            left -= n as u64;
         }
+        let _ = stream.shutdown().await;
     });
 }

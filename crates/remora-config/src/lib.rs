@@ -235,6 +235,12 @@ impl<'a> Loader<'a> {
     }
 }
 
+/// A knob's value after [`Loader::finish`] succeeded: every knob with a default or a
+/// validated value is present, so `None` here is a bug in the caller, reported as such.
+pub fn present<T>(value: Option<T>) -> Result<T, ConfigError> {
+    value.ok_or_else(|| ConfigError::Invalid(vec!["internal: a knob read without a value".into()]))
+}
+
 /// `true`/`false` (also `1`/`0`, `yes`/`no`).
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {

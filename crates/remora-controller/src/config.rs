@@ -216,18 +216,17 @@ impl Config {
         let log = l.get(&LOG, remora_admin::log::parse_filter);
         let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
         let effective = l.finish()?;
-        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
         Ok(Self {
-            source: source.ok_or_else(missing)?,
-            grpc_addr: grpc_addr.ok_or_else(missing)?,
-            admin_addr: admin_addr.ok_or_else(missing)?,
-            trust_domain: trust_domain.ok_or_else(missing)?,
-            cluster_domain: cluster_domain.ok_or_else(missing)?,
-            issuer: issuer.ok_or_else(missing)?,
-            tokens: tokens.ok_or_else(missing)?,
-            cert_lifetime: cert_lifetime.ok_or_else(missing)?,
-            log: log.ok_or_else(missing)?,
-            log_format: log_format.ok_or_else(missing)?,
+            source: remora_config::present(source)?,
+            grpc_addr: remora_config::present(grpc_addr)?,
+            admin_addr: remora_config::present(admin_addr)?,
+            trust_domain: remora_config::present(trust_domain)?,
+            cluster_domain: remora_config::present(cluster_domain)?,
+            issuer: remora_config::present(issuer)?,
+            tokens: remora_config::present(tokens)?,
+            cert_lifetime: remora_config::present(cert_lifetime)?,
+            log: remora_config::present(log)?,
+            log_format: remora_config::present(log_format)?,
             effective,
         })
     }

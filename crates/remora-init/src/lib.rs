@@ -145,17 +145,16 @@ impl Config {
             l.error("--inbound-port and --outbound-port must differ");
         }
         l.finish()?;
-        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
         Ok(Self {
             plan: Plan {
-                proxy_uid: proxy_uid.ok_or_else(missing)?,
-                inbound_port: inbound_port.ok_or_else(missing)?,
-                outbound_port: outbound_port.ok_or_else(missing)?,
-                skip_inbound_ports: skip_inbound_ports.ok_or_else(missing)?,
-                skip_outbound_ports: skip_outbound_ports.ok_or_else(missing)?,
-                skip_subnets: skip_subnets.ok_or_else(missing)?,
+                proxy_uid: remora_config::present(proxy_uid)?,
+                inbound_port: remora_config::present(inbound_port)?,
+                outbound_port: remora_config::present(outbound_port)?,
+                skip_inbound_ports: remora_config::present(skip_inbound_ports)?,
+                skip_outbound_ports: remora_config::present(skip_outbound_ports)?,
+                skip_subnets: remora_config::present(skip_subnets)?,
             },
-            mode: mode.ok_or_else(missing)?,
+            mode: remora_config::present(mode)?,
             ipv6,
             dry_run,
             cleanup,

@@ -267,25 +267,24 @@ impl Config {
         }
         let effective = l.finish()?;
         // finish() succeeded, so every value above parsed.
-        let missing = || ConfigError::Invalid(vec!["internal: a knob without a value".into()]);
         Ok(Self {
             controller_addr,
-            namespace: namespace.ok_or_else(missing)?,
-            pod_name: pod_name.ok_or_else(missing)?,
-            pod_ip: pod_ip.ok_or_else(missing)?,
+            namespace: remora_config::present(namespace)?,
+            pod_name: remora_config::present(pod_name)?,
+            pod_ip: remora_config::present(pod_ip)?,
             identity,
-            discovery_wait: discovery_wait.ok_or_else(missing)?,
-            preconnect_delay: preconnect_delay.ok_or_else(missing)?,
-            inbound_addrs: inbound_addrs.ok_or_else(missing)?,
-            outbound_addrs: outbound_addrs.ok_or_else(missing)?,
-            admin_addrs: admin_addrs.ok_or_else(missing)?,
-            opaque_ports: opaque_ports.ok_or_else(missing)?,
-            detect_timeout: detect_timeout.ok_or_else(missing)?,
-            connect_timeout: connect_timeout.ok_or_else(missing)?,
-            shutdown_grace_period: shutdown_grace_period.ok_or_else(missing)?,
-            worker_threads: worker_threads.ok_or_else(missing)?,
-            log: log.ok_or_else(missing)?,
-            log_format: log_format.ok_or_else(missing)?,
+            discovery_wait: remora_config::present(discovery_wait)?,
+            preconnect_delay: remora_config::present(preconnect_delay)?,
+            inbound_addrs: remora_config::present(inbound_addrs)?,
+            outbound_addrs: remora_config::present(outbound_addrs)?,
+            admin_addrs: remora_config::present(admin_addrs)?,
+            opaque_ports: remora_config::present(opaque_ports)?,
+            detect_timeout: remora_config::present(detect_timeout)?,
+            connect_timeout: remora_config::present(connect_timeout)?,
+            shutdown_grace_period: remora_config::present(shutdown_grace_period)?,
+            worker_threads: remora_config::present(worker_threads)?,
+            log: remora_config::present(log)?,
+            log_format: remora_config::present(log_format)?,
             effective,
         })
     }
