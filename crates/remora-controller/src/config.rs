@@ -15,7 +15,25 @@ pub const GRPC_ADDR: Knob = Knob::value(
     "grpc-addr",
     "REMORA_GRPC_ADDR",
     Some("0.0.0.0:8086"),
-    "gRPC listener: Destination (and later Policy, Identity) for the proxies",
+    "gRPC listener: Destination, Policy and Identity for the proxies; TLS with the controller's own certificate when a CA is configured (plaintext is still accepted, for local use)",
+);
+pub const NAMESPACE: Knob = Knob::value(
+    "namespace",
+    "REMORA_NAMESPACE",
+    Some("remora-system"),
+    "The controller's namespace: with its ServiceAccount, the identity its gRPC certificate names",
+);
+pub const SERVICE_ACCOUNT: Knob = Knob::value(
+    "service-account",
+    "REMORA_SERVICE_ACCOUNT",
+    Some("remora-controller"),
+    "The controller's ServiceAccount: proxies expect <sa>.<namespace>.serviceaccount.identity.<trust domain>",
+);
+pub const CLUSTER_NETWORKS: Knob = Knob::value(
+    "cluster-networks",
+    "REMORA_CLUSTER_NETWORKS",
+    Some("10.0.0.0/8,100.64.0.0/10,172.16.0.0/12,192.168.0.0/16,fd00::/8"),
+    "The cluster's pod and node networks (CIDRs): what the cluster-authenticated default trusts",
 );
 pub const ADMIN_ADDR: Knob = Knob::value(
     "admin-addr",
@@ -88,6 +106,9 @@ pub const KNOBS: &[Knob] = &[
     SOURCE,
     GRPC_ADDR,
     ADMIN_ADDR,
+    NAMESPACE,
+    SERVICE_ACCOUNT,
+    CLUSTER_NETWORKS,
     TRUST_DOMAIN,
     CLUSTER_DOMAIN,
     DEV_CA,
@@ -131,6 +152,9 @@ pub struct Config {
     pub source: SourceKind,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub namespace: String,
+    pub service_account: String,
+    pub cluster_networks: Vec<ipnet::IpNet>,
     pub trust_domain: String,
     pub cluster_domain: String,
     pub issuer: IssuerSource,
@@ -178,6 +202,23 @@ impl Config {
         let admin_addr = l.get(&ADMIN_ADDR, addr);
         let trust_domain = l.get(&TRUST_DOMAIN, domain);
         let cluster_domain = l.get(&CLUSTER_DOMAIN, domain);
+        let name = |s: &str| match s {
+            "" => Err("must not be empty".to_string()),
+            s if s.contains(['.', '/', ':']) => Err("expected a Kubernetes name".to_string()),
+            s => Ok(s.to_string()),
+        };
+        let namespace = l.get(&NAMESPACE, name);
+        let service_account = l.get(&SERVICE_ACCOUNT, name);
+        let cluster_networks = l.get(&CLUSTER_NETWORKS, |s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .map_err(|_| format!("{n:?} is not a CIDR like 10.0.0.0/8"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
         let path = |s: &str| {
             if s.is_empty() {
                 Err("expected a path".to_string())
@@ -220,6 +261,9 @@ impl Config {
             source: remora_config::present(source)?,
             grpc_addr: remora_config::present(grpc_addr)?,
             admin_addr: remora_config::present(admin_addr)?,
+            namespace: remora_config::present(namespace)?,
+            service_account: remora_config::present(service_account)?,
+            cluster_networks: remora_config::present(cluster_networks)?,
             trust_domain: remora_config::present(trust_domain)?,
             cluster_domain: remora_config::present(cluster_domain)?,
             issuer: remora_config::present(issuer)?,

@@ -1,7 +1,7 @@
 //! Kubernetes objects (k8s-openapi types) into the index's domain types. Every source
 //! uses these, so a malformed object is refused the same way whichever way it came.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
     api::{core::v1 as core_v1, discovery::v1 as discovery_v1},
@@ -9,11 +9,14 @@ use k8s_openapi::{
 };
 
 use crate::core::{
-    EndpointSlice, NsName, Pod, Service, ServicePort, SliceEndpoint, SlicePort, TargetPort,
+    AuthzPolicy, AuthzSource, EndpointSlice, HttpMatch, NsName, Pod, Service, ServicePort,
+    SliceEndpoint, SlicePort, TargetPort, Who,
 };
 
 /// The label that marks a pod as meshed.
 pub const MESHED_LABEL: &str = "remora.io/meshed";
+/// The annotation that sets a pod's default inbound policy.
+pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "remora.io/default-inbound-policy";
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -175,18 +178,102 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
     let spec = pod.spec.clone().unwrap_or_default();
     let service_account = spec
         .service_account_name
+        .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".into());
-    let meshed = pod
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let meshed = labels.get(MESHED_LABEL).is_some_and(|v| v == "true");
+    let default_inbound_policy = pod
         .metadata
-        .labels
+        .annotations
         .as_ref()
-        .and_then(|l| l.get(MESHED_LABEL))
-        .is_some_and(|v| v == "true");
+        .and_then(|a| a.get(DEFAULT_INBOUND_POLICY_ANNOTATION))
+        .cloned();
     Ok(Pod {
         id,
         ips,
         service_account,
         meshed,
+        labels,
+        default_inbound_policy,
+        probe_paths: probe_paths(&spec),
+    })
+}
+
+/// The HTTP paths the kubelet probes, by container port.
+fn probe_paths(spec: &core_v1::PodSpec) -> BTreeMap<u16, Vec<String>> {
+    let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for c in &spec.containers {
+        let named = |name: &str| {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for get in probes
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.http_get.as_ref())
+        {
+            let port = match &get.port {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => named(name),
+            };
+            if let Some(port) = port {
+                let path = get.path.clone().unwrap_or_else(|| "/".into());
+                let paths = out.entry(port).or_default();
+                if !paths.contains(&path) {
+                    paths.push(path);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An AuthorizationPolicy, validated; every problem is named in the error.
+pub fn authorization_policy(p: &remora_k8s::AuthorizationPolicy) -> Result<AuthzPolicy, Invalid> {
+    const KIND: &str = "AuthorizationPolicy";
+    let id = id(KIND, &p.metadata)?;
+    let errors = p.spec.validate();
+    if !errors.is_empty() {
+        return Err(invalid(KIND, &id, errors.join("; ")));
+    }
+    let sources = p
+        .spec
+        .from
+        .iter()
+        .map(|s| AuthzSource {
+            networks: s.networks.iter().filter_map(|n| n.parse().ok()).collect(),
+            who: if s.unauthenticated || (s.identities.is_empty() && s.namespaces.is_empty()) {
+                Who::Anyone
+            } else {
+                Who::Mesh {
+                    identities: s.identities.clone(),
+                    namespaces: s.namespaces.clone(),
+                }
+            },
+        })
+        .collect();
+    let http = p
+        .spec
+        .http
+        .iter()
+        .map(|m| HttpMatch {
+            path: m
+                .path
+                .as_ref()
+                .map(|p| (p.kind == remora_k8s::PathMatchType::Exact, p.value.clone())),
+            method: m.method.clone(),
+        })
+        .collect();
+    Ok(AuthzPolicy {
+        id,
+        selector: p.spec.pod_selector.clone(),
+        ports: p.spec.ports.clone(),
+        sources,
+        http,
     })
 }

@@ -88,6 +88,46 @@ pub struct Pod {
     pub service_account: String,
     /// Carries `remora.io/meshed: "true"`: its proxy has an identity.
     pub meshed: bool,
+    /// For AuthorizationPolicy selectors.
+    pub labels: BTreeMap<String, String>,
+    /// The `remora.io/default-inbound-policy` annotation, when set.
+    pub default_inbound_policy: Option<String>,
+    /// Container port → the kubelet's HTTP probe paths on it, always allowed inbound.
+    pub probe_paths: BTreeMap<u16, Vec<String>>,
+}
+
+/// An AuthorizationPolicy, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzPolicy {
+    pub id: NsName,
+    pub selector: remora_k8s::LabelSelector,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    pub sources: Vec<AuthzSource>,
+    pub http: Vec<HttpMatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzSource {
+    /// Empty: every network.
+    pub networks: Vec<ipnet::IpNet>,
+    pub who: Who,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    Anyone,
+    Mesh {
+        identities: Vec<String>,
+        namespaces: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpMatch {
+    /// (exact, value).
+    pub path: Option<(bool, String)>,
+    pub method: Option<String>,
 }
 
 /// Any object a source delivers.
@@ -96,6 +136,7 @@ pub enum Object {
     Service(Service),
     Slice(EndpointSlice),
     Pod(Pod),
+    Authz(AuthzPolicy),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,6 +144,7 @@ pub enum Kind {
     Service,
     Slice,
     Pod,
+    Authz,
 }
 
 impl Kind {
@@ -111,6 +153,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Slice => "EndpointSlice",
             Kind::Pod => "Pod",
+            Kind::Authz => "AuthorizationPolicy",
         }
     }
 }
@@ -135,6 +178,10 @@ impl Object {
             Object::Pod(p) => ObjectKey {
                 kind: Kind::Pod,
                 id: p.id.clone(),
+            },
+            Object::Authz(a) => ObjectKey {
+                kind: Kind::Authz,
+                id: a.id.clone(),
             },
         }
     }

@@ -7,10 +7,13 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, watch};
 
+use remora_api::v1 as api;
+
 use crate::{
     core::{Event, Published, Shared, Target},
     index::{Index, Touched},
     metrics::Metrics,
+    policy::{self, InboundKey, InboundRx},
 };
 
 /// The most events applied before answers are recomputed: a burst is coalesced, and a
@@ -21,16 +24,34 @@ pub struct Discovery {
     index: RwLock<Index>,
     /// One channel per watched target. Lock order: `subs`, then `index`.
     subs: Mutex<HashMap<Target, watch::Sender<Shared>>>,
+    /// One channel per watched inbound port. Lock order: `inbound`, then `index`.
+    inbound: Mutex<HashMap<InboundKey, watch::Sender<Arc<api::InboundPolicy>>>>,
+    /// What `cluster-authenticated` trusts.
+    cluster_networks: Vec<ipnet::IpNet>,
     metrics: Metrics,
 }
 
 impl Discovery {
-    pub fn new(index: Index, metrics: Metrics) -> Arc<Self> {
+    pub fn new(index: Index, metrics: Metrics, cluster_networks: Vec<ipnet::IpNet>) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::new(index),
             subs: Mutex::new(HashMap::new()),
+            inbound: Mutex::new(HashMap::new()),
+            cluster_networks,
             metrics,
         })
+    }
+
+    /// The current inbound policy for `key`, and every later one.
+    pub fn subscribe_inbound(&self, key: InboundKey) -> InboundRx {
+        let mut subs = self.inbound.lock();
+        if let Some(tx) = subs.get(&key) {
+            return tx.subscribe();
+        }
+        let policy = policy::inbound(&self.index.read(), &key, &self.cluster_networks);
+        let (tx, rx) = watch::channel(Arc::new(policy));
+        subs.insert(key, tx);
+        rx
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -83,6 +104,24 @@ impl Discovery {
     }
 
     fn publish(&self, touched: &Touched, since: Option<Instant>) {
+        if !touched.policy_namespaces.is_empty() {
+            let mut inbound = self.inbound.lock();
+            inbound.retain(|_, tx| tx.receiver_count() > 0);
+            let index = self.index.read();
+            for (key, tx) in inbound.iter() {
+                if !touched.policy_namespaces.contains(&key.pod.namespace) {
+                    continue;
+                }
+                let policy = policy::inbound(&index, key, &self.cluster_networks);
+                tx.send_if_modified(|current| {
+                    if **current == policy {
+                        return false;
+                    }
+                    *current = Arc::new(policy);
+                    true
+                });
+            }
+        }
         let mut subs = self.subs.lock();
         // Targets nobody watches any more are forgotten.
         subs.retain(|_, tx| tx.receiver_count() > 0);

@@ -25,6 +25,7 @@ use crate::{
 pub struct Routes {
     pub destination: api::destination_server::DestinationServer<DestinationService>,
     pub identity: api::identity_server::IdentityServer<crate::identity::grpc::IdentityService>,
+    pub policy: api::policy_server::PolicyServer<crate::policy::PolicyService>,
 }
 
 impl<B> tower_service::Service<http::Request<B>> for Routes
@@ -47,6 +48,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path().starts_with("/remora.v1.Identity/") {
             Box::pin(self.identity.call(req))
+        } else if req.uri().path().starts_with("/remora.v1.Policy/") {
+            Box::pin(self.policy.call(req))
         } else {
             // Destination, and anything unknown, which its server answers UNIMPLEMENTED.
             Box::pin(self.destination.call(req))

@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod grpc;
+pub mod serving;
 pub mod token;
 
 pub use ca::{Ca, CaError};

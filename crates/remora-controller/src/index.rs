@@ -7,8 +7,8 @@ use std::{
 };
 
 use crate::core::{
-    EndpointSlice, EndpointView, Event, Identity, Kind, NsName, Object, ObjectKey, Pod, Protocol,
-    Resolution, Service, ServicePort, Target, TargetPort,
+    AuthzPolicy, EndpointSlice, EndpointView, Event, Identity, Kind, NsName, Object, ObjectKey,
+    Pod, Protocol, Resolution, Service, ServicePort, Target, TargetPort,
 };
 
 /// Names identities are built from.
@@ -23,11 +23,14 @@ pub struct Domains {
 pub struct Touched {
     pub services: BTreeSet<NsName>,
     pub ips: BTreeSet<IpAddr>,
+    /// Namespaces whose pods or AuthorizationPolicies changed: inbound policies there
+    /// need compiling again.
+    pub policy_namespaces: BTreeSet<String>,
 }
 
 impl Touched {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.ips.is_empty()
+        self.services.is_empty() && self.ips.is_empty() && self.policy_namespaces.is_empty()
     }
 }
 
@@ -37,6 +40,7 @@ pub struct Index {
     services: HashMap<NsName, Service>,
     slices: HashMap<NsName, EndpointSlice>,
     pods: HashMap<NsName, Pod>,
+    authz: HashMap<NsName, AuthzPolicy>,
     /// Service → its slices.
     slices_of: HashMap<NsName, BTreeSet<NsName>>,
     /// ClusterIP → Service.
@@ -54,6 +58,7 @@ impl Index {
             services: HashMap::new(),
             slices: HashMap::new(),
             pods: HashMap::new(),
+            authz: HashMap::new(),
             slices_of: HashMap::new(),
             cluster_ips: HashMap::new(),
             pod_ips: HashMap::new(),
@@ -66,12 +71,28 @@ impl Index {
     }
 
     /// Objects indexed, by kind.
-    pub fn counts(&self) -> [(Kind, usize); 3] {
+    pub fn counts(&self) -> [(Kind, usize); 4] {
         [
             (Kind::Service, self.services.len()),
             (Kind::Slice, self.slices.len()),
             (Kind::Pod, self.pods.len()),
+            (Kind::Authz, self.authz.len()),
         ]
+    }
+
+    pub fn pod(&self, id: &NsName) -> Option<&Pod> {
+        self.pods.get(id)
+    }
+
+    /// The AuthorizationPolicies of a namespace, in name order.
+    pub fn authz_in(&self, namespace: &str) -> Vec<&AuthzPolicy> {
+        let mut out: Vec<&AuthzPolicy> = self
+            .authz
+            .values()
+            .filter(|a| a.id.namespace == namespace)
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
     }
 
     /// Applies one event, adding what it touched to `touched`.
@@ -120,6 +141,10 @@ impl Index {
                 }
                 self.pods.insert(p.id.clone(), p);
             }
+            Object::Authz(a) => {
+                touched.policy_namespaces.insert(a.id.namespace.clone());
+                self.authz.insert(a.id.clone(), a);
+            }
         }
     }
 
@@ -167,6 +192,11 @@ impl Index {
                     }
                 }
             }
+            Kind::Authz => {
+                if self.authz.remove(&key.id).is_some() {
+                    touched.policy_namespaces.insert(key.id.namespace.clone());
+                }
+            }
             Kind::Pod => {
                 if let Some(p) = self.pods.remove(&key.id) {
                     self.touch_pod(&p, touched);
@@ -182,6 +212,7 @@ impl Index {
 
     fn touch_pod(&self, p: &Pod, touched: &mut Touched) {
         touched.ips.extend(p.ips.iter().copied());
+        touched.policy_namespaces.insert(p.id.namespace.clone());
         if let Some(services) = self.services_of_pod.get(&p.id) {
             touched.services.extend(services.iter().cloned());
         }

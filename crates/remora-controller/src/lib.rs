@@ -10,13 +10,17 @@ pub mod grpc;
 pub mod identity;
 pub mod index;
 pub mod metrics;
+pub mod policy;
 pub mod source;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use remora_admin::{Admin, LogLevel, Readiness};
-use remora_api::v1::{destination_server::DestinationServer, identity_server::IdentityServer};
+use remora_api::v1::{
+    destination_server::DestinationServer, identity_server::IdentityServer,
+    policy_server::PolicyServer,
+};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -27,12 +31,14 @@ use crate::{
     discovery::Discovery,
     grpc::DestinationService,
     identity::{
-        Ca, TokenValidator,
+        Ca, ServiceAccount, TokenValidator,
         grpc::IdentityService,
+        serving,
         token::{KubeTokens, StaticTokens},
     },
     index::{Domains, Index},
     metrics::Metrics,
+    policy::PolicyService,
     source::Source,
 };
 
@@ -52,6 +58,8 @@ pub enum BuildError {
     Ca(#[from] identity::CaError),
     #[error("identity: {0}")]
     Tokens(String),
+    #[error("the gRPC port's own certificate: {0}")]
+    GrpcTls(String),
 }
 
 /// Readiness waits for this until the source's first full sync.
@@ -66,6 +74,8 @@ pub struct App {
     discovery: Arc<Discovery>,
     source: Box<dyn Source>,
     identity: IdentityService,
+    /// TLS for the gRPC port, when a CA is configured.
+    grpc_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl App {
@@ -111,8 +121,24 @@ impl App {
             trust_domain: config.trust_domain.clone(),
             cluster_domain: config.cluster_domain.clone(),
         };
-        let discovery = Discovery::new(Index::new(domains), metrics);
-        let identity = identity_service(&config).await?;
+        let discovery = Discovery::new(
+            Index::new(domains),
+            metrics,
+            config.cluster_networks.clone(),
+        );
+        let (identity, ca) = identity_service(&config).await?;
+        let grpc_tls = match ca {
+            Some(ca) => {
+                let anchors = ca.trust_anchors_pem().to_string();
+                let sa = ServiceAccount {
+                    namespace: config.namespace.clone(),
+                    name: config.service_account.clone(),
+                };
+                let own = serving::own_cert(ca, sa).map_err(BuildError::GrpcTls)?;
+                Some(serving::server_config(own, &anchors).map_err(BuildError::GrpcTls)?)
+            }
+            None => None,
+        };
         Ok(Self {
             config,
             admin_listener,
@@ -121,6 +147,7 @@ impl App {
             discovery,
             source,
             identity,
+            grpc_tls,
         })
     }
 
@@ -142,6 +169,7 @@ impl App {
             discovery,
             source,
             identity,
+            grpc_tls,
         } = self;
         for e in &config.effective {
             info!(target: "remora_controller::config", "{}={} ({})", e.env, e.value, e.source);
@@ -169,16 +197,16 @@ impl App {
 
         let routes = grpc::Routes {
             destination: DestinationServer::new(DestinationService::new(
-                discovery,
+                discovery.clone(),
                 config.cluster_domain.clone(),
                 stop.clone(),
             )),
             identity: IdentityServer::new(identity),
+            policy: PolicyServer::new(PolicyService::new(discovery, stop.clone())),
         };
         let grpc_stop = stop.clone();
         let grpc = tokio::spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let incoming = serving::incoming(grpc_listener, grpc_tls, grpc_stop.clone());
             let result = tonic::transport::Server::builder()
                 .serve_with_incoming_shutdown(routes, incoming, grpc_stop.cancelled())
                 .await;
@@ -204,7 +232,9 @@ impl App {
 
 /// The CA and token validator the configuration asks for; without a CA, `Certify`
 /// answers UNAVAILABLE and says what to configure.
-async fn identity_service(config: &Config) -> Result<IdentityService, BuildError> {
+async fn identity_service(
+    config: &Config,
+) -> Result<(IdentityService, Option<Arc<Ca>>), BuildError> {
     let ca = match &config.issuer {
         IssuerSource::None => None,
         IssuerSource::Dev(dir) => Some(Arc::new(Ca::dev(
@@ -237,9 +267,8 @@ async fn identity_service(config: &Config) -> Result<IdentityService, BuildError
             "identity is not configured (--dev-ca or --issuer-*): proxies cannot get certificates"
         );
     }
-    Ok(IdentityService::new(
+    Ok((
+        IdentityService::new(ca.clone(), tokens, config.trust_domain.clone()),
         ca,
-        tokens,
-        config.trust_domain.clone(),
     ))
 }

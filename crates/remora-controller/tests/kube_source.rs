@@ -218,7 +218,7 @@ fn endpoints(v: &View) -> Vec<(String, bool)> {
     match v {
         View::Service { endpoints, .. } => endpoints
             .iter()
-            .map(|e| (e.addr.to_string(), e.server_name.is_some()))
+            .map(|e| (e.addr.to_string(), e.identity.is_some()))
             .collect(),
         _ => Vec::new(),
     }
@@ -259,13 +259,15 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
     let grpc = app.grpc_addr().unwrap();
     tokio::spawn(app.run(std::future::pending()));
 
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect_lazy();
     let discovery = Discovery::new(
-        &format!("http://{grpc}"),
+        channel,
         ClientInfo::default(),
         prometheus_client::metrics::counter::Counter::default(),
-        Duration::from_secs(1),
-    )
-    .unwrap();
+        remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
+    );
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
 

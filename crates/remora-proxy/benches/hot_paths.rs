@@ -51,17 +51,17 @@ fn headers(c: &mut Criterion) {
 }
 
 fn balancer(c: &mut Criterion) {
-    use remora_proxy::{balance::Balancer, discovery::Endpoint};
+    use remora_proxy::{balance::Balancer, connect::Connector, discovery::Endpoint};
     use std::{net::SocketAddr, sync::Arc, time::Duration};
     let endpoints: Arc<[Endpoint]> = (1..=10u8)
         .map(|i| Endpoint {
             addr: SocketAddr::from(([10, 0, 0, i], 8080)),
-            server_name: None,
+            identity: None,
             ready: true,
         })
         .collect::<Vec<_>>()
         .into();
-    let b = Balancer::new(Duration::from_secs(1));
+    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
     c.bench_function("balancer_pick/10_endpoints", |bench| {
         bench.iter(|| black_box(b.pick(black_box(&endpoints))))
     });

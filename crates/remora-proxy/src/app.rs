@@ -12,11 +12,15 @@ use tracing::{info, warn};
 use remora_admin::{Admin, LogLevel, Readiness};
 
 use crate::{
+    authz::InboundPolicies,
     config::Config,
+    connect::Connector,
+    control::{self, Channels},
     discovery::{ClientInfo, Discovery},
     identity::{self, Identity},
     metrics::{Direction, Metrics},
     proxy::{self, Ctx},
+    tls::{self, TlsContext},
 };
 
 /// How often idle destinations are looked for, and how long unused makes one idle.
@@ -54,6 +58,7 @@ pub struct App {
     admin: Arc<Admin>,
     ctx: Arc<Ctx>,
     identity: Option<Arc<Identity>>,
+    channels: Option<Channels>,
 }
 
 impl App {
@@ -65,7 +70,7 @@ impl App {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let readiness = Arc::new(Readiness::default());
-        let identity = match &config.identity {
+        let (identity, tls) = match &config.identity {
             Some(ic) => {
                 let anchors = std::fs::read_to_string(&ic.trust_anchors).map_err(|e| {
                     BuildError::Identity(format!(
@@ -73,18 +78,25 @@ impl App {
                         ic.trust_anchors.display()
                     ))
                 })?;
-                if !anchors.contains("BEGIN CERTIFICATE") {
-                    return Err(BuildError::Identity(format!(
-                        "REMORA_TRUST_ANCHORS {} holds no PEM certificate",
+                let roots = tls::roots(&anchors).map_err(|e| {
+                    BuildError::Identity(format!(
+                        "REMORA_TRUST_ANCHORS {}: {e}",
                         ic.trust_anchors.display()
-                    )));
-                }
+                    ))
+                })?;
                 readiness.hold(identity::READY_REASON);
-                Some(Arc::new(
+                let identity = Arc::new(
                     Identity::new(ic.clone()).map_err(|e| BuildError::Identity(e.to_string()))?,
-                ))
+                );
+                let tls = TlsContext::spawn(
+                    identity.credentials(),
+                    roots,
+                    ic.server_name(),
+                    ic.spiffe_id(),
+                );
+                (Some(identity), Some(tls))
             }
-            None => None,
+            None => (None, None),
         };
         let admin = Arc::new(Admin {
             registry,
@@ -93,24 +105,49 @@ impl App {
             log,
             shutdown: CancellationToken::new(),
         });
-        let discovery = match &config.controller_addr {
+        let connector = Connector {
+            timeout: config.connect_timeout,
+            tls: tls.clone(),
+            tls_failures: metrics.tls_failures(Direction::Outbound),
+        };
+        let info = ClientInfo {
+            namespace: config.namespace.clone(),
+            pod_name: config.pod_name.clone(),
+            pod_ip: config.pod_ip.clone(),
+        };
+        let channels = match &config.controller_addr {
             Some(addr) => {
-                let info = ClientInfo {
-                    namespace: config.namespace.clone(),
-                    pod_name: config.pod_name.clone(),
-                    pod_ip: config.pod_ip.clone(),
+                let roots = match &tls {
+                    Some(_) => {
+                        let ic = config.identity.as_ref().expect("tls comes from identity");
+                        let pem = std::fs::read_to_string(&ic.trust_anchors)
+                            .map_err(|e| BuildError::Identity(e.to_string()))?;
+                        Some(tls::roots(&pem).map_err(|e| BuildError::Identity(e.to_string()))?)
+                    }
+                    None => None,
                 };
-                let d = Discovery::new(
-                    addr,
-                    info,
-                    metrics.control_reconnects.clone(),
-                    config.connect_timeout,
+                Some(
+                    control::channels(addr, roots, &config.controller_name, tls.clone())
+                        .map_err(BuildError::Controller)?,
                 )
-                .map_err(BuildError::Controller)?;
-                Some(d)
             }
             None => None,
         };
+        let discovery = channels.as_ref().map(|c| {
+            Discovery::new(
+                c.api.clone(),
+                info.clone(),
+                metrics.control_reconnects.clone(),
+                connector.clone(),
+            )
+        });
+        let policies = InboundPolicies::new(
+            channels.as_ref().map(|c| c.api.clone()),
+            info,
+            config.default_inbound_policy,
+            config.discovery_wait,
+            metrics.control_reconnects.clone(),
+        );
         let ctx = Arc::new(Ctx {
             discovery,
             discovery_wait: config.discovery_wait,
@@ -118,6 +155,9 @@ impl App {
             opaque_ports: config.opaque_ports.clone(),
             detect_timeout: config.detect_timeout,
             connect_timeout: config.connect_timeout,
+            connector,
+            tls,
+            policies,
             metrics,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -130,6 +170,7 @@ impl App {
             admin,
             ctx,
             identity,
+            channels,
         })
     }
 
@@ -156,18 +197,11 @@ impl App {
             admin,
             ctx,
             identity,
+            channels,
         } = self;
-        if let (Some(identity), Some(addr)) = (identity, &config.controller_addr) {
-            match tonic::transport::Channel::from_shared(addr.clone()) {
-                Ok(endpoint) => {
-                    let channel = endpoint
-                        .connect_timeout(std::time::Duration::from_secs(3))
-                        .connect_lazy();
-                    let expiry = ctx.metrics.cert_expiry.clone();
-                    tokio::spawn(identity.run(channel, admin.readiness.clone(), expiry));
-                }
-                Err(error) => warn!(%error, "cannot reach the controller for identity"),
-            }
+        if let (Some(identity), Some(channels)) = (identity, &channels) {
+            let expiry = ctx.metrics.cert_expiry.clone();
+            tokio::spawn(identity.run(channels.identity.clone(), admin.readiness.clone(), expiry));
         }
         for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
             info!(target: "remora_proxy::config", "{}={} ({source})", e.env, e.value);
@@ -178,8 +212,15 @@ impl App {
                 outbound = ?local_addrs(&outbound),
                 admin = ?local_addrs(&admin_listeners),
                 %controller,
-                "remora-proxy {} running; traffic is NOT encrypted yet",
+                identity = config.identity.as_ref().map(|i| i.spiffe_id()).unwrap_or_default(),
+                default_inbound_policy = config.default_inbound_policy.as_str(),
+                "remora-proxy {} running{}",
                 env!("CARGO_PKG_VERSION"),
+                if ctx.tls.is_some() {
+                    ""
+                } else {
+                    " WITHOUT an identity: traffic is NOT encrypted"
+                },
             ),
             None => warn!(
                 inbound = ?local_addrs(&inbound),

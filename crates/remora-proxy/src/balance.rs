@@ -20,7 +20,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::{discovery::Endpoint, http::pool::EndpointClients};
+use crate::{connect::Connector, discovery::Endpoint, http::pool::EndpointClients};
 
 /// Latency assumed for an endpoint before it has answered anything (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -44,15 +44,15 @@ struct Ewma {
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr, connect_timeout: Duration, rtt: f64) -> Self {
+    fn new(e: &Endpoint, connector: &Connector, rtt: f64) -> Self {
         Self {
-            addr,
+            addr: e.addr,
             in_flight: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma {
                 value: rtt,
                 at: Instant::now(),
             }),
-            clients: EndpointClients::new(addr, connect_timeout),
+            clients: EndpointClients::new(e.addr, e.identity.clone(), connector.clone()),
         }
     }
 
@@ -122,20 +122,20 @@ struct States {
 /// The endpoints of one destination and their state.
 #[derive(Debug)]
 pub struct Balancer {
-    connect_timeout: Duration,
+    connector: Connector,
     states: Mutex<States>,
     seed: AtomicU64,
 }
 
 impl Balancer {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub fn new(connector: Connector) -> Self {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0x9e37_79b9)
             | 1;
         Self {
-            connect_timeout,
+            connector,
             states: Mutex::new(States {
                 synced_to: Arc::from(Vec::new()),
                 by_addr: HashMap::new(),
@@ -199,9 +199,13 @@ impl Balancer {
         };
         let mut by_addr = HashMap::with_capacity(endpoints.len());
         for e in endpoints.iter() {
-            let state = old.by_addr.get(&e.addr).cloned().unwrap_or_else(|| {
-                Arc::new(EndpointState::new(e.addr, self.connect_timeout, initial))
-            });
+            // A new pod at an old address may be someone else: its pools are not reused.
+            let state = old
+                .by_addr
+                .get(&e.addr)
+                .filter(|s| s.clients.identity() == e.identity.as_ref())
+                .cloned()
+                .unwrap_or_else(|| Arc::new(EndpointState::new(e, &self.connector, initial)));
             by_addr.insert(e.addr, state);
         }
         // Ready endpoints; terminating ones only when nothing is ready.
@@ -227,7 +231,7 @@ mod tests {
         (1..=n)
             .map(|i| Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, i], 80)),
-                server_name: None,
+                identity: None,
                 ready: true,
             })
             .collect::<Vec<_>>()
@@ -236,7 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn spreads_over_equal_endpoints() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
         let eps = endpoints(3);
         let mut counts = HashMap::new();
         for _ in 0..3000 {
@@ -248,7 +252,7 @@ mod tests {
 
     #[tokio::test]
     async fn avoids_the_slow_and_the_busy() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
         let eps = endpoints(2);
         let slow = b.pick(&eps).unwrap();
         slow.observe(Duration::from_millis(500));
@@ -260,7 +264,7 @@ mod tests {
             "with two endpoints P2C compares both: the slow one never wins"
         );
         // Requests in flight weigh on an endpoint's cost too.
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
         let busy = b.pick(&eps).unwrap();
         let _held: Vec<InFlight> = (0..5).map(|_| busy.start()).collect();
         let picks = (0..1000)
@@ -271,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn removed_endpoints_are_not_picked_and_terminating_ones_only_as_a_last_resort() {
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
         let all = endpoints(3);
         let held = b.pick(&all).unwrap().start();
         let fewer: Arc<[Endpoint]> = all
@@ -285,7 +289,7 @@ mod tests {
         }
         drop(held);
         // An endpoint that joins later is tried, though its peers are fast.
-        let b = Balancer::new(Duration::from_secs(1));
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
         let two = endpoints(2);
         for _ in 0..10 {
             b.pick(&two).unwrap().observe(Duration::from_micros(300));

@@ -12,7 +12,19 @@ pub const CONTROLLER_ADDR: Knob = Knob::value(
     "controller-addr",
     "REMORA_CONTROLLER_ADDR",
     None,
-    "The controller's gRPC address (http://host:8086); unset runs standalone: every destination passthrough",
+    "The controller's gRPC address: https://host:8086 (verified against the trust anchors), or http:// for local use; unset runs standalone: every destination passthrough",
+);
+pub const CONTROLLER_NAME: Knob = Knob::value(
+    "controller-name",
+    "REMORA_CONTROLLER_NAME",
+    None,
+    "The TLS name the controller must prove with https://; default remora-controller.remora-system.serviceaccount.identity.<trust domain>",
+);
+pub const DEFAULT_INBOUND_POLICY: Knob = Knob::value(
+    "default-inbound-policy",
+    "REMORA_DEFAULT_INBOUND_POLICY",
+    Some("all-unauthenticated"),
+    "Who may connect where no AuthorizationPolicy selects a port: all-unauthenticated, all-authenticated, cluster-authenticated or deny (the pod annotation remora.io/default-inbound-policy overrides it)",
 );
 pub const NAMESPACE: Knob = Knob::value(
     "namespace",
@@ -132,6 +144,8 @@ pub const LOG_FORMAT: Knob = Knob::value(
 /// Every knob of `remora-proxy`, in the order `--help` and the README list them.
 pub const KNOBS: &[Knob] = &[
     CONTROLLER_ADDR,
+    CONTROLLER_NAME,
+    DEFAULT_INBOUND_POLICY,
     NAMESPACE,
     POD_NAME,
     POD_IP,
@@ -156,7 +170,10 @@ pub const KNOBS: &[Knob] = &[
 /// The proxy's validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub controller_addr: Option<String>,
+    pub controller_addr: Option<crate::control::ControllerAddr>,
+    /// The name the controller proves over TLS.
+    pub controller_name: String,
+    pub default_inbound_policy: crate::authz::DefaultPolicy,
     pub namespace: String,
     pub pod_name: String,
     pub pod_ip: String,
@@ -191,7 +208,9 @@ impl Config {
             KNOBS,
         );
         let mut l = Loader::new(cmd, args, env)?;
-        let controller_addr = l.get(&CONTROLLER_ADDR, parse_controller_addr);
+        let controller_addr = l.get(&CONTROLLER_ADDR, crate::control::ControllerAddr::parse);
+        let controller_name = l.get(&CONTROLLER_NAME, |s| Ok::<_, String>(s.to_string()));
+        let default_inbound_policy = l.get(&DEFAULT_INBOUND_POLICY, |s| s.parse());
         let text = |s: &str| Ok::<_, String>(s.to_string());
         let namespace = l.get(&NAMESPACE, text);
         let pod_name = l.get(&POD_NAME, text);
@@ -233,6 +252,12 @@ impl Config {
                 None
             }
         };
+        if controller_addr.as_ref().is_some_and(|a| a.tls) && identity.is_none() {
+            l.error(
+                "REMORA_CONTROLLER_ADDR https:// needs the proxy's identity \
+                 (REMORA_TRUST_ANCHORS and REMORA_IDENTITY_TOKEN_FILE) to verify the controller",
+            );
+        }
         let discovery_wait = l.get(&DISCOVERY_WAIT, remora_config::parse_duration);
         let preconnect_delay = l.get(&PRECONNECT_DELAY, remora_config::parse_duration);
         let inbound_addrs = l.get(&INBOUND_ADDR, parse_addrs);
@@ -267,8 +292,16 @@ impl Config {
         }
         let effective = l.finish()?;
         // finish() succeeded, so every value above parsed.
+        let controller_name = controller_name.unwrap_or_else(|| {
+            format!(
+                "remora-controller.remora-system.serviceaccount.identity.{}",
+                trust_domain.clone().unwrap_or_default()
+            )
+        });
         Ok(Self {
             controller_addr,
+            controller_name,
+            default_inbound_policy: remora_config::present(default_inbound_policy)?,
             namespace: remora_config::present(namespace)?,
             pod_name: remora_config::present(pod_name)?,
             pod_ip: remora_config::present(pod_ip)?,
@@ -292,22 +325,6 @@ impl Config {
     /// Whether connections to `port` skip protocol detection.
     pub fn is_opaque(&self, port: u16) -> bool {
         self.opaque_ports.iter().any(|r| r.contains(port))
-    }
-}
-
-/// `http://host:port`. TLS to the controller arrives with the proxy's identity.
-fn parse_controller_addr(s: &str) -> Result<String, String> {
-    let rest = match s.strip_prefix("http://") {
-        Some(r) => r,
-        None if s.starts_with("https://") => {
-            return Err("https:// needs the proxy's identity, which this version does not have yet: use http://".into());
-        }
-        None => return Err("expected http://host:port".into()),
-    };
-    let authority = rest.trim_end_matches('/');
-    match authority.parse::<http::uri::Authority>() {
-        Ok(a) if a.port_u16().is_some() => Ok(format!("http://{authority}")),
-        _ => Err("expected http://host:port".into()),
     }
 }
 
@@ -422,9 +439,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.controller_addr.as_deref(),
+            c.controller_addr.map(|a| a.to_string()).as_deref(),
             Some("http://remora-controller.remora-system.svc:8086")
         );
+        assert_eq!(
+            c.controller_name,
+            "remora-controller.remora-system.serviceaccount.identity.cluster.local"
+        );
+        // https:// needs trust anchors to verify the controller with.
         for bad in ["remora:8086", "http://remora", "https://remora:8086"] {
             let err = load(&[], &[("REMORA_CONTROLLER_ADDR", bad)])
                 .unwrap_err()

@@ -1,11 +1,28 @@
-//! Connecting to destinations, and learning where an intercepted connection was going.
+//! Connecting to destinations (plain, or mTLS to a meshed endpoint's proxy), and
+//! learning where an intercepted connection was going.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
-use tokio::net::TcpStream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tracing::warn;
 
-use crate::addr::OrigDst;
+use crate::{
+    addr::OrigDst,
+    tls::{self, Alpn, PeerId, TlsContext, TlsError},
+};
 
 /// A connection to a destination could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +33,156 @@ pub enum ConnectError {
     Io { addr: OrigDst, source: io::Error },
     #[error("service {service} has no endpoints")]
     NoEndpoints { service: std::sync::Arc<str> },
+    #[error("mTLS to {addr} failed: {source}")]
+    Tls { addr: OrigDst, source: TlsError },
+    #[error("mTLS to {addr} timed out after {timeout:?}")]
+    TlsTimeout { addr: OrigDst, timeout: Duration },
+    #[error(
+        "no certificate yet for mTLS to {addr}: is the controller's Identity service reachable?"
+    )]
+    NoCertificate { addr: OrigDst },
+}
+
+/// A connection to an upstream: plain TCP, or mTLS to a meshed endpoint's proxy.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// Resolves when the peer has sent something (or closed), without consuming it.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.tcp().readable().await
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, b),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, b),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// Makes upstream connections: mTLS when the endpoint has an identity and this proxy
+/// has one too, plain otherwise.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    pub timeout: Duration,
+    pub tls: Option<Arc<TlsContext>>,
+    /// Handshakes with endpoints that failed.
+    pub tls_failures: Counter,
+}
+
+impl Connector {
+    pub fn plain(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            tls: None,
+            tls_failures: Counter::default(),
+        }
+    }
+
+    /// Whether a connection to an endpoint with identity `peer` is encrypted.
+    pub fn encrypts(&self, peer: Option<&PeerId>) -> bool {
+        peer.is_some() && self.tls.is_some()
+    }
+
+    pub async fn connect(
+        &self,
+        addr: OrigDst,
+        peer: Option<&PeerId>,
+        alpn: Alpn,
+    ) -> Result<Conn, ConnectError> {
+        let (Some(peer), Some(tls)) = (peer, &self.tls) else {
+            return connect(addr, self.timeout).await.map(Conn::Plain);
+        };
+        let (tcp, configs) = tokio::join!(connect(addr, self.timeout), tls.wait(self.timeout));
+        let tcp = tcp?;
+        let configs = configs.ok_or(ConnectError::NoCertificate { addr })?;
+        let handshake = tls::connect(
+            tcp,
+            configs.client(alpn),
+            &peer.server_name,
+            &peer.spiffe_id,
+        );
+        match tokio::time::timeout(self.timeout, handshake).await {
+            Ok(Ok(s)) => Ok(Conn::Tls(Box::new(s))),
+            Ok(Err(source)) => {
+                self.tls_failures.inc();
+                warn!(%addr, local = %tls.local_id, expected = %peer.spiffe_id, error = %source,
+                    "mTLS handshake with an endpoint failed");
+                Err(ConnectError::Tls { addr, source })
+            }
+            Err(_) => {
+                self.tls_failures.inc();
+                Err(ConnectError::TlsTimeout {
+                    addr,
+                    timeout: self.timeout,
+                })
+            }
+        }
+    }
 }
 
 /// Connects to `addr` within `timeout`, with Nagle off: the proxy writes whole messages.

@@ -21,6 +21,8 @@ const MAX_METHOD_LEN: usize = 24;
 pub enum Verdict {
     Http1,
     Http2,
+    /// A whole TLS ClientHello record: its SNI decides what happens.
+    Tls,
     /// Not HTTP: proxy as TCP.
     Opaque,
     /// Could still be HTTP: read more.
@@ -31,6 +33,9 @@ pub enum Verdict {
 pub fn classify(buf: &[u8]) -> Verdict {
     if buf.is_empty() {
         return Verdict::NeedMore;
+    }
+    if buf[0] == TLS_HANDSHAKE {
+        return classify_tls(buf);
     }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -45,6 +50,32 @@ pub fn classify(buf: &[u8]) -> Verdict {
         return Verdict::Opaque;
     }
     verdict
+}
+
+/// The content type of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Waits for the whole first record of a TLS handshake (`16 03 0x len len`), which holds
+/// the ClientHello; one too long to buffer is opaque.
+fn classify_tls(buf: &[u8]) -> Verdict {
+    if buf.len() < 5 {
+        return match buf.get(1) {
+            Some(&v) if v != 0x03 => Verdict::Opaque,
+            _ => Verdict::NeedMore,
+        };
+    }
+    // The record must hold a ClientHello (handshake type 1).
+    if buf[1] != 0x03 || buf.get(5).is_some_and(|&t| t != 0x01) {
+        return Verdict::Opaque;
+    }
+    let len = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if len > MAX_DETECT_BYTES {
+        Verdict::Opaque
+    } else if buf.len() >= len {
+        Verdict::Tls
+    } else {
+        Verdict::NeedMore
+    }
 }
 
 /// Checks for an HTTP/1 request line: `token SP request-target SP HTTP/1.x CRLF`.
@@ -117,7 +148,12 @@ mod tests {
             (b"GET  / HTTP/1.1\r\n", Opaque),
             (b"GET /\x00 HTTP/1.1\r\n", Opaque),
             (b" GET / HTTP/1.1\r\n", Opaque),
-            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", Opaque),
+            (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", NeedMore),
+            (b"\x16\x03\x01\x00\x02\x01\x00", Tls),
+            (b"\x16\x03\x01\x00\x02\x01\x00more", Tls),
+            (b"\x16\x03\x01\xff\xff", Opaque),
+            (b"\x16\x05", Opaque),
+            (b"\x16\x03\x01\x00\xffnot a hello", Opaque),
             (b"SSH-2.0-OpenSSH_9.2\r\n", Opaque),
             (b"\x00\x00\x00\x00", Opaque),
             (b"*3\r\n$3\r\nSET\r\n", Opaque),

@@ -17,14 +17,15 @@ use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::{addr::OrigDst, balance::Balancer};
+use crate::{addr::OrigDst, balance::Balancer, connect::Connector, tls::PeerId};
 
 /// One endpoint as the proxy uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// The identity its proxy presents (used for mTLS once identity lands).
-    pub server_name: Option<Arc<str>>,
+    /// The identity its proxy proves: set when the endpoint is meshed, and then traffic
+    /// to it is mTLS.
+    pub identity: Option<PeerId>,
     pub ready: bool,
 }
 
@@ -42,8 +43,9 @@ pub enum View {
         headless: bool,
         endpoints: Arc<[Endpoint]>,
     },
-    /// A bare meshed or unmeshed pod: forwarded as-is.
-    Pod,
+    /// A bare pod (a pod IP, as headless Services give): forwarded to the address
+    /// asked for, over mTLS when the pod is meshed.
+    Pod { endpoints: Arc<[Endpoint]> },
 }
 
 /// A destination's stream of views and the balancer every connection to it shares.
@@ -76,7 +78,7 @@ pub struct Discovery {
     info: ClientInfo,
     targets: Mutex<HashMap<OrigDst, Entry>>,
     reconnects: Counter,
-    connect_timeout: Duration,
+    connector: Connector,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -88,27 +90,20 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    /// A client for the controller at `addr` (`http://host:port`); connects lazily.
+    /// A client over `channel` to the controller.
     pub fn new(
-        addr: &str,
+        channel: Channel,
         info: ClientInfo,
         reconnects: Counter,
-        connect_timeout: Duration,
-    ) -> Result<Arc<Self>, String> {
-        let channel = Channel::from_shared(addr.to_string())
-            .map_err(|e| format!("controller address {addr:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
-        Ok(Arc::new(Self {
+        connector: Connector,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             client: api::destination_client::DestinationClient::new(channel),
             info,
             targets: Mutex::new(HashMap::new()),
             reconnects,
-            connect_timeout,
-        }))
+            connector,
+        })
     }
 
     /// The shared target for `dst`, starting its stream on first use.
@@ -122,7 +117,7 @@ impl Discovery {
         let (tx, rx) = watch::channel(View::Pending);
         let target = Arc::new(Target {
             views: rx,
-            balancer: Arc::new(Balancer::new(self.connect_timeout)),
+            balancer: Arc::new(Balancer::new(self.connector.clone())),
         });
         let task = tokio::spawn(self.clone().watch(dst, tx)).abort_handle();
         targets.insert(
@@ -229,12 +224,18 @@ impl State {
                     let Some(addr) = e.address.as_ref().and_then(socket_addr) else {
                         continue;
                     };
-                    let server_name = e.identity.map(|i| Arc::from(i.server_name.as_str()));
+                    let identity = e
+                        .identity
+                        .filter(|i| !i.spiffe_id.is_empty() && !i.server_name.is_empty())
+                        .map(|i| PeerId {
+                            spiffe_id: Arc::from(i.spiffe_id),
+                            server_name: Arc::from(i.server_name),
+                        });
                     self.endpoints.insert(
                         addr,
                         Endpoint {
                             addr,
-                            server_name,
+                            identity,
                             ready: e.ready,
                         },
                     );
@@ -254,20 +255,25 @@ impl State {
     }
 
     fn view(&self) -> View {
+        let endpoints = || self.endpoints.values().cloned().collect::<Vec<_>>().into();
         let Some(info) = &self.info else {
             return if self.exists == Some(true) {
-                View::Pod
+                View::Pod {
+                    endpoints: endpoints(),
+                }
             } else {
                 View::Passthrough
             };
         };
         if info.service.is_empty() {
-            return View::Pod;
+            return View::Pod {
+                endpoints: endpoints(),
+            };
         }
         View::Service {
             name: Arc::from(info.service.as_str()),
             headless: info.headless,
-            endpoints: self.endpoints.values().cloned().collect::<Vec<_>>().into(),
+            endpoints: endpoints(),
         }
     }
 }
@@ -407,14 +413,14 @@ mod tests {
         let add = api::update::Kind::Add(api::AddEndpoints {
             endpoints: vec![ep([10, 0, 0, 4], 8080, true)],
         });
-        assert_eq!(
-            s.apply(api::Update {
-                kind: Some(add),
-                reset: true,
-                target: info("")
-            }),
-            Some(View::Pod)
-        );
+        let Some(View::Pod { endpoints }) = s.apply(api::Update {
+            kind: Some(add),
+            reset: true,
+            target: info(""),
+        }) else {
+            panic!("a pod target")
+        };
+        assert_eq!(endpoints[0].addr, SocketAddr::from(([10, 0, 0, 4], 8080)));
         let mut s = State::default();
         assert_eq!(
             s.apply(api::Update {

@@ -8,7 +8,7 @@ pub mod pool;
 pub mod route;
 mod upstream;
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -21,14 +21,50 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
 pub use body::{MeteredBody, grpc_status};
 pub use headers::{strip_hop_by_hop, wants_upgrade};
 pub use route::{Route, RouteError};
 pub use upstream::{Upstream, UpstreamError, Version};
 
-use crate::metrics::HttpMetrics;
+use crate::{
+    authz::{Peer, PortPolicy},
+    metrics::HttpMetrics,
+};
+
+/// Who sends the requests of an inbound connection, and the policy that judges each.
+#[derive(Debug)]
+pub struct Admission {
+    pub policy: PortPolicy,
+    pub ip: IpAddr,
+    /// The client's mesh identity, when it connected over mTLS.
+    pub identity: Option<String>,
+}
+
+impl Admission {
+    /// None when allowed; otherwise why not, for the `remora-error` header.
+    fn check<B>(&self, req: &Request<B>) -> Option<String> {
+        let policy = self.policy.current();
+        let peer = Peer {
+            ip: self.ip,
+            identity: self.identity.as_deref(),
+        };
+        if policy.allows_request(&peer, req.method(), req.uri().path()) {
+            return None;
+        }
+        let who = self
+            .identity
+            .as_deref()
+            .unwrap_or("an unauthenticated client");
+        info!(client = %self.ip, %who, policy = %policy.name, method = %req.method(),
+            path = req.uri().path(), "request denied by inbound policy");
+        Some(format!(
+            "unauthorized: {who} is not allowed by {}",
+            policy.name
+        ))
+    }
+}
 
 /// The header that says why the proxy, not the application, produced a response.
 pub const ERROR_HEADER: &str = "remora-error";
@@ -38,15 +74,21 @@ pub type ProxyBody = MeteredBody<Either<Incoming, Full<Bytes>>>;
 
 /// Serves one client connection until it closes, or until `drain` asks it to finish
 /// its in-flight requests and close.
-pub async fn serve<I>(io: I, route: Route, metrics: HttpMetrics, drain: CancellationToken)
-where
+pub async fn serve<I>(
+    io: I,
+    route: Route,
+    metrics: HttpMetrics,
+    drain: CancellationToken,
+    admission: Option<Admission>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let route = Arc::new(route);
+    let admission = admission.map(Arc::new);
     let version = route.version();
     let svc = service_fn(move |req| {
-        let (route, metrics) = (route.clone(), metrics.clone());
-        async move { Ok::<_, Infallible>(forward(req, &route, metrics).await) }
+        let (route, metrics, admission) = (route.clone(), metrics.clone(), admission.clone());
+        async move { Ok::<_, Infallible>(forward(req, &route, metrics, admission.as_deref()).await) }
     });
     let io = TokioIo::new(io);
     let result = match version {
@@ -88,12 +130,21 @@ async fn forward(
     mut req: Request<Incoming>,
     route: &Route,
     metrics: HttpMetrics,
+    admission: Option<&Admission>,
 ) -> Response<ProxyBody> {
     metrics.requests.inc();
     let start = Instant::now();
+    let grpc = is_grpc(req.headers());
+    if let Some(reason) = admission.and_then(|a| a.check(&req)) {
+        metrics.denied.inc();
+        let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
+        metrics.duration.observe(start.elapsed().as_secs_f64());
+        let (parts, body) = rsp.into_parts();
+        let body = MeteredBody::new(body, metrics, 403, &parts.headers, None);
+        return Response::from_parts(parts, body);
+    }
     let upgrade = wants_upgrade(&req);
     let connect = req.method() == Method::CONNECT;
-    let grpc = is_grpc(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
@@ -139,7 +190,8 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
 }
 
 /// A response made by the proxy. gRPC clients get a trailers-only response with
-/// `UNAVAILABLE` (14), which their libraries understand; others get `status`.
+/// `PERMISSION_DENIED` (7) for a 403 and `UNAVAILABLE` (14) otherwise, which their
+/// libraries understand; others get `status`.
 pub fn error_response(status: StatusCode, reason: &str, grpc: bool) -> Response<Full<Bytes>> {
     let reason_value =
         HeaderValue::from_str(reason).unwrap_or(HeaderValue::from_static("proxy error"));
@@ -150,7 +202,12 @@ pub fn error_response(status: StatusCode, reason: &str, grpc: bool) -> Response<
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from_static("14"));
+        let code = if status == StatusCode::FORBIDDEN {
+            "7"
+        } else {
+            "14"
+        };
+        h.insert("grpc-status", HeaderValue::from_static(code));
         h.insert("grpc-message", reason_value.clone());
     } else {
         *rsp.status_mut() = status;

@@ -30,6 +30,10 @@ impl<I> PrefixedIo<I> {
     pub fn into_parts(self) -> (Bytes, I) {
         (self.prefix, self.io)
     }
+
+    pub fn get_mut(&mut self) -> &mut I {
+        &mut self.io
+    }
 }
 
 impl<I: AsyncRead> AsyncRead for PrefixedIo<I> {
@@ -89,6 +93,15 @@ impl<I> CountingIo<I> {
 
     pub fn get_ref(&self) -> &I {
         &self.io
+    }
+
+    /// Counts into `read` and `written` from now on, carrying over what was counted so
+    /// far (bytes read before the connection's labels were known).
+    pub fn retarget(&mut self, read: Counter, written: Counter) {
+        read.inc_by(self.read.get());
+        written.inc_by(self.written.get());
+        self.read = read;
+        self.written = written;
     }
 }
 

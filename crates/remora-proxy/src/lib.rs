@@ -8,13 +8,16 @@
 
 pub mod addr;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod config;
 pub mod connect;
+pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod inbound;
 pub mod io;
 pub mod metrics;
 pub mod proxy;

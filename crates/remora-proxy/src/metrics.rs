@@ -87,6 +87,8 @@ pub struct ResponseLabels {
 pub enum DetectResult {
     Http1,
     Http2,
+    /// A TLS ClientHello.
+    Tls,
     /// The client's bytes were not HTTP.
     Opaque,
     /// The server spoke before the client did.
@@ -104,6 +106,7 @@ impl DetectResult {
         match self {
             DetectResult::Http1 => "http1",
             DetectResult::Http2 => "http2",
+            DetectResult::Tls => "tls",
             DetectResult::Opaque => "opaque",
             DetectResult::ServerFirst => "server_first",
             DetectResult::Timeout => "timeout",
@@ -117,6 +120,11 @@ impl EncodeLabelValue for DetectResult {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)
     }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,6 +148,8 @@ pub struct Metrics {
     http_duration: HistogramFamily<TrafficLabels>,
     detect_total: Family<DetectLabels, Counter>,
     detect_duration: HistogramFamily<DetectLabels>,
+    authz_denied: Family<TrafficLabels, Counter>,
+    tls_failures: Family<DirectionLabels, Counter>,
     /// Destination streams to the controller that ended and were started again.
     pub control_reconnects: Counter,
     /// When the current certificate expires, seconds since the epoch.
@@ -162,9 +172,21 @@ impl Metrics {
             http_duration: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             detect_total: Family::default(),
             detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
+            authz_denied: Family::default(),
+            tls_failures: Family::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
         };
+        r.register(
+            "authz_denied",
+            "Inbound connections and requests refused by authorization policy",
+            m.authz_denied.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "mTLS handshakes between proxies that failed (untrusted, wrong identity, expired, no certificate)",
+            m.tls_failures.clone(),
+        );
         r.register(
             "tcp_connections_opened",
             "TCP connections accepted",
@@ -258,9 +280,21 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Counts a connection refused by inbound policy.
+    pub fn denied(&self, labels: &TrafficLabels) {
+        self.authz_denied.get_or_create(labels).inc();
+    }
+
+    /// The counter of failed mTLS handshakes on one side.
+    pub fn tls_failures(&self, direction: Direction) -> Counter {
+        self.tls_failures
+            .get_or_create_owned(&DirectionLabels { direction })
+    }
+
     /// Handles for one connection's HTTP requests.
     pub fn http(&self, labels: TrafficLabels) -> HttpMetrics {
         HttpMetrics {
+            denied: self.authz_denied.get_or_create_owned(&labels),
             requests: self.http_requests.get_or_create_owned(&labels),
             duration: self.http_duration.get_or_create_owned(&labels),
             responses: self.http_responses.clone(),
@@ -289,6 +323,8 @@ impl Drop for ConnMetrics {
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
     pub requests: Counter,
+    /// Requests refused by inbound policy.
+    pub denied: Counter,
     pub duration: Histogram,
     responses: Family<ResponseLabels, Counter>,
     labels: TrafficLabels,

@@ -12,13 +12,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     addr::{ClientAddr, OrigDst},
-    connect::{ConnectError, connect, orig_dst, reset},
+    authz::InboundPolicies,
+    connect::{Conn, ConnectError, Connector, connect, orig_dst, reset},
     detect::{Detection, RaceError, race},
-    discovery::{Discovery, Target, View},
+    discovery::{Discovery, Endpoint, Target, View},
     http::{self, Route, Upstream, Version},
+    inbound,
     io::{CountingIo, PrefixedIo},
     metrics::{DetectResult, Direction, Metrics, TrafficLabels},
     tcp,
+    tls::{Alpn, TlsContext},
 };
 
 /// What every connection task shares.
@@ -27,6 +30,12 @@ pub struct Ctx {
     pub opaque_ports: Vec<remora_config::PortRange>,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Outbound connections: mTLS to meshed endpoints once the proxy has a certificate.
+    pub connector: Connector,
+    /// Present when the proxy has an identity.
+    pub tls: Option<Arc<TlsContext>>,
+    /// Inbound authorization, per port.
+    pub policies: Arc<InboundPolicies>,
     pub metrics: Metrics,
     /// Present when a controller is configured.
     pub discovery: Option<Arc<Discovery>>,
@@ -43,6 +52,12 @@ pub struct Ctx {
 struct Accept {
     direction: Direction,
     orig_dst: OrigDst,
+}
+
+impl Ctx {
+    pub fn is_opaque_port(&self, port: u16) -> bool {
+        self.opaque_ports.iter().any(|r| r.contains(port))
+    }
 }
 
 /// Accepts connections until the drain starts.
@@ -99,22 +114,32 @@ async fn serve_connection(
         orig_dst,
     };
     let span = info_span!("conn", dir = direction.as_str(), client = %client, dst = %orig_dst);
-    Box::pin(dispatch(&ctx, accept, stream))
-        .instrument(span)
-        .await;
+    match direction {
+        Direction::Outbound => {
+            Box::pin(dispatch(&ctx, accept, stream))
+                .instrument(span)
+                .await
+        }
+        Direction::Inbound => {
+            Box::pin(inbound::dispatch(&ctx, orig_dst, client, stream))
+                .instrument(span)
+                .await
+        }
+    }
 }
 
 /// Where a connection goes, as discovery says.
 enum Dest {
     /// The original destination, as-is.
     Passthrough,
-    /// A Service's endpoints, balanced.
+    /// A Service's endpoints, balanced; or a meshed pod's one endpoint (its `name` is
+    /// then `passthrough`), so its traffic gets mTLS and pooled HTTP/2 the same way.
     Service { target: Arc<Target>, name: Arc<str> },
 }
 
 /// Asks discovery about an outbound connection's destination. Anything not known to
-/// be a Service (an unknown address, a pod, a headless Service, or no answer within
-/// the wait) is passthrough.
+/// be a Service or a meshed pod (an unknown address, an unmeshed pod, or no answer
+/// within the wait) is passthrough.
 async fn resolve(ctx: &Ctx, accept: &Accept) -> Dest {
     let (Some(discovery), Direction::Outbound) = (&ctx.discovery, accept.direction) else {
         return Dest::Passthrough;
@@ -137,18 +162,52 @@ async fn resolve(ctx: &Ctx, accept: &Accept) -> Dest {
             headless: false,
             ..
         } => Dest::Service { target, name },
+        View::Pod { endpoints } if endpoints.iter().any(|e| e.identity.is_some()) => {
+            Dest::Service {
+                target,
+                name: Arc::from("passthrough"),
+            }
+        }
         _ => Dest::Passthrough,
     }
 }
 
-/// Connects for opaque TCP: to the original destination, or to a balanced endpoint.
-async fn connect_dest(
-    ctx: &Ctx,
-    dest: &Dest,
-    orig_dst: OrigDst,
-) -> Result<TcpStream, ConnectError> {
+/// The `tls` and `peer_identity` labels of an outbound connection: encrypted when every
+/// endpoint is meshed and this proxy has an identity; the peer is named when all of
+/// them prove the same identity (one Service, one ServiceAccount, as usual).
+fn peer_labels(ctx: &Ctx, dest: &Dest) -> (bool, Cow<'static, str>) {
+    let Dest::Service { target, .. } = dest else {
+        return (false, Cow::Borrowed(""));
+    };
+    let view = target.views.borrow();
+    let endpoints: &[Endpoint] = match &*view {
+        View::Service { endpoints, .. } | View::Pod { endpoints } => endpoints,
+        _ => &[],
+    };
+    let encrypted = !endpoints.is_empty()
+        && endpoints
+            .iter()
+            .all(|e| ctx.connector.encrypts(e.identity.as_ref()));
+    if !encrypted {
+        return (false, Cow::Borrowed(""));
+    }
+    let first = endpoints[0].identity.as_ref().map(|i| &i.spiffe_id);
+    let same = endpoints
+        .iter()
+        .all(|e| e.identity.as_ref().map(|i| &i.spiffe_id) == first);
+    match (same, first) {
+        (true, Some(id)) => (true, Cow::Owned(id.to_string())),
+        _ => (true, Cow::Borrowed("")),
+    }
+}
+
+/// Connects for opaque TCP: to the original destination, or to a balanced endpoint
+/// (over mTLS when it is meshed).
+async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn, ConnectError> {
     match dest {
-        Dest::Passthrough => connect(orig_dst, ctx.connect_timeout).await,
+        Dest::Passthrough => connect(orig_dst, ctx.connect_timeout)
+            .await
+            .map(Conn::Plain),
         Dest::Service { target, name } => {
             let no_endpoints = || ConnectError::NoEndpoints {
                 service: name.clone(),
@@ -157,33 +216,33 @@ async fn connect_dest(
                 .await
                 .ok_or_else(no_endpoints)?;
             let ep = target.balancer.pick(&endpoints).ok_or_else(no_endpoints)?;
-            connect(OrigDst(ep.addr), ctx.connect_timeout).await
+            ctx.connector
+                .connect(OrigDst(ep.addr), ep.clients.identity(), Alpn::Opaque)
+                .await
         }
     }
 }
 
-/// Resolves the destination, detects the protocol while connecting upstream, then
-/// forwards.
+/// An outbound connection: resolves the destination, detects the protocol while
+/// connecting upstream, then forwards.
 async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
     let dest = resolve(ctx, &accept).await;
+    let (tls, peer_identity) = peer_labels(ctx, &dest);
     let labels = TrafficLabels {
         direction: accept.direction,
-        target: match (&dest, accept.direction) {
-            (Dest::Service { name, .. }, _) => Cow::Owned(name.to_string()),
-            (Dest::Passthrough, Direction::Outbound) => Cow::Borrowed("passthrough"),
-            (Dest::Passthrough, Direction::Inbound) => {
-                Cow::Owned(accept.orig_dst.0.port().to_string())
-            }
+        target: match &dest {
+            Dest::Service { name, .. } => Cow::Owned(name.to_string()),
+            Dest::Passthrough => Cow::Borrowed("passthrough"),
         },
-        tls: false,
-        peer_identity: Cow::Borrowed(""),
+        tls,
+        peer_identity,
     };
     let conn = ctx.metrics.connection(&labels);
     let mut io = CountingIo::new(stream, conn.read.clone(), conn.written.clone());
     let port = accept.orig_dst.0.port();
     let start = Instant::now();
 
-    if ctx.opaque_ports.iter().any(|r| r.contains(port)) {
+    if ctx.is_opaque_port(port) {
         ctx.metrics
             .detected(accept.direction, DetectResult::OpaquePort, start.elapsed());
         match connect_dest(ctx, &dest, accept.orig_dst).await {
@@ -266,11 +325,11 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
             ))
         }
     };
-    http::serve(io, route, ctx.metrics.http(labels), ctx.drain.clone()).await;
+    http::serve(io, route, ctx.metrics.http(labels), ctx.drain.clone(), None).await;
 }
 
 /// The destination cannot be reached: the client sees a reset, as if it had been refused.
-fn refuse(client: &TcpStream, error: &ConnectError) {
+pub(crate) fn refuse(client: &TcpStream, error: &ConnectError) {
     info!(%error, "closing the client connection: its destination is unreachable");
     reset(client);
 }

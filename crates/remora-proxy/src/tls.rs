@@ -3,7 +3,7 @@
 //! client certificate from the same trust anchors; a client checks that the server's
 //! certificate chains to the anchors and names exactly the identity discovery promised.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -12,7 +12,11 @@ use rustls::{
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+};
+use tracing::warn;
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 use crate::identity::Credentials;
@@ -21,6 +25,142 @@ use crate::identity::Credentials;
 pub const ALPN_H2: &[u8] = b"h2";
 /// ALPN for opaque TCP between proxies.
 pub const ALPN_OPAQUE: &[u8] = b"remora-opaque/1";
+/// ALPN for HTTP/1 requests that cannot ride HTTP/2: upgrades (WebSocket) and CONNECT.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// What a connection between proxies carries, as its ALPN says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alpn {
+    H2,
+    Http1,
+    Opaque,
+}
+
+impl Alpn {
+    pub fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Alpn::H2 => ALPN_H2,
+            Alpn::Http1 => ALPN_HTTP1,
+            Alpn::Opaque => ALPN_OPAQUE,
+        }
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        [Alpn::H2, Alpn::Http1, Alpn::Opaque]
+            .into_iter()
+            .find(|a| a.as_bytes() == b)
+    }
+}
+
+/// The identity a peer's proxy must prove: its SPIFFE ID, and the DNS form used as SNI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerId {
+    pub spiffe_id: Arc<str>,
+    pub server_name: Arc<str>,
+}
+
+/// The TLS configurations made from one certificate.
+#[derive(Debug)]
+pub struct Configs {
+    pub server: Arc<ServerConfig>,
+    h2: Arc<ClientConfig>,
+    http1: Arc<ClientConfig>,
+    opaque: Arc<ClientConfig>,
+}
+
+impl Configs {
+    pub fn new(
+        creds: &Credentials,
+        roots: Arc<RootCertStore>,
+        local_name: &str,
+    ) -> Result<Self, TlsError> {
+        Ok(Self {
+            server: server_config(creds, roots.clone(), local_name)?,
+            h2: client_config(creds, roots.clone(), ALPN_H2)?,
+            http1: client_config(creds, roots.clone(), ALPN_HTTP1)?,
+            opaque: client_config(creds, roots, ALPN_OPAQUE)?,
+        })
+    }
+
+    pub fn client(&self, alpn: Alpn) -> Arc<ClientConfig> {
+        match alpn {
+            Alpn::H2 => self.h2.clone(),
+            Alpn::Http1 => self.http1.clone(),
+            Alpn::Opaque => self.opaque.clone(),
+        }
+    }
+}
+
+/// The proxy's TLS side: its own name and identity, and configurations rebuilt at each
+/// certificate renewal. Connections made after a renewal use the new certificate;
+/// established ones keep theirs.
+#[derive(Debug)]
+pub struct TlsContext {
+    /// Our DNS-form identity: the SNI that inbound TLS is terminated for.
+    pub local_name: String,
+    pub local_id: String,
+    configs: watch::Receiver<Option<Arc<Configs>>>,
+}
+
+impl TlsContext {
+    /// Follows `credentials`, rebuilding the configurations at each renewal.
+    pub fn spawn(
+        mut credentials: watch::Receiver<Option<Arc<Credentials>>>,
+        roots: Arc<RootCertStore>,
+        local_name: String,
+        local_id: String,
+    ) -> Arc<Self> {
+        let (tx, rx) = watch::channel(None);
+        let name = local_name.clone();
+        tokio::spawn(async move {
+            loop {
+                let creds = credentials.borrow_and_update().clone();
+                if let Some(creds) = creds {
+                    match Configs::new(&creds, roots.clone(), &name) {
+                        Ok(c) => {
+                            tx.send_replace(Some(Arc::new(c)));
+                        }
+                        Err(error) => warn!(%error, "the new certificate cannot be used for TLS"),
+                    }
+                }
+                if credentials.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Arc::new(Self {
+            local_name,
+            local_id,
+            configs: rx,
+        })
+    }
+
+    /// The configurations of the current certificate; None before the first one.
+    pub fn current(&self) -> Option<Arc<Configs>> {
+        self.configs.borrow().clone()
+    }
+
+    /// The current configurations, waiting up to `wait` for the first certificate.
+    pub async fn wait(&self, wait: Duration) -> Option<Arc<Configs>> {
+        let mut rx = self.configs.clone();
+        tokio::time::timeout(wait, rx.wait_for(Option::is_some))
+            .await
+            .ok()?
+            .ok()?
+            .clone()
+    }
+}
+
+/// The SNI of a TLS ClientHello, when `record` holds a whole one.
+pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rd = record;
+    acceptor.read_tls(&mut rd).ok()?;
+    match acceptor.accept() {
+        Ok(Some(accepted)) => accepted.client_hello().server_name().map(str::to_owned),
+        _ => None,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -108,7 +248,10 @@ pub fn server_config(
             name: local_name.into(),
             key: certified_key(creds)?,
         }));
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_OPAQUE.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_OPAQUE.to_vec()];
+    // No session tickets: resumption is not used between proxies, and a ticket arriving
+    // after the handshake would look like a server speaking first.
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 

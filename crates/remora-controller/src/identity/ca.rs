@@ -130,6 +130,10 @@ impl Ca {
         &self.trust_anchors_pem
     }
 
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
     pub fn lifetime(&self) -> Duration {
         self.lifetime
     }

@@ -61,16 +61,21 @@ impl Source for KubeSource {
                 synced.clone(),
                 |s| convert::endpoint_slice(s).map(Object::Slice),
             );
-            let pods = watch::<core_v1::Pod>(c, Kind::Pod, events, synced, |p| {
-                convert::pod(p).map(Object::Pod)
-            });
-            tokio::join!(services, slices, pods);
+            let pods =
+                watch::<core_v1::Pod>(c.clone(), Kind::Pod, events.clone(), synced.clone(), |p| {
+                    convert::pod(p).map(Object::Pod)
+                });
+            let authz =
+                watch::<remora_k8s::AuthorizationPolicy>(c, Kind::Authz, events, synced, |p| {
+                    convert::authorization_policy(p).map(Object::Authz)
+                });
+            tokio::join!(services, slices, pods, authz);
         })
     }
 }
 
 /// The kinds watched; `Synced` goes out when each has listed once.
-const KINDS: usize = 3;
+const KINDS: usize = 4;
 
 async fn watch<K>(
     client: Client,
@@ -102,6 +107,22 @@ async fn watch<K>(
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(e) => e,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() && !listed_once =>
+            {
+                // A CRD that is not installed has no objects: the source is synced
+                // without them, and the watch keeps trying in case it is installed.
+                warn!(
+                    kind = kind.as_str(),
+                    "the CRD is not installed; install the chart's CRDs"
+                );
+                listed_once = true;
+                if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS && !send(Event::Synced).await
+                {
+                    return;
+                }
+                continue;
+            }
             Err(error) => {
                 warn!(kind = kind.as_str(), %error, "watch failed; retrying with backoff");
                 continue;

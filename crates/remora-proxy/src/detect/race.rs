@@ -7,13 +7,13 @@
 use std::{future::Future, io, pin::Pin, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{Verdict, classify};
-use crate::{connect::ConnectError, metrics::DetectResult};
+use crate::{
+    connect::{Conn, ConnectError},
+    metrics::DetectResult,
+};
 
 /// The outcome of the race.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Detection {
     pub prefix: Bytes,
     /// The upstream connection, when it was made before detection ended. Otherwise
     /// the connect future passed in is still running.
-    pub upstream: Option<TcpStream>,
+    pub upstream: Option<Conn>,
 }
 
 /// Why the race ended without a result.
@@ -37,7 +37,7 @@ pub enum RaceError {
 
 enum Step {
     Read(io::Result<usize>),
-    Connected(Result<TcpStream, ConnectError>),
+    Connected(Result<Conn, ConnectError>),
     ServerSpoke,
     Timeout,
 }
@@ -46,11 +46,11 @@ enum Step {
 /// ends early when the server speaks first, when the client closes, or after `timeout`.
 pub async fn race<C: AsyncRead + Unpin>(
     client: &mut C,
-    mut connecting: Pin<&mut (impl Future<Output = Result<TcpStream, ConnectError>> + ?Sized)>,
+    mut connecting: Pin<&mut (impl Future<Output = Result<Conn, ConnectError>> + ?Sized)>,
     timeout: Duration,
 ) -> Result<Detection, RaceError> {
     let mut buf = BytesMut::with_capacity(1024);
-    let mut upstream: Option<TcpStream> = None;
+    let mut upstream: Option<Conn> = None;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let result = loop {
@@ -75,6 +75,7 @@ pub async fn race<C: AsyncRead + Unpin>(
                 Verdict::NeedMore => {}
                 Verdict::Http1 => break DetectResult::Http1,
                 Verdict::Http2 => break DetectResult::Http2,
+                Verdict::Tls => break DetectResult::Tls,
                 Verdict::Opaque => break DetectResult::Opaque,
             },
             Step::Read(Err(e)) => return Err(RaceError::Client(e)),
@@ -96,6 +97,10 @@ mod tests {
     use super::*;
     use crate::{addr::OrigDst, connect::connect, detect::H2_PREFACE};
     use tokio::{io::AsyncWriteExt, net::TcpListener};
+
+    async fn plain(addr: OrigDst) -> Result<Conn, ConnectError> {
+        connect(addr, Duration::from_secs(5)).await.map(Conn::Plain)
+    }
 
     /// A real upstream on loopback; `greeting` is sent on accept when set.
     async fn upstream(greeting: Option<&'static [u8]>) -> OrigDst {
@@ -120,7 +125,7 @@ mod tests {
         if close {
             theirs.shutdown().await.unwrap();
         }
-        let connecting = connect(addr, Duration::from_secs(5));
+        let connecting = plain(addr);
         tokio::pin!(connecting);
         let d = race(&mut ours, connecting, Duration::from_secs(30))
             .await
@@ -174,7 +179,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_on_both_sides_times_out() {
         let (mut ours, _theirs) = tokio::io::duplex(64);
-        let connecting = std::future::pending::<Result<TcpStream, ConnectError>>();
+        let connecting = std::future::pending::<Result<Conn, ConnectError>>();
         tokio::pin!(connecting);
         let d = race(&mut ours, connecting, Duration::from_secs(10))
             .await
@@ -188,7 +193,7 @@ mod tests {
         let addr = OrigDst(listener.local_addr().unwrap());
         drop(listener);
         let (mut ours, _theirs) = tokio::io::duplex(64);
-        let connecting = connect(addr, Duration::from_secs(5));
+        let connecting = plain(addr);
         tokio::pin!(connecting);
         let err = race(&mut ours, connecting, Duration::from_secs(30))
             .await

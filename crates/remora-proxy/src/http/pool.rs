@@ -12,33 +12,40 @@ use std::{
     time::Duration,
 };
 
+use http::{HeaderValue, Method, Request, Response, header};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
 };
-use tokio::net::TcpStream;
 
 use super::Version;
 use crate::{
     addr::OrigDst,
-    connect::{ConnectError, connect},
+    connect::{Conn, ConnectError, Connector},
+    tls::{Alpn, PeerId},
 };
 
 /// How long an idle pooled connection is kept.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Carries an HTTP/1 request's version across the HTTP/2 connection between proxies, so
+/// the server's proxy hands the application HTTP/1 again.
+pub const ORIG_PROTO: &str = "remora-orig-proto";
+
 pub type PooledClient = Client<Dial, Incoming>;
 
 /// Dials one endpoint, whatever the request's URI says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Dial {
     addr: SocketAddr,
-    timeout: Duration,
+    peer: Option<PeerId>,
+    alpn: Alpn,
+    connector: Connector,
 }
 
 impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<Conn>;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
 
@@ -47,29 +54,50 @@ impl tower_service::Service<http::Uri> for Dial {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (addr, timeout) = (OrigDst(self.addr), self.timeout);
-        Box::pin(async move { connect(addr, timeout).await.map(TokioIo::new) })
+        let dial = self.clone();
+        Box::pin(async move {
+            dial.connector
+                .connect(OrigDst(dial.addr), dial.peer.as_ref(), dial.alpn)
+                .await
+                .map(TokioIo::new)
+        })
     }
 }
 
-/// The pooled clients of one endpoint, made on first use.
+/// The pooled clients of one endpoint, made on first use. To a meshed endpoint every
+/// request rides one multiplexed mTLS HTTP/2 connection, HTTP/1 ones marked with
+/// [`ORIG_PROTO`]; only upgrades and CONNECT, which HTTP/2 cannot carry as they are,
+/// use HTTP/1 over mTLS.
 #[derive(Debug)]
 pub struct EndpointClients {
-    dial: Dial,
+    addr: SocketAddr,
+    identity: Option<PeerId>,
+    connector: Connector,
     http1: OnceLock<PooledClient>,
     http2: OnceLock<PooledClient>,
 }
 
 impl EndpointClients {
-    pub fn new(addr: SocketAddr, timeout: Duration) -> Self {
+    pub fn new(addr: SocketAddr, identity: Option<PeerId>, connector: Connector) -> Self {
         Self {
-            dial: Dial { addr, timeout },
+            addr,
+            identity,
+            connector,
             http1: OnceLock::new(),
             http2: OnceLock::new(),
         }
     }
 
-    pub fn get(&self, version: Version) -> &PooledClient {
+    pub fn identity(&self) -> Option<&PeerId> {
+        self.identity.as_ref()
+    }
+
+    /// Whether requests to this endpoint travel over mTLS.
+    pub fn encrypted(&self) -> bool {
+        self.connector.encrypts(self.identity.as_ref())
+    }
+
+    fn client(&self, version: Version) -> &PooledClient {
         let cell = match version {
             Version::Http1 => &self.http1,
             Version::Http2 => &self.http2,
@@ -82,7 +110,62 @@ impl EndpointClients {
                 // The proxy forwards the client's Host header untouched.
                 .set_host(false)
                 .http2_only(version == Version::Http2);
-            b.build(self.dial)
+            b.build(Dial {
+                addr: self.addr,
+                peer: self.identity.clone(),
+                alpn: match version {
+                    Version::Http1 => Alpn::Http1,
+                    Version::Http2 => Alpn::H2,
+                },
+                connector: self.connector.clone(),
+            })
         })
     }
+
+    /// Sends a request that arrived as `version` (its URI absolute).
+    pub async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        version: Version,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        if version == Version::Http1 && !tunnel && self.encrypted() {
+            let orig = req.version();
+            let value = if orig == http::Version::HTTP_10 {
+                "HTTP/1.0"
+            } else {
+                "HTTP/1.1"
+            };
+            req.headers_mut()
+                .insert(ORIG_PROTO, HeaderValue::from_static(value));
+            *req.version_mut() = http::Version::HTTP_2;
+            let mut rsp = self.client(Version::Http2).request(req).await?;
+            *rsp.version_mut() = orig;
+            return Ok(rsp);
+        }
+        self.client(version).request(req).await
+    }
+}
+
+/// On the server's side: turns a request that crossed between proxies as HTTP/2 back
+/// into the HTTP/1 request the client sent. Returns the version to forward it as.
+pub fn restore_orig_proto(req: &mut Request<Incoming>) -> Version {
+    let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
+        return match req.version() {
+            http::Version::HTTP_2 => Version::Http2,
+            _ => Version::Http1,
+        };
+    };
+    *req.version_mut() = if orig.as_bytes() == b"HTTP/1.0" {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    };
+    if !req.headers().contains_key(header::HOST)
+        && let Some(authority) = req.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    Version::Http1
 }

@@ -7,7 +7,10 @@ use http::{Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::{Upstream, UpstreamError, Version};
+use super::{
+    Upstream, UpstreamError, Version,
+    pool::{EndpointClients, restore_orig_proto},
+};
 use crate::{
     addr::OrigDst,
     balance::InFlight,
@@ -21,6 +24,11 @@ pub enum RouteError {
     Upstream(#[from] UpstreamError),
     #[error("service {service} has no endpoints")]
     NoEndpoints { service: Arc<str> },
+    #[error("request to the application at {addr} failed: {source}")]
+    Local {
+        addr: OrigDst,
+        source: hyper_util::client::legacy::Error,
+    },
     #[error("request to endpoint {addr} of service {service} failed: {source}")]
     Endpoint {
         service: Arc<str>,
@@ -51,6 +59,12 @@ pub enum Route {
         /// How long a request waits for endpoints to appear before a 503.
         wait: Duration,
     },
+    /// Inbound from another proxy over HTTP/2: each request to the application at the
+    /// original destination, as the HTTP version its client spoke.
+    Local {
+        clients: Box<EndpointClients>,
+        orig_dst: OrigDst,
+    },
 }
 
 impl Route {
@@ -58,6 +72,7 @@ impl Route {
         match self {
             Route::Passthrough(u) => u.version(),
             Route::Balanced { version, .. } => *version,
+            Route::Local { .. } => Version::Http2,
         }
     }
 
@@ -68,6 +83,19 @@ impl Route {
     ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
         match self {
             Route::Passthrough(u) => Ok((u.send(req).await?, None)),
+            Route::Local { clients, orig_dst } => {
+                let mut req = req;
+                let version = restore_orig_proto(&mut req);
+                let req = absolute(req, *orig_dst);
+                let rsp = clients
+                    .send(req, version)
+                    .await
+                    .map_err(|source| RouteError::Local {
+                        addr: *orig_dst,
+                        source,
+                    })?;
+                Ok((rsp, None))
+            }
             Route::Balanced {
                 target,
                 service,
@@ -91,16 +119,13 @@ impl Route {
                 let in_flight = ep.start();
                 let req = absolute(req, *orig_dst);
                 let start = Instant::now();
-                let rsp = ep
-                    .clients
-                    .get(*version)
-                    .request(req)
-                    .await
-                    .map_err(|source| RouteError::Endpoint {
+                let rsp = ep.clients.send(req, *version).await.map_err(|source| {
+                    RouteError::Endpoint {
                         service: service.clone(),
                         addr: ep.addr,
                         source,
-                    })?;
+                    }
+                })?;
                 ep.observe(start.elapsed());
                 Ok((rsp, Some(in_flight)))
             }
@@ -113,7 +138,8 @@ pub async fn endpoints(target: &Target, wait: Duration) -> Option<Arc<[Endpoint]
     let mut views = target.views.clone();
     let deadline = Instant::now() + wait;
     loop {
-        if let View::Service { endpoints, .. } = &*views.borrow_and_update()
+        if let View::Service { endpoints, .. } | View::Pod { endpoints } =
+            &*views.borrow_and_update()
             && !endpoints.is_empty()
         {
             return Some(endpoints.clone());

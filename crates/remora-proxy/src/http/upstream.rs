@@ -11,12 +11,11 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::{
     addr::OrigDst,
-    connect::{ConnectError, connect},
+    connect::{Conn, ConnectError, connect},
 };
 
 /// The HTTP version spoken on both sides of a connection.
@@ -44,7 +43,7 @@ enum Sender {
 
 struct State {
     /// The outcome of the connect made during detection, not yet used.
-    fresh: Option<Result<TcpStream, ConnectError>>,
+    fresh: Option<Result<Conn, ConnectError>>,
     sender: Option<Sender>,
 }
 
@@ -60,7 +59,7 @@ impl Upstream {
     pub fn new(
         addr: OrigDst,
         version: Version,
-        fresh: Option<Result<TcpStream, ConnectError>>,
+        fresh: Option<Result<Conn, ConnectError>>,
         connect_timeout: Duration,
     ) -> Self {
         Self {
@@ -95,7 +94,7 @@ impl Upstream {
         if closed {
             let io = match state.fresh.take() {
                 Some(connected) => connected?,
-                None => connect(addr, self.connect_timeout).await?,
+                None => Conn::Plain(connect(addr, self.connect_timeout).await?),
             };
             state.sender = Some(self.handshake(io).await?);
         }
@@ -117,7 +116,7 @@ impl Upstream {
         }
     }
 
-    async fn handshake(&self, io: TcpStream) -> Result<Sender, UpstreamError> {
+    async fn handshake(&self, io: Conn) -> Result<Sender, UpstreamError> {
         let addr = self.addr;
         let io = TokioIo::new(io);
         let err = move |source| UpstreamError::Handshake { addr, source };

@@ -1,0 +1,283 @@
+//! Inbound policy: compiles the AuthorizationPolicies that select a pod's port (or its
+//! default, from the pod's annotation or the proxy's own setting) into the
+//! `InboundPolicy` a proxy enforces, and serves `Policy.WatchInbound`.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures_util::Stream;
+use ipnet::IpNet;
+use remora_api::v1 as api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::{
+    core::{AuthzPolicy, AuthzSource, HttpMatch, NsName, Who},
+    discovery::Discovery,
+    index::Index,
+};
+
+/// The defaults a pod's inbound side can have.
+pub const DEFAULTS: &[&str] = &[
+    "all-unauthenticated",
+    "all-authenticated",
+    "cluster-authenticated",
+    "deny",
+];
+
+/// What one proxy asks about: a port of a pod, with its configured default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    pub pod: NsName,
+    pub port: u16,
+    /// The proxy's REMORA_DEFAULT_INBOUND_POLICY.
+    pub default: String,
+}
+
+/// Compiles the policy for `key` from the index.
+pub fn inbound(index: &Index, key: &InboundKey, cluster_networks: &[IpNet]) -> api::InboundPolicy {
+    let pod = index.pod(&key.pod);
+    let empty = Default::default();
+    let labels = pod.map(|p| &p.labels).unwrap_or(&empty);
+    let probe_paths = pod
+        .and_then(|p| p.probe_paths.get(&key.port))
+        .cloned()
+        .unwrap_or_default();
+    let selecting: Vec<&AuthzPolicy> = index
+        .authz_in(&key.pod.namespace)
+        .into_iter()
+        .filter(|a| a.selector.matches(labels))
+        .filter(|a| a.ports.is_empty() || a.ports.contains(&key.port))
+        .collect();
+    // The annotation overrides the proxy's setting; a bad value is logged and ignored.
+    let annotated = pod.and_then(|p| p.default_inbound_policy.as_deref());
+    let default = match annotated {
+        Some(d) if DEFAULTS.contains(&d) => d,
+        Some(d) => {
+            warn!(pod = %key.pod, value = d, "ignoring an unknown remora.io/default-inbound-policy");
+            key.default.as_str()
+        }
+        None => key.default.as_str(),
+    };
+    let default = if DEFAULTS.contains(&default) {
+        default
+    } else {
+        "all-unauthenticated"
+    };
+    if selecting.is_empty() {
+        return api::InboundPolicy {
+            metadata: Some(metadata("default", default, "")),
+            protocol: 0,
+            authorizations: default_authorizations(default, cluster_networks),
+            http_routes: Vec::new(),
+            probe_paths,
+            default_policy: default.to_string(),
+        };
+    }
+    let names: Vec<&str> = selecting.iter().map(|a| a.id.name.as_str()).collect();
+    let mut authorizations = Vec::new();
+    let mut http_routes = Vec::new();
+    for a in &selecting {
+        let meta = metadata("AuthorizationPolicy", &a.id.name, &a.id.namespace);
+        let grants: Vec<api::Authorization> =
+            a.sources.iter().map(|s| authorization(s, &meta)).collect();
+        if a.http.is_empty() {
+            authorizations.extend(grants);
+        } else {
+            http_routes.push(api::InboundHttpRoute {
+                metadata: Some(meta.clone()),
+                matches: a.http.iter().map(route_match).collect(),
+                authorizations: grants,
+            });
+        }
+    }
+    api::InboundPolicy {
+        metadata: Some(metadata(
+            "AuthorizationPolicy",
+            &names.join(","),
+            &key.pod.namespace,
+        )),
+        protocol: 0,
+        authorizations,
+        http_routes,
+        probe_paths,
+        default_policy: default.to_string(),
+    }
+}
+
+fn metadata(kind: &str, name: &str, namespace: &str) -> api::PolicyMetadata {
+    api::PolicyMetadata {
+        kind: kind.into(),
+        name: name.into(),
+        namespace: namespace.into(),
+        revision: String::new(),
+    }
+}
+
+fn networks(nets: &[IpNet]) -> Vec<api::IpNetwork> {
+    nets.iter()
+        .map(|n| api::IpNetwork {
+            ip: match n.network() {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            },
+            prefix_len: n.prefix_len().into(),
+        })
+        .collect()
+}
+
+fn anyone() -> Option<api::authorization::Authentication> {
+    Some(api::authorization::Authentication::Unauthenticated(
+        api::Unauthenticated {},
+    ))
+}
+
+fn mesh(
+    identities: Vec<String>,
+    namespaces: Vec<String>,
+) -> Option<api::authorization::Authentication> {
+    Some(api::authorization::Authentication::Identities(
+        api::MeshIdentities {
+            identities,
+            namespaces,
+        },
+    ))
+}
+
+fn default_authorizations(default: &str, cluster_networks: &[IpNet]) -> Vec<api::Authorization> {
+    let meta = Some(metadata("default", default, ""));
+    let grant = |networks, authentication| api::Authorization {
+        metadata: meta.clone(),
+        networks,
+        authentication,
+    };
+    match default {
+        "all-unauthenticated" => vec![grant(Vec::new(), anyone())],
+        "all-authenticated" => vec![grant(Vec::new(), mesh(vec!["*".into()], Vec::new()))],
+        "cluster-authenticated" => vec![grant(
+            networks(cluster_networks),
+            mesh(vec!["*".into()], Vec::new()),
+        )],
+        _ => Vec::new(),
+    }
+}
+
+fn authorization(s: &AuthzSource, meta: &api::PolicyMetadata) -> api::Authorization {
+    api::Authorization {
+        metadata: Some(meta.clone()),
+        networks: networks(&s.networks),
+        authentication: match &s.who {
+            Who::Anyone => anyone(),
+            Who::Mesh {
+                identities,
+                namespaces,
+            } => mesh(identities.clone(), namespaces.clone()),
+        },
+    }
+}
+
+fn route_match(m: &HttpMatch) -> api::HttpRouteMatch {
+    api::HttpRouteMatch {
+        path: m.path.as_ref().map(|(exact, value)| api::PathMatch {
+            kind: Some(if *exact {
+                api::path_match::Kind::Exact(value.clone())
+            } else {
+                api::path_match::Kind::Prefix(value.clone())
+            }),
+        }),
+        headers: Vec::new(),
+        query_params: Vec::new(),
+        method: m.method.clone().unwrap_or_default(),
+    }
+}
+
+/// `Policy`: `WatchInbound` streams a port's policy, sending it again whenever it
+/// changes; `WatchOutbound` arrives with TrafficPolicy.
+pub struct PolicyService {
+    discovery: Arc<Discovery>,
+    shutdown: CancellationToken,
+}
+
+impl PolicyService {
+    pub fn new(discovery: Arc<Discovery>, shutdown: CancellationToken) -> Self {
+        Self {
+            discovery,
+            shutdown,
+        }
+    }
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl api::policy_server::Policy for PolicyService {
+    type WatchOutboundStream = Streamed<api::OutboundPolicy>;
+    type WatchInboundStream = Streamed<api::InboundPolicy>;
+
+    async fn watch_outbound(
+        &self,
+        _: Request<api::OutboundPolicyRequest>,
+    ) -> Result<Response<Self::WatchOutboundStream>, Status> {
+        Err(Status::unimplemented(
+            "outbound policy (TrafficPolicy, HTTPRoute) is not served by this controller yet",
+        ))
+    }
+
+    async fn watch_inbound(
+        &self,
+        req: Request<api::InboundPolicyRequest>,
+    ) -> Result<Response<Self::WatchInboundStream>, Status> {
+        let req = req.into_inner();
+        let (namespace, pod) = req
+            .workload
+            .split_once(':')
+            .filter(|(ns, pod)| !ns.is_empty() && !pod.is_empty())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "workload {:?} is not <namespace>:<pod-name>; set REMORA_NAMESPACE and \
+                     REMORA_POD_NAME on the proxy",
+                    req.workload
+                ))
+            })?;
+        let port = u16::try_from(req.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument(format!("port {} is not a port", req.port)))?;
+        let default = if req.default_policy.is_empty() {
+            "all-unauthenticated".to_string()
+        } else if DEFAULTS.contains(&req.default_policy.as_str()) {
+            req.default_policy
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "default policy {:?} is not one of {}",
+                req.default_policy,
+                DEFAULTS.join(", ")
+            )));
+        };
+        let key = InboundKey {
+            pod: NsName::new(namespace, pod),
+            port,
+            default,
+        };
+        let rx = self.discovery.subscribe_inbound(key);
+        let shutdown = self.shutdown.clone();
+        let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
+            let shutdown = shutdown.clone();
+            async move {
+                if !first {
+                    tokio::select! {
+                        r = rx.changed() => if r.is_err() { return None },
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+                let policy: Arc<api::InboundPolicy> = rx.borrow_and_update().clone();
+                Some((Ok((*policy).clone()), (rx, false)))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A receiver type for the discovery module's inbound subscriptions.
+pub type InboundRx = watch::Receiver<Arc<api::InboundPolicy>>;

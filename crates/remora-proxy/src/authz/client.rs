@@ -1,0 +1,159 @@
+//! The proxy's `Policy.WatchInbound` client: one stream per inbound port in use,
+//! reconnected with jittered backoff; the last answer stays in force while the
+//! controller is away.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use remora_api::v1 as api;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::{DefaultPolicy, Policy};
+use crate::discovery::{ClientInfo, xorshift};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// One port's policy: the controller's latest answer, or the default before one.
+#[derive(Debug, Clone)]
+pub struct PortPolicy {
+    rx: watch::Receiver<Option<Arc<Policy>>>,
+    default: Arc<Policy>,
+}
+
+impl PortPolicy {
+    pub fn current(&self) -> Arc<Policy> {
+        self.rx
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| self.default.clone())
+    }
+}
+
+pub struct InboundPolicies {
+    client: Option<api::policy_client::PolicyClient<Channel>>,
+    info: ClientInfo,
+    default: DefaultPolicy,
+    default_policy: Arc<Policy>,
+    wait: Duration,
+    ports: Mutex<HashMap<u16, watch::Receiver<Option<Arc<Policy>>>>>,
+    reconnects: Counter,
+}
+
+impl std::fmt::Debug for InboundPolicies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundPolicies")
+            .field("default", &self.default)
+            .field("ports", &self.ports.lock().len())
+            .finish()
+    }
+}
+
+impl InboundPolicies {
+    /// Without a channel (no controller) every port has the default policy.
+    pub fn new(
+        channel: Option<Channel>,
+        info: ClientInfo,
+        default: DefaultPolicy,
+        wait: Duration,
+        reconnects: Counter,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            client: channel.map(api::policy_client::PolicyClient::new),
+            info,
+            default,
+            default_policy: Arc::new(default.policy()),
+            wait,
+            ports: Mutex::new(HashMap::new()),
+            reconnects,
+        })
+    }
+
+    /// The policy of `port`. The first connection to a port waits up to the discovery
+    /// wait for the controller's answer, so a port's first clients are judged by its
+    /// real policy rather than the default.
+    pub async fn port(self: &Arc<Self>, port: u16) -> PortPolicy {
+        let rx = {
+            let mut ports = self.ports.lock();
+            match ports.get(&port) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    if let Some(client) = self.client.clone() {
+                        tokio::spawn(self.clone().watch(client, port, tx));
+                    }
+                    ports.insert(port, rx.clone());
+                    rx
+                }
+            }
+        };
+        if self.client.is_some() && rx.borrow().is_none() {
+            let mut waiting = rx.clone();
+            let answered = tokio::time::timeout(self.wait, waiting.wait_for(Option::is_some));
+            if answered.await.is_err() {
+                debug!(
+                    port,
+                    "no inbound policy from the controller yet: the default applies"
+                );
+            }
+        }
+        PortPolicy {
+            rx,
+            default: self.default_policy.clone(),
+        }
+    }
+
+    async fn watch(
+        self: Arc<Self>,
+        mut client: api::policy_client::PolicyClient<Channel>,
+        port: u16,
+        tx: watch::Sender<Option<Arc<Policy>>>,
+    ) {
+        let mut backoff = BACKOFF_MIN;
+        let mut seed = (port as u64) << 17 | 1;
+        loop {
+            let started = tokio::time::Instant::now();
+            let req = api::InboundPolicyRequest {
+                workload: format!("{}:{}", self.info.namespace, self.info.pod_name),
+                port: port.into(),
+                client: Some(api::ClientInfo {
+                    namespace: self.info.namespace.clone(),
+                    pod_name: self.info.pod_name.clone(),
+                    pod_ip: self.info.pod_ip.clone(),
+                    zone: String::new(),
+                    proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+                }),
+                default_policy: self.default.as_str().to_string(),
+            };
+            let result = async {
+                let mut stream = client.watch_inbound(req).await?.into_inner();
+                while let Some(p) = stream.message().await? {
+                    let policy = Arc::new(Policy::from_api(p));
+                    if tx.borrow().as_ref() != Some(&policy) {
+                        info!(port, policy = %policy.name, "inbound policy");
+                    }
+                    tx.send_replace(Some(policy));
+                }
+                Ok::<_, tonic::Status>(())
+            }
+            .await;
+            if let Err(status) = result {
+                warn!(port, %status, "inbound policy stream failed; the last policy stays in force");
+            }
+            if tx.is_closed() {
+                return;
+            }
+            self.reconnects.inc();
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            seed = xorshift(seed);
+            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
