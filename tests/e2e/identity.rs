@@ -1,6 +1,7 @@
-//! The proxy's identity, in-process against a real controller over real gRPC: `/ready`
-//! waits for the first certificate, which is renewed before it expires; a proxy whose
-//! token is not accepted never becomes ready.
+//! The proxy's identity, in-process against a real controller over real gRPC with TLS:
+//! `/ready` waits for the first certificate, which is renewed before it expires; a
+//! proxy whose token is not accepted never becomes ready, nor does one that expects
+//! the controller under another name.
 
 use std::{collections::HashMap, net::SocketAddr, path::Path, time::Duration};
 
@@ -31,11 +32,16 @@ fn expiry(metrics: &str) -> Option<i64> {
         .map(|v| v as i64)
 }
 
-async fn proxy(dir: &Path, controller: SocketAddr, token: &str) -> SocketAddr {
+async fn proxy(
+    dir: &Path,
+    controller: SocketAddr,
+    token: &str,
+    controller_name: Option<&str>,
+) -> SocketAddr {
     let token_file = dir.join(format!("token-{token}"));
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
-    let env: HashMap<&str, String> = [
-        ("REMORA_CONTROLLER_ADDR", format!("http://{controller}")),
+    let mut env: HashMap<&str, String> = [
+        ("REMORA_CONTROLLER_ADDR", format!("https://{controller}")),
         ("REMORA_NAMESPACE", "shop".into()),
         ("REMORA_SERVICE_ACCOUNT", "web".into()),
         (
@@ -51,6 +57,9 @@ async fn proxy(dir: &Path, controller: SocketAddr, token: &str) -> SocketAddr {
         ("REMORA_ADMIN_ADDR", "127.0.0.1:0".into()),
     ]
     .into();
+    if let Some(name) = controller_name {
+        env.insert("REMORA_CONTROLLER_NAME", name.into());
+    }
     let args = ["remora-proxy"].map(String::from);
     let config = remora_proxy::Config::load(args, &|k| env.get(k).cloned()).unwrap();
     let app = remora_proxy::App::build(config, LogLevel::detached("info"))
@@ -93,8 +102,10 @@ async fn ready_waits_for_a_certificate_that_is_renewed_before_it_expires() {
         .unwrap();
     let grpc = controller.grpc_addr().unwrap();
 
-    let good = proxy(&dir, grpc, "web-token").await;
-    let stolen = proxy(&dir, grpc, "stolen-token").await;
+    let good = proxy(&dir, grpc, "web-token", None).await;
+    let stolen = proxy(&dir, grpc, "stolen-token", None).await;
+    let impostor_name = "remora-controller.elsewhere.serviceaccount.identity.cluster.local";
+    let misled = proxy(&dir, grpc, "web-token", Some(impostor_name)).await;
     let (status, body) = get(good, "/ready").await;
     assert_eq!(status, 503);
     assert!(body.contains("identity certificate"), "{body}");
@@ -142,8 +153,11 @@ async fn ready_waits_for_a_certificate_that_is_renewed_before_it_expires() {
         "still ready across the renewal"
     );
 
-    // The proxy with a token the controller does not accept is not ready.
+    // The proxy with a token the controller does not accept is not ready, nor is the
+    // one for which the controller's certificate names the wrong identity.
     let (status, body) = get(stolen, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = get(misled, "/ready").await;
     assert_eq!(status, 503, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }

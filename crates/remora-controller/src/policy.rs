@@ -281,3 +281,148 @@ impl api::policy_server::Policy for PolicyService {
 
 /// A receiver type for the discovery module's inbound subscriptions.
 pub type InboundRx = watch::Receiver<Arc<api::InboundPolicy>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        core::Event,
+        index::{Domains, Touched},
+        source::yaml,
+    };
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: { name: web-1, namespace: shop, labels: { app: web } }
+spec:
+  serviceAccountName: web
+  containers:
+    - name: app
+      ports: [ { name: http, containerPort: 8080 } ]
+      livenessProbe: { httpGet: { path: /live, port: http } }
+      readinessProbe: { httpGet: { path: /ready, port: 8080 } }
+status: { podIP: 10.0.0.1 }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db-1
+  namespace: shop
+  labels: { app: db }
+  annotations: { remora.io/default-inbound-policy: deny }
+spec: { containers: [] }
+status: { podIP: 10.0.0.2 }
+---
+apiVersion: policy.remora.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: web-from-frontend, namespace: shop }
+spec:
+  podSelector: { matchLabels: { app: web } }
+  ports: [8080]
+  from:
+    - identities: ["spiffe://cluster.local/ns/shop/sa/frontend"]
+      networks: [10.0.0.0/8]
+---
+apiVersion: policy.remora.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: web-public, namespace: shop }
+spec:
+  podSelector: { matchLabels: { app: web } }
+  from: [ { unauthenticated: true } ]
+  http: [ { path: { type: PathPrefix, value: /public }, method: GET } ]
+---
+apiVersion: policy.remora.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: elsewhere, namespace: other }
+spec:
+  from: [ { unauthenticated: true } ]
+"#;
+
+    fn index() -> Index {
+        let mut index = Index::new(Domains {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        });
+        let mut touched = Touched::default();
+        for o in yaml::parse("objects.yaml", OBJECTS).unwrap() {
+            index.apply(Event::Apply(o), &mut touched);
+        }
+        index
+    }
+
+    fn key(pod: &str, port: u16, default: &str) -> InboundKey {
+        InboundKey {
+            pod: NsName::new("shop", pod),
+            port,
+            default: default.into(),
+        }
+    }
+
+    fn nets() -> Vec<IpNet> {
+        vec!["10.0.0.0/8".parse().unwrap()]
+    }
+
+    #[test]
+    fn selected_ports_get_the_policies_and_probe_paths() {
+        let p = inbound(
+            &index(),
+            &key("web-1", 8080, "all-unauthenticated"),
+            &nets(),
+        );
+        let meta = p.metadata.unwrap();
+        assert_eq!(meta.kind, "AuthorizationPolicy");
+        assert_eq!(meta.name, "web-from-frontend,web-public");
+        assert_eq!(p.authorizations.len(), 1);
+        let a = &p.authorizations[0];
+        assert_eq!(a.networks[0].ip, vec![10, 0, 0, 0]);
+        assert_eq!(a.networks[0].prefix_len, 8);
+        match &a.authentication {
+            Some(api::authorization::Authentication::Identities(m)) => {
+                assert_eq!(m.identities, ["spiffe://cluster.local/ns/shop/sa/frontend"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.http_routes.len(), 1);
+        assert_eq!(p.http_routes[0].matches[0].method, "GET");
+        assert_eq!(p.probe_paths, ["/live", "/ready"]);
+    }
+
+    #[test]
+    fn other_ports_and_pods_fall_back_to_defaults() {
+        let index = index();
+        // Port 9090 is selected only by the route-level policy: no port-level grant.
+        let p = inbound(&index, &key("web-1", 9090, "all-unauthenticated"), &nets());
+        assert!(p.authorizations.is_empty());
+        assert_eq!(p.http_routes.len(), 1);
+        // No policy selects db-1: its annotation beats the proxy's setting.
+        let p = inbound(&index, &key("db-1", 5432, "all-unauthenticated"), &nets());
+        assert_eq!(p.default_policy, "deny");
+        assert!(p.authorizations.is_empty());
+        // An unknown pod gets the proxy's default, compiled.
+        let p = inbound(&index, &key("ghost", 80, "cluster-authenticated"), &nets());
+        assert_eq!(p.default_policy, "cluster-authenticated");
+        assert_eq!(p.metadata.unwrap().kind, "default");
+        assert_eq!(p.authorizations[0].networks.len(), 1);
+        let p = inbound(&index, &key("ghost", 80, "all-unauthenticated"), &nets());
+        assert!(matches!(
+            p.authorizations[0].authentication,
+            Some(api::authorization::Authentication::Unauthenticated(_))
+        ));
+    }
+
+    #[test]
+    fn an_invalid_policy_is_refused_with_its_reasons() {
+        let bad = r#"
+apiVersion: policy.remora.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: broken, namespace: shop }
+spec:
+  from: [ { identities: [frontend] } ]
+"#;
+        let err = yaml::parse("bad.yaml", bad).unwrap_err().to_string();
+        assert!(err.contains("bad.yaml"), "{err}");
+        assert!(err.contains("AuthorizationPolicy shop/broken"), "{err}");
+        assert!(err.contains("is not a SPIFFE ID"), "{err}");
+    }
+}

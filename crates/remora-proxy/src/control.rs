@@ -38,7 +38,9 @@ impl ControllerAddr {
             (Some(r), _) => (r, false),
             (_, Some(r)) => (r, true),
             _ => {
-                return Err("expected https://host:port (or http://host:port for local use)".into());
+                return Err(
+                    "expected https://host:port (or http://host:port for local use)".into(),
+                );
             }
         };
         let authority = rest.trim_end_matches('/');
