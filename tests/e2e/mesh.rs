@@ -430,11 +430,14 @@ async fn every_protocol_crosses_the_mesh_intact() -> anyhow::Result<()> {
     let addr: SocketAddr = CLUSTER_IP.parse()?;
 
     // gRPC-style HTTP/2 with trailers, over the proxies' multiplexed mTLS connection.
+    // The app's own `remora-orig-proto` is dropped: only a peer proxy may say that a
+    // request was HTTP/1 (had it been believed, the trailers would be lost).
     let mut h2 = client::http2(frontend, addr).await?;
     let message = bytes::Bytes::from(vec![7u8; 256 * 1024]);
     let req = Request::post("http://web.shop.svc.cluster.local/grpc")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
+        .header("remora-orig-proto", "HTTP/1.0")
         .body(full(message.clone()))?;
     let rsp = h2.send_request(req).await?;
     assert_eq!(rsp.status(), 200);

@@ -50,7 +50,12 @@ impl Options {
             envoy: None,
             json: false,
             write: true,
-            paths: vec![PathKind::Direct, PathKind::Remora, PathKind::Envoy],
+            paths: vec![
+                PathKind::Direct,
+                PathKind::Remora,
+                PathKind::RemoraMtls,
+                PathKind::Envoy,
+            ],
             remora_env: Vec::new(),
         };
         let mut it = args.iter();
@@ -81,9 +86,10 @@ impl Options {
                         .map(|p| match p.trim() {
                             "direct" => Ok(PathKind::Direct),
                             "remora" => Ok(PathKind::Remora),
+                            "remora-mtls" => Ok(PathKind::RemoraMtls),
                             "envoy" => Ok(PathKind::Envoy),
                             other => Err(anyhow::anyhow!(
-                                "unknown path {other}: direct, remora or envoy"
+                                "unknown path {other}: direct, remora, remora-mtls or envoy"
                             )),
                         })
                         .collect::<Result<_, _>>()?
@@ -98,7 +104,7 @@ impl Options {
                 other => anyhow::bail!(
                     "unknown option {other}\nusage: cargo xtask bench [--duration 5s] [--warmup 1s] \
                      [--rates 1000,3000] [--concurrency 32] [--throughput-mib 512] \
-                     [--paths direct,remora,envoy] [--remora-env KEY=VALUE] [--envoy|--no-envoy] [--json] [--no-write]"
+                     [--paths direct,remora,remora-mtls,envoy] [--remora-env KEY=VALUE] [--envoy|--no-envoy] [--json] [--no-write]"
                 ),
             }
         }
@@ -111,6 +117,9 @@ impl Options {
 pub enum PathKind {
     Direct,
     Remora,
+    /// The Remora pair with identity: a controller with a dev CA certifies both proxies,
+    /// and the server pod is a meshed endpoint, so the pair speaks mTLS.
+    RemoraMtls,
     Envoy,
 }
 
@@ -119,6 +128,7 @@ impl PathKind {
         match self {
             PathKind::Direct => "direct",
             PathKind::Remora => "remora pair",
+            PathKind::RemoraMtls => "remora pair, mTLS",
             PathKind::Envoy => "envoy pair",
         }
     }
@@ -267,6 +277,82 @@ fn run_controller(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The mTLS path's control plane: a controller in the server pod (as the proxy's UID,
+/// so its traffic is not intercepted) with a development CA, static tokens, and both
+/// pods in its `dir:` folder as meshed pods. Returns it and each side's proxy settings
+/// (client first).
+async fn mtls_setup(
+    bins: &Binaries,
+    pods: &PodPair,
+) -> anyhow::Result<(Proxy, [Vec<(&'static str, String)>; 2])> {
+    let root = bins.dir().join("mtls");
+    let objects = root.join("objects");
+    std::fs::create_dir_all(&objects)?;
+    std::fs::create_dir_all(root.join("ca"))?;
+    let sides = [("client", &pods.client), ("server", &pods.server)];
+    let mut yaml = String::new();
+    let mut tokens = String::new();
+    for (sa, pod) in sides {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: bench, \
+             labels: {{remora.io/meshed: \"true\"}}}}\n\
+             spec: {{serviceAccountName: {sa}, containers: []}}\nstatus: {{podIP: {}}}\n",
+            pod.name, pod.ip
+        ));
+        tokens.push_str(&format!(
+            "- {{token: {sa}-token, namespace: bench, serviceAccount: {sa}}}\n"
+        ));
+        std::fs::write(root.join(format!("{sa}.token")), format!("{sa}-token\n"))?;
+    }
+    std::fs::write(objects.join("pods.yaml"), yaml)?;
+    std::fs::write(root.join("tokens.yaml"), tokens)?;
+    let status = std::process::Command::new("chown")
+        .args(["-R", "2102:2102"])
+        .arg(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "chown the mTLS folder");
+    let source = format!("dir:{}", objects.display());
+    let ca = root.join("ca").display().to_string();
+    let tokens = format!("static:{}", root.join("tokens.yaml").display());
+    let args = [
+        "--source",
+        source.as_str(),
+        "--dev-ca",
+        ca.as_str(),
+        "--token-validator",
+        tokens.as_str(),
+        "--admin-addr",
+        "127.0.0.1:9990",
+        "--log",
+        "warn",
+    ];
+    let ready = ("127.0.0.1:9990".parse()?, "/ready");
+    let controller =
+        Proxy::start_program(&pods.server, bins, &bins.controller, &args, &[], ready).await;
+    let anchors = root.join("ca/trust-anchors.pem").display().to_string();
+    let env = |sa: &str, pod: &remora_tests::Pod, controller: String| {
+        vec![
+            ("REMORA_CONTROLLER_ADDR", controller),
+            ("REMORA_NAMESPACE", "bench".to_string()),
+            ("REMORA_POD_NAME", pod.name.clone()),
+            ("REMORA_POD_IP", pod.ip.to_string()),
+            ("REMORA_SERVICE_ACCOUNT", sa.to_string()),
+            ("REMORA_TRUST_ANCHORS", anchors.clone()),
+            (
+                "REMORA_IDENTITY_TOKEN_FILE",
+                root.join(format!("{sa}.token")).display().to_string(),
+            ),
+        ]
+    };
+    let client = env(
+        "client",
+        &pods.client,
+        format!("https://{}:8086", pods.server.ip),
+    );
+    let server = env("server", &pods.server, "https://127.0.0.1:8086".into());
+    Ok((controller, [client, server]))
+}
+
 async fn run_path(
     root: &Path,
     kind: PathKind,
@@ -278,8 +364,30 @@ async fn run_path(
     let _slow = backend::http(&pods.server, "0.0.0.0:8080".parse()?);
     backend::blast(&pods.server, "0.0.0.0:7002".parse()?);
     let mut proxies: Vec<(&'static str, Proxy)> = Vec::new();
+    // Runs beside the proxies; not counted in their CPU or memory.
+    let mut _controller = None;
     match kind {
         PathKind::Direct => {}
+        PathKind::RemoraMtls => {
+            pods.client.intercept(&bins);
+            pods.server.intercept(&bins);
+            let (controller, env) = mtls_setup(&bins, &pods).await?;
+            _controller = Some(controller);
+            // The server side first: the client's proxy reaches the controller through
+            // the server pod's inbound proxy (TLS it passes through untouched).
+            let sides = [("server", &pods.server), ("client", &pods.client)];
+            for ((side, pod), env) in sides.into_iter().zip(env.iter().rev()) {
+                let mut env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                env.push(("REMORA_LOG", "warn"));
+                env.extend(
+                    opts.remora_env
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                proxies.push((side, Proxy::start(pod, &bins, &env).await));
+            }
+        }
         PathKind::Remora => {
             pods.client.intercept(&bins);
             pods.server.intercept(&bins);

@@ -17,6 +17,11 @@ use crate::core::{
 pub const MESHED_LABEL: &str = "remora.io/meshed";
 /// The annotation that sets a pod's default inbound policy.
 pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "remora.io/default-inbound-policy";
+/// The annotation listing inbound ports `remora-init` leaves alone (its
+/// `--skip-inbound-ports`, set by the injector).
+pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "remora.io/skip-inbound-ports";
+/// The proxy's admin port: never intercepted.
+pub const ADMIN_PORT: u16 = 4191;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -183,12 +188,28 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
         .unwrap_or_else(|| "default".into());
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let meshed = labels.get(MESHED_LABEL).is_some_and(|v| v == "true");
-    let default_inbound_policy = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DEFAULT_INBOUND_POLICY_ANNOTATION))
-        .cloned();
+    let annotation = |name: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(name))
+            .cloned()
+    };
+    let default_inbound_policy = annotation(DEFAULT_INBOUND_POLICY_ANNOTATION);
+    let mut skip_inbound_ports = vec![remora_config::PortRange {
+        first: ADMIN_PORT,
+        last: ADMIN_PORT,
+    }];
+    if let Some(list) = annotation(SKIP_INBOUND_PORTS_ANNOTATION) {
+        let ranges = remora_config::parse_port_ranges(&list).map_err(|e| {
+            invalid(
+                KIND,
+                &id,
+                format!("annotation {SKIP_INBOUND_PORTS_ANNOTATION}: {e}"),
+            )
+        })?;
+        skip_inbound_ports.extend(ranges);
+    }
     Ok(Pod {
         id,
         ips,
@@ -197,6 +218,7 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
         labels,
         default_inbound_policy,
         probe_paths: probe_paths(&spec),
+        skip_inbound_ports,
     })
 }
 
@@ -222,7 +244,14 @@ fn probe_paths(spec: &core_v1::PodSpec) -> BTreeMap<u16, Vec<String>> {
                 IntOrString::String(name) => named(name),
             };
             if let Some(port) = port {
-                let path = get.path.clone().unwrap_or_else(|| "/".into());
+                // The proxy compares the request's path, without its query.
+                let raw = get.path.as_deref().unwrap_or("/");
+                let raw = raw.split('?').next().unwrap_or("");
+                let path = if raw.starts_with('/') {
+                    raw.to_string()
+                } else {
+                    format!("/{raw}")
+                };
                 let paths = out.entry(port).or_default();
                 if !paths.contains(&path) {
                     paths.push(path);

@@ -28,6 +28,8 @@ pub struct Discovery {
     inbound: Mutex<HashMap<InboundKey, watch::Sender<Arc<api::InboundPolicy>>>>,
     /// What `cluster-authenticated` trusts.
     cluster_networks: Vec<ipnet::IpNet>,
+    /// True once the source has delivered its initial state.
+    synced: watch::Sender<bool>,
     metrics: Metrics,
 }
 
@@ -38,8 +40,42 @@ impl Discovery {
             subs: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
             cluster_networks,
+            synced: watch::channel(false).0,
             metrics,
         })
+    }
+
+    /// Whether the proxy proving `identity` may ask about `pod`'s inbound policy: the
+    /// pod must be in the identity's namespace and, when known, run as its ServiceAccount.
+    pub fn may_ask_about(&self, identity: &str, pod: &crate::core::NsName) -> Result<(), String> {
+        let mut parts = identity
+            .strip_prefix("spiffe://")
+            .unwrap_or("")
+            .split('/')
+            .skip(1);
+        let (ns, sa) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa)) => (ns, sa),
+            _ => return Err(format!("{identity} is not a workload identity")),
+        };
+        if ns != pod.namespace {
+            return Err(format!(
+                "{identity} may not ask about {pod}: another namespace"
+            ));
+        }
+        match self.index.read().pod(pod) {
+            Some(p) if p.service_account != sa => Err(format!(
+                "{identity} may not ask about {pod}, which runs as {}",
+                p.service_account
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves once the source has delivered its initial state: an inbound policy
+    /// compiled before that could miss the AuthorizationPolicies that restrict a port.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// The current inbound policy for `key`, and every later one.
@@ -98,6 +134,7 @@ impl Discovery {
                 self.publish(&touched, since);
             }
             if synced && let Some(f) = on_synced.take() {
+                self.synced.send_replace(true);
                 f();
             }
         }

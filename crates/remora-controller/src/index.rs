@@ -327,7 +327,10 @@ impl Index {
             labels.insert("pod".to_string(), p.id.name.clone());
             labels.insert("namespace".to_string(), p.id.namespace.clone());
             labels.insert("serviceaccount".to_string(), p.service_account.clone());
-            p.meshed.then(|| {
+            // A port the pod's iptables rules skip reaches the app directly: no proxy
+            // there to speak mTLS with.
+            let skipped = p.skip_inbound_ports.iter().any(|r| r.contains(addr.port()));
+            (p.meshed && !skipped).then(|| {
                 identity(
                     &self.domains.trust_domain,
                     &p.id.namespace,

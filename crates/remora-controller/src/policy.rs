@@ -37,6 +37,7 @@ pub struct InboundKey {
 
 /// Compiles the policy for `key` from the index.
 pub fn inbound(index: &Index, key: &InboundKey, cluster_networks: &[IpNet]) -> api::InboundPolicy {
+    let td = index.domains().trust_domain.as_str();
     let pod = index.pod(&key.pod);
     let empty = Default::default();
     let labels = pod.map(|p| &p.labels).unwrap_or(&empty);
@@ -69,7 +70,7 @@ pub fn inbound(index: &Index, key: &InboundKey, cluster_networks: &[IpNet]) -> a
         return api::InboundPolicy {
             metadata: Some(metadata("default", default, "")),
             protocol: 0,
-            authorizations: default_authorizations(default, cluster_networks),
+            authorizations: default_authorizations(default, cluster_networks, td),
             http_routes: Vec::new(),
             probe_paths,
             default_policy: default.to_string(),
@@ -80,8 +81,11 @@ pub fn inbound(index: &Index, key: &InboundKey, cluster_networks: &[IpNet]) -> a
     let mut http_routes = Vec::new();
     for a in &selecting {
         let meta = metadata("AuthorizationPolicy", &a.id.name, &a.id.namespace);
-        let grants: Vec<api::Authorization> =
-            a.sources.iter().map(|s| authorization(s, &meta)).collect();
+        let grants: Vec<api::Authorization> = a
+            .sources
+            .iter()
+            .map(|s| authorization(s, &meta, td))
+            .collect();
         if a.http.is_empty() {
             authorizations.extend(grants);
         } else {
@@ -145,7 +149,17 @@ fn mesh(
     ))
 }
 
-fn default_authorizations(default: &str, cluster_networks: &[IpNet]) -> Vec<api::Authorization> {
+/// Any identity of the trust domain: `*` never admits another domain's certificates
+/// (possible when trust anchors are shared).
+fn any_identity(td: &str) -> Vec<String> {
+    vec![format!("spiffe://{td}/*")]
+}
+
+fn default_authorizations(
+    default: &str,
+    cluster_networks: &[IpNet],
+    td: &str,
+) -> Vec<api::Authorization> {
     let meta = Some(metadata("default", default, ""));
     let grant = |networks, authentication| api::Authorization {
         metadata: meta.clone(),
@@ -154,16 +168,18 @@ fn default_authorizations(default: &str, cluster_networks: &[IpNet]) -> Vec<api:
     };
     match default {
         "all-unauthenticated" => vec![grant(Vec::new(), anyone())],
-        "all-authenticated" => vec![grant(Vec::new(), mesh(vec!["*".into()], Vec::new()))],
+        "all-authenticated" => vec![grant(Vec::new(), mesh(any_identity(td), Vec::new()))],
         "cluster-authenticated" => vec![grant(
             networks(cluster_networks),
-            mesh(vec!["*".into()], Vec::new()),
+            mesh(any_identity(td), Vec::new()),
         )],
         _ => Vec::new(),
     }
 }
 
-fn authorization(s: &AuthzSource, meta: &api::PolicyMetadata) -> api::Authorization {
+/// One grant. Namespaces and `*` are compiled into identity patterns of the trust
+/// domain, so the proxy's matching is exact or prefix only.
+fn authorization(s: &AuthzSource, meta: &api::PolicyMetadata, td: &str) -> api::Authorization {
     api::Authorization {
         metadata: Some(meta.clone()),
         networks: networks(&s.networks),
@@ -172,7 +188,21 @@ fn authorization(s: &AuthzSource, meta: &api::PolicyMetadata) -> api::Authorizat
             Who::Mesh {
                 identities,
                 namespaces,
-            } => mesh(identities.clone(), namespaces.clone()),
+            } => {
+                let mut patterns: Vec<String> = identities
+                    .iter()
+                    .map(|i| match i.as_str() {
+                        "*" => format!("spiffe://{td}/*"),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                patterns.extend(
+                    namespaces
+                        .iter()
+                        .map(|ns| format!("spiffe://{td}/ns/{ns}/sa/*")),
+                );
+                mesh(patterns, Vec::new())
+            }
         },
     }
 }
@@ -228,6 +258,10 @@ impl api::policy_server::Policy for PolicyService {
         &self,
         req: Request<api::InboundPolicyRequest>,
     ) -> Result<Response<Self::WatchInboundStream>, Status> {
+        let caller = req
+            .extensions()
+            .get::<crate::identity::serving::Caller>()
+            .and_then(|c| c.identity.clone());
         let req = req.into_inner();
         let (namespace, pod) = req
             .workload
@@ -260,6 +294,18 @@ impl api::policy_server::Policy for PolicyService {
             port,
             default,
         };
+        // A proxy that proved its identity asks only about its own workload.
+        if let Some(id) = &caller
+            && let Err(why) = self.discovery.may_ask_about(id, &key.pod)
+        {
+            return Err(Status::permission_denied(why));
+        }
+        // Nothing is answered before the source's first sync: a port's real policy
+        // must not be preceded by its default.
+        tokio::select! {
+            _ = self.discovery.synced() => {}
+            _ = self.shutdown.cancelled() => return Err(Status::unavailable("shutting down")),
+        }
         let rx = self.discovery.subscribe_inbound(key);
         let shutdown = self.shutdown.clone();
         let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
@@ -424,5 +470,69 @@ spec:
         assert!(err.contains("bad.yaml"), "{err}");
         assert!(err.contains("AuthorizationPolicy shop/broken"), "{err}");
         assert!(err.contains("is not a SPIFFE ID"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod meshed_tests {
+    use super::*;
+    use crate::{
+        core::{Event, Resolution, Target},
+        index::{Domains, Touched},
+        source::yaml,
+    };
+
+    const POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: { remora.io/meshed: "true" }
+  annotations: { remora.io/skip-inbound-ports: "9000-9001" }
+spec: { serviceAccountName: web, containers: [] }
+status: { podIP: 10.0.0.1 }
+"#;
+
+    fn index() -> Index {
+        let mut index = Index::new(Domains {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        });
+        for o in yaml::parse("pod.yaml", POD).unwrap() {
+            index.apply(Event::Apply(o), &mut Touched::default());
+        }
+        index
+    }
+
+    fn has_identity(index: &Index, port: u16) -> bool {
+        let addr = std::net::SocketAddr::from(([10, 0, 0, 1], port));
+        match index.resolve(&Target::Addr(addr)) {
+            Resolution::Known { endpoints, .. } => endpoints[&addr].identity.is_some(),
+            Resolution::Unknown => panic!("the pod is known"),
+        }
+    }
+
+    #[test]
+    fn ports_the_proxy_does_not_intercept_get_no_identity() {
+        let index = index();
+        assert!(has_identity(&index, 8080));
+        assert!(!has_identity(&index, 4191), "the admin port is never intercepted");
+        assert!(!has_identity(&index, 9000));
+        assert!(!has_identity(&index, 9001));
+    }
+
+    #[test]
+    fn a_proxy_asks_only_about_its_own_workload() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::metrics::Metrics::register(&mut registry);
+        let d = Discovery::new(index(), metrics, Vec::new());
+        let web = NsName::new("shop", "web-1");
+        assert!(d.may_ask_about("spiffe://cluster.local/ns/shop/sa/web", &web).is_ok());
+        let other_sa = d.may_ask_about("spiffe://cluster.local/ns/shop/sa/other", &web);
+        assert!(other_sa.unwrap_err().contains("runs as web"));
+        let other_ns = d.may_ask_about("spiffe://cluster.local/ns/ops/sa/web", &web);
+        assert!(other_ns.unwrap_err().contains("another namespace"));
+        assert!(d.may_ask_about("spiffe://cluster.local/x", &web).is_err());
     }
 }

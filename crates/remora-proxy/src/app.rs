@@ -145,6 +145,7 @@ impl App {
             channels.as_ref().map(|c| c.api.clone()),
             info,
             config.default_inbound_policy,
+            &config.trust_domain,
             config.discovery_wait,
             metrics.control_reconnects.clone(),
         );

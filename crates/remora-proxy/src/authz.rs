@@ -45,8 +45,8 @@ impl DefaultPolicy {
         }
     }
 
-    /// The policy this default stands for.
-    pub fn policy(self) -> Policy {
+    /// The policy this default stands for in `trust_domain`.
+    pub fn policy(self, trust_domain: &str) -> Policy {
         let authz = match self {
             DefaultPolicy::AllUnauthenticated => vec![Authz {
                 networks: Vec::new(),
@@ -54,14 +54,14 @@ impl DefaultPolicy {
             }],
             DefaultPolicy::AllAuthenticated => vec![Authz {
                 networks: Vec::new(),
-                who: Who::mesh_any(),
+                who: Who::mesh_any(trust_domain),
             }],
             DefaultPolicy::ClusterAuthenticated => vec![Authz {
                 networks: PRIVATE_NETWORKS
                     .iter()
                     .filter_map(|n| n.parse().ok())
                     .collect(),
-                who: Who::mesh_any(),
+                who: Who::mesh_any(trust_domain),
             }],
             DefaultPolicy::Deny => Vec::new(),
         };
@@ -115,9 +115,10 @@ enum Who {
 }
 
 impl Who {
-    fn mesh_any() -> Self {
+    /// Any identity of the trust domain (never another domain's, should anchors be shared).
+    fn mesh_any(trust_domain: &str) -> Self {
         Who::Mesh {
-            identities: vec!["*".into()],
+            identities: vec![format!("spiffe://{trust_domain}/*")],
             namespaces: Vec::new(),
         }
     }
@@ -183,12 +184,26 @@ impl RouteMatch {
             Some(PathMatch::Exact(p)) => path == p,
             Some(PathMatch::Prefix(p)) => {
                 let p = p.trim_end_matches('/');
-                path.strip_prefix(p)
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                path.starts_with('/')
+                    && path
+                        .strip_prefix(p)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
         };
         path_ok && self.method.as_ref().is_none_or(|m| m == method)
     }
+}
+
+/// Whether `path` could mean another path to an application that normalises it.
+fn ambiguous(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    !path.starts_with('/')
+        || path.contains('\\')
+        || path.contains("//")
+        || ["%2e", "%2f", "%5c", "%00"]
+            .iter()
+            .any(|e| lower.contains(e))
+        || path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,13 +229,27 @@ impl Policy {
     }
 
     /// May this client send this request? The kubelet's probe paths are always allowed
-    /// for GET; otherwise the port's grants, or those of a route the request matches.
-    pub fn allows_request(&self, peer: &Peer<'_>, method: &Method, path: &str) -> bool {
-        if method == Method::GET && self.probe_paths.iter().any(|p| p == path) {
+    /// for GET; otherwise the port's grants, or those of a route the request matches. A
+    /// request that becomes a byte stream (an upgrade, `CONNECT`) needs the port's grant:
+    /// a route grant covers requests, not what a tunnel carries afterwards. A path that
+    /// an application might read differently (dot segments, encoded slashes or dots,
+    /// backslashes, empty segments) matches no route, so it cannot slip past one.
+    pub fn allows_request(
+        &self,
+        peer: &Peer<'_>,
+        method: &Method,
+        path: &str,
+        tunnel: bool,
+    ) -> bool {
+        if !tunnel && method == Method::GET && self.probe_paths.iter().any(|p| p == path) {
             return true;
         }
-        self.allows_connection(peer)
-            || self.routes.iter().any(|r| {
+        if self.allows_connection(peer) {
+            return true;
+        }
+        !tunnel
+            && !ambiguous(path)
+            && self.routes.iter().any(|r| {
                 r.matches.iter().any(|m| m.matches(method, path))
                     && r.authz.iter().any(|a| a.allows(peer))
             })
@@ -295,6 +324,7 @@ fn route_match(m: api::HttpRouteMatch) -> Option<RouteMatch> {
 mod tests {
     use super::*;
 
+    const TD: &str = "cluster.local";
     const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
     const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
     const MONITOR: &str = "spiffe://cluster.local/ns/monitoring/sa/prometheus";
@@ -324,16 +354,21 @@ mod tests {
         let anon = peer("10.1.2.3", None);
         let authed = peer("10.1.2.3", Some(FRONTEND));
         let outside = peer("203.0.113.9", Some(FRONTEND));
-        let p = DefaultPolicy::AllUnauthenticated.policy();
+        let foreign = peer(
+            "10.1.2.3",
+            Some("spiffe://elsewhere.example/ns/shop/sa/frontend"),
+        );
+        let p = DefaultPolicy::AllUnauthenticated.policy(TD);
         assert!(p.allows_connection(&anon) && p.allows_connection(&outside));
-        let p = DefaultPolicy::AllAuthenticated.policy();
+        let p = DefaultPolicy::AllAuthenticated.policy(TD);
         assert!(!p.allows_connection(&anon));
         assert!(p.allows_connection(&authed) && p.allows_connection(&outside));
-        let p = DefaultPolicy::ClusterAuthenticated.policy();
+        assert!(!p.allows_connection(&foreign), "another trust domain");
+        let p = DefaultPolicy::ClusterAuthenticated.policy(TD);
         assert!(!p.allows_connection(&anon));
         assert!(p.allows_connection(&authed));
         assert!(!p.allows_connection(&outside));
-        let p = DefaultPolicy::Deny.policy();
+        let p = DefaultPolicy::Deny.policy(TD);
         assert!(!p.allows_connection(&authed));
         assert!("sometimes".parse::<DefaultPolicy>().is_err());
     }
@@ -400,14 +435,34 @@ mod tests {
         });
         let anon = peer("10.0.0.1", None);
         let front = peer("10.0.0.1", Some(FRONTEND));
-        assert!(p.allows_request(&anon, &Method::GET, "/public"));
-        assert!(p.allows_request(&anon, &Method::GET, "/public/x"));
-        assert!(!p.allows_request(&anon, &Method::GET, "/publicity"));
-        assert!(!p.allows_request(&anon, &Method::POST, "/public"));
-        assert!(!p.allows_request(&anon, &Method::GET, "/private"));
-        assert!(p.allows_request(&front, &Method::POST, "/private"));
-        assert!(p.allows_request(&anon, &Method::GET, "/healthz"));
-        assert!(!p.allows_request(&anon, &Method::POST, "/healthz"));
+        let req = |peer, method: &Method, path| p.allows_request(peer, method, path, false);
+        assert!(req(&anon, &Method::GET, "/public"));
+        assert!(req(&anon, &Method::GET, "/public/x"));
+        assert!(!req(&anon, &Method::GET, "/publicity"));
+        assert!(!req(&anon, &Method::POST, "/public"));
+        assert!(!req(&anon, &Method::GET, "/private"));
+        assert!(req(&front, &Method::POST, "/private"));
+        assert!(req(&anon, &Method::GET, "/healthz"));
+        assert!(!req(&anon, &Method::POST, "/healthz"));
+        // Paths an app could normalise into another one never match a route.
+        for sneaky in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/..%2Fadmin",
+            "/public//x",
+            "/public\\..\\admin",
+            "/public/./x",
+        ] {
+            assert!(!req(&anon, &Method::GET, sneaky), "{sneaky}");
+            assert!(
+                req(&front, &Method::GET, sneaky),
+                "port grants still apply: {sneaky}"
+            );
+        }
+        // A tunnel needs the port's grant, whatever route it names.
+        assert!(!p.allows_request(&anon, &Method::GET, "/public", true));
+        assert!(!p.allows_request(&anon, &Method::CONNECT, "", true));
+        assert!(p.allows_request(&front, &Method::CONNECT, "", true));
         // Routes are for HTTP: an opaque connection needs the port's grant.
         assert!(!p.allows_connection(&anon));
     }

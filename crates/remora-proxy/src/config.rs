@@ -174,6 +174,7 @@ pub struct Config {
     /// The name the controller proves over TLS.
     pub controller_name: String,
     pub default_inbound_policy: crate::authz::DefaultPolicy,
+    pub trust_domain: String,
     pub namespace: String,
     pub pod_name: String,
     pub pod_ip: String,
@@ -302,6 +303,7 @@ impl Config {
             controller_addr,
             controller_name,
             default_inbound_policy: remora_config::present(default_inbound_policy)?,
+            trust_domain: trust_domain.clone().unwrap_or_default(),
             namespace: remora_config::present(namespace)?,
             pod_name: remora_config::present(pod_name)?,
             pod_ip: remora_config::present(pod_ip)?,

@@ -20,8 +20,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::tls::{ALPN_H2, Alpn, TlsContext, provider};
 
-/// How long a control connection may wait for the proxy's first certificate.
-const CERT_WAIT: Duration = Duration::from_secs(3600);
+/// How long a control connection waits for the proxy's first certificate: within the
+/// channel's connect timeout; the streams on it retry with backoff until one exists.
+const CERT_WAIT: Duration = Duration::from_secs(3);
 
 /// Where the controller is.
 #[derive(Debug, Clone, PartialEq, Eq)]

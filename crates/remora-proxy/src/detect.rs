@@ -55,27 +55,57 @@ pub fn classify(buf: &[u8]) -> Verdict {
 /// The content type of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Waits for the whole first record of a TLS handshake (`16 03 0x len len`), which holds
-/// the ClientHello; one too long to buffer is opaque.
+/// Waits for a whole ClientHello, which a client may split over several handshake
+/// records (`16 03 0x len len`); one too long to buffer, or records that are not a
+/// ClientHello, are opaque.
 fn classify_tls(buf: &[u8]) -> Verdict {
-    if buf.len() < 5 {
-        return match buf.get(1) {
-            Some(&v) if v != 0x03 => Verdict::Opaque,
-            _ => Verdict::NeedMore,
-        };
+    // The handshake bytes so far: their count, and the header (type 1 = ClientHello,
+    // then a 3-byte length), which may itself be split between records.
+    let mut header = [0u8; 4];
+    let mut seen = 0usize;
+    let mut at = 0usize;
+    while at < buf.len() {
+        let rest = &buf[at..];
+        if rest[0] != TLS_HANDSHAKE || rest.get(1).is_some_and(|&v| v != 0x03) {
+            return Verdict::Opaque;
+        }
+        if rest.len() < 5 {
+            break;
+        }
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        if len == 0 || at + 5 + len > MAX_DETECT_BYTES {
+            return Verdict::Opaque;
+        }
+        let body = &rest[5..rest.len().min(5 + len)];
+        for (i, &b) in body.iter().take(4usize.saturating_sub(seen)).enumerate() {
+            header[seen + i] = b;
+        }
+        seen += body.len();
+        if seen >= 4 && header[0] == 0x01 {
+            let want = 4 + u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+            if seen >= want && want <= MAX_DETECT_BYTES {
+                // Whatever follows the ClientHello is the client's next flight.
+                return Verdict::Tls;
+            }
+        }
+        if body.len() < len {
+            break;
+        }
+        at += 5 + len;
     }
-    // The record must hold a ClientHello (handshake type 1).
-    if buf[1] != 0x03 || buf.get(5).is_some_and(|&t| t != 0x01) {
+    if seen > 0 && header[0] != 0x01 {
         return Verdict::Opaque;
     }
-    let len = 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize;
-    if len > MAX_DETECT_BYTES {
-        Verdict::Opaque
-    } else if buf.len() >= len {
-        Verdict::Tls
-    } else {
-        Verdict::NeedMore
+    if seen >= 4 {
+        let want = 4 + u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
+        if want > MAX_DETECT_BYTES {
+            return Verdict::Opaque;
+        }
+        if seen >= want {
+            return Verdict::Tls;
+        }
     }
+    Verdict::NeedMore
 }
 
 /// Checks for an HTTP/1 request line: `token SP request-target SP HTTP/1.x CRLF`.
@@ -149,8 +179,15 @@ mod tests {
             (b"GET /\x00 HTTP/1.1\r\n", Opaque),
             (b" GET / HTTP/1.1\r\n", Opaque),
             (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", NeedMore),
-            (b"\x16\x03\x01\x00\x02\x01\x00", Tls),
-            (b"\x16\x03\x01\x00\x02\x01\x00more", Tls),
+            // A ClientHello of 4 bytes in one record, then in two records.
+            (b"\x16\x03\x01\x00\x04\x01\x00\x00\x00", Tls),
+            (b"\x16\x03\x01\x00\x04\x01\x00\x00\x00more", Tls),
+            (b"\x16\x03\x01\x00\x02\x01\x00", NeedMore),
+            (
+                b"\x16\x03\x01\x00\x02\x01\x00\x16\x03\x01\x00\x02\x00\x00",
+                Tls,
+            ),
+            (b"\x16\x03\x01\x00\x02\x01\x00\x17\x03", Opaque),
             (b"\x16\x03\x01\xff\xff", Opaque),
             (b"\x16\x05", Opaque),
             (b"\x16\x03\x01\x00\xffnot a hello", Opaque),

@@ -50,7 +50,8 @@ impl Admission {
             ip: self.ip,
             identity: self.identity.as_deref(),
         };
-        if policy.allows_request(&peer, req.method(), req.uri().path()) {
+        let tunnel = wants_upgrade(req);
+        if policy.allows_request(&peer, req.method(), req.uri().path(), tunnel) {
             return None;
         }
         let who = self
@@ -135,6 +136,10 @@ async fn forward(
     metrics.requests.inc();
     let start = Instant::now();
     let grpc = is_grpc(req.headers());
+    // Only a peer proxy's request, arriving over mTLS, may say what version it was.
+    if !matches!(route, Route::Local { .. }) {
+        req.headers_mut().remove(pool::ORIG_PROTO);
+    }
     if let Some(reason) = admission.and_then(|a| a.check(&req)) {
         metrics.denied.inc();
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);

@@ -4,7 +4,7 @@
 //! untouched; plaintext is detected as before. Then the port's policy decides, and the
 //! traffic goes to the application at the original destination (the pod's own IP).
 
-use std::{borrow::Cow, future::Future, sync::Arc};
+use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
@@ -35,7 +35,12 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
     let mut io = CountingIo::new(stream, Counter::default(), Counter::default());
     let start = Instant::now();
     let opaque_port = ctx.is_opaque_port(port);
-    let mut connecting = Box::pin(async {
+    // The app is connected to ahead only for a client that stays silent a moment (it may
+    // wait for a server that speaks first). Clients that speak at once (TLS, HTTP) are
+    // authorized before the app sees a connection.
+    let delay = ctx.preconnect_delay;
+    let mut connecting = Box::pin(async move {
+        tokio::time::sleep(delay).await;
         connect(orig_dst, ctx.connect_timeout)
             .await
             .map(Conn::Plain)
@@ -53,12 +58,8 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
     };
     ctx.metrics
         .detected(Direction::Inbound, result, start.elapsed());
-    let upstream = async move {
-        match upstream {
-            Some(s) => Ok(s),
-            None => connecting.await,
-        }
-    };
+    drop(connecting);
+    let timeout = ctx.connect_timeout;
     let ours = result == DetectResult::Tls
         && ctx
             .tls
@@ -80,19 +81,19 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         let version = match result {
             DetectResult::Http1 if !opaque_port => Version::Http1,
             DetectResult::Http2 if !opaque_port => Version::Http2,
-            _ => return opaque(ctx, io, upstream, &policy, client, None, &labels).await,
+            _ => {
+                let app = app(upstream, orig_dst, timeout);
+                return opaque(ctx, io, app, &policy, client, None, &labels).await;
+            }
         };
         let admission = Admission {
             policy,
             ip: client.0.ip(),
             identity: None,
         };
-        let route = Route::Passthrough(Upstream::new(
-            orig_dst,
-            version,
-            Some(upstream.await),
-            ctx.connect_timeout,
-        ));
+        // The connection made during detection, if any; otherwise one on demand.
+        let fresh = upstream.map(Ok);
+        let route = Route::Passthrough(Upstream::new(orig_dst, version, fresh, timeout));
         return http::serve(
             io,
             route,
@@ -156,12 +157,13 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         Some(Alpn::Http1) if !opaque_port => Route::Passthrough(Upstream::new(
             orig_dst,
             Version::Http1,
-            Some(upstream.await),
-            ctx.connect_timeout,
+            upstream.map(Ok),
+            timeout,
         )),
         _ => {
             let peer = identity.as_deref();
-            return opaque(ctx, stream, upstream, &policy, client, peer, &labels).await;
+            let app = app(upstream, orig_dst, timeout);
+            return opaque(ctx, stream, app, &policy, client, peer, &labels).await;
         }
     };
     http::serve(
@@ -172,6 +174,18 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         Some(admission),
     )
     .await;
+}
+
+/// The connection to the app: the one made during detection, or a new one.
+async fn app(
+    made: Option<Conn>,
+    orig_dst: OrigDst,
+    timeout: Duration,
+) -> Result<Conn, ConnectError> {
+    match made {
+        Some(conn) => Ok(conn),
+        None => connect(orig_dst, timeout).await.map(Conn::Plain),
+    }
 }
 
 /// Forwards a connection that is not HTTP, if the port's policy allows the client.

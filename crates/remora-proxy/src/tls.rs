@@ -151,15 +151,20 @@ impl TlsContext {
     }
 }
 
-/// The SNI of a TLS ClientHello, when `record` holds a whole one.
-pub fn client_hello_sni(record: &[u8]) -> Option<String> {
+/// The SNI of a TLS ClientHello, when `records` hold a whole one (over one or more
+/// records).
+pub fn client_hello_sni(records: &[u8]) -> Option<String> {
     let mut acceptor = rustls::server::Acceptor::default();
-    let mut rd = record;
-    acceptor.read_tls(&mut rd).ok()?;
-    match acceptor.accept() {
-        Ok(Some(accepted)) => accepted.client_hello().server_name().map(str::to_owned),
-        _ => None,
+    let mut rd = records;
+    while !rd.is_empty() {
+        if acceptor.read_tls(&mut rd).ok()? == 0 {
+            break;
+        }
+        if let Ok(Some(accepted)) = acceptor.accept() {
+            return accepted.client_hello().server_name().map(str::to_owned);
+        }
     }
+    None
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -128,9 +128,38 @@ pub enum GrpcIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// Who is calling, as far as the connection proves it: in each request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// The SPIFFE ID of the client certificate, when one was presented (and verified).
+    pub identity: Option<String>,
+}
+
 impl tonic::transport::server::Connected for GrpcIo {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
+    type ConnectInfo = Caller;
+    fn connect_info(&self) -> Caller {
+        let identity = match self {
+            GrpcIo::Plain(_) => None,
+            GrpcIo::Tls(tls) => tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| spiffe_of(leaf)),
+        };
+        Caller { identity }
+    }
+}
+
+/// The SPIFFE ID (URI SAN) of a certificate.
+fn spiffe_of(der: &[u8]) -> Option<String> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(u.to_string()),
+        _ => None,
+    })
 }
 
 impl AsyncRead for GrpcIo {

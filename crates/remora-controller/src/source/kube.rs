@@ -142,7 +142,14 @@ async fn watch<K>(
                             return;
                         }
                     }
-                    Err(error) => warn!("{error}; skipping it"),
+                    Err(error) => {
+                        // Seen, though unusable: a relist must not delete the last good
+                        // version the index holds (an edit broke it; the old one stands).
+                        if let Some(seen) = relisting.as_mut() {
+                            seen.insert(id.clone());
+                        }
+                        warn!("{error}; skipping it, the last valid version stays in force");
+                    }
                 }
             }
             watcher::Event::Delete(o) => {

@@ -14,6 +14,10 @@ use tracing::{debug, info, warn};
 use super::{DefaultPolicy, Policy};
 use crate::discovery::{ClientInfo, xorshift};
 
+/// Ports watched at once, before those no connection uses are forgotten: any client can
+/// pick a port, so the streams are bounded.
+const MAX_PORTS: usize = 256;
+
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -22,6 +26,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub struct PortPolicy {
     rx: watch::Receiver<Option<Arc<Policy>>>,
     default: Arc<Policy>,
+    /// Counts the connections using the port's stream.
+    _users: Arc<()>,
+}
+
+struct Entry {
+    rx: watch::Receiver<Option<Arc<Policy>>>,
+    users: Arc<()>,
+    task: Option<tokio::task::AbortHandle>,
 }
 
 impl PortPolicy {
@@ -39,7 +51,7 @@ pub struct InboundPolicies {
     default: DefaultPolicy,
     default_policy: Arc<Policy>,
     wait: Duration,
-    ports: Mutex<HashMap<u16, watch::Receiver<Option<Arc<Policy>>>>>,
+    ports: Mutex<HashMap<u16, Entry>>,
     reconnects: Counter,
 }
 
@@ -58,6 +70,7 @@ impl InboundPolicies {
         channel: Option<Channel>,
         info: ClientInfo,
         default: DefaultPolicy,
+        trust_domain: &str,
         wait: Duration,
         reconnects: Counter,
     ) -> Arc<Self> {
@@ -65,7 +78,7 @@ impl InboundPolicies {
             client: channel.map(api::policy_client::PolicyClient::new),
             info,
             default,
-            default_policy: Arc::new(default.policy()),
+            default_policy: Arc::new(default.policy(trust_domain)),
             wait,
             ports: Mutex::new(HashMap::new()),
             reconnects,
@@ -76,19 +89,30 @@ impl InboundPolicies {
     /// wait for the controller's answer, so a port's first clients are judged by its
     /// real policy rather than the default.
     pub async fn port(self: &Arc<Self>, port: u16) -> PortPolicy {
-        let rx = {
+        let (rx, users) = {
             let mut ports = self.ports.lock();
-            match ports.get(&port) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    if let Some(client) = self.client.clone() {
-                        tokio::spawn(self.clone().watch(client, port, tx));
+            if !ports.contains_key(&port) && ports.len() >= MAX_PORTS {
+                // Forget ports no connection uses; their streams end.
+                ports.retain(|_, e| {
+                    let used = Arc::strong_count(&e.users) > 1;
+                    if !used && let Some(task) = &e.task {
+                        task.abort();
                     }
-                    ports.insert(port, rx.clone());
-                    rx
-                }
+                    used
+                });
             }
+            let entry = ports.entry(port).or_insert_with(|| {
+                let (tx, rx) = watch::channel(None);
+                let task = self.client.clone().map(|client| {
+                    tokio::spawn(self.clone().watch(client, port, tx)).abort_handle()
+                });
+                Entry {
+                    rx,
+                    users: Arc::new(()),
+                    task,
+                }
+            });
+            (entry.rx.clone(), entry.users.clone())
         };
         if self.client.is_some() && rx.borrow().is_none() {
             let mut waiting = rx.clone();
@@ -103,6 +127,7 @@ impl InboundPolicies {
         PortPolicy {
             rx,
             default: self.default_policy.clone(),
+            _users: users,
         }
     }
 

@@ -51,6 +51,9 @@ pub async fn race<C: AsyncRead + Unpin>(
 ) -> Result<Detection, RaceError> {
     let mut buf = BytesMut::with_capacity(1024);
     let mut upstream: Option<Conn> = None;
+    // Once the client has begun to speak, a server that speaks too is no reason to stop
+    // listening: only a client that waits for the server makes the connection opaque.
+    let mut watch_server = true;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let result = loop {
@@ -58,8 +61,8 @@ pub async fn race<C: AsyncRead + Unpin>(
             let server_spoke = async {
                 match &upstream {
                     // Readable without consuming: the server's bytes stay in the socket.
-                    Some(s) => drop(s.readable().await),
-                    None => std::future::pending().await,
+                    Some(s) if watch_server => drop(s.readable().await),
+                    _ => std::future::pending().await,
                 }
             };
             tokio::select! {
@@ -81,7 +84,8 @@ pub async fn race<C: AsyncRead + Unpin>(
             Step::Read(Err(e)) => return Err(RaceError::Client(e)),
             Step::Connected(Ok(s)) => upstream = Some(s),
             Step::Connected(Err(e)) => return Err(RaceError::Connect(e)),
-            Step::ServerSpoke => break DetectResult::ServerFirst,
+            Step::ServerSpoke if buf.is_empty() => break DetectResult::ServerFirst,
+            Step::ServerSpoke => watch_server = false,
             Step::Timeout => break DetectResult::Timeout,
         }
     };
@@ -174,6 +178,32 @@ mod tests {
         let mut greeting = [0u8; 11];
         upstream.read_exact(&mut greeting).await.unwrap();
         assert_eq!(&greeting, b"220 hello\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_has_begun_to_speak_is_heard_out_though_the_server_greets() {
+        let addr = upstream(Some(b"220 hello\r\n")).await;
+        let (mut ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        // The first half of a ClientHello split over two records.
+        theirs
+            .write_all(b"\x16\x03\x01\x00\x02\x01\x00")
+            .await
+            .unwrap();
+        let connecting = plain(addr);
+        tokio::pin!(connecting);
+        let race = race(&mut ours, connecting, Duration::from_secs(30));
+        let rest = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            theirs
+                .write_all(b"\x16\x03\x01\x00\x02\x00\x00")
+                .await
+                .unwrap();
+            theirs
+        };
+        let (d, _theirs) = tokio::join!(race, rest);
+        let d = d.unwrap();
+        assert_eq!(d.result, DetectResult::Tls);
+        assert_eq!(d.prefix.len(), 14);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,16 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
     if req.method() == Method::CONNECT {
         return true;
     }
+    // An h2c upgrade is not carried: between proxies requests travel as HTTP/2 anyway,
+    // and passing it on would let a client smuggle a second protocol past the proxy.
+    let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .to_ascii_lowercase()
+            .contains("h2c")
+    });
     req.headers().contains_key(header::UPGRADE)
+        && !h2c
         && connection_tokens(req.headers()).any(|t| t == "upgrade")
 }
 
@@ -145,5 +154,12 @@ mod tests {
         assert!(!wants_upgrade(&no_token));
         let connect = Request::connect("example.com:443").body(()).unwrap();
         assert!(wants_upgrade(&connect));
+        // h2c is never passed on: its Upgrade header is stripped as hop-by-hop.
+        let h2c = Request::get("/")
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .body(())
+            .unwrap();
+        assert!(!wants_upgrade(&h2c));
     }
 }

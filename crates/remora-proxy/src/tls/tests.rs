@@ -192,3 +192,51 @@ async fn every_wrong_peer_is_refused() {
     let (c, s) = handshake(web_client, api_server, &name("db"), "db").await;
     assert!(c.is_err() && s.is_err(), "SNI of another pod");
 }
+
+/// A real ClientHello, in one record and split over two, is recognised whole and its
+/// SNI read; anything cut short waits for more.
+#[test]
+fn client_hello_sni_is_read_across_records() {
+    let pki = Pki::new("mesh");
+    let config = client_config(
+        &pki.fresh("frontend"),
+        roots(&pki.root_pem).unwrap(),
+        ALPN_H2,
+    )
+    .unwrap();
+    let server = ServerName::try_from(name("web")).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, server).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    assert_eq!(crate::detect::classify(&hello), crate::detect::Verdict::Tls);
+    assert_eq!(
+        client_hello_sni(&hello).as_deref(),
+        Some(name("web").as_str())
+    );
+    // The same handshake bytes split into two records.
+    let body = &hello[5..];
+    let (a, b) = body.split_at(body.len() / 2);
+    let mut split = Vec::new();
+    for part in [a, b] {
+        split.extend_from_slice(&[0x16, 0x03, 0x01]);
+        split.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        split.extend_from_slice(part);
+    }
+    assert_eq!(crate::detect::classify(&split), crate::detect::Verdict::Tls);
+    assert_eq!(
+        client_hello_sni(&split).as_deref(),
+        Some(name("web").as_str())
+    );
+    for cut in [1, 5, 6, 10, hello.len() - 1, split.len() - 1] {
+        let buf = if cut < hello.len() {
+            &hello[..cut]
+        } else {
+            &split[..cut]
+        };
+        assert_eq!(
+            crate::detect::classify(buf),
+            crate::detect::Verdict::NeedMore,
+            "{cut}"
+        );
+    }
+}
