@@ -19,7 +19,8 @@ use crate::Pod;
 pub const PROXY_UID: &str = "2102";
 
 /// Copies of the built binaries in a world-readable folder, so the proxy can run as
-/// its own unprivileged UID wherever the workspace is checked out. Removed on drop.
+/// its own unprivileged UID wherever the workspace is checked out. Removed on drop
+/// (unless `REMORA_E2E_KEEP=1`), with the processes' logs.
 #[derive(Debug)]
 pub struct Binaries {
     dir: PathBuf,
@@ -89,7 +90,13 @@ impl Default for Binaries {
 }
 
 impl Drop for Binaries {
+    /// Removes the folder (and the logs in it), unless `REMORA_E2E_KEEP=1` asks to keep
+    /// them for a look afterwards.
     fn drop(&mut self) {
+        if std::env::var("REMORA_E2E_KEEP").is_ok_and(|v| v == "1") {
+            eprintln!("kept {} (REMORA_E2E_KEEP=1)", self.dir.display());
+            return;
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -129,7 +129,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Remora => "remora pair",
             PathKind::RemoraMtls => "remora pair, mTLS",
-            PathKind::Envoy => "envoy pair",
+            PathKind::Envoy => "envoy pair, mTLS",
         }
     }
 }
@@ -404,22 +404,39 @@ async fn run_path(
             pods.client.intercept(&bins);
             pods.server.intercept(&bins);
             let envoy = bins.add(envoy_bin.expect("envoy binary"));
-            for (side, pod, listen, port) in [
-                ("client", &pods.client, "127.0.0.1", 4140),
-                ("server", &pods.server, "0.0.0.0", 4143),
+            // Envoy runs as the proxy's UID: its certificate files must be readable.
+            let dir = bins.dir().join("envoy-mtls");
+            std::fs::create_dir_all(&dir)?;
+            let client = envoy::certs(&dir, "client")?;
+            let server = envoy::certs(&dir, "server")?;
+            let status = std::process::Command::new("chown")
+                .args(["-R", "2102:2102"])
+                .arg(&dir)
+                .status()?;
+            anyhow::ensure!(status.success(), "chown the Envoy certificates");
+            for (side, pod, config) in [
+                (
+                    "client",
+                    &pods.client,
+                    envoy::client_mtls_config(&client, "server", 9901),
+                ),
+                (
+                    "server",
+                    &pods.server,
+                    envoy::server_mtls_config(&server, 9901),
+                ),
             ] {
                 let cfg = bins.dir().join(format!("envoy-{side}.yaml"));
-                std::fs::write(
-                    &cfg,
-                    envoy::config(listen, port, 9901, "2 workers like remora-proxy"),
-                )?;
+                std::fs::write(&cfg, config)?;
+                // REMORA_ENVOY_LOG=debug (say) to see why Envoy refuses something.
+                let level = std::env::var("REMORA_ENVOY_LOG").unwrap_or_else(|_| "warn".into());
                 let args = [
                     "-c",
                     cfg.to_str().expect("utf-8 path"),
                     "--concurrency",
                     "2",
                     "--log-level",
-                    "warn",
+                    level.as_str(),
                     "--disable-hot-restart",
                 ];
                 let ready = ("127.0.0.1:9901".parse()?, "/ready");

@@ -517,7 +517,10 @@ status: { podIP: 10.0.0.1 }
     fn ports_the_proxy_does_not_intercept_get_no_identity() {
         let index = index();
         assert!(has_identity(&index, 8080));
-        assert!(!has_identity(&index, 4191), "the admin port is never intercepted");
+        assert!(
+            !has_identity(&index, 4191),
+            "the admin port is never intercepted"
+        );
         assert!(!has_identity(&index, 9000));
         assert!(!has_identity(&index, 9001));
     }
@@ -528,7 +531,10 @@ status: { podIP: 10.0.0.1 }
         let metrics = crate::metrics::Metrics::register(&mut registry);
         let d = Discovery::new(index(), metrics, Vec::new());
         let web = NsName::new("shop", "web-1");
-        assert!(d.may_ask_about("spiffe://cluster.local/ns/shop/sa/web", &web).is_ok());
+        assert!(
+            d.may_ask_about("spiffe://cluster.local/ns/shop/sa/web", &web)
+                .is_ok()
+        );
         let other_sa = d.may_ask_about("spiffe://cluster.local/ns/shop/sa/other", &web);
         assert!(other_sa.unwrap_err().contains("runs as web"));
         let other_ns = d.may_ask_about("spiffe://cluster.local/ns/ops/sa/web", &web);

@@ -415,11 +415,14 @@ mod tests {
                 ("REMORA_OPAQUE_PORTS", "25,70000"),
                 ("REMORA_LOG_FORMAT", "xml"),
                 ("REMORA_LOG", "[[["),
+                ("REMORA_DEFAULT_INBOUND_POLICY", "sometimes"),
             ],
         )
         .unwrap_err()
         .to_string();
         for needle in [
+            "REMORA_DEFAULT_INBOUND_POLICY=\"sometimes\"",
+            "all-unauthenticated, all-authenticated, cluster-authenticated, deny",
             "--connect-timeout=\"0s\"",
             "REMORA_INBOUND_ADDR=\"nowhere\"",
             "REMORA_OPAQUE_PORTS=\"25,70000\"",

@@ -65,11 +65,18 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
             .tls
             .as_ref()
             .is_some_and(|t| tls::client_hello_sni(&prefix).is_some_and(|sni| sni == t.local_name));
-    let labels = |tls: bool, peer: Option<&str>| TrafficLabels {
-        direction: Direction::Inbound,
-        target: Cow::Owned(port.to_string()),
-        tls,
-        peer_identity: Cow::Owned(peer.unwrap_or_default().to_string()),
+    let labels = |tls: bool, peer: Option<&str>| {
+        let span = tracing::Span::current();
+        span.record("tls", tls);
+        if let Some(peer) = peer {
+            span.record("peer", peer);
+        }
+        TrafficLabels {
+            direction: Direction::Inbound,
+            target: Cow::Owned(port.to_string()),
+            tls,
+            peer_identity: Cow::Owned(peer.unwrap_or_default().to_string()),
+        }
     };
 
     if !ours {

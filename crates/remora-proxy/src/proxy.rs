@@ -113,7 +113,16 @@ async fn serve_connection(
         direction,
         orig_dst,
     };
-    let span = info_span!("conn", dir = direction.as_str(), client = %client, dst = %orig_dst);
+    // `tls` and `peer` are recorded once known, so every log line of the connection
+    // carries them.
+    let span = info_span!(
+        "conn",
+        dir = direction.as_str(),
+        client = %client,
+        dst = %orig_dst,
+        tls = tracing::field::Empty,
+        peer = tracing::field::Empty,
+    );
     match direction {
         Direction::Outbound => {
             Box::pin(dispatch(&ctx, accept, stream))
@@ -237,6 +246,11 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
         tls,
         peer_identity,
     };
+    let span = tracing::Span::current();
+    span.record("tls", labels.tls);
+    if !labels.peer_identity.is_empty() {
+        span.record("peer", &*labels.peer_identity);
+    }
     let conn = ctx.metrics.connection(&labels);
     let mut io = CountingIo::new(stream, conn.read.clone(), conn.written.clone());
     let port = accept.orig_dst.0.port();

@@ -127,7 +127,13 @@ async fn http1_call(sender: &mut http1::SendRequest<Body>) -> Result<(), String>
         .expect("request");
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if rsp.status() != 200 {
-        return Err(format!("status {}", rsp.status()));
+        let why = rsp
+            .headers()
+            .get("remora-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(format!("status {}, remora-error {why:?}", rsp.status()));
     }
     let body = rsp
         .into_body()
@@ -152,7 +158,13 @@ async fn grpc_call(mut sender: http2::SendRequest<Body>) -> Result<(), String> {
         .expect("request");
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if rsp.status() != 200 {
-        return Err(format!("status {}", rsp.status()));
+        let why = rsp
+            .headers()
+            .get("remora-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return Err(format!("status {}, remora-error {why:?}", rsp.status()));
     }
     let headers = rsp.headers().clone();
     let collected = rsp.into_body().collect().await.map_err(|e| e.to_string())?;

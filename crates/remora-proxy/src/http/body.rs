@@ -25,6 +25,8 @@ pin_project_lite::pin_project! {
         empty: bool,
         // The balancer counts the request in flight until its response has ended.
         in_flight: Option<InFlight>,
+        // An HTTP/2 upstream response: trailers may follow its last DATA frame.
+        may_have_trailers: bool,
     }
 
     impl<B> PinnedDrop for MeteredBody<B> {
@@ -45,6 +47,7 @@ impl<B: Body> MeteredBody<B> {
         status: u16,
         headers: &HeaderMap,
         in_flight: Option<InFlight>,
+        may_have_trailers: bool,
     ) -> Self {
         let empty = inner.is_end_stream();
         Self {
@@ -55,6 +58,7 @@ impl<B: Body> MeteredBody<B> {
             failed: false,
             empty,
             in_flight,
+            may_have_trailers,
         }
     }
 }
@@ -104,14 +108,20 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
         polled
     }
 
-    /// Never claimed early. When an upstream HTTP/2 response's trailers arrive while
-    /// its last DATA frame is being forwarded, hyper can take "end of stream" from the
-    /// inner body before the trailers are seen and finish the stream without them (the
-    /// `grpc_trailers_survive_concurrent_load` test lost one response in 5,000 in 6 of
-    /// 20 loaded runs). Saying "not yet" costs an empty final DATA frame and makes hyper
-    /// poll once more, which yields the trailers or the real end.
+    /// Never claimed early for an HTTP/2 upstream response. When its trailers arrive
+    /// while its last DATA frame is being forwarded, hyper can take "end of stream" from
+    /// the inner body before the trailers are seen and finish the stream without them
+    /// (the `grpc_trailers_survive_concurrent_load` test lost one response in 5,000 in 6
+    /// of 20 loaded runs). Saying "not yet" costs an empty final DATA frame and makes
+    /// hyper poll once more, which yields the trailers or the real end.
+    ///
+    /// An HTTP/1 upstream response cannot have trailers, and its end is passed on with
+    /// its last DATA frame. Sent separately, that end arrived after an HTTP/1 client's
+    /// proxy had written the whole `content-length` and dropped the stream. Each such
+    /// stream was reset (`CANCEL`), and under load h2's limit on local resets (1,024)
+    /// closed the connection between the proxies, failing its requests with 502.
     fn is_end_stream(&self) -> bool {
-        false
+        !self.may_have_trailers && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
