@@ -262,6 +262,22 @@ fn probe_paths(spec: &core_v1::PodSpec) -> BTreeMap<u16, Vec<String>> {
     out
 }
 
+/// A TrafficPolicy, validated; every problem is named in the error.
+pub fn traffic_policy(p: &remora_k8s::TrafficPolicy) -> Result<crate::core::TrafficPolicy, Invalid> {
+    const KIND: &str = "TrafficPolicy";
+    let id = id(KIND, &p.metadata)?;
+    let errors = p.spec.validate();
+    if !errors.is_empty() {
+        return Err(invalid(KIND, &id, errors.join("; ")));
+    }
+    Ok(crate::core::TrafficPolicy {
+        service: p.spec.target_ref.name.clone(),
+        port: p.spec.target_ref.port,
+        spec: p.spec.clone(),
+        id,
+    })
+}
+
 /// An AuthorizationPolicy, validated; every problem is named in the error.
 pub fn authorization_policy(p: &remora_k8s::AuthorizationPolicy) -> Result<AuthzPolicy, Invalid> {
     const KIND: &str = "AuthorizationPolicy";

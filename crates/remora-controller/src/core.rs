@@ -133,13 +133,25 @@ pub struct HttpMatch {
     pub method: Option<String>,
 }
 
+/// A TrafficPolicy, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrafficPolicy {
+    pub id: NsName,
+    /// The Service it targets, in its namespace.
+    pub service: String,
+    /// Unset: every port of the Service.
+    pub port: Option<u16>,
+    pub spec: remora_k8s::TrafficPolicySpec,
+}
+
 /// Any object a source delivers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Service),
     Slice(EndpointSlice),
     Pod(Pod),
     Authz(AuthzPolicy),
+    Traffic(TrafficPolicy),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -148,6 +160,7 @@ pub enum Kind {
     Slice,
     Pod,
     Authz,
+    Traffic,
 }
 
 impl Kind {
@@ -157,6 +170,7 @@ impl Kind {
             Kind::Slice => "EndpointSlice",
             Kind::Pod => "Pod",
             Kind::Authz => "AuthorizationPolicy",
+            Kind::Traffic => "TrafficPolicy",
         }
     }
 }
@@ -186,12 +200,16 @@ impl Object {
                 kind: Kind::Authz,
                 id: a.id.clone(),
             },
+            Object::Traffic(t) => ObjectKey {
+                kind: Kind::Traffic,
+                id: t.id.clone(),
+            },
         }
     }
 }
 
 /// What a source tells the index.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     Apply(Object),
     Delete(ObjectKey),

@@ -26,6 +26,9 @@ pub struct Discovery {
     subs: Mutex<HashMap<Target, watch::Sender<Shared>>>,
     /// One channel per watched inbound port. Lock order: `inbound`, then `index`.
     inbound: Mutex<HashMap<InboundKey, watch::Sender<Arc<api::InboundPolicy>>>>,
+    /// One channel per target whose outbound policy is watched. Lock order: `outbound`,
+    /// then `index`.
+    outbound: Mutex<HashMap<Target, watch::Sender<Arc<api::OutboundPolicy>>>>,
     /// What `cluster-authenticated` trusts.
     cluster_networks: Vec<ipnet::IpNet>,
     /// True once the source has delivered its initial state.
@@ -39,10 +42,23 @@ impl Discovery {
             index: RwLock::new(index),
             subs: Mutex::new(HashMap::new()),
             inbound: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(HashMap::new()),
             cluster_networks,
             synced: watch::channel(false).0,
             metrics,
         })
+    }
+
+    /// The current outbound policy for `target`, and every later one.
+    pub fn subscribe_outbound(&self, target: Target) -> watch::Receiver<Arc<api::OutboundPolicy>> {
+        let mut subs = self.outbound.lock();
+        if let Some(tx) = subs.get(&target) {
+            return tx.subscribe();
+        }
+        let policy = crate::outbound::outbound(&self.index.read(), &target);
+        let (tx, rx) = watch::channel(Arc::new(policy));
+        subs.insert(target, tx);
+        rx
     }
 
     /// Whether the proxy proving `identity` may ask about `pod`'s inbound policy: the
@@ -141,6 +157,24 @@ impl Discovery {
     }
 
     fn publish(&self, touched: &Touched, since: Option<Instant>) {
+        {
+            let mut outbound = self.outbound.lock();
+            outbound.retain(|_, tx| tx.receiver_count() > 0);
+            let index = self.index.read();
+            for (target, tx) in outbound.iter() {
+                if !index.affects(target, touched) {
+                    continue;
+                }
+                let policy = crate::outbound::outbound(&index, target);
+                tx.send_if_modified(|current| {
+                    if **current == policy {
+                        return false;
+                    }
+                    *current = Arc::new(policy);
+                    true
+                });
+            }
+        }
         if !touched.policy_namespaces.is_empty() {
             let mut inbound = self.inbound.lock();
             inbound.retain(|_, tx| tx.receiver_count() > 0);

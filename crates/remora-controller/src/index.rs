@@ -8,7 +8,7 @@ use std::{
 
 use crate::core::{
     AuthzPolicy, EndpointSlice, EndpointView, Event, Identity, Kind, NsName, Object, ObjectKey,
-    Pod, Protocol, Resolution, Service, ServicePort, Target, TargetPort,
+    Pod, Protocol, Resolution, Service, ServicePort, Target, TargetPort, TrafficPolicy,
 };
 
 /// Names identities are built from.
@@ -41,6 +41,7 @@ pub struct Index {
     slices: HashMap<NsName, EndpointSlice>,
     pods: HashMap<NsName, Pod>,
     authz: HashMap<NsName, AuthzPolicy>,
+    traffic: HashMap<NsName, TrafficPolicy>,
     /// Service → its slices.
     slices_of: HashMap<NsName, BTreeSet<NsName>>,
     /// ClusterIP → Service.
@@ -59,6 +60,7 @@ impl Index {
             slices: HashMap::new(),
             pods: HashMap::new(),
             authz: HashMap::new(),
+            traffic: HashMap::new(),
             slices_of: HashMap::new(),
             cluster_ips: HashMap::new(),
             pod_ips: HashMap::new(),
@@ -71,13 +73,35 @@ impl Index {
     }
 
     /// Objects indexed, by kind.
-    pub fn counts(&self) -> [(Kind, usize); 4] {
+    pub fn counts(&self) -> [(Kind, usize); 5] {
         [
             (Kind::Service, self.services.len()),
             (Kind::Slice, self.slices.len()),
             (Kind::Pod, self.pods.len()),
             (Kind::Authz, self.authz.len()),
+            (Kind::Traffic, self.traffic.len()),
         ]
+    }
+
+    /// The Service port a target names (by name, or by ClusterIP), if it is one.
+    pub fn service_port(&self, target: &Target) -> Option<(NsName, u16)> {
+        match target {
+            Target::Service { id, port } => Some((id.clone(), *port)),
+            Target::Addr(a) => self.cluster_ips.get(&a.ip()).map(|id| (id.clone(), a.port())),
+        }
+    }
+
+    /// The TrafficPolicy for a Service port: one naming the port beats one for every
+    /// port; among equals, the first by name.
+    pub fn traffic_for(&self, service: &NsName, port: u16) -> Option<&TrafficPolicy> {
+        let mut matching: Vec<&TrafficPolicy> = self
+            .traffic
+            .values()
+            .filter(|t| t.id.namespace == service.namespace && t.service == service.name)
+            .filter(|t| t.port.is_none_or(|p| p == port))
+            .collect();
+        matching.sort_by(|a, b| (a.port.is_none(), &a.id).cmp(&(b.port.is_none(), &b.id)));
+        matching.first().copied()
     }
 
     pub fn pod(&self, id: &NsName) -> Option<&Pod> {
@@ -145,6 +169,12 @@ impl Index {
                 touched.policy_namespaces.insert(a.id.namespace.clone());
                 self.authz.insert(a.id.clone(), a);
             }
+            Object::Traffic(t) => {
+                touched
+                    .services
+                    .insert(NsName::new(&t.id.namespace, &t.service));
+                self.traffic.insert(t.id.clone(), t);
+            }
         }
     }
 
@@ -195,6 +225,13 @@ impl Index {
             Kind::Authz => {
                 if self.authz.remove(&key.id).is_some() {
                     touched.policy_namespaces.insert(key.id.namespace.clone());
+                }
+            }
+            Kind::Traffic => {
+                if let Some(t) = self.traffic.remove(&key.id) {
+                    touched
+                        .services
+                        .insert(NsName::new(&t.id.namespace, &t.service));
                 }
             }
             Kind::Pod => {

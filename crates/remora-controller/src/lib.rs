@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod identity;
 pub mod index;
 pub mod metrics;
+pub mod outbound;
 pub mod policy;
 pub mod source;
 
@@ -202,7 +203,11 @@ impl App {
                 stop.clone(),
             )),
             identity: IdentityServer::new(identity),
-            policy: PolicyServer::new(PolicyService::new(discovery, stop.clone())),
+            policy: PolicyServer::new(PolicyService::new(
+                discovery,
+                config.cluster_domain.clone(),
+                stop.clone(),
+            )),
         };
         let grpc_stop = stop.clone();
         let grpc = tokio::spawn(async move {

@@ -69,7 +69,7 @@ impl Metrics {
         m
     }
 
-    pub fn set_objects(&self, counts: [(Kind, usize); 4]) {
+    pub fn set_objects(&self, counts: [(Kind, usize); 5]) {
         for (kind, n) in counts {
             self.objects
                 .get_or_create(&KindLabels { kind })

@@ -222,20 +222,51 @@ fn route_match(m: &HttpMatch) -> api::HttpRouteMatch {
     }
 }
 
-/// `Policy`: `WatchInbound` streams a port's policy, sending it again whenever it
-/// changes; `WatchOutbound` arrives with TrafficPolicy.
+/// `Policy`: `WatchInbound` streams a port's policy and `WatchOutbound` a target's,
+/// each sent again whenever it changes; nothing is answered before the source's first
+/// sync.
 pub struct PolicyService {
     discovery: Arc<Discovery>,
+    cluster_domain: String,
     shutdown: CancellationToken,
 }
 
 impl PolicyService {
-    pub fn new(discovery: Arc<Discovery>, shutdown: CancellationToken) -> Self {
+    pub fn new(discovery: Arc<Discovery>, cluster_domain: String, shutdown: CancellationToken) -> Self {
         Self {
             discovery,
+            cluster_domain,
             shutdown,
         }
     }
+
+    async fn synced(&self) -> Result<(), Status> {
+        tokio::select! {
+            _ = self.discovery.synced() => Ok(()),
+            _ = self.shutdown.cancelled() => Err(Status::unavailable("shutting down")),
+        }
+    }
+}
+
+/// Streams the receiver's current value, then each change, until shutdown.
+fn stream_of<T: Clone + Send + Sync + 'static>(
+    rx: watch::Receiver<Arc<T>>,
+    shutdown: CancellationToken,
+) -> Streamed<T> {
+    let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
+        let shutdown = shutdown.clone();
+        async move {
+            if !first {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return None },
+                    _ = shutdown.cancelled() => return None,
+                }
+            }
+            let value: Arc<T> = rx.borrow_and_update().clone();
+            Some((Ok((*value).clone()), (rx, false)))
+        }
+    });
+    Box::pin(stream)
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -247,11 +278,13 @@ impl api::policy_server::Policy for PolicyService {
 
     async fn watch_outbound(
         &self,
-        _: Request<api::OutboundPolicyRequest>,
+        req: Request<api::OutboundPolicyRequest>,
     ) -> Result<Response<Self::WatchOutboundStream>, Status> {
-        Err(Status::unimplemented(
-            "outbound policy (TrafficPolicy, HTTPRoute) is not served by this controller yet",
-        ))
+        let target = crate::grpc::parse_target(&req.get_ref().target, &self.cluster_domain)
+            .map_err(Status::invalid_argument)?;
+        self.synced().await?;
+        let rx = self.discovery.subscribe_outbound(target);
+        Ok(Response::new(stream_of(rx, self.shutdown.clone())))
     }
 
     async fn watch_inbound(
@@ -302,26 +335,9 @@ impl api::policy_server::Policy for PolicyService {
         }
         // Nothing is answered before the source's first sync: a port's real policy
         // must not be preceded by its default.
-        tokio::select! {
-            _ = self.discovery.synced() => {}
-            _ = self.shutdown.cancelled() => return Err(Status::unavailable("shutting down")),
-        }
+        self.synced().await?;
         let rx = self.discovery.subscribe_inbound(key);
-        let shutdown = self.shutdown.clone();
-        let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
-            let shutdown = shutdown.clone();
-            async move {
-                if !first {
-                    tokio::select! {
-                        r = rx.changed() => if r.is_err() { return None },
-                        _ = shutdown.cancelled() => return None,
-                    }
-                }
-                let policy: Arc<api::InboundPolicy> = rx.borrow_and_update().clone();
-                Some((Ok((*policy).clone()), (rx, false)))
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(stream_of(rx, self.shutdown.clone())))
     }
 }
 

@@ -1,14 +1,19 @@
-//! `remora-k8s`: the `policy.remora.io` custom resources. Their OpenAPI schemas (what
+//! `remora-k8s`: the `policy.remora.io` custom resources (`AuthorizationPolicy`, and
+//! `TrafficPolicy` in [`traffic`]). Their OpenAPI schemas (what
 //! the API server validates on `kubectl apply`) come from these types, and
 //! `cargo xtask codegen` writes the CRD manifests from them; [`AuthorizationPolicySpec::validate`]
 //! checks what a schema cannot (CIDRs, SPIFFE IDs, wildcards), for the controller to
 //! reject an object with a reason rather than guess.
+
+mod traffic;
 
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use traffic::*;
 
 pub const GROUP: &str = "policy.remora.io";
 pub const VERSION: &str = "v1alpha1";

@@ -75,7 +75,7 @@ impl Source for KubeSource {
 }
 
 /// The kinds watched; `Synced` goes out when each has listed once.
-const KINDS: usize = 4;
+const KINDS: usize = 5;
 
 async fn watch<K>(
     client: Client,

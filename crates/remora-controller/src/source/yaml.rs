@@ -70,6 +70,10 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
             let p: remora_k8s::AuthorizationPolicy = from(value)?;
             Object::Authz(convert::authorization_policy(&p).map_err(|e| e.to_string())?)
         }
+        ("policy.remora.io/v1alpha1", "TrafficPolicy") => {
+            let p: remora_k8s::TrafficPolicy = from(value)?;
+            Object::Traffic(convert::traffic_policy(&p).map_err(|e| e.to_string())?)
+        }
         ("", _) | (_, "") => return Err("apiVersion and kind are required".into()),
         _ => {
             tracing::debug!(%api_version, %kind, "skipping a kind discovery does not use");
