@@ -263,7 +263,9 @@ fn probe_paths(spec: &core_v1::PodSpec) -> BTreeMap<u16, Vec<String>> {
 }
 
 /// A TrafficPolicy, validated; every problem is named in the error.
-pub fn traffic_policy(p: &remora_k8s::TrafficPolicy) -> Result<crate::core::TrafficPolicy, Invalid> {
+pub fn traffic_policy(
+    p: &remora_k8s::TrafficPolicy,
+) -> Result<crate::core::TrafficPolicy, Invalid> {
     const KIND: &str = "TrafficPolicy";
     let id = id(KIND, &p.metadata)?;
     let errors = p.spec.validate();

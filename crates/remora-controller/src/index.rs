@@ -87,7 +87,10 @@ impl Index {
     pub fn service_port(&self, target: &Target) -> Option<(NsName, u16)> {
         match target {
             Target::Service { id, port } => Some((id.clone(), *port)),
-            Target::Addr(a) => self.cluster_ips.get(&a.ip()).map(|id| (id.clone(), a.port())),
+            Target::Addr(a) => self
+                .cluster_ips
+                .get(&a.ip())
+                .map(|id| (id.clone(), a.port())),
         }
     }
 

@@ -232,7 +232,11 @@ pub struct PolicyService {
 }
 
 impl PolicyService {
-    pub fn new(discovery: Arc<Discovery>, cluster_domain: String, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        discovery: Arc<Discovery>,
+        cluster_domain: String,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             discovery,
             cluster_domain,

@@ -315,12 +315,17 @@ fn malformed_objects_are_refused_with_the_reason() {
             "{text}: {err}"
         );
     }
+    // Kinds the index does not use are skipped; a policy without its spec is refused.
     assert!(
-        yaml::parse(
-            "x",
-            "{apiVersion: policy.remora.io/v1alpha1, kind: TrafficPolicy, metadata: {name: t}}"
-        )
-        .unwrap()
-        .is_empty()
+        yaml::parse("x", "{apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}")
+            .unwrap()
+            .is_empty()
     );
+    let err = yaml::parse(
+        "x",
+        "{apiVersion: policy.remora.io/v1alpha1, kind: TrafficPolicy, metadata: {name: t}}",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("missing field `spec`"), "{err}");
 }
