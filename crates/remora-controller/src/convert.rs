@@ -275,7 +275,7 @@ pub fn traffic_policy(
     Ok(crate::core::TrafficPolicy {
         service: p.spec.target_ref.name.clone(),
         port: p.spec.target_ref.port,
-        spec: p.spec.clone(),
+        spec: Box::new(p.spec.clone()),
         id,
     })
 }

@@ -141,7 +141,7 @@ pub struct TrafficPolicy {
     pub service: String,
     /// Unset: every port of the Service.
     pub port: Option<u16>,
-    pub spec: remora_k8s::TrafficPolicySpec,
+    pub spec: Box<remora_k8s::TrafficPolicySpec>,
 }
 
 /// Any object a source delivers.
