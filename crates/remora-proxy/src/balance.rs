@@ -20,20 +20,47 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::{connect::Connector, discovery::Endpoint, http::pool::EndpointClients};
+use crate::{
+    connect::Connector,
+    discovery::Endpoint,
+    http::pool::EndpointClients,
+    policy::{Algorithm, Breaker, RoutePolicy},
+};
 
 /// Latency assumed for an endpoint before it has answered anything (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a latency observation fades.
 pub const DECAY: Duration = Duration::from_secs(10);
 
-/// Statistics and connection pools of one endpoint.
+/// Statistics, circuit-breaker state and connection pools of one endpoint.
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
     in_flight: AtomicUsize,
     ewma: Mutex<Ewma>,
+    health: Mutex<Health>,
     pub clients: EndpointClients,
+}
+
+/// The circuit breaker of one endpoint.
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    consecutive_failures: u32,
+    /// Ejected until then; once it has passed, one request probes (half-open).
+    ejected_until: Option<Instant>,
+    /// A half-open probe is in flight.
+    probing: bool,
+    /// Ejections so far: each doubles the next one's length.
+    ejections: u32,
+}
+
+/// Why no endpoint could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// The destination has no endpoints.
+    NoEndpoints,
+    /// Every endpoint is at its concurrency limit (`maxRequests`).
+    AtCapacity,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +79,7 @@ impl EndpointState {
                 value: rtt,
                 at: Instant::now(),
             }),
+            health: Mutex::new(Health::default()),
             clients: EndpointClients::new(e.addr, e.identity.clone(), connector.clone()),
         }
     }
@@ -81,6 +109,79 @@ impl EndpointState {
             e.value = e.value * w + rtt * (1.0 - w);
         }
         e.at = now;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the breaker lets a request through now: not ejected, or half-open with
+    /// no probe yet in flight.
+    fn available(&self, now: Instant) -> bool {
+        let h = self.health.lock();
+        match h.ejected_until {
+            Some(until) if now < until => false,
+            Some(_) => !h.probing,
+            None => true,
+        }
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.health.lock().ejected_until.is_some_and(|u| now < u)
+    }
+
+    /// Marks the half-open probe as sent, so no other request goes with it.
+    fn claim_probe(&self, now: Instant) {
+        let mut h = self.health.lock();
+        if h.ejected_until.is_some_and(|u| now >= u) {
+            h.probing = true;
+        }
+    }
+
+    /// Records an attempt's outcome for the circuit breaker. After `consecutive_failures`
+    /// failures the endpoint is ejected for an exponentially growing, jittered time
+    /// (unless `may_eject` says too many are out already); a failed probe ejects it again
+    /// at once, a successful one restores it. Returns whether it was ejected now.
+    pub fn record(&self, ok: bool, breaker: &Breaker, may_eject: impl FnOnce() -> bool) -> bool {
+        if breaker.consecutive_failures == 0 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut h = self.health.lock();
+        let half_open = h.ejected_until.is_some_and(|u| now >= u);
+        if ok {
+            h.consecutive_failures = 0;
+            if half_open {
+                h.ejected_until = None;
+                h.probing = false;
+                h.ejections = h.ejections.saturating_sub(1);
+            }
+            return false;
+        }
+        h.consecutive_failures += 1;
+        if !half_open {
+            if h.consecutive_failures < breaker.consecutive_failures {
+                return false;
+            }
+            // The cap looks at every endpoint's breaker, this one's included: ask it
+            // without holding this lock.
+            drop(h);
+            let allowed = may_eject();
+            h = self.health.lock();
+            if !allowed {
+                return false;
+            }
+        }
+        h.ejections = (h.ejections + 1).min(16);
+        let base = breaker.base_ejection.as_secs_f64() * f64::from(1u32 << (h.ejections - 1));
+        let jitter = 0.9
+            + (crate::discovery::xorshift(now.elapsed().as_nanos() as u64 ^ 0x9e37) % 200) as f64
+                / 1000.0;
+        let length = Duration::from_secs_f64(base * jitter).min(breaker.max_ejection);
+        h.ejected_until = Some(now + length);
+        h.probing = false;
+        h.consecutive_failures = 0;
+        true
     }
 
     /// Counts a request in flight until the guard drops.
@@ -125,6 +226,8 @@ pub struct Balancer {
     connector: Connector,
     states: Mutex<States>,
     seed: AtomicU64,
+    /// Round-robin's position.
+    next: AtomicUsize,
 }
 
 impl Balancer {
@@ -142,6 +245,7 @@ impl Balancer {
                 candidates: Vec::new(),
             }),
             seed: AtomicU64::new(seed),
+            next: AtomicUsize::new(0),
         }
     }
 
@@ -151,38 +255,103 @@ impl Balancer {
         x
     }
 
-    /// Picks an endpoint from `endpoints` (the current view): ready ones first; among
-    /// terminating ones only when nothing is ready. None when there are none.
+    /// Picks an endpoint from `endpoints` (the current view) with the default policy.
     pub fn pick(&self, endpoints: &Arc<[Endpoint]>) -> Option<Arc<EndpointState>> {
-        // Two candidates chosen under the lock; their costs are read outside it. The
-        // candidate list is rebuilt only when the endpoint set changes, so a pick
+        self.pick_with(endpoints, &RoutePolicy::default()).ok()
+    }
+
+    /// Picks an endpoint from `endpoints` (the current view): ready ones first; among
+    /// terminating ones only when nothing is ready. Ejected endpoints and those at the
+    /// policy's concurrency limit are passed over; the algorithm chooses among the rest.
+    pub fn pick_with(
+        &self,
+        endpoints: &Arc<[Endpoint]>,
+        policy: &RoutePolicy,
+    ) -> Result<Arc<EndpointState>, NoPick> {
+        // The candidate list is rebuilt only when the endpoint set changes, so a pick
         // allocates nothing.
         let r = self.random();
-        let (ea, eb) = {
+        let now = Instant::now();
+        let max = policy.breaker.max_requests as usize;
+        let guard = {
             let mut guard = self.states.lock();
             if !Arc::ptr_eq(&guard.synced_to, endpoints) {
                 *guard = self.sync(&guard, endpoints);
             }
-            let pool = &guard.candidates;
-            match pool.len() {
-                0 => return None,
-                1 => return Some(pool[0].clone()),
-                n => {
-                    let a = (r % n as u64) as usize;
-                    let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
-                    (pool[a].clone(), pool[b].clone())
+            guard
+        };
+        let pool = &guard.candidates;
+        let n = pool.len();
+        if n == 0 {
+            return Err(NoPick::NoEndpoints);
+        }
+        let breaking = policy.breaker.consecutive_failures > 0;
+        let eligible = |s: &EndpointState| {
+            (max == 0 || s.in_flight() < max) && (!breaking || s.available(now))
+        };
+        // The first eligible candidate at or after `from`, wrapping, other than `not`.
+        let find = |from: usize, not: Option<usize>| {
+            (0..n)
+                .map(|i| (from + i) % n)
+                .find(|&i| Some(i) != not && eligible(&pool[i]))
+        };
+        let chosen = match policy.algorithm {
+            Algorithm::RoundRobin => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                find(start % n, None)
+            }
+            Algorithm::PeakEwma | Algorithm::LeastRequest => {
+                let a = find((r % n as u64) as usize, None);
+                let b =
+                    a.and_then(|a| find((a + 1 + ((r >> 32) as usize % n.max(2))) % n, Some(a)));
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let cost = |s: &EndpointState| match policy.algorithm {
+                            Algorithm::LeastRequest => s.in_flight() as f64,
+                            _ => s.cost(now),
+                        };
+                        let (ca, cb) = (cost(&pool[a]), cost(&pool[b]));
+                        // Costs within 1 % are a tie: a coin decides, so equal endpoints share.
+                        let first = if (ca - cb).abs() <= 0.01 * ca.max(cb) {
+                            r & 1 == 0
+                        } else {
+                            ca < cb
+                        };
+                        Some(if first { a } else { b })
+                    }
+                    (a, _) => a,
                 }
             }
         };
+        match chosen {
+            Some(i) => {
+                let s = pool[i].clone();
+                if breaking {
+                    s.claim_probe(now);
+                }
+                Ok(s)
+            }
+            None if pool.iter().all(|s| max != 0 && s.in_flight() >= max) => {
+                Err(NoPick::AtCapacity)
+            }
+            // Everything left is ejected or probing: rather than fail, take the least
+            // loaded under the limit (the ejection cap normally keeps this from happening).
+            None => pool
+                .iter()
+                .filter(|s| max == 0 || s.in_flight() < max)
+                .min_by_key(|s| s.in_flight())
+                .cloned()
+                .ok_or(NoPick::AtCapacity),
+        }
+    }
+
+    /// Whether one more endpoint may be ejected without exceeding `max_percent` of them.
+    pub fn may_eject(&self, max_percent: u32) -> bool {
         let now = Instant::now();
-        let (ca, cb) = (ea.cost(now), eb.cost(now));
-        // Costs within 1 % are a tie: a coin decides, so equal endpoints share.
-        let first = if (ca - cb).abs() <= 0.01 * ca.max(cb) {
-            r & 1 == 0
-        } else {
-            ca < cb
-        };
-        Some(if first { ea } else { eb })
+        let guard = self.states.lock();
+        let n = guard.candidates.len();
+        let ejected = guard.candidates.iter().filter(|s| s.ejected(now)).count();
+        (ejected + 1) * 100 <= max_percent as usize * n
     }
 
     /// The states for a new endpoint set: those of endpoints still present are kept, the
@@ -308,5 +477,87 @@ mod tests {
         }
         let none: Arc<[Endpoint]> = Vec::new().into();
         assert!(b.pick(&none).is_none());
+    }
+
+    fn policy(f: impl FnOnce(&mut RoutePolicy)) -> RoutePolicy {
+        let mut p = RoutePolicy::default();
+        f(&mut p);
+        p
+    }
+
+    #[tokio::test]
+    async fn round_robin_and_least_request() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(3);
+        let rr = policy(|p| p.algorithm = Algorithm::RoundRobin);
+        let order: Vec<SocketAddr> = (0..6)
+            .map(|_| b.pick_with(&eps, &rr).unwrap().addr)
+            .collect();
+        assert_eq!(order[..3], order[3..], "each in turn: {order:?}");
+        assert_eq!(
+            order[..3]
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            3
+        );
+        let lr = policy(|p| p.algorithm = Algorithm::LeastRequest);
+        let busy = b.pick_with(&eps, &lr).unwrap();
+        let _held: Vec<InFlight> = (0..3).map(|_| busy.start()).collect();
+        // The slow estimate is ignored: only requests in flight count.
+        let picks = (0..300)
+            .filter(|_| b.pick_with(&eps, &lr).unwrap().addr == busy.addr)
+            .count();
+        assert_eq!(picks, 0);
+    }
+
+    #[tokio::test]
+    async fn a_concurrency_limit_fails_fast_when_every_endpoint_is_full() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(2);
+        let limited = policy(|p| p.breaker.max_requests = 2);
+        let held: Vec<InFlight> = (0..4)
+            .map(|_| b.pick_with(&eps, &limited).unwrap().start())
+            .collect();
+        assert_eq!(b.pick_with(&eps, &limited).unwrap_err(), NoPick::AtCapacity);
+        drop(held);
+        assert!(b.pick_with(&eps, &limited).is_ok());
+    }
+
+    #[tokio::test]
+    async fn consecutive_failures_eject_within_the_cap_and_a_probe_restores() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(3);
+        let p = policy(|p| {
+            p.algorithm = Algorithm::RoundRobin;
+            p.breaker.consecutive_failures = 2;
+            p.breaker.base_ejection = Duration::from_millis(200);
+            p.breaker.max_ejection_percent = 50;
+        });
+        let first = b.pick_with(&eps, &p).unwrap();
+        let second = b.pick_with(&eps, &p).unwrap();
+        assert!(!first.record(false, &p.breaker, || b.may_eject(50)));
+        assert!(
+            first.record(false, &p.breaker, || b.may_eject(50)),
+            "ejected"
+        );
+        for _ in 0..30 {
+            assert_ne!(b.pick_with(&eps, &p).unwrap().addr, first.addr);
+        }
+        // 50 % of 3: a second endpoint is not ejected however often it fails.
+        for _ in 0..5 {
+            assert!(!second.record(false, &p.breaker, || b.may_eject(50)));
+        }
+        // After the ejection time one request probes; its success restores the endpoint.
+        tokio::time::sleep(Duration::from_millis(260)).await;
+        let probes = (0..30)
+            .filter(|_| b.pick_with(&eps, &p).unwrap().addr == first.addr)
+            .count();
+        assert_eq!(probes, 1, "half-open: a single probe");
+        first.record(true, &p.breaker, || b.may_eject(50));
+        let back = (0..30)
+            .filter(|_| b.pick_with(&eps, &p).unwrap().addr == first.addr)
+            .count();
+        assert_eq!(back, 10, "in turn again");
     }
 }

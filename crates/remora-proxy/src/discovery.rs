@@ -17,7 +17,13 @@ use tokio::{sync::watch, task::AbortHandle, time::Instant};
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
-use crate::{addr::OrigDst, balance::Balancer, connect::Connector, tls::PeerId};
+use crate::{
+    addr::OrigDst,
+    balance::Balancer,
+    connect::Connector,
+    policy::{RetryBudget, RoutePolicy},
+    tls::PeerId,
+};
 
 /// One endpoint as the proxy uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,17 +54,20 @@ pub enum View {
     Pod { endpoints: Arc<[Endpoint]> },
 }
 
-/// A destination's stream of views and the balancer every connection to it shares.
+/// A destination's stream of views, and what every connection to it shares: the
+/// balancer, the outbound policy (for a Service) and its retry budget.
 #[derive(Debug)]
 pub struct Target {
     pub views: watch::Receiver<View>,
     pub balancer: Arc<Balancer>,
+    pub policy: watch::Receiver<Arc<RoutePolicy>>,
+    pub budget: RetryBudget,
 }
 
 struct Entry {
     target: Arc<Target>,
     last_used: Instant,
-    task: AbortHandle,
+    tasks: [AbortHandle; 2],
 }
 
 /// Who is asking, sent with every request.
@@ -75,6 +84,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 pub struct Discovery {
     client: api::destination_client::DestinationClient<Channel>,
+    channel: Channel,
     info: ClientInfo,
     targets: Mutex<HashMap<OrigDst, Entry>>,
     reconnects: Counter,
@@ -98,7 +108,8 @@ impl Discovery {
         connector: Connector,
     ) -> Arc<Self> {
         Arc::new(Self {
-            client: api::destination_client::DestinationClient::new(channel),
+            client: api::destination_client::DestinationClient::new(channel.clone()),
+            channel,
             info,
             targets: Mutex::new(HashMap::new()),
             reconnects,
@@ -115,17 +126,22 @@ impl Discovery {
             return e.target.clone();
         }
         let (tx, rx) = watch::channel(View::Pending);
+        let (policy_tx, policy) = watch::channel(Arc::new(RoutePolicy::default()));
         let target = Arc::new(Target {
-            views: rx,
+            views: rx.clone(),
             balancer: Arc::new(Balancer::new(self.connector.clone())),
+            policy,
+            budget: RetryBudget::default(),
         });
         let task = tokio::spawn(self.clone().watch(dst, tx)).abort_handle();
+        let policy_task =
+            tokio::spawn(self.clone().watch_policy(dst, rx, policy_tx)).abort_handle();
         targets.insert(
             dst,
             Entry {
                 target: target.clone(),
                 last_used: now,
-                task,
+                tasks: [task, policy_task],
             },
         );
         target
@@ -139,7 +155,7 @@ impl Discovery {
             let keep = Arc::strong_count(&e.target) > 1 || e.last_used.elapsed() < idle;
             if !keep {
                 debug!(%dst, "forgetting an idle destination");
-                e.task.abort();
+                e.tasks.iter().for_each(AbortHandle::abort);
             }
             keep
         });
@@ -170,6 +186,66 @@ impl Discovery {
             let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
             tokio::time::sleep(backoff.mul_f64(jitter)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Keeps the outbound policy of a Service destination up to date: nothing is asked
+    /// until discovery says the destination is a Service; the last policy stays in force
+    /// while the controller is away.
+    async fn watch_policy(
+        self: Arc<Self>,
+        dst: OrigDst,
+        mut views: watch::Receiver<View>,
+        tx: watch::Sender<Arc<RoutePolicy>>,
+    ) {
+        if views
+            .wait_for(|v| matches!(v, View::Service { .. }))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut client = api::policy_client::PolicyClient::new(self.channel.clone());
+        let mut backoff = BACKOFF_MIN;
+        let mut seed = jitter_seed(dst.0) ^ 0x5eed;
+        loop {
+            let started = Instant::now();
+            let req = api::OutboundPolicyRequest {
+                target: dst.to_string(),
+                client: Some(self.client_info()),
+            };
+            let result = async {
+                let mut stream = client.watch_outbound(req).await?.into_inner();
+                while let Some(p) = stream.message().await? {
+                    let policy = Arc::new(RoutePolicy::from_api(&p));
+                    if **tx.borrow() != *policy {
+                        info!(%dst, policy = %policy.name, "outbound policy");
+                    }
+                    tx.send_replace(policy);
+                }
+                Ok::<_, tonic::Status>(())
+            }
+            .await;
+            if let Err(status) = result {
+                debug!(%dst, %status, "outbound policy stream failed; the last policy stays");
+            }
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            seed = xorshift(seed);
+            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn client_info(&self) -> api::ClientInfo {
+        api::ClientInfo {
+            namespace: self.info.namespace.clone(),
+            pod_name: self.info.pod_name.clone(),
+            pod_ip: self.info.pod_ip.clone(),
+            zone: String::new(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 

@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inbound;
 pub mod io;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod tcp;
 pub mod tls;

@@ -150,6 +150,9 @@ pub struct Metrics {
     detect_duration: HistogramFamily<DetectLabels>,
     authz_denied: Family<TrafficLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
+    http_retries: Family<TrafficLabels, Counter>,
+    budget_exhausted: Family<TrafficLabels, Counter>,
+    ejections: Family<TrafficLabels, Counter>,
     /// Destination streams to the controller that ended and were started again.
     pub control_reconnects: Counter,
     /// When the current certificate expires, seconds since the epoch.
@@ -174,9 +177,27 @@ impl Metrics {
             detect_duration: Family::new_with_constructor(|| Histogram::new(DETECT_BUCKETS)),
             authz_denied: Family::default(),
             tls_failures: Family::default(),
+            http_retries: Family::default(),
+            budget_exhausted: Family::default(),
+            ejections: Family::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
         };
+        r.register(
+            "http_retries",
+            "Requests sent again after a retriable failure",
+            m.http_retries.clone(),
+        );
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            m.budget_exhausted.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected by the circuit breaker after consecutive failures",
+            m.ejections.clone(),
+        );
         r.register(
             "authz_denied",
             "Inbound connections and requests refused by authorization policy",
@@ -278,6 +299,15 @@ impl Metrics {
         self.detect_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// The resilience counters of one client connection's requests to a Service.
+    pub fn counters(&self, labels: &TrafficLabels) -> crate::http::route::Counters {
+        crate::http::route::Counters {
+            retries: self.http_retries.get_or_create_owned(labels),
+            budget_exhausted: self.budget_exhausted.get_or_create_owned(labels),
+            ejections: self.ejections.get_or_create_owned(labels),
+        }
     }
 
     /// Counts a connection refused by inbound policy.

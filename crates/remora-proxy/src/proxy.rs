@@ -224,7 +224,11 @@ async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn,
             let endpoints = http::route::endpoints(target, ctx.discovery_wait)
                 .await
                 .ok_or_else(no_endpoints)?;
-            let ep = target.balancer.pick(&endpoints).ok_or_else(no_endpoints)?;
+            let policy = target.policy.borrow().clone();
+            let ep = target
+                .balancer
+                .pick_with(&endpoints, &policy)
+                .map_err(|_| no_endpoints())?;
             ctx.connector
                 .connect(OrigDst(ep.addr), ep.clients.identity(), Alpn::Opaque)
                 .await
@@ -323,6 +327,7 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
                 version,
                 orig_dst: accept.orig_dst,
                 wait: ctx.discovery_wait,
+                counters: ctx.metrics.counters(&labels),
             }
         }
         Dest::Passthrough => {

@@ -317,9 +317,12 @@ fn malformed_objects_are_refused_with_the_reason() {
     }
     // Kinds the index does not use are skipped; a policy without its spec is refused.
     assert!(
-        yaml::parse("x", "{apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}")
-            .unwrap()
-            .is_empty()
+        yaml::parse(
+            "x",
+            "{apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}"
+        )
+        .unwrap()
+        .is_empty()
     );
     let err = yaml::parse(
         "x",

@@ -33,7 +33,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// the server's proxy hands the application HTTP/1 again.
 pub const ORIG_PROTO: &str = "remora-orig-proto";
 
-pub type PooledClient = Client<Dial, Incoming>;
+/// A request body sent to an endpoint: the client's stream, or bytes kept for replay.
+pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+
+pub type PooledClient = Client<Dial, ReqBody>;
 
 /// Dials one endpoint, whatever the request's URI says.
 #[derive(Debug, Clone)]
@@ -125,7 +128,7 @@ impl EndpointClients {
     /// Sends a request that arrived as `version` (its URI absolute).
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ReqBody>,
         version: Version,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
         let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);

@@ -3,18 +3,24 @@
 
 use std::{sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
+use tracing::{debug, info};
 
 use super::{
     Upstream, UpstreamError, Version,
-    pool::{EndpointClients, restore_orig_proto},
+    pool::{EndpointClients, ReqBody, restore_orig_proto},
 };
 use crate::{
     addr::OrigDst,
-    balance::InFlight,
+    balance::{InFlight, NoPick},
     discovery::{Endpoint, Target, View},
+    policy::RoutePolicy,
 };
 
 /// A request could not be sent.
@@ -29,6 +35,20 @@ pub enum RouteError {
         addr: OrigDst,
         source: hyper_util::client::legacy::Error,
     },
+    #[error("service {service} did not answer within its request timeout of {after:?}")]
+    Timeout { service: Arc<str>, after: Duration },
+    #[error(
+        "endpoint {addr} of service {service} did not answer within the per-try timeout of {after:?}"
+    )]
+    PerTryTimeout {
+        service: Arc<str>,
+        addr: std::net::SocketAddr,
+        after: Duration,
+    },
+    #[error("every endpoint of service {service} is at its concurrency limit")]
+    AtCapacity { service: Arc<str> },
+    #[error("the request body could not be read: {0}")]
+    ClientBody(hyper::Error),
     #[error("request to endpoint {addr} of service {service} failed: {source}")]
     Endpoint {
         service: Arc<str>,
@@ -41,7 +61,13 @@ impl RouteError {
     /// The status the client sees: 503 when there is nowhere to send, 502 otherwise.
     pub fn status(&self) -> StatusCode {
         match self {
-            RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouteError::NoEndpoints { .. } | RouteError::AtCapacity { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            RouteError::Timeout { .. } | RouteError::PerTryTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            RouteError::ClientBody(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -58,6 +84,7 @@ pub enum Route {
         orig_dst: OrigDst,
         /// How long a request waits for endpoints to appear before a 503.
         wait: Duration,
+        counters: Counters,
     },
     /// Inbound from another proxy over HTTP/2: each request to the application at the
     /// original destination, as the HTTP version its client spoke.
@@ -86,7 +113,7 @@ impl Route {
             Route::Local { clients, orig_dst } => {
                 let mut req = req;
                 let version = restore_orig_proto(&mut req);
-                let req = absolute(req, *orig_dst);
+                let req = absolute(req, *orig_dst).map(http_body_util::Either::Left);
                 let rsp = clients
                     .send(req, version)
                     .await
@@ -102,35 +129,244 @@ impl Route {
                 version,
                 orig_dst,
                 wait,
+                counters,
             } => {
-                let endpoints =
-                    endpoints(target, *wait)
-                        .await
-                        .ok_or_else(|| RouteError::NoEndpoints {
-                            service: service.clone(),
-                        })?;
-                let ep =
-                    target
-                        .balancer
-                        .pick(&endpoints)
-                        .ok_or_else(|| RouteError::NoEndpoints {
-                            service: service.clone(),
-                        })?;
-                let in_flight = ep.start();
-                let req = absolute(req, *orig_dst);
-                let start = Instant::now();
-                let rsp = ep.clients.send(req, *version).await.map_err(|source| {
-                    RouteError::Endpoint {
-                        service: service.clone(),
-                        addr: ep.addr,
-                        source,
-                    }
-                })?;
-                ep.observe(start.elapsed());
-                Ok((rsp, Some(in_flight)))
+                let balanced = Balanced {
+                    target,
+                    service,
+                    version: *version,
+                    wait: *wait,
+                    counters,
+                };
+                balanced.send(absolute(req, *orig_dst)).await
             }
         }
     }
+}
+
+/// The most a request body may be to be kept for a retry.
+pub const MAX_REPLAY: u64 = 64 * 1024;
+
+/// Counters of the resilience a Service's policy adds.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+    pub ejections: Counter,
+}
+
+/// One request to a Service, under its outbound policy: the request timeout covers
+/// every attempt; an attempt that fails in a way the policy names is tried again on
+/// another pick, after a jittered exponential backoff, while the retry budget lasts and
+/// the body can be replayed; every outcome feeds the endpoint's circuit breaker.
+struct Balanced<'a> {
+    target: &'a Arc<Target>,
+    service: &'a Arc<str>,
+    version: Version,
+    wait: Duration,
+    counters: &'a Counters,
+}
+
+/// How an attempt went.
+enum Attempt {
+    Response(Response<Incoming>, InFlight),
+    Failed(RouteError),
+}
+
+impl Balanced<'_> {
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
+        let policy: Arc<RoutePolicy> = self.target.policy.borrow().clone();
+        let started = Instant::now();
+        let deadline = policy.request_timeout.map(|t| started + t);
+        let is_grpc = super::is_grpc(req.headers());
+        let retry = policy
+            .retry
+            .as_ref()
+            .filter(|r| !super::wants_upgrade(&req) && r.method_allowed(req.method()));
+        let (parts, body) = req.into_parts();
+        // A body known to fit in 64 KiB is kept for replay; others are sent once.
+        let mut first = Some(Either::Left(body));
+        let mut replay: Option<Bytes> = None;
+        if retry.is_some()
+            && let Some(Either::Left(body)) =
+                first.take_if(|b| b.size_hint().upper().is_some_and(|u| u <= MAX_REPLAY))
+        {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(RouteError::ClientBody)?
+                .to_bytes();
+            replay = Some(bytes);
+        }
+        if let Some(r) = &policy.retry {
+            self.target.budget.request(r.budget_window);
+        }
+        let mut attempt = 0u32;
+        let mut seed = crate::discovery::xorshift(started.elapsed().as_nanos() as u64 | 1);
+        loop {
+            let body = match (&replay, first.take()) {
+                (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
+                (None, Some(body)) => body,
+                (None, None) => unreachable!("a body that cannot be replayed is sent once"),
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            let (outcome, retriable) = self.attempt(req, &policy, deadline, is_grpc).await;
+            let retry = match (retry, &replay) {
+                (Some(r), Some(_)) if retriable && attempt < r.max_retries => r,
+                _ => return into_result(outcome),
+            };
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return into_result(outcome);
+            }
+            if !self.target.budget.try_retry(retry) {
+                self.counters.budget_exhausted.inc();
+                debug!(service = %self.service, "retry budget exhausted");
+                return into_result(outcome);
+            }
+            attempt += 1;
+            self.counters.retries.inc();
+            // Full jitter over an exponential ceiling; a Retry-After is honoured.
+            seed = crate::discovery::xorshift(seed);
+            let ceiling = retry
+                .backoff_base
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(retry.backoff_max);
+            let mut pause = ceiling.mul_f64((seed % 1000) as f64 / 1000.0);
+            if let Attempt::Response(rsp, _) = &outcome
+                && let Some(after) = retry_after(rsp)
+            {
+                pause = pause.max(after);
+            }
+            drop(outcome);
+            let until = Instant::now() + pause;
+            let until = deadline.map_or(until, |d| until.min(d));
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    /// One attempt: pick, send within the per-try and request limits, classify.
+    async fn attempt(
+        &self,
+        req: Request<ReqBody>,
+        policy: &RoutePolicy,
+        deadline: Option<Instant>,
+        is_grpc: bool,
+    ) -> (Attempt, bool) {
+        let service = self.service.clone();
+        let Some(endpoints) = endpoints(self.target, self.wait).await else {
+            return (Attempt::Failed(RouteError::NoEndpoints { service }), false);
+        };
+        let ep = match self.target.balancer.pick_with(&endpoints, policy) {
+            Ok(ep) => ep,
+            Err(NoPick::NoEndpoints) => {
+                return (Attempt::Failed(RouteError::NoEndpoints { service }), false);
+            }
+            Err(NoPick::AtCapacity) => {
+                return (Attempt::Failed(RouteError::AtCapacity { service }), false);
+            }
+        };
+        let in_flight = ep.start();
+        let now = Instant::now();
+        let limit = match (policy.per_try_timeout, deadline) {
+            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(now))),
+            (Some(t), None) => Some(t),
+            (None, Some(d)) => Some(d.saturating_duration_since(now)),
+            (None, None) => None,
+        };
+        let send = ep.clients.send(req, self.version);
+        let result = match limit {
+            Some(limit) => tokio::time::timeout(limit, send).await.ok(),
+            None => Some(send.await),
+        };
+        let on = policy.retry.as_ref().map(|r| &r.on);
+        let (attempt, ok, retriable) = match result {
+            None if deadline.is_some_and(|d| Instant::now() >= d) => (
+                Attempt::Failed(RouteError::Timeout {
+                    service,
+                    after: policy.request_timeout.unwrap_or_default(),
+                }),
+                false,
+                false,
+            ),
+            None => (
+                Attempt::Failed(RouteError::PerTryTimeout {
+                    service,
+                    addr: ep.addr,
+                    after: limit.unwrap_or_default(),
+                }),
+                false,
+                on.is_some_and(|o| o.per_try_timeout),
+            ),
+            Some(Err(source)) => {
+                let connect = source.is_connect();
+                let retriable = on.is_some_and(|o| {
+                    if connect {
+                        o.connect_failure
+                    } else {
+                        o.reset || o.refused_stream
+                    }
+                });
+                let error = RouteError::Endpoint {
+                    service,
+                    addr: ep.addr,
+                    source,
+                };
+                (Attempt::Failed(error), false, retriable)
+            }
+            Some(Ok(rsp)) => {
+                ep.observe(now.elapsed());
+                let status = rsp.status();
+                let grpc = super::grpc_status(rsp.headers());
+                let retriable = policy
+                    .retry
+                    .as_ref()
+                    .is_some_and(|r| r.retriable_response(status, grpc, is_grpc));
+                if let Some(after) = retry_after(&rsp) {
+                    // The endpoint asked for a pause: the balancer sees it as slow.
+                    ep.observe(after.min(Duration::from_secs(10)));
+                }
+                let ok = !status.is_server_error();
+                (Attempt::Response(rsp, in_flight), ok, retriable)
+            }
+        };
+        let balancer = &self.target.balancer;
+        let percent = policy.breaker.max_ejection_percent;
+        if ep.record(ok, &policy.breaker, || balancer.may_eject(percent)) {
+            self.counters.ejections.inc();
+            info!(service = %self.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
+        }
+        (attempt, retriable)
+    }
+}
+
+fn into_result(a: Attempt) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
+    match a {
+        Attempt::Response(rsp, in_flight) => Ok((rsp, Some(in_flight))),
+        Attempt::Failed(e) => Err(e),
+    }
+}
+
+/// `Retry-After` in seconds on a 429 or 503.
+fn retry_after(rsp: &Response<Incoming>) -> Option<Duration> {
+    if !matches!(rsp.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    let secs: u64 = rsp
+        .headers()
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(60)))
 }
 
 /// The target's current endpoints, waiting up to `wait` for some to appear.

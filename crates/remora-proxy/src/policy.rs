@@ -1,0 +1,319 @@
+//! Outbound policy: what the controller's `Policy.WatchOutbound` says about a Service
+//! (timeouts, retries and their budget, the balancing algorithm, circuit breaking), in
+//! the form the data path uses, and the retry budget every connection to the Service
+//! shares.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{Method, StatusCode};
+use parking_lot::Mutex;
+use remora_api::v1 as api;
+
+/// The balancing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    #[default]
+    PeakEwma,
+    LeastRequest,
+    RoundRobin,
+}
+
+/// When a failed attempt may be tried again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Conditions {
+    pub connect_failure: bool,
+    pub reset: bool,
+    pub refused_stream: bool,
+    pub unavailable: bool,
+    pub any_5xx: bool,
+    pub gateway_error: bool,
+    pub per_try_timeout: bool,
+    pub statuses: Vec<u16>,
+    pub grpc: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub max_retries: u32,
+    pub on: Conditions,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub budget_ratio: f64,
+    pub budget_min_per_second: u32,
+    pub budget_window: Duration,
+    pub non_idempotent: bool,
+}
+
+/// Per-endpoint ejection and concurrency limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breaker {
+    /// 0: no ejection.
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u32,
+    /// 0: unlimited.
+    pub max_requests: u32,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 50,
+            max_requests: 0,
+        }
+    }
+}
+
+/// One Service's outbound policy.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoutePolicy {
+    /// Where it came from, for logs: `default` or `namespace/name`.
+    pub name: Arc<str>,
+    pub request_timeout: Option<Duration>,
+    pub per_try_timeout: Option<Duration>,
+    pub retry: Option<Retry>,
+    pub algorithm: Algorithm,
+    pub breaker: Breaker,
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    let d = d?;
+    (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn optional(d: Option<&api::OptionalDuration>) -> Option<Duration> {
+    duration(d?.value.as_ref()).filter(|d| !d.is_zero())
+}
+
+impl RoutePolicy {
+    /// The controller's answer; anything unreadable falls back to the default.
+    pub fn from_api(p: &api::OutboundPolicy) -> Self {
+        let name = match &p.metadata {
+            Some(m) if !m.name.is_empty() => format!("{}/{}", m.namespace, m.name),
+            _ => "default".to_string(),
+        };
+        let timeouts = p.timeouts.unwrap_or_default();
+        let retry = p.retry.as_ref().filter(|r| r.max_retries > 0).map(|r| {
+            let mut on = Conditions::default();
+            for c in r.conditions.iter().filter_map(|c| c.kind.as_ref()) {
+                match c {
+                    api::retry_condition::Kind::StatusCode(s) => {
+                        on.statuses.extend(u16::try_from(*s).ok())
+                    }
+                    api::retry_condition::Kind::GrpcCode(g) => on.grpc.push(*g),
+                    api::retry_condition::Kind::On(o) => match api::RetryOn::try_from(*o) {
+                        Ok(api::RetryOn::ConnectFailure) => on.connect_failure = true,
+                        Ok(api::RetryOn::Reset) => on.reset = true,
+                        Ok(api::RetryOn::RefusedStream) => on.refused_stream = true,
+                        Ok(api::RetryOn::Unavailable) => on.unavailable = true,
+                        Ok(api::RetryOn::RetryOn5xx) => on.any_5xx = true,
+                        Ok(api::RetryOn::GatewayError) => on.gateway_error = true,
+                        Ok(api::RetryOn::PerTryTimeout) => on.per_try_timeout = true,
+                        _ => {}
+                    },
+                }
+            }
+            let budget = r.budget.unwrap_or_default();
+            Retry {
+                max_retries: r.max_retries.min(10),
+                on,
+                backoff_base: duration(r.backoff_base.as_ref())
+                    .unwrap_or(Duration::from_millis(25)),
+                backoff_max: duration(r.backoff_max.as_ref()).unwrap_or(Duration::from_millis(250)),
+                budget_ratio: f64::from(budget.ratio).clamp(0.0, 1.0),
+                budget_min_per_second: budget.min_per_second,
+                budget_window: duration(budget.window.as_ref())
+                    .filter(|w| !w.is_zero())
+                    .unwrap_or(Duration::from_secs(10)),
+                non_idempotent: r.non_idempotent,
+            }
+        });
+        let algorithm = match p.load_balancer.as_ref().map(|l| l.algorithm()) {
+            Some(api::LoadBalancerAlgorithm::LeastRequest) => Algorithm::LeastRequest,
+            Some(api::LoadBalancerAlgorithm::RoundRobin) => Algorithm::RoundRobin,
+            _ => Algorithm::PeakEwma,
+        };
+        let breaker = p
+            .circuit_breaker
+            .as_ref()
+            .map(|c| Breaker {
+                consecutive_failures: c.consecutive_failures,
+                base_ejection: duration(c.base_ejection_time.as_ref())
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(30)),
+                max_ejection: duration(c.max_ejection_time.as_ref())
+                    .filter(|d| !d.is_zero())
+                    .unwrap_or(Duration::from_secs(300)),
+                max_ejection_percent: c.max_ejection_percent.min(100),
+                max_requests: c.max_requests,
+            })
+            .unwrap_or_default();
+        Self {
+            name: Arc::from(name),
+            request_timeout: optional(timeouts.request.as_ref()),
+            per_try_timeout: optional(timeouts.per_try.as_ref()),
+            retry,
+            algorithm,
+            breaker,
+        }
+    }
+}
+
+impl Retry {
+    /// Whether requests with `method` may be retried at all.
+    pub fn method_allowed(&self, method: &Method) -> bool {
+        self.non_idempotent
+            || matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            )
+    }
+
+    /// Whether a response is a retriable failure. A gRPC call is retried only on the
+    /// gRPC codes named (its status is in the headers of a trailers-only response).
+    pub fn retriable_response(&self, status: StatusCode, grpc: Option<u32>, is_grpc: bool) -> bool {
+        if is_grpc {
+            return grpc.is_some_and(|g| self.on.grpc.contains(&g))
+                || (self.on.unavailable && grpc == Some(14));
+        }
+        let code = status.as_u16();
+        self.on.statuses.contains(&code)
+            || (self.on.any_5xx && status.is_server_error())
+            || (self.on.gateway_error && matches!(code, 502..=504))
+    }
+}
+
+/// Caps retries to `ratio` of the requests over a sliding window, plus a floor of
+/// `min_per_second`: when a Service fails, retries add a bounded load, never a storm.
+#[derive(Debug, Default)]
+pub struct RetryBudget {
+    /// (second, requests, retries), oldest first.
+    buckets: Mutex<VecDeque<(u64, u64, u64)>>,
+}
+
+impl RetryBudget {
+    fn bucket(
+        buckets: &mut VecDeque<(u64, u64, u64)>,
+        now: u64,
+        window: u64,
+    ) -> &mut (u64, u64, u64) {
+        while buckets.front().is_some_and(|b| b.0 + window <= now) {
+            buckets.pop_front();
+        }
+        if buckets.back().is_none_or(|b| b.0 != now) {
+            buckets.push_back((now, 0, 0));
+        }
+        buckets.back_mut().expect("just pushed")
+    }
+
+    fn now() -> u64 {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed().as_secs()
+    }
+
+    /// Counts an original request.
+    pub fn request(&self, window: Duration) {
+        let mut b = self.buckets.lock();
+        Self::bucket(&mut b, Self::now(), window.as_secs().max(1)).1 += 1;
+    }
+
+    /// Takes one retry from the budget, if there is one left.
+    pub fn try_retry(&self, r: &Retry) -> bool {
+        let window = r.budget_window.as_secs().max(1);
+        let mut b = self.buckets.lock();
+        Self::bucket(&mut b, Self::now(), window);
+        let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
+        let allowed =
+            r.budget_ratio * requests as f64 + (r.budget_min_per_second as u64 * window) as f64;
+        if (retries as f64) < allowed {
+            b.back_mut().expect("a bucket").2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(ratio: f64, min_per_second: u32) -> Retry {
+        Retry {
+            max_retries: 3,
+            on: Conditions {
+                any_5xx: true,
+                ..Default::default()
+            },
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_ratio: ratio,
+            budget_min_per_second: min_per_second,
+            budget_window: Duration::from_secs(10),
+            non_idempotent: false,
+        }
+    }
+
+    #[test]
+    fn the_budget_caps_retries_at_the_ratio_plus_the_floor() {
+        let r = retry(0.2, 1);
+        let budget = RetryBudget::default();
+        for _ in 0..100 {
+            budget.request(r.budget_window);
+        }
+        let granted = (0..1000).filter(|_| budget.try_retry(&r)).count();
+        // 20 % of 100 requests, plus 1 per second over the 10-second window.
+        assert_eq!(granted, 30);
+    }
+
+    #[test]
+    fn methods_and_responses() {
+        let r = retry(0.2, 10);
+        assert!(r.method_allowed(&Method::GET) && r.method_allowed(&Method::PUT));
+        assert!(!r.method_allowed(&Method::POST));
+        assert!(r.retriable_response(StatusCode::SERVICE_UNAVAILABLE, None, false));
+        assert!(!r.retriable_response(StatusCode::NOT_FOUND, None, false));
+        // gRPC only on named gRPC codes.
+        assert!(!r.retriable_response(StatusCode::SERVICE_UNAVAILABLE, Some(14), true));
+        let mut g = r.clone();
+        g.on.grpc = vec![14];
+        assert!(g.retriable_response(StatusCode::OK, Some(14), true));
+        assert!(!g.retriable_response(StatusCode::OK, Some(0), true));
+    }
+
+    #[test]
+    fn the_controllers_answer_is_read_with_defaults() {
+        let p = RoutePolicy::from_api(&api::OutboundPolicy {
+            retry: Some(api::RetryPolicy {
+                max_retries: 2,
+                conditions: vec![api::RetryCondition {
+                    kind: Some(api::retry_condition::Kind::StatusCode(503)),
+                }],
+                ..Default::default()
+            }),
+            load_balancer: Some(api::LoadBalancer {
+                algorithm: api::LoadBalancerAlgorithm::RoundRobin.into(),
+            }),
+            ..Default::default()
+        });
+        let r = p.retry.unwrap();
+        assert_eq!(r.on.statuses, [503]);
+        assert_eq!(r.budget_window, Duration::from_secs(10));
+        assert_eq!(p.algorithm, Algorithm::RoundRobin);
+        assert_eq!(p.breaker, Breaker::default());
+        assert_eq!(&*p.name, "default");
+    }
+}
