@@ -221,3 +221,60 @@ pub fn blast(pod: &Pod, addr: SocketAddr) {
         let _ = stream.shutdown().await;
     });
 }
+
+/// The knobs of one [`faulty`] backend instance, turned while it runs.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Answer every request with this status (0: answer 200).
+    pub status: std::sync::atomic::AtomicU16,
+    /// Wait this long before answering.
+    pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Requests received, by method: `GET` and others.
+    pub gets: std::sync::atomic::AtomicU64,
+    pub others: std::sync::atomic::AtomicU64,
+}
+
+/// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
+/// name, or the status set in `faults`, after the delay set there, and counts what it
+/// received.
+pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
+    use std::sync::{Arc, atomic::Ordering::Relaxed};
+    let faults = Arc::new(Faults::default());
+    let listener = pod.listen(addr);
+    let name: Arc<str> = pod.name.as_str().into();
+    let knobs = faults.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let (knobs, name) = (knobs.clone(), name.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (knobs, name) = (knobs.clone(), name.clone());
+                    async move {
+                        if req.method() == http::Method::GET {
+                            knobs.gets.fetch_add(1, Relaxed);
+                        } else {
+                            knobs.others.fetch_add(1, Relaxed);
+                        }
+                        let _ = req.into_body().collect().await;
+                        let delay = knobs.delay_ms.load(Relaxed);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                        }
+                        let status = knobs.status.load(Relaxed);
+                        let mut rsp = Response::new(full(name.to_string()));
+                        if status != 0 {
+                            *rsp.status_mut() =
+                                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                        }
+                        Ok::<_, Infallible>(rsp)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    faults
+}

@@ -268,6 +268,17 @@ impl Balancer {
         endpoints: &Arc<[Endpoint]>,
         policy: &RoutePolicy,
     ) -> Result<Arc<EndpointState>, NoPick> {
+        self.pick_avoiding(endpoints, policy, None)
+    }
+
+    /// As [`Balancer::pick_with`], passing over `avoid` (the endpoint a retry's previous
+    /// attempt failed on) while there is another to choose.
+    pub fn pick_avoiding(
+        &self,
+        endpoints: &Arc<[Endpoint]>,
+        policy: &RoutePolicy,
+        avoid: Option<SocketAddr>,
+    ) -> Result<Arc<EndpointState>, NoPick> {
         // The candidate list is rebuilt only when the endpoint set changes, so a pick
         // allocates nothing.
         let r = self.random();
@@ -286,9 +297,11 @@ impl Balancer {
             return Err(NoPick::NoEndpoints);
         }
         let breaking = policy.breaker.consecutive_failures > 0;
-        let eligible = |s: &EndpointState| {
+        let usable = |s: &EndpointState| {
             (max == 0 || s.in_flight() < max) && (!breaking || s.available(now))
         };
+        let avoid = avoid.filter(|a| pool.iter().any(|s| s.addr != *a && usable(s)));
+        let eligible = |s: &EndpointState| usable(s) && Some(s.addr) != avoid;
         // The first eligible candidate at or after `from`, wrapping, other than `not`.
         let find = |from: usize, not: Option<usize>| {
             (0..n)

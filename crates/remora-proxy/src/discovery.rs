@@ -60,8 +60,28 @@ pub enum View {
 pub struct Target {
     pub views: watch::Receiver<View>,
     pub balancer: Arc<Balancer>,
-    pub policy: watch::Receiver<Arc<RoutePolicy>>,
+    /// None until the controller has answered.
+    pub policy: watch::Receiver<Option<Arc<RoutePolicy>>>,
     pub budget: RetryBudget,
+}
+
+impl Target {
+    /// The outbound policy, waiting up to `wait` for the controller's first answer (so
+    /// a Service's first requests get its timeouts and retries); the default without one.
+    pub async fn policy(&self, wait: Duration) -> Arc<RoutePolicy> {
+        if let Some(p) = self.policy.borrow().clone() {
+            return p;
+        }
+        // Only a Service has an outbound policy (a bare pod's address has none).
+        if !matches!(*self.views.borrow(), View::Service { .. }) {
+            return Arc::new(RoutePolicy::default());
+        }
+        let mut rx = self.policy.clone();
+        match tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(p)) => p.clone().unwrap_or_default(),
+            _ => Arc::new(RoutePolicy::default()),
+        }
+    }
 }
 
 struct Entry {
@@ -126,7 +146,7 @@ impl Discovery {
             return e.target.clone();
         }
         let (tx, rx) = watch::channel(View::Pending);
-        let (policy_tx, policy) = watch::channel(Arc::new(RoutePolicy::default()));
+        let (policy_tx, policy) = watch::channel(None);
         let target = Arc::new(Target {
             views: rx.clone(),
             balancer: Arc::new(Balancer::new(self.connector.clone())),
@@ -196,7 +216,7 @@ impl Discovery {
         self: Arc<Self>,
         dst: OrigDst,
         mut views: watch::Receiver<View>,
-        tx: watch::Sender<Arc<RoutePolicy>>,
+        tx: watch::Sender<Option<Arc<RoutePolicy>>>,
     ) {
         if views
             .wait_for(|v| matches!(v, View::Service { .. }))
@@ -218,10 +238,10 @@ impl Discovery {
                 let mut stream = client.watch_outbound(req).await?.into_inner();
                 while let Some(p) = stream.message().await? {
                     let policy = Arc::new(RoutePolicy::from_api(&p));
-                    if **tx.borrow() != *policy {
+                    if tx.borrow().as_deref() != Some(&*policy) {
                         info!(%dst, policy = %policy.name, "outbound policy");
                     }
-                    tx.send_replace(policy);
+                    tx.send_replace(Some(policy));
                 }
                 Ok::<_, tonic::Status>(())
             }

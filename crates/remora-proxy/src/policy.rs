@@ -236,9 +236,10 @@ impl RetryBudget {
         let mut b = self.buckets.lock();
         Self::bucket(&mut b, Self::now(), window);
         let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
-        let allowed =
-            r.budget_ratio * requests as f64 + (r.budget_min_per_second as u64 * window) as f64;
-        if (retries as f64) < allowed {
+        // Whole retries only: 20 % of 5 requests is one retry, not two.
+        let allowed = (r.budget_ratio * requests as f64 + 1e-9).floor() as u64
+            + r.budget_min_per_second as u64 * window;
+        if retries < allowed {
             b.back_mut().expect("a bucket").2 += 1;
             true
         } else {

@@ -224,7 +224,7 @@ async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn,
             let endpoints = http::route::endpoints(target, ctx.discovery_wait)
                 .await
                 .ok_or_else(no_endpoints)?;
-            let policy = target.policy.borrow().clone();
+            let policy = target.policy(ctx.discovery_wait).await;
             let ep = target
                 .balancer
                 .pick_with(&endpoints, &policy)

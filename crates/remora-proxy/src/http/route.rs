@@ -178,7 +178,7 @@ impl Balanced<'_> {
         &self,
         req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
-        let policy: Arc<RoutePolicy> = self.target.policy.borrow().clone();
+        let policy: Arc<RoutePolicy> = self.target.policy(self.wait).await;
         let started = Instant::now();
         let deadline = policy.request_timeout.map(|t| started + t);
         let is_grpc = super::is_grpc(req.headers());
@@ -205,6 +205,7 @@ impl Balanced<'_> {
             self.target.budget.request(r.budget_window);
         }
         let mut attempt = 0u32;
+        let mut avoid = None;
         let mut seed = crate::discovery::xorshift(started.elapsed().as_nanos() as u64 | 1);
         loop {
             let body = match (&replay, first.take()) {
@@ -217,7 +218,9 @@ impl Balanced<'_> {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            let (outcome, retriable) = self.attempt(req, &policy, deadline, is_grpc).await;
+            let (outcome, retriable, tried) =
+                self.attempt(req, &policy, deadline, is_grpc, avoid).await;
+            avoid = tried;
             let retry = match (retry, &replay) {
                 (Some(r), Some(_)) if retriable && attempt < r.max_retries => r,
                 _ => return into_result(outcome),
@@ -258,18 +261,35 @@ impl Balanced<'_> {
         policy: &RoutePolicy,
         deadline: Option<Instant>,
         is_grpc: bool,
-    ) -> (Attempt, bool) {
+        avoid: Option<std::net::SocketAddr>,
+    ) -> (Attempt, bool, Option<std::net::SocketAddr>) {
         let service = self.service.clone();
         let Some(endpoints) = endpoints(self.target, self.wait).await else {
-            return (Attempt::Failed(RouteError::NoEndpoints { service }), false);
+            return (
+                Attempt::Failed(RouteError::NoEndpoints { service }),
+                false,
+                None,
+            );
         };
-        let ep = match self.target.balancer.pick_with(&endpoints, policy) {
+        let ep = match self
+            .target
+            .balancer
+            .pick_avoiding(&endpoints, policy, avoid)
+        {
             Ok(ep) => ep,
             Err(NoPick::NoEndpoints) => {
-                return (Attempt::Failed(RouteError::NoEndpoints { service }), false);
+                return (
+                    Attempt::Failed(RouteError::NoEndpoints { service }),
+                    false,
+                    None,
+                );
             }
             Err(NoPick::AtCapacity) => {
-                return (Attempt::Failed(RouteError::AtCapacity { service }), false);
+                return (
+                    Attempt::Failed(RouteError::AtCapacity { service }),
+                    false,
+                    None,
+                );
             }
         };
         let in_flight = ep.start();
@@ -342,7 +362,7 @@ impl Balanced<'_> {
             self.counters.ejections.inc();
             info!(service = %self.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
         }
-        (attempt, retriable)
+        (attempt, retriable, Some(ep.addr))
     }
 }
 

@@ -1,0 +1,353 @@
+//! End to end with TrafficPolicy: a client pod calls a Service over three server pods
+//! whose backends have fault knobs (status, delay); the controller's `dir:` folder holds
+//! the policy. Every assertion counts requests; none times them.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use http::Request;
+use http_body_util::BodyExt;
+use remora_tests::{
+    Binaries, Cluster, Pod, Proxy,
+    backend::{self, Faults},
+    client::{self, metrics, sample},
+    e2e_enabled,
+};
+
+const CLUSTER_IP: &str = "10.96.0.10:80";
+const SERVERS: [(&str, &str); 3] = [
+    ("s1", "10.77.0.11"),
+    ("s2", "10.77.0.12"),
+    ("s3", "10.77.0.13"),
+];
+
+struct Setup {
+    cluster: Cluster,
+    objects: PathBuf,
+    faults: Vec<Arc<Faults>>,
+    _controller: Proxy,
+    _proxy: Proxy,
+}
+
+impl Setup {
+    /// The Service over three unmeshed server pods, `policy` (a TrafficPolicy spec, if
+    /// any) in the folder, and the client pod's proxy connected to the controller.
+    async fn start(bins: &Binaries, name: &str, policy: Option<&str>) -> Self {
+        let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
+        let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
+        let objects = bins.dir().join(format!("objects-{name}"));
+        std::fs::create_dir_all(&objects).unwrap();
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+             addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n",
+        );
+        for (_, ip) in SERVERS {
+            yaml.push_str(&format!(
+                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"
+            ));
+        }
+        write(&objects, "web.yaml", &yaml);
+        if let Some(spec) = policy {
+            write(&objects, "policy.yaml", &traffic_policy(spec));
+        }
+        let source = format!("dir:{}", objects.display());
+        let args = ["--source", source.as_str(), "--log", "info"];
+        let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
+        let controller = Proxy::start_program(
+            cluster.pod("ctl"),
+            bins,
+            &bins.controller,
+            &args,
+            &[],
+            ready,
+        )
+        .await;
+        let faults = SERVERS
+            .iter()
+            .map(|(role, _)| backend::faulty(cluster.pod(role), "0.0.0.0:8080".parse().unwrap()))
+            .collect();
+        let client_pod = cluster.pod("client");
+        client_pod.intercept(bins);
+        let proxy = Proxy::start(
+            client_pod,
+            bins,
+            &[("REMORA_CONTROLLER_ADDR", "http://10.77.0.100:8086")],
+        )
+        .await;
+        Self {
+            cluster,
+            objects,
+            faults,
+            _controller: controller,
+            _proxy: proxy,
+        }
+    }
+
+    fn client(&self) -> &Pod {
+        self.cluster.pod("client")
+    }
+
+    fn name(&self, i: usize) -> String {
+        self.cluster.pod(SERVERS[i].0).name.clone()
+    }
+
+    fn received(&self) -> (u64, u64) {
+        self.faults.iter().fold((0, 0), |(g, o), f| {
+            (g + f.gets.load(Relaxed), o + f.others.load(Relaxed))
+        })
+    }
+}
+
+fn traffic_policy(spec: &str) -> String {
+    format!(
+        "apiVersion: policy.remora.io/v1alpha1\nkind: TrafficPolicy\n\
+         metadata: {{name: web, namespace: shop}}\nspec:\n  targetRef: {{name: web}}\n{spec}"
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// One request to the Service: status, `remora-error`, body.
+async fn call(pod: &Pod, method: http::Method) -> anyhow::Result<(u16, String, String)> {
+    let mut sender = client::http1(pod, CLUSTER_IP.parse()?).await?;
+    let req = Request::builder()
+        .method(method)
+        .uri("/work")
+        .header("host", "web.shop.svc.cluster.local")
+        .header("content-length", "5")
+        .body(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))
+                .map_err(|n| match n {})
+                .boxed(),
+        )?;
+    let rsp = sender.send_request(req).await?;
+    let status = rsp.status().as_u16();
+    let error = rsp
+        .headers()
+        .get("remora-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok((status, error, String::from_utf8_lossy(&body).into()))
+}
+
+fn tally(results: &[(u16, String, String)]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for (status, _, body) in results {
+        let key = if *status == 200 {
+            body.clone()
+        } else {
+            format!("status {status}")
+        };
+        *t.entry(key).or_default() += 1;
+    }
+    t
+}
+
+const RETRY_5XX: &str =
+    "  retries:\n    attempts: 2\n    on: [5xx]\n    backoff: {base: 1ms, max: 5ms}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_retried_around_and_ejected() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let policy = format!("{RETRY_5XX}  circuitBreaker: {{consecutiveFailures: 5}}\n");
+    let s = Setup::start(&bins, "retry", Some(&policy)).await;
+    s.faults[0].status.store(503, Relaxed);
+    // 2,000 GETs: the failing endpoint's answers are retried on the others until the
+    // circuit breaker ejects it.
+    let mut results = Vec::new();
+    for _ in 0..2000 {
+        results.push(call(s.client(), http::Method::GET).await?);
+    }
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    assert!(
+        ok * 1000 >= 2000 * 999,
+        "{ok} of 2000: {:?}",
+        tally(&results)
+    );
+    let failing = s.faults[0].gets.load(Relaxed);
+    assert!(failing > 0, "the failing endpoint was tried");
+    let text = metrics(s.client()).await;
+    let target = [("target", "web.shop:80")];
+    let retries = sample(&text, "remora_http_retries_total", &target);
+    assert!(
+        retries >= 1.0 && retries >= failing as f64 - 2.0,
+        "{retries} retries, {failing} failures"
+    );
+    assert!(
+        sample(&text, "remora_endpoint_ejections_total", &target) >= 1.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_never_retried_unless_the_policy_says_so() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let s = Setup::start(&bins, "post", Some(RETRY_5XX)).await;
+    s.faults[0].status.store(503, Relaxed);
+    let mut posts = Vec::new();
+    for _ in 0..300 {
+        posts.push(call(s.client(), http::Method::POST).await?);
+    }
+    // The failures reach the client, each sent exactly once.
+    let failed = posts.iter().filter(|r| r.0 == 503).count() as u64;
+    assert!(failed > 0, "{:?}", tally(&posts));
+    assert_eq!(failed, s.faults[0].others.load(Relaxed));
+    assert_eq!(s.received().1, 300, "300 POSTs, 300 received: none retried");
+    let text = metrics(s.client()).await;
+    assert_eq!(
+        sample(&text, "remora_http_retries_total", &[]),
+        0.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_total_outage_retries_stay_within_the_budget() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let policy = "  retries:\n    attempts: 3\n    on: [5xx]\n    backoff: {base: 1ms, max: 2ms}\n    budget: {ratio: 0.2, minPerSecond: 1, window: 10s}\n";
+    let s = Setup::start(&bins, "budget", Some(policy)).await;
+    for f in &s.faults {
+        f.status.store(503, Relaxed);
+    }
+    let requests = 500u64;
+    for _ in 0..requests {
+        let (status, _, _) = call(s.client(), http::Method::GET).await?;
+        assert_eq!(status, 503);
+    }
+    let (attempts, _) = s.received();
+    // Unbounded, 3 retries each would be 2,000 attempts; the budget allows 20 % of the
+    // requests plus 1 per second over the 10-second window.
+    let allowed = requests + requests / 5 + 10;
+    assert!(
+        attempts > requests && attempts <= allowed,
+        "{attempts} attempts for {requests} requests (budget allows {allowed})"
+    );
+    let text = metrics(s.client()).await;
+    assert!(
+        sample(&text, "remora_retry_budget_exhausted_total", &[]) > 0.0,
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_gets_little_and_a_concurrency_limit_fails_fast() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let s = Setup::start(&bins, "slow", None).await;
+    // Under peak-EWMA (the default) the slow endpoint's share is at most a third of a
+    // fast one's.
+    s.faults[0].delay_ms.store(20, Relaxed);
+    for f in &s.faults[1..] {
+        f.delay_ms.store(2, Relaxed);
+    }
+    let mut results = Vec::new();
+    for _ in 0..600 {
+        results.push(call(s.client(), http::Method::GET).await?);
+    }
+    let t = tally(&results);
+    let slow = t.get(&s.name(0)).copied().unwrap_or(0);
+    let fast = t
+        .get(&s.name(1))
+        .copied()
+        .unwrap_or(0)
+        .max(t.get(&s.name(2)).copied().unwrap_or(0));
+    assert_eq!(results.iter().filter(|r| r.0 == 200).count(), 600, "{t:?}");
+    assert!(slow * 3 <= fast, "slow {slow}, fast {fast}: {t:?}");
+
+    // maxRequests 10 per endpoint, 50 callers at once on slow answers: 30 fit, the rest
+    // are refused at once with 503, and no request hangs.
+    write(
+        &s.objects,
+        "policy.yaml",
+        &traffic_policy("  circuitBreaker: {maxRequests: 10}\n"),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for f in &s.faults {
+        f.delay_ms.store(1000, Relaxed);
+    }
+    let client = s.client();
+    let calls = (0..50).map(|_| {
+        let pod = Pod::borrowed(client.name.clone(), client.ip);
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), call(&pod, http::Method::GET)).await
+        })
+    });
+    let mut ok = 0;
+    let mut refused = 0;
+    for c in calls.collect::<Vec<_>>() {
+        match c.await?.expect("no request hangs")? {
+            (200, _, _) => ok += 1,
+            (503, why, _) if why.contains("concurrency limit") => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(ok + refused, 50);
+    assert!((27..=33).contains(&ok), "{ok} served, {refused} refused");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_changed_mid_traffic_applies_without_a_failed_request() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let s = Setup::start(&bins, "live", None).await;
+    // One slow endpoint: peak-EWMA avoids it; round-robin, once in force, does not.
+    s.faults[0].delay_ms.store(15, Relaxed);
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..900 {
+        if i == 300 {
+            write(
+                &s.objects,
+                "policy.yaml",
+                &traffic_policy("  loadBalancer: {algorithm: RoundRobin}\n"),
+            );
+        }
+        results.push(call(s.client(), http::Method::GET).await?);
+        assert!(Instant::now() < deadline, "bounded");
+    }
+    assert_eq!(
+        results.iter().filter(|r| r.0 == 200).count(),
+        900,
+        "{:?}",
+        tally(&results)
+    );
+    let before = tally(&results[..300]);
+    let after = tally(&results[600..]);
+    let slow = s.name(0);
+    assert!(before.get(&slow).copied().unwrap_or(0) < 100, "{before:?}");
+    assert!(
+        (95..=105).contains(&after.get(&slow).copied().unwrap_or(0)),
+        "each in turn: {after:?}"
+    );
+    Ok(())
+}
