@@ -67,5 +67,59 @@ fn balancer(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, detection, headers, balancer);
+/// What a TrafficPolicy adds per request: a pick with the circuit breaker and a
+/// concurrency limit in force, the outcome recorded, and the retry budget's bookkeeping.
+fn policy(c: &mut Criterion) {
+    use remora_proxy::{
+        balance::Balancer,
+        connect::Connector,
+        discovery::Endpoint,
+        policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
+    };
+    use std::{net::SocketAddr, sync::Arc, time::Duration};
+    let endpoints: Arc<[Endpoint]> = (1..=10u8)
+        .map(|i| Endpoint {
+            addr: SocketAddr::from(([10, 0, 0, i], 8080)),
+            identity: None,
+            ready: true,
+        })
+        .collect::<Vec<_>>()
+        .into();
+    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+    let retry = Retry {
+        max_retries: 2,
+        on: Conditions {
+            any_5xx: true,
+            ..Default::default()
+        },
+        backoff_base: Duration::from_millis(25),
+        backoff_max: Duration::from_millis(250),
+        budget_ratio: 0.2,
+        budget_min_per_second: 10,
+        budget_window: Duration::from_secs(10),
+        non_idempotent: false,
+    };
+    let policy = RoutePolicy {
+        retry: Some(retry.clone()),
+        breaker: Breaker {
+            consecutive_failures: 5,
+            max_requests: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let budget = RetryBudget::default();
+    c.bench_function("policy/pick_record_budget/10_endpoints", |bench| {
+        bench.iter(|| {
+            let ep = b.pick_with(black_box(&endpoints), &policy).unwrap();
+            let guard = ep.start();
+            ep.record(true, &policy.breaker, || b.may_eject(50));
+            budget.request(retry.budget_window);
+            black_box(retry.retriable_response(http::StatusCode::OK, None, false));
+            drop(guard);
+        })
+    });
+}
+
+criterion_group!(benches, detection, headers, balancer, policy);
 criterion_main!(benches);
