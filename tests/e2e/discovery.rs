@@ -15,7 +15,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use remora_tests::{Binaries, Cluster, Pod, Proxy, backend, client, e2e_enabled};
+use remora_tests::{Binaries, Cluster, Pod, Proxy, backend, client, e2e_enabled, write_atomically};
 
 const CLUSTER_IP: &str = "10.96.0.10:80";
 const CONTROLLER: &str = "http://10.77.0.100:8086";
@@ -46,13 +46,6 @@ fn objects(cluster: &Cluster, servers: &[(&str, &str)]) -> String {
         ));
     }
     out
-}
-
-/// Writes the folder's one file atomically, as an editor or `kubectl` would.
-fn write(dir: &Path, text: &str) {
-    let tmp = dir.join(".web.yaml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join("web.yaml")).unwrap();
 }
 
 async fn start_controller(cluster: &Cluster, bins: &Binaries, dir: &Path) -> Proxy {
@@ -145,7 +138,7 @@ async fn a_service_is_balanced_follows_changes_and_outlives_the_controller() -> 
     let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
     let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
     let dir = tempdir(&bins);
-    write(&dir, &objects(&cluster, &SERVERS));
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
     let mut controller = start_controller(&cluster, &bins, &dir).await;
 
     let mut proxies = Vec::new();
@@ -178,7 +171,7 @@ async fn a_service_is_balanced_follows_changes_and_outlives_the_controller() -> 
     let load = Load::start(client_pod);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let removed_at = Instant::now();
-    write(&dir, &objects(&cluster, &SERVERS[..2]));
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS[..2]));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let log = load.finish().await;
     let after: Vec<_> = log
@@ -208,7 +201,7 @@ async fn a_service_is_balanced_follows_changes_and_outlives_the_controller() -> 
     assert!(t.keys().all(|k| *k == names[0] || *k == names[1]), "{t:?}");
 
     // It comes back with s3 restored: the change applies without restarting the proxy.
-    write(&dir, &objects(&cluster, &SERVERS));
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
     let _controller = start_controller(&cluster, &bins, &dir).await;
     let mut back = false;
     for _ in 0..400 {
@@ -253,7 +246,7 @@ async fn a_service_without_endpoints_fails_fast_with_a_reason() -> anyhow::Resul
         ("s1", "10.77.0.11"),
     ]);
     let dir = tempdir(&bins);
-    write(&dir, &objects(&cluster, &[]));
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &[]));
     let _controller = start_controller(&cluster, &bins, &dir).await;
     let client_pod = cluster.pod("client");
     client_pod.intercept(&bins);

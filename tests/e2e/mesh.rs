@@ -7,7 +7,7 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use remora_tests::{
     Binaries, Cluster, Pod, Proxy, backend,
     client::{self, metrics, sample},
-    e2e_enabled,
+    e2e_enabled, write_atomically,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -69,13 +69,6 @@ fn allow_only(sa: &str) -> String {
     )
 }
 
-/// Writes a file of the folder atomically, as an editor or `kubectl` would.
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
 struct Mesh {
     cluster: Cluster,
     objects: PathBuf,
@@ -112,7 +105,7 @@ impl Mesh {
             std::fs::write(root.join(format!("{sa}.token")), format!("{sa}-token\n")).unwrap();
         }
         std::fs::write(root.join("tokens.yaml"), tokens).unwrap();
-        write(&objects, "shop.yaml", &self::objects(&cluster));
+        write_atomically(&objects, "shop.yaml", &self::objects(&cluster));
 
         let source = format!("dir:{}", objects.display());
         let dev_ca = ca.display().to_string();
@@ -325,7 +318,7 @@ async fn meshed_pods_speak_mtls_and_inbound_policy_decides_who_may_call() -> any
     }
 
     // Only frontend may call web: other gets a 403 that says why, and its TCP is closed.
-    write(&mesh.objects, "policy.yaml", &allow_only("frontend"));
+    write_atomically(&mesh.objects, "policy.yaml", &allow_only("frontend"));
     eventually("other is refused", async || match hello(other).await {
         Ok((403, error, _)) if error.contains("unauthorized") => Ok(()),
         r => Err(format!("{r:?}")),
@@ -359,7 +352,7 @@ async fn meshed_pods_speak_mtls_and_inbound_policy_decides_who_may_call() -> any
     );
 
     // The policy changes in the folder: the roles swap, with nothing restarted.
-    write(&mesh.objects, "policy.yaml", &allow_only("other"));
+    write_atomically(&mesh.objects, "policy.yaml", &allow_only("other"));
     eventually("frontend is refused and other allowed", async || {
         match (hello(frontend).await, hello(other).await) {
             (Ok((403, _, _)), Ok((200, _, _))) => Ok(()),

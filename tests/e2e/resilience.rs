@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -15,7 +15,7 @@ use remora_tests::{
     Binaries, Cluster, Pod, Proxy,
     backend::{self, Faults},
     client::{self, metrics, sample},
-    e2e_enabled,
+    e2e_enabled, write_atomically,
 };
 
 const CLUSTER_IP: &str = "10.96.0.10:80";
@@ -53,9 +53,9 @@ impl Setup {
                 "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"
             ));
         }
-        write(&objects, "web.yaml", &yaml);
+        write_atomically(&objects, "web.yaml", &yaml);
         if let Some(spec) = policy {
-            write(&objects, "policy.yaml", &traffic_policy(spec));
+            write_atomically(&objects, "policy.yaml", &traffic_policy(spec));
         }
         let source = format!("dir:{}", objects.display());
         let args = ["--source", source.as_str(), "--log", "info"];
@@ -110,12 +110,6 @@ fn traffic_policy(spec: &str) -> String {
         "apiVersion: policy.remora.io/v1alpha1\nkind: TrafficPolicy\n\
          metadata: {{name: web, namespace: shop}}\nspec:\n  targetRef: {{name: web}}\n{spec}"
     )
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
 /// One request to the Service: status, `remora-error`, body.
@@ -283,7 +277,7 @@ async fn a_slow_endpoint_gets_little_and_a_concurrency_limit_fails_fast() -> any
 
     // maxRequests 10 per endpoint, 50 callers at once on slow answers: 30 fit, the rest
     // are refused at once with 503, and no request hangs.
-    write(
+    write_atomically(
         &s.objects,
         "policy.yaml",
         &traffic_policy("  circuitBreaker: {maxRequests: 10}\n"),
@@ -326,7 +320,7 @@ async fn a_policy_changed_mid_traffic_applies_without_a_failed_request() -> anyh
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..900 {
         if i == 300 {
-            write(
+            write_atomically(
                 &s.objects,
                 "policy.yaml",
                 &traffic_policy("  loadBalancer: {algorithm: RoundRobin}\n"),

@@ -68,6 +68,20 @@ impl Index {
         }
     }
 
+    /// An index of the objects in `yaml` (as `kubectl apply` takes them), for tests.
+    #[cfg(test)]
+    pub fn from_yaml(yaml: &str) -> Self {
+        let mut index = Self::new(Domains {
+            trust_domain: "cluster.local".into(),
+            cluster_domain: "cluster.local".into(),
+        });
+        let mut touched = Touched::default();
+        for o in crate::source::yaml::parse("objects.yaml", yaml).expect("valid objects") {
+            index.apply(Event::Apply(o), &mut touched);
+        }
+        index
+    }
+
     pub fn domains(&self) -> &Domains {
         &self.domains
     }

@@ -140,11 +140,7 @@ pub fn outbound(index: &Index, target: &Target) -> api::OutboundPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        core::{Event, NsName},
-        index::{Domains, Touched},
-        source::yaml,
-    };
+    use crate::core::NsName;
 
     const OBJECTS: &str = r#"
 apiVersion: v1
@@ -170,14 +166,7 @@ spec:
 "#;
 
     fn index() -> Index {
-        let mut index = Index::new(Domains {
-            trust_domain: "cluster.local".into(),
-            cluster_domain: "cluster.local".into(),
-        });
-        for o in yaml::parse("objects.yaml", OBJECTS).unwrap() {
-            index.apply(Event::Apply(o), &mut Touched::default());
-        }
-        index
+        Index::from_yaml(OBJECTS)
     }
 
     #[test]

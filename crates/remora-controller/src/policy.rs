@@ -351,11 +351,7 @@ pub type InboundRx = watch::Receiver<Arc<api::InboundPolicy>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        core::Event,
-        index::{Domains, Touched},
-        source::yaml,
-    };
+    use crate::source::yaml;
 
     const OBJECTS: &str = r#"
 apiVersion: v1
@@ -406,15 +402,7 @@ spec:
 "#;
 
     fn index() -> Index {
-        let mut index = Index::new(Domains {
-            trust_domain: "cluster.local".into(),
-            cluster_domain: "cluster.local".into(),
-        });
-        let mut touched = Touched::default();
-        for o in yaml::parse("objects.yaml", OBJECTS).unwrap() {
-            index.apply(Event::Apply(o), &mut touched);
-        }
-        index
+        Index::from_yaml(OBJECTS)
     }
 
     fn key(pod: &str, port: u16, default: &str) -> InboundKey {
@@ -496,11 +484,7 @@ spec:
 #[cfg(test)]
 mod meshed_tests {
     use super::*;
-    use crate::{
-        core::{Event, Resolution, Target},
-        index::{Domains, Touched},
-        source::yaml,
-    };
+    use crate::core::{Resolution, Target};
 
     const POD: &str = r#"
 apiVersion: v1
@@ -515,14 +499,7 @@ status: { podIP: 10.0.0.1 }
 "#;
 
     fn index() -> Index {
-        let mut index = Index::new(Domains {
-            trust_domain: "cluster.local".into(),
-            cluster_domain: "cluster.local".into(),
-        });
-        for o in yaml::parse("pod.yaml", POD).unwrap() {
-            index.apply(Event::Apply(o), &mut Touched::default());
-        }
-        index
+        Index::from_yaml(POD)
     }
 
     fn has_identity(index: &Index, port: u16) -> bool {

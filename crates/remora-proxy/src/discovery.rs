@@ -102,6 +102,34 @@ pub struct ClientInfo {
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// The pause before a controller stream is started again (every stream uses one).
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl Backoff {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            next: BACKOFF_MIN,
+            seed: seed | 1,
+        }
+    }
+
+    /// Sleeps before the next attempt of a stream that started at `started`. A stream
+    /// that lived a while was healthy: the backoff starts over.
+    pub async fn pause(&mut self, started: Instant) {
+        if started.elapsed() > BACKOFF_MAX {
+            self.next = BACKOFF_MIN;
+        }
+        self.seed = xorshift(self.seed);
+        let jitter = 0.5 + (self.seed % 1000) as f64 / 1000.0;
+        tokio::time::sleep(self.next.mul_f64(jitter)).await;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+    }
+}
+
 pub struct Discovery {
     client: api::destination_client::DestinationClient<Channel>,
     channel: Channel,
@@ -184,8 +212,7 @@ impl Discovery {
 
     /// Keeps `tx` up to date for `dst` for as long as the target is in use.
     async fn watch(self: Arc<Self>, dst: OrigDst, tx: watch::Sender<View>) {
-        let mut backoff = BACKOFF_MIN;
-        let mut seed = jitter_seed(dst.0);
+        let mut backoff = Backoff::new(jitter_seed(dst.0));
         loop {
             let started = Instant::now();
             match self.stream(dst, &tx).await {
@@ -193,19 +220,12 @@ impl Discovery {
                 Err(status) => debug!(%dst, %status, "destination stream failed"),
             }
             self.reconnects.inc();
-            // A stream that lived a while was healthy: start the backoff over.
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
             if *tx.borrow() == View::Pending {
                 // Never answered: connections waiting on it pass through rather than stall.
                 tx.send_replace(View::Passthrough);
                 warn!(%dst, "controller unreachable: passing this destination through until it answers");
             }
-            seed = xorshift(seed);
-            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff.pause(started).await;
         }
     }
 
@@ -226,8 +246,7 @@ impl Discovery {
             return;
         }
         let mut client = api::policy_client::PolicyClient::new(self.channel.clone());
-        let mut backoff = BACKOFF_MIN;
-        let mut seed = jitter_seed(dst.0) ^ 0x5eed;
+        let mut backoff = Backoff::new(jitter_seed(dst.0) ^ 0x5eed);
         loop {
             let started = Instant::now();
             let req = api::OutboundPolicyRequest {
@@ -249,13 +268,7 @@ impl Discovery {
             if let Err(status) = result {
                 debug!(%dst, %status, "outbound policy stream failed; the last policy stays");
             }
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
-            seed = xorshift(seed);
-            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff.pause(started).await;
         }
     }
 

@@ -87,6 +87,38 @@ pub fn server_name(sa: &str) -> String {
     format!("{sa}.bench.serviceaccount.identity.cluster.local")
 }
 
+/// A filter that proxies HTTP per request to `cluster` (in a filter chain's `filters`).
+fn http_connection_manager(cluster: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}, timeout: 0s }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}"#
+    )
+}
+
+/// A filter that proxies bytes to `cluster`.
+fn tcp_proxy(cluster: &str) -> String {
+    format!(
+        r#"      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: {cluster}"#
+    )
+}
+
 fn tls_files(c: &Certs) -> String {
     format!(
         r#"tls_certificates:
@@ -138,28 +170,10 @@ static_resources:
     filter_chains:
     - filter_chain_match: {{ application_protocols: ["http/1.0", "http/1.1", "h2c"] }}
       filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: mesh_http, timeout: 0s }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+{mesh_http}
     default_filter_chain:
       filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: mesh_tcp
+{mesh_tcp}
   clusters:
   - name: mesh_tcp
     type: ORIGINAL_DST
@@ -178,6 +192,8 @@ static_resources:
 "#,
         tcp_tls = upstream_tls("remora-opaque/1"),
         http_tls = upstream_tls("h2"),
+        mesh_http = http_connection_manager("mesh_http"),
+        mesh_tcp = tcp_proxy("mesh_tcp"),
     )
 }
 
@@ -218,29 +234,11 @@ static_resources:
     - filter_chain_match: {{ transport_protocol: tls, application_protocols: ["h2"] }}
       {http_tls}
       filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: http
-          codec_type: AUTO
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: local_http, timeout: 0s }}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+{local_http}
     - filter_chain_match: {{ transport_protocol: tls }}
       {tcp_tls}
       filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: local_tcp
+{local_tcp}
   clusters:
   - name: local_tcp
     type: ORIGINAL_DST
@@ -257,5 +255,7 @@ static_resources:
 "#,
         http_tls = downstream_tls("h2"),
         tcp_tls = downstream_tls("remora-opaque/1"),
+        local_http = http_connection_manager("local_http"),
+        local_tcp = tcp_proxy("local_tcp"),
     )
 }

@@ -119,6 +119,16 @@ impl Conns {
     }
 }
 
+/// A failed status, with the proxy's reason when it gave one.
+fn status_error<B>(rsp: &http::Response<B>) -> String {
+    let why = rsp
+        .headers()
+        .get("remora-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    format!("status {}, remora-error {why:?}", rsp.status())
+}
+
 async fn http1_call(sender: &mut http1::SendRequest<Body>) -> Result<(), String> {
     sender.ready().await.map_err(|e| e.to_string())?;
     let req = Request::get("/hello")
@@ -127,13 +137,7 @@ async fn http1_call(sender: &mut http1::SendRequest<Body>) -> Result<(), String>
         .expect("request");
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if rsp.status() != 200 {
-        let why = rsp
-            .headers()
-            .get("remora-error")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        return Err(format!("status {}, remora-error {why:?}", rsp.status()));
+        return Err(status_error(&rsp));
     }
     let body = rsp
         .into_body()
@@ -158,13 +162,7 @@ async fn grpc_call(mut sender: http2::SendRequest<Body>) -> Result<(), String> {
         .expect("request");
     let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     if rsp.status() != 200 {
-        let why = rsp
-            .headers()
-            .get("remora-error")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        return Err(format!("status {}, remora-error {why:?}", rsp.status()));
+        return Err(status_error(&rsp));
     }
     let headers = rsp.headers().clone();
     let collected = rsp.into_body().collect().await.map_err(|e| e.to_string())?;

@@ -78,15 +78,7 @@ endpoints:
 "#;
 
 fn index() -> Index {
-    let mut index = Index::new(Domains {
-        trust_domain: "cluster.local".into(),
-        cluster_domain: "cluster.local".into(),
-    });
-    let mut touched = Touched::default();
-    for o in yaml::parse("objects.yaml", OBJECTS).unwrap() {
-        index.apply(Event::Apply(o), &mut touched);
-    }
-    index
+    Index::from_yaml(OBJECTS)
 }
 
 fn addr(s: &str) -> SocketAddr {

@@ -12,14 +12,11 @@ use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::{DefaultPolicy, Policy};
-use crate::discovery::{ClientInfo, xorshift};
+use crate::discovery::{Backoff, ClientInfo};
 
 /// Ports watched at once, before those no connection uses are forgotten: any client can
 /// pick a port, so the streams are bounded.
 const MAX_PORTS: usize = 256;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// One port's policy: the controller's latest answer, or the default before one.
 #[derive(Debug, Clone)]
@@ -137,8 +134,7 @@ impl InboundPolicies {
         port: u16,
         tx: watch::Sender<Option<Arc<Policy>>>,
     ) {
-        let mut backoff = BACKOFF_MIN;
-        let mut seed = (port as u64) << 17 | 1;
+        let mut backoff = Backoff::new((port as u64) << 17);
         loop {
             let started = tokio::time::Instant::now();
             let req = api::InboundPolicyRequest {
@@ -172,13 +168,7 @@ impl InboundPolicies {
                 return;
             }
             self.reconnects.inc();
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
-            seed = xorshift(seed);
-            let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff.pause(started).await;
         }
     }
 }
