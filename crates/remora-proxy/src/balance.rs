@@ -31,6 +31,8 @@ use crate::{
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a latency observation fades.
 pub const DECAY: Duration = Duration::from_secs(10);
+/// How long a half-open probe may take before another request may probe instead.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Statistics, circuit-breaker state and connection pools of one endpoint.
 #[derive(Debug)]
@@ -48,8 +50,9 @@ struct Health {
     consecutive_failures: u32,
     /// Ejected until then; once it has passed, one request probes (half-open).
     ejected_until: Option<Instant>,
-    /// A half-open probe is in flight.
-    probing: bool,
+    /// A half-open probe is in flight, until then: a probe whose request never reports
+    /// back (the client went away) frees the endpoint for another probe afterwards.
+    probing: Option<Instant>,
     /// Ejections so far: each doubles the next one's length.
     ejections: u32,
 }
@@ -121,20 +124,22 @@ impl EndpointState {
         let h = self.health.lock();
         match h.ejected_until {
             Some(until) if now < until => false,
-            Some(_) => !h.probing,
+            Some(_) => h.probing.is_none_or(|p| now >= p),
             None => true,
         }
     }
 
-    fn ejected(&self, now: Instant) -> bool {
-        self.health.lock().ejected_until.is_some_and(|u| now < u)
+    /// Ejected, or half-open and not yet proven healthy: counts against the ejection cap.
+    fn out(&self) -> bool {
+        self.health.lock().ejected_until.is_some()
     }
 
-    /// Marks the half-open probe as sent, so no other request goes with it.
+    /// Marks the half-open probe as sent, so no other request goes with it (for at most
+    /// `PROBE_TIMEOUT`).
     fn claim_probe(&self, now: Instant) {
         let mut h = self.health.lock();
         if h.ejected_until.is_some_and(|u| now >= u) {
-            h.probing = true;
+            h.probing = Some(now + PROBE_TIMEOUT);
         }
     }
 
@@ -143,17 +148,19 @@ impl EndpointState {
     /// (unless `may_eject` says too many are out already); a failed probe ejects it again
     /// at once, a successful one restores it. Returns whether it was ejected now.
     pub fn record(&self, ok: bool, breaker: &Breaker, may_eject: impl FnOnce() -> bool) -> bool {
-        if breaker.consecutive_failures == 0 {
-            return false;
-        }
         let now = Instant::now();
         let mut h = self.health.lock();
+        if breaker.consecutive_failures == 0 {
+            // Breaking was turned off: nothing stays ejected.
+            *h = Health::default();
+            return false;
+        }
         let half_open = h.ejected_until.is_some_and(|u| now >= u);
         if ok {
             h.consecutive_failures = 0;
             if half_open {
                 h.ejected_until = None;
-                h.probing = false;
+                h.probing = None;
                 h.ejections = h.ejections.saturating_sub(1);
             }
             return false;
@@ -168,18 +175,22 @@ impl EndpointState {
             drop(h);
             let allowed = may_eject();
             h = self.health.lock();
-            if !allowed {
+            // Another failure may have ejected it meanwhile: once is enough.
+            if !allowed || h.ejected_until.is_some() {
                 return false;
             }
         }
         h.ejections = (h.ejections + 1).min(16);
         let base = breaker.base_ejection.as_secs_f64() * f64::from(1u32 << (h.ejections - 1));
-        let jitter = 0.9
-            + (crate::discovery::xorshift(now.elapsed().as_nanos() as u64 ^ 0x9e37) % 200) as f64
-                / 1000.0;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(1);
+        let seed = u64::from(nanos) ^ (self.addr.port() as u64) << 32 | 1;
+        let jitter = 0.9 + (crate::discovery::xorshift(seed) % 200) as f64 / 1000.0;
         let length = Duration::from_secs_f64(base * jitter).min(breaker.max_ejection);
         h.ejected_until = Some(now + length);
-        h.probing = false;
+        h.probing = None;
         h.consecutive_failures = 0;
         true
     }
@@ -326,7 +337,7 @@ impl Balancer {
                         let (ca, cb) = (cost(&pool[a]), cost(&pool[b]));
                         // Costs within 1 % are a tie: a coin decides, so equal endpoints share.
                         let first = if (ca - cb).abs() <= 0.01 * ca.max(cb) {
-                            r & 1 == 0
+                            r >> 63 == 0
                         } else {
                             ca < cb
                         };
@@ -360,10 +371,9 @@ impl Balancer {
 
     /// Whether one more endpoint may be ejected without exceeding `max_percent` of them.
     pub fn may_eject(&self, max_percent: u32) -> bool {
-        let now = Instant::now();
         let guard = self.states.lock();
         let n = guard.candidates.len();
-        let ejected = guard.candidates.iter().filter(|s| s.ejected(now)).count();
+        let ejected = guard.candidates.iter().filter(|s| s.out()).count();
         (ejected + 1) * 100 <= max_percent as usize * n
     }
 
@@ -572,5 +582,40 @@ mod tests {
             .filter(|_| b.pick_with(&eps, &p).unwrap().addr == first.addr)
             .count();
         assert_eq!(back, 10, "in turn again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_reports_back_frees_the_endpoint_later() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(2);
+        let p = policy(|p| {
+            p.algorithm = Algorithm::RoundRobin;
+            p.breaker.consecutive_failures = 1;
+            p.breaker.base_ejection = Duration::from_secs(1);
+            p.breaker.max_ejection_percent = 50;
+        });
+        let first = b.pick_with(&eps, &p).unwrap();
+        assert!(first.record(false, &p.breaker, || b.may_eject(50)));
+        tokio::time::advance(Duration::from_millis(1200)).await;
+        let probes = |b: &Balancer| {
+            (0..10)
+                .filter(|_| b.pick_with(&eps, &p).unwrap().addr == first.addr)
+                .count()
+        };
+        assert_eq!(probes(&b), 1, "one probe, whose request then went away");
+        assert_eq!(probes(&b), 0, "still claimed");
+        tokio::time::advance(PROBE_TIMEOUT).await;
+        assert_eq!(probes(&b), 1, "claimable again");
+    }
+
+    #[tokio::test]
+    async fn least_request_shares_ties_between_two() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(2);
+        let lr = policy(|p| p.algorithm = Algorithm::LeastRequest);
+        let first = (0..1000)
+            .filter(|_| b.pick_with(&eps, &lr).unwrap().addr == eps[0].addr)
+            .count();
+        assert!((300..=700).contains(&first), "{first} of 1000 to the first");
     }
 }

@@ -268,6 +268,10 @@ impl Discovery {
             if let Err(status) = result {
                 debug!(%dst, %status, "outbound policy stream failed; the last policy stays");
             }
+            // Never answered: requests stop waiting for a policy and use the default.
+            if tx.borrow().is_none() {
+                tx.send_replace(Some(Arc::new(RoutePolicy::default())));
+            }
             backoff.pause(started).await;
         }
     }

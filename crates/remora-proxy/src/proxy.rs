@@ -224,7 +224,13 @@ async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn,
             let endpoints = http::route::endpoints(target, ctx.discovery_wait)
                 .await
                 .ok_or_else(no_endpoints)?;
-            let policy = target.policy(ctx.discovery_wait).await;
+            // The policy's algorithm; a connection's outcome is not a request's, so the
+            // circuit breaker (and its probes) are left to HTTP.
+            let algorithm = target.policy(ctx.discovery_wait).await.algorithm;
+            let policy = crate::policy::RoutePolicy {
+                algorithm,
+                ..Default::default()
+            };
             let ep = target
                 .balancer
                 .pick_with(&endpoints, &policy)

@@ -194,12 +194,20 @@ impl Balanced<'_> {
             && let Some(Either::Left(body)) =
                 first.take_if(|b| b.size_hint().upper().is_some_and(|u| u <= MAX_REPLAY))
         {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(RouteError::ClientBody)?
-                .to_bytes();
-            replay = Some(bytes);
+            // A client slow to send its (small) body is held no longer than the request
+            // timeout allows.
+            let collect = body.collect();
+            let collected =
+                match deadline {
+                    Some(d) => tokio::time::timeout_at(d, collect).await.map_err(|_| {
+                        RouteError::Timeout {
+                            service: self.service.clone(),
+                            after: policy.request_timeout.unwrap_or_default(),
+                        }
+                    })?,
+                    None => collect.await,
+                };
+            replay = Some(collected.map_err(RouteError::ClientBody)?.to_bytes());
         }
         if let Some(r) = &policy.retry {
             self.target.budget.request(r.budget_window);
@@ -225,7 +233,21 @@ impl Balanced<'_> {
                 (Some(r), Some(_)) if retriable && attempt < r.max_retries => r,
                 _ => return into_result(outcome),
             };
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            // Full jitter over an exponential ceiling; a Retry-After is honoured.
+            seed = crate::discovery::xorshift(seed);
+            let ceiling = retry
+                .backoff_base
+                .saturating_mul(1 << attempt.min(16))
+                .min(retry.backoff_max);
+            let mut pause = ceiling.mul_f64((seed % 1000) as f64 / 1000.0);
+            if let Attempt::Response(rsp, _) = &outcome
+                && let Some(after) = retry_after(rsp)
+            {
+                pause = pause.max(after);
+            }
+            // No time left for another attempt after the pause: the client gets the
+            // answer it would have had.
+            if deadline.is_some_and(|d| Instant::now() + pause >= d) {
                 return into_result(outcome);
             }
             if !self.target.budget.try_retry(retry) {
@@ -235,22 +257,8 @@ impl Balanced<'_> {
             }
             attempt += 1;
             self.counters.retries.inc();
-            // Full jitter over an exponential ceiling; a Retry-After is honoured.
-            seed = crate::discovery::xorshift(seed);
-            let ceiling = retry
-                .backoff_base
-                .saturating_mul(1 << (attempt - 1).min(16))
-                .min(retry.backoff_max);
-            let mut pause = ceiling.mul_f64((seed % 1000) as f64 / 1000.0);
-            if let Attempt::Response(rsp, _) = &outcome
-                && let Some(after) = retry_after(rsp)
-            {
-                pause = pause.max(after);
-            }
             drop(outcome);
-            let until = Instant::now() + pause;
-            let until = deadline.map_or(until, |d| until.min(d));
-            tokio::time::sleep_until(until).await;
+            tokio::time::sleep(pause).await;
         }
     }
 
