@@ -229,6 +229,9 @@ pub struct Faults {
     pub status: std::sync::atomic::AtomicU16,
     /// Wait this long before answering.
     pub delay_ms: std::sync::atomic::AtomicU64,
+    /// Answer gRPC calls with this status, trailers-only (0: status 0 with the request's
+    /// message echoed).
+    pub grpc_status: std::sync::atomic::AtomicU32,
     /// Requests received, by method: `GET` and others.
     pub gets: std::sync::atomic::AtomicU64,
     pub others: std::sync::atomic::AtomicU64,
@@ -256,7 +259,32 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                         } else {
                             knobs.others.fetch_add(1, Relaxed);
                         }
-                        let _ = req.into_body().collect().await;
+                        let grpc = req
+                            .headers()
+                            .get(header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        let message = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if grpc {
+                            let code = knobs.grpc_status.load(Relaxed);
+                            let mut rsp =
+                                Response::new(full(if code == 0 { message } else { Bytes::new() }));
+                            let h = rsp.headers_mut();
+                            h.insert(
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static("application/grpc"),
+                            );
+                            h.insert("grpc-status", HeaderValue::from(code));
+                            h.insert(
+                                "x-served-by",
+                                HeaderValue::from_str(&name).expect("a pod name"),
+                            );
+                            return Ok::<_, Infallible>(rsp);
+                        }
                         let delay = knobs.delay_ms.load(Relaxed);
                         if delay > 0 {
                             tokio::time::sleep(Duration::from_millis(delay)).await;

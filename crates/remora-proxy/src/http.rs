@@ -5,6 +5,7 @@
 mod body;
 mod headers;
 pub mod pool;
+pub mod replay;
 pub mod route;
 mod upstream;
 

@@ -33,8 +33,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// the server's proxy hands the application HTTP/1 again.
 pub const ORIG_PROTO: &str = "remora-orig-proto";
 
-/// A request body sent to an endpoint: the client's stream, or bytes kept for replay.
-pub type ReqBody = http_body_util::Either<Incoming, http_body_util::Full<bytes::Bytes>>;
+/// A request body sent to an endpoint: the client's stream (copied for a retry when
+/// one may follow), or bytes kept for replay.
+pub type ReqBody = http_body_util::Either<super::replay::Tee, http_body_util::Full<bytes::Bytes>>;
 
 pub type PooledClient = Client<Dial, ReqBody>;
 

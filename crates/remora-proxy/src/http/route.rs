@@ -5,8 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, header};
-use http_body::Body;
-use http_body_util::{BodyExt, Either, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
@@ -15,6 +14,7 @@ use tracing::{debug, info};
 use super::{
     Upstream, UpstreamError, Version,
     pool::{EndpointClients, ReqBody, restore_orig_proto},
+    replay::{Replay, Tee},
 };
 use crate::{
     addr::OrigDst,
@@ -113,7 +113,7 @@ impl Route {
             Route::Local { clients, orig_dst } => {
                 let mut req = req;
                 let version = restore_orig_proto(&mut req);
-                let req = absolute(req, *orig_dst).map(http_body_util::Either::Left);
+                let req = absolute(req, *orig_dst).map(|b| Either::Left(Tee::plain(b)));
                 let rsp = clients
                     .send(req, version)
                     .await
@@ -143,9 +143,6 @@ impl Route {
         }
     }
 }
-
-/// The most a request body may be to be kept for a retry.
-pub const MAX_REPLAY: u64 = 64 * 1024;
 
 /// Counters of the resilience a Service's policy adds.
 #[derive(Debug, Clone, Default)]
@@ -182,33 +179,29 @@ impl Balanced<'_> {
         let started = Instant::now();
         let deadline = policy.request_timeout.map(|t| started + t);
         let is_grpc = super::is_grpc(req.headers());
-        let retry = policy
-            .retry
-            .as_ref()
-            .filter(|r| !super::wants_upgrade(&req) && r.method_allowed(req.method()));
+        // gRPC calls are POSTs: they are retried when the policy names gRPC codes, on
+        // which alone a gRPC response is judged.
+        let retry = policy.retry.as_ref().filter(|r| {
+            !super::wants_upgrade(&req)
+                && if is_grpc {
+                    !r.on.grpc.is_empty() || r.on.unavailable
+                } else {
+                    r.method_allowed(req.method())
+                }
+        });
         let (parts, body) = req.into_parts();
-        // A body known to fit in 64 KiB is kept for replay; others are sent once.
-        let mut first = Some(Either::Left(body));
+        let (mut parts, mut kept) = (Some(parts), None);
+        // The first attempt streams the body; a copy of up to 64 KiB is kept in case a
+        // retry follows.
+        let (tee, copy) = match retry {
+            Some(_) => {
+                let (tee, copy) = Tee::copying(body);
+                (tee, Some(copy))
+            }
+            None => (Tee::plain(body), None),
+        };
+        let mut first = Some(Either::Left(tee));
         let mut replay: Option<Bytes> = None;
-        if retry.is_some()
-            && let Some(Either::Left(body)) =
-                first.take_if(|b| b.size_hint().upper().is_some_and(|u| u <= MAX_REPLAY))
-        {
-            // A client slow to send its (small) body is held no longer than the request
-            // timeout allows.
-            let collect = body.collect();
-            let collected =
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, collect).await.map_err(|_| {
-                        RouteError::Timeout {
-                            service: self.service.clone(),
-                            after: policy.request_timeout.unwrap_or_default(),
-                        }
-                    })?,
-                    None => collect.await,
-                };
-            replay = Some(collected.map_err(RouteError::ClientBody)?.to_bytes());
-        }
         if let Some(r) = &policy.retry {
             self.target.budget.request(r.budget_window);
         }
@@ -221,18 +214,40 @@ impl Balanced<'_> {
                 (None, Some(body)) => body,
                 (None, None) => unreachable!("a body that cannot be replayed is sent once"),
             };
-            let mut req = Request::new(body);
-            *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = parts.uri.clone();
-            *req.version_mut() = parts.version;
-            *req.headers_mut() = parts.headers.clone();
+            // Without a retry policy there is one attempt: the request goes as it came.
+            let req = match (retry, parts.take()) {
+                (None, Some(parts)) => Request::from_parts(parts, body),
+                (_, taken) => {
+                    let p = taken
+                        .as_ref()
+                        .or(kept.as_ref())
+                        .expect("the request's parts");
+                    let mut req = Request::new(body);
+                    *req.method_mut() = p.method.clone();
+                    *req.uri_mut() = p.uri.clone();
+                    *req.version_mut() = p.version;
+                    *req.headers_mut() = p.headers.clone();
+                    if let Some(taken) = taken {
+                        kept = Some(taken);
+                    }
+                    req
+                }
+            };
             let (outcome, retriable, tried) =
                 self.attempt(req, &policy, deadline, is_grpc, avoid).await;
             avoid = tried;
-            let retry = match (retry, &replay) {
-                (Some(r), Some(_)) if retriable && attempt < r.max_retries => r,
+            let retry = match retry {
+                Some(r) if retriable && attempt < r.max_retries => r,
                 _ => return into_result(outcome),
             };
+            // Sent again only if the client had sent its whole body, within the limit.
+            if replay.is_none() {
+                replay = copy.as_ref().and_then(Replay::body);
+                if replay.is_none() {
+                    debug!(service = %self.service, "not retried: the body cannot be replayed");
+                    return into_result(outcome);
+                }
+            }
             // Full jitter over an exponential ceiling; a Retry-After is honoured.
             seed = crate::discovery::xorshift(seed);
             let ceiling = retry
