@@ -37,6 +37,11 @@ impl Setup {
     /// The Service over three unmeshed server pods, `policy` (a TrafficPolicy spec, if
     /// any) in the folder, and the client pod's proxy connected to the controller.
     async fn start(bins: &Binaries, name: &str, policy: Option<&str>) -> Self {
+        Self::start_with(bins, name, policy, &[]).await
+    }
+
+    /// As `start`, with `extra` addresses in the Service's endpoints (no pod behind them).
+    async fn start_with(bins: &Binaries, name: &str, policy: Option<&str>, extra: &[&str]) -> Self {
         let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
         let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
         let objects = bins.dir().join(format!("objects-{name}"));
@@ -48,7 +53,11 @@ impl Setup {
              metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
              addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n",
         );
-        for (_, ip) in SERVERS {
+        for ip in SERVERS
+            .iter()
+            .map(|(_, ip)| *ip)
+            .chain(extra.iter().copied())
+        {
             yaml.push_str(&format!(
                 "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"
             ));
@@ -261,6 +270,33 @@ async fn grpc_calls_are_retried_on_the_grpc_codes_named() -> anyhow::Result<()> 
     assert!(
         sample(&text, "remora_http_retries_total", &[]) >= 1.0,
         "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_costs_the_policys_connect_timeout_not_the_proxys()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    // 10.77.0.99 is on the pods' subnet with nothing behind it: connecting hangs until
+    // the neighbour lookup gives up (seconds), unless the connect timeout cuts it short.
+    // With the policy's 300 ms a retry elsewhere fits in the 2.5 s request timeout; with
+    // the proxy's own 5 s it would not.
+    let policy = "  timeouts: {connect: 300ms, request: 2500ms}\n  retries:\n    attempts: 2\n    on: [connect-failure]\n    backoff: {base: 1ms, max: 2ms}\n";
+    let s = Setup::start_with(&bins, "connect", Some(policy), &["10.77.0.99"]).await;
+    let mut results = Vec::new();
+    for _ in 0..40 {
+        results.push(call(s.client(), http::Method::GET).await?);
+    }
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    assert_eq!(ok, 40, "{:?}", tally(&results));
+    let text = metrics(s.client()).await;
+    assert!(
+        sample(&text, "remora_http_retries_total", &[]) >= 1.0,
+        "the black hole was tried: {text}"
     );
     Ok(())
 }

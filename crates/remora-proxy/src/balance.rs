@@ -242,7 +242,10 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    pub fn new(connector: Connector) -> Self {
+    pub fn new(mut connector: Connector) -> Self {
+        // Every endpoint's pool of this destination dials with the timeout its policy
+        // sets (see `set_connect_timeout`).
+        connector.timeout_ms = Some(Arc::new(AtomicU64::new(0)));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -366,6 +369,14 @@ impl Balancer {
                 .min_by_key(|s| s.in_flight())
                 .cloned()
                 .ok_or(NoPick::AtCapacity),
+        }
+    }
+
+    /// The destination's connect timeout from now on (None: the proxy's own).
+    pub fn set_connect_timeout(&self, timeout: Option<Duration>) {
+        if let Some(t) = &self.connector.timeout_ms {
+            let ms = timeout.map_or(0, |d| d.as_millis().max(1) as u64);
+            t.store(ms, Ordering::Relaxed);
         }
     }
 

@@ -129,6 +129,9 @@ impl Connection for Conn {
 #[derive(Debug, Clone)]
 pub struct Connector {
     pub timeout: Duration,
+    /// A destination's own connect timeout (its TrafficPolicy's), in milliseconds; 0
+    /// leaves `timeout` in force.
+    pub timeout_ms: Option<Arc<std::sync::atomic::AtomicU64>>,
     pub tls: Option<Arc<TlsContext>>,
     /// Handshakes with endpoints that failed.
     pub tls_failures: Counter,
@@ -138,8 +141,21 @@ impl Connector {
     pub fn plain(timeout: Duration) -> Self {
         Self {
             timeout,
+            timeout_ms: None,
             tls: None,
             tls_failures: Counter::default(),
+        }
+    }
+
+    /// The connect (and TLS handshake) timeout in force now.
+    pub fn timeout(&self) -> Duration {
+        match self
+            .timeout_ms
+            .as_ref()
+            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            Some(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => self.timeout,
         }
     }
 
@@ -154,10 +170,11 @@ impl Connector {
         peer: Option<&PeerId>,
         alpn: Alpn,
     ) -> Result<Conn, ConnectError> {
+        let timeout = self.timeout();
         let (Some(peer), Some(tls)) = (peer, &self.tls) else {
-            return connect(addr, self.timeout).await.map(Conn::Plain);
+            return connect(addr, timeout).await.map(Conn::Plain);
         };
-        let (tcp, configs) = tokio::join!(connect(addr, self.timeout), tls.wait(self.timeout));
+        let (tcp, configs) = tokio::join!(connect(addr, timeout), tls.wait(timeout));
         let tcp = tcp?;
         let configs = configs.ok_or(ConnectError::NoCertificate { addr })?;
         let handshake = tls::connect(
@@ -166,7 +183,7 @@ impl Connector {
             &peer.server_name,
             &peer.spiffe_id,
         );
-        match tokio::time::timeout(self.timeout, handshake).await {
+        match tokio::time::timeout(timeout, handshake).await {
             Ok(Ok(s)) => Ok(Conn::Tls(Box::new(s))),
             Ok(Err(source)) => {
                 self.tls_failures.inc();
@@ -176,10 +193,7 @@ impl Connector {
             }
             Err(_) => {
                 self.tls_failures.inc();
-                Err(ConnectError::TlsTimeout {
-                    addr,
-                    timeout: self.timeout,
-                })
+                Err(ConnectError::TlsTimeout { addr, timeout })
             }
         }
     }

@@ -183,7 +183,11 @@ impl Discovery {
         });
         let task = tokio::spawn(self.clone().watch(dst, tx)).abort_handle();
         let policy_task =
-            tokio::spawn(self.clone().watch_policy(dst, rx, policy_tx)).abort_handle();
+            tokio::spawn(
+                self.clone()
+                    .watch_policy(dst, rx, policy_tx, target.balancer.clone()),
+            )
+            .abort_handle();
         targets.insert(
             dst,
             Entry {
@@ -237,6 +241,7 @@ impl Discovery {
         dst: OrigDst,
         mut views: watch::Receiver<View>,
         tx: watch::Sender<Option<Arc<RoutePolicy>>>,
+        balancer: Arc<Balancer>,
     ) {
         if views
             .wait_for(|v| matches!(v, View::Service { .. }))
@@ -260,6 +265,7 @@ impl Discovery {
                     if tx.borrow().as_deref() != Some(&*policy) {
                         info!(%dst, policy = %policy.name, "outbound policy");
                     }
+                    balancer.set_connect_timeout(policy.connect_timeout);
                     tx.send_replace(Some(policy));
                 }
                 Ok::<_, tonic::Status>(())

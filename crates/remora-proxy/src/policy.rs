@@ -79,6 +79,8 @@ pub struct RoutePolicy {
     pub name: Arc<str>,
     pub request_timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
+    /// Connecting to an endpoint (TCP and TLS); None: `REMORA_CONNECT_TIMEOUT`.
+    pub connect_timeout: Option<Duration>,
     pub retry: Option<Retry>,
     pub algorithm: Algorithm,
     pub breaker: Breaker,
@@ -160,6 +162,7 @@ impl RoutePolicy {
             name: Arc::from(name),
             request_timeout: optional(timeouts.request.as_ref()),
             per_try_timeout: optional(timeouts.per_try.as_ref()),
+            connect_timeout: optional(timeouts.connect.as_ref()),
             retry,
             algorithm,
             breaker,

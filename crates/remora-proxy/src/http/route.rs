@@ -5,7 +5,8 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Uri, header};
-use http_body_util::{Either, Full};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
@@ -14,7 +15,7 @@ use tracing::{debug, info};
 use super::{
     Upstream, UpstreamError, Version,
     pool::{EndpointClients, ReqBody, restore_orig_proto},
-    replay::{Replay, Tee},
+    replay::{MAX_REPLAY, Replay, Tee},
 };
 use crate::{
     addr::OrigDst,
@@ -191,17 +192,34 @@ impl Balanced<'_> {
         });
         let (parts, body) = req.into_parts();
         let (mut parts, mut kept) = (Some(parts), None);
-        // The first attempt streams the body; a copy of up to 64 KiB is kept in case a
-        // retry follows.
-        let (tee, copy) = match retry {
-            Some(_) => {
-                let (tee, copy) = Tee::copying(body);
-                (tee, Some(copy))
-            }
-            None => (Tee::plain(body), None),
-        };
-        let mut first = Some(Either::Left(tee));
+        // A body whose length is known to fit in 64 KiB is read first (small, it is
+        // usually in already), so even an attempt that never sent it (a failed connect)
+        // can be retried. Any other body streams with the first attempt while a copy of
+        // up to 64 KiB is kept in case a retry follows.
         let mut replay: Option<Bytes> = None;
+        let mut copy = None;
+        let mut first = None;
+        match retry {
+            Some(_) if body.size_hint().exact().is_some_and(|n| n <= MAX_REPLAY) => {
+                let collect = body.collect();
+                let collected = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, collect).await.map_err(|_| {
+                        RouteError::Timeout {
+                            service: self.service.clone(),
+                            after: policy.request_timeout.unwrap_or_default(),
+                        }
+                    })?,
+                    None => collect.await,
+                };
+                replay = Some(collected.map_err(RouteError::ClientBody)?.to_bytes());
+            }
+            Some(_) => {
+                let (tee, c) = Tee::copying(body);
+                first = Some(Either::Left(tee));
+                copy = Some(c);
+            }
+            None => first = Some(Either::Left(Tee::plain(body))),
+        }
         if let Some(r) = &policy.retry {
             self.target.budget.request(r.budget_window);
         }
