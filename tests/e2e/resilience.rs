@@ -196,7 +196,23 @@ async fn a_failing_endpoint_is_retried_around_and_ejected() -> anyhow::Result<()
         sample(&text, "remora_endpoint_ejections_total", &target) >= 1.0,
         "{text}"
     );
-    Ok(())
+    // remora_endpoints is sampled every 2 s: poll (bounded) until it shows the ejection.
+    let mut seen = String::new();
+    for _ in 0..50 {
+        seen = metrics(s.client()).await;
+        let state = |st| {
+            sample(
+                &seen,
+                "remora_endpoints",
+                &[("target", "web.shop:80"), ("state", st)],
+            )
+        };
+        if (state("ready"), state("ejected")) == (2.0, 1.0) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("remora_endpoints never showed 2 ready and 1 ejected:\n{seen}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

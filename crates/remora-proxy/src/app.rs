@@ -26,6 +26,8 @@ use crate::{
 /// How often idle destinations are looked for, and how long unused makes one idle.
 const DISCOVERY_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
 const DISCOVERY_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often `remora_endpoints` is brought up to date.
+const ENDPOINTS_SAMPLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +240,16 @@ impl App {
                 loop {
                     tokio::time::sleep(DISCOVERY_SWEEP).await;
                     discovery.evict_idle(DISCOVERY_IDLE);
+                }
+            });
+            // `remora_endpoints{target, state}`, sampled: cheap, and never stale by more
+            // than a few seconds.
+            let (discovery, metrics) = (ctx.discovery.clone(), ctx.metrics.clone());
+            tokio::spawn(async move {
+                let Some(discovery) = discovery else { return };
+                loop {
+                    metrics.set_endpoints(&discovery.census());
+                    tokio::time::sleep(ENDPOINTS_SAMPLE).await;
                 }
             });
         }

@@ -372,6 +372,22 @@ impl Balancer {
         }
     }
 
+    /// The endpoints last picked from: ready, terminating, ejected (or half-open).
+    pub fn census(&self) -> [usize; 3] {
+        let guard = self.states.lock();
+        let mut counts = [0; 3];
+        for e in guard.synced_to.iter() {
+            let out = guard.by_addr.get(&e.addr).is_some_and(|s| s.out());
+            let i = match (out, e.ready) {
+                (true, _) => 2,
+                (false, true) => 0,
+                (false, false) => 1,
+            };
+            counts[i] += 1;
+        }
+        counts
+    }
+
     /// The destination's connect timeout from now on (None: the proxy's own).
     pub fn set_connect_timeout(&self, timeout: Option<Duration>) {
         if let Some(t) = &self.connector.timeout_ms {

@@ -199,6 +199,18 @@ impl Discovery {
         target
     }
 
+    /// Each Service destination in use, with its balancer's census.
+    pub fn census(&self) -> Vec<(String, [usize; 3])> {
+        let targets = self.targets.lock();
+        targets
+            .values()
+            .filter_map(|e| match &*e.target.views.borrow() {
+                View::Service { name, .. } => Some((name.to_string(), e.target.balancer.census())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Forgets targets unused for `idle` (their streams end). Returns how many remain.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let mut targets = self.targets.lock();

@@ -122,6 +122,33 @@ impl EncodeLabelValue for DetectResult {
     }
 }
 
+/// An endpoint's state for `remora_endpoints`.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum EndpointState {
+    Ready,
+    Terminating,
+    /// Ejected by the circuit breaker, or half-open and not yet proven healthy.
+    Ejected,
+}
+
+impl EncodeLabelValue for EndpointState {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            EndpointState::Ready => "ready",
+            EndpointState::Terminating => "terminating",
+            EndpointState::Ejected => "ejected",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The Service as `name.namespace:port`.
+    pub target: String,
+    pub state: EndpointState,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: Direction,
@@ -151,6 +178,7 @@ pub struct Metrics {
     authz_denied: Family<TrafficLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
     http_retries: Family<TrafficLabels, Counter>,
+    endpoints: Family<EndpointLabels, Gauge>,
     budget_exhausted: Family<TrafficLabels, Counter>,
     ejections: Family<TrafficLabels, Counter>,
     /// Destination streams to the controller that ended and were started again.
@@ -178,6 +206,7 @@ impl Metrics {
             authz_denied: Family::default(),
             tls_failures: Family::default(),
             http_retries: Family::default(),
+            endpoints: Family::default(),
             budget_exhausted: Family::default(),
             ejections: Family::default(),
             control_reconnects: Counter::default(),
@@ -187,6 +216,11 @@ impl Metrics {
             "http_retries",
             "Requests sent again after a retriable failure",
             m.http_retries.clone(),
+        );
+        r.register(
+            "endpoints",
+            "Endpoints of each Service destination in use, by state",
+            m.endpoints.clone(),
         );
         r.register(
             "retry_budget_exhausted",
@@ -307,6 +341,25 @@ impl Metrics {
             retries: self.http_retries.get_or_create_owned(labels),
             budget_exhausted: self.budget_exhausted.get_or_create_owned(labels),
             ejections: self.ejections.get_or_create_owned(labels),
+        }
+    }
+
+    /// Replaces `remora_endpoints` with `census`: (target, ready, terminating, ejected).
+    pub fn set_endpoints(&self, census: &[(String, [usize; 3])]) {
+        self.endpoints.clear();
+        for (target, counts) in census {
+            let states = [
+                EndpointState::Ready,
+                EndpointState::Terminating,
+                EndpointState::Ejected,
+            ];
+            for (state, n) in states.into_iter().zip(counts) {
+                let labels = EndpointLabels {
+                    target: target.clone(),
+                    state,
+                };
+                self.endpoints.get_or_create(&labels).set(*n as i64);
+            }
         }
     }
 
