@@ -251,6 +251,15 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 }
 
 /// A duration such as `500ms`, `10s`, `5m`, `24h` (a bare number is seconds).
+/// A non-empty path.
+pub fn parse_path(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.is_empty() {
+        Err("expected a path".to_string())
+    } else {
+        Ok(std::path::PathBuf::from(s))
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')

@@ -219,13 +219,7 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()
         });
-        let path = |s: &str| {
-            if s.is_empty() {
-                Err("expected a path".to_string())
-            } else {
-                Ok(PathBuf::from(s))
-            }
-        };
+        let path = remora_config::parse_path;
         let dev_ca = l.get(&DEV_CA, path);
         let issuer_cert = l.get(&ISSUER_CERT, path);
         let issuer_key = l.get(&ISSUER_KEY, path);

@@ -72,33 +72,29 @@ impl App {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let readiness = Arc::new(Readiness::default());
-        let (identity, tls) = match &config.identity {
+        let (identity, tls, roots) = match &config.identity {
             Some(ic) => {
-                let anchors = std::fs::read_to_string(&ic.trust_anchors).map_err(|e| {
+                let bad = |e: &dyn std::fmt::Display| {
                     BuildError::Identity(format!(
                         "REMORA_TRUST_ANCHORS {}: {e}",
                         ic.trust_anchors.display()
                     ))
-                })?;
-                let roots = tls::roots(&anchors).map_err(|e| {
-                    BuildError::Identity(format!(
-                        "REMORA_TRUST_ANCHORS {}: {e}",
-                        ic.trust_anchors.display()
-                    ))
-                })?;
+                };
+                let anchors = std::fs::read_to_string(&ic.trust_anchors).map_err(|e| bad(&e))?;
+                let roots = tls::roots(&anchors).map_err(|e| bad(&e))?;
                 readiness.hold(identity::READY_REASON);
                 let identity = Arc::new(
                     Identity::new(ic.clone()).map_err(|e| BuildError::Identity(e.to_string()))?,
                 );
                 let tls = TlsContext::spawn(
                     identity.credentials(),
-                    roots,
+                    roots.clone(),
                     ic.server_name(),
                     ic.spiffe_id(),
                 );
-                (Some(identity), Some(tls))
+                (Some(identity), Some(tls), Some(roots))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let admin = Arc::new(Admin {
             registry,
@@ -119,21 +115,10 @@ impl App {
             pod_ip: config.pod_ip.clone(),
         };
         let channels = match &config.controller_addr {
-            Some(addr) => {
-                let roots = match &tls {
-                    Some(_) => {
-                        let ic = config.identity.as_ref().expect("tls comes from identity");
-                        let pem = std::fs::read_to_string(&ic.trust_anchors)
-                            .map_err(|e| BuildError::Identity(e.to_string()))?;
-                        Some(tls::roots(&pem).map_err(|e| BuildError::Identity(e.to_string()))?)
-                    }
-                    None => None,
-                };
-                Some(
-                    control::channels(addr, roots, &config.controller_name, tls.clone())
-                        .map_err(BuildError::Controller)?,
-                )
-            }
+            Some(addr) => Some(
+                control::channels(addr, roots, &config.controller_name, tls.clone())
+                    .map_err(BuildError::Controller)?,
+            ),
             None => None,
         };
         let discovery = channels.as_ref().map(|c| {

@@ -148,13 +148,15 @@ impl EndpointState {
     /// (unless `may_eject` says too many are out already); a failed probe ejects it again
     /// at once, a successful one restores it. Returns whether it was ejected now.
     pub fn record(&self, ok: bool, breaker: &Breaker, may_eject: impl FnOnce() -> bool) -> bool {
-        let now = Instant::now();
         let mut h = self.health.lock();
         if breaker.consecutive_failures == 0 {
-            // Breaking was turned off: nothing stays ejected.
-            *h = Health::default();
+            // Breaking was turned off: nothing stays ejected (a write only then).
+            if h.ejected_until.is_some() || h.consecutive_failures > 0 {
+                *h = Health::default();
+            }
             return false;
         }
+        let now = Instant::now();
         let half_open = h.ejected_until.is_some_and(|u| now >= u);
         if ok {
             h.consecutive_failures = 0;

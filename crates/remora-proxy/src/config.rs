@@ -218,13 +218,7 @@ impl Config {
         let pod_ip = l.get(&POD_IP, text);
         let service_account = l.get(&SERVICE_ACCOUNT, text);
         let trust_domain = l.get(&TRUST_DOMAIN, text);
-        let path = |s: &str| {
-            if s.is_empty() {
-                Err("expected a path".to_string())
-            } else {
-                Ok(std::path::PathBuf::from(s))
-            }
-        };
+        let path = remora_config::parse_path;
         let trust_anchors = l.get(&TRUST_ANCHORS, path);
         let token_file = l.get(&IDENTITY_TOKEN_FILE, path);
         let identity = match (trust_anchors, token_file) {

@@ -98,6 +98,19 @@ pub struct ClientInfo {
     pub pod_ip: String,
 }
 
+impl ClientInfo {
+    /// As every request to the controller carries it.
+    pub fn to_api(&self) -> api::ClientInfo {
+        api::ClientInfo {
+            namespace: self.namespace.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_ip: self.pod_ip.clone(),
+            zone: String::new(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
 /// Backoff between reconnects: from 100 ms, doubling, to 10 s, with ±50 % jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -268,7 +281,7 @@ impl Discovery {
             let started = Instant::now();
             let req = api::OutboundPolicyRequest {
                 target: dst.to_string(),
-                client: Some(self.client_info()),
+                client: Some(self.info.to_api()),
             };
             let result = async {
                 let mut stream = client.watch_outbound(req).await?.into_inner();
@@ -294,26 +307,10 @@ impl Discovery {
         }
     }
 
-    fn client_info(&self) -> api::ClientInfo {
-        api::ClientInfo {
-            namespace: self.info.namespace.clone(),
-            pod_name: self.info.pod_name.clone(),
-            pod_ip: self.info.pod_ip.clone(),
-            zone: String::new(),
-            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
-        }
-    }
-
     async fn stream(&self, dst: OrigDst, tx: &watch::Sender<View>) -> Result<(), tonic::Status> {
         let req = api::GetDestination {
             target: dst.to_string(),
-            client: Some(api::ClientInfo {
-                namespace: self.info.namespace.clone(),
-                pod_name: self.info.pod_name.clone(),
-                pod_ip: self.info.pod_ip.clone(),
-                zone: String::new(),
-                proxy_version: env!("CARGO_PKG_VERSION").to_string(),
-            }),
+            client: Some(self.info.to_api()),
         };
         let mut stream = self.client.clone().get(req).await?.into_inner();
         let mut state = State::default();

@@ -140,13 +140,7 @@ impl InboundPolicies {
             let req = api::InboundPolicyRequest {
                 workload: format!("{}:{}", self.info.namespace, self.info.pod_name),
                 port: port.into(),
-                client: Some(api::ClientInfo {
-                    namespace: self.info.namespace.clone(),
-                    pod_name: self.info.pod_name.clone(),
-                    pod_ip: self.info.pod_ip.clone(),
-                    zone: String::new(),
-                    proxy_version: env!("CARGO_PKG_VERSION").to_string(),
-                }),
+                client: Some(self.info.to_api()),
                 default_policy: self.default.as_str().to_string(),
             };
             let result = async {
