@@ -7,11 +7,13 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty, Full, channel::Channel};
+use http_body_util::{BodyExt, channel::Channel};
 use hyper_util::rt::TokioIo;
 use remora_tests::{
     Binaries, PodPair, Proxy,
-    backend::{self, Body, GREETING},
+    backend::full,
+    backend::{self, GREETING},
+    client::empty,
     client::{self, metrics, sample},
     e2e_enabled,
 };
@@ -58,14 +60,6 @@ async fn mesh(env: &[(&str, &str)]) -> Option<Mesh> {
         pods,
         _bins: bins,
     })
-}
-
-fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).map_err(|n| match n {}).boxed()
-}
-
-fn empty() -> Body {
-    Empty::new().map_err(|n| match n {}).boxed()
 }
 
 /// Bytes whose every position matters: a reordered or dropped chunk changes them.
@@ -170,23 +164,15 @@ async fn h2c_bodies_and_grpc_trailers_arrive_intact() -> anyhow::Result<()> {
     );
 
     let message = pattern(1024 * 1024);
-    let req = Request::post("http://app/grpc")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(full(message.clone()))?;
-    let rsp = h2.send_request(req).await?;
-    assert_eq!(rsp.status(), 200);
-    let collected = rsp.into_body().collect().await?;
-    let trailers = collected
-        .trailers()
-        .cloned()
+    let (echoed, trailers) = client::grpc(&mut h2, "http://app/grpc", message.clone(), &[])
+        .await
         .expect("trailers survived both proxies");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(
         trailers["x-received-bytes"],
         message.len().to_string().as_str()
     );
-    assert!(collected.to_bytes() == message);
+    assert!(echoed == message);
 
     let client_proxy = &m.pods.client;
     eventually("gRPC status recorded", async || {

@@ -427,17 +427,10 @@ async fn every_protocol_crosses_the_mesh_intact() -> anyhow::Result<()> {
     // request was HTTP/1 (had it been believed, the trailers would be lost).
     let mut h2 = client::http2(frontend, addr).await?;
     let message = bytes::Bytes::from(vec![7u8; 256 * 1024]);
-    let req = Request::post("http://web.shop.svc.cluster.local/grpc")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("remora-orig-proto", "HTTP/1.0")
-        .body(full(message.clone()))?;
-    let rsp = h2.send_request(req).await?;
-    assert_eq!(rsp.status(), 200);
-    let collected = rsp.into_body().collect().await?;
-    let trailers = collected
-        .trailers()
-        .cloned()
+    let uri = "http://web.shop.svc.cluster.local/grpc";
+    let orig_proto = [("remora-orig-proto", "HTTP/1.0")];
+    let (_, trailers) = client::grpc(&mut h2, uri, message.clone(), &orig_proto)
+        .await
         .expect("trailers crossed the mesh");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(
@@ -452,7 +445,7 @@ async fn every_protocol_crosses_the_mesh_intact() -> anyhow::Result<()> {
             .version(version)
             .header("host", "web.shop.svc.cluster.local")
             .header("content-length", "5")
-            .body(full(bytes::Bytes::from_static(b"hello")))?;
+            .body(backend::full(bytes::Bytes::from_static(b"hello")))?;
         let rsp = h1.send_request(req).await?;
         assert_eq!(rsp.status(), 200, "{version:?}");
         assert_eq!(rsp.version(), version, "the client sees its own version");
@@ -509,8 +502,4 @@ async fn every_protocol_crosses_the_mesh_intact() -> anyhow::Result<()> {
         "{text}"
     );
     Ok(())
-}
-
-fn full(b: bytes::Bytes) -> remora_tests::backend::Body {
-    http_body_util::Full::new(b).map_err(|n| match n {}).boxed()
 }

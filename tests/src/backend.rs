@@ -24,7 +24,8 @@ pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// The greeting the server-speaks-first backend sends on accept.
 pub const GREETING: &str = "220 remora-test ready\r\n";
 
-fn full(b: impl Into<Bytes>) -> Body {
+/// A whole body of `b`.
+pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 

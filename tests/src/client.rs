@@ -33,6 +33,33 @@ pub async fn http2(pod: &Pod, addr: SocketAddr) -> anyhow::Result<http2::SendReq
     Ok(sender)
 }
 
+/// A gRPC-style call (`POST uri` with `message`, `content-type: application/grpc`,
+/// `te: trailers`, and `headers`): the answer must be 200 with trailers; its body and
+/// trailers.
+pub async fn grpc(
+    sender: &mut http2::SendRequest<Body>,
+    uri: &str,
+    message: Bytes,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(Bytes, http::HeaderMap)> {
+    let mut req = Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let rsp = sender
+        .send_request(req.body(crate::backend::full(message))?)
+        .await?;
+    anyhow::ensure!(rsp.status() == 200, "status {}", rsp.status());
+    let collected = rsp.into_body().collect().await?;
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no trailers"))?;
+    Ok((collected.to_bytes(), trailers))
+}
+
 /// `GET path` over a new HTTP/1 connection: status and body.
 pub async fn get(pod: &Pod, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut sender = http1(pod, addr).await?;

@@ -50,17 +50,22 @@ fn headers(c: &mut Criterion) {
     g.finish();
 }
 
-fn balancer(c: &mut Criterion) {
-    use remora_proxy::{balance::Balancer, connect::Connector, discovery::Endpoint};
-    use std::{net::SocketAddr, sync::Arc, time::Duration};
-    let endpoints: Arc<[Endpoint]> = (1..=10u8)
-        .map(|i| Endpoint {
-            addr: SocketAddr::from(([10, 0, 0, i], 8080)),
+/// Ten ready, unmeshed endpoints.
+fn ten_endpoints() -> std::sync::Arc<[remora_proxy::discovery::Endpoint]> {
+    (1..=10u8)
+        .map(|i| remora_proxy::discovery::Endpoint {
+            addr: std::net::SocketAddr::from(([10, 0, 0, i], 8080)),
             identity: None,
             ready: true,
         })
         .collect::<Vec<_>>()
-        .into();
+        .into()
+}
+
+fn balancer(c: &mut Criterion) {
+    use remora_proxy::{balance::Balancer, connect::Connector};
+    use std::time::Duration;
+    let endpoints = ten_endpoints();
     let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
     c.bench_function("balancer_pick/10_endpoints", |bench| {
         bench.iter(|| black_box(b.pick(black_box(&endpoints))))
@@ -73,18 +78,10 @@ fn policy(c: &mut Criterion) {
     use remora_proxy::{
         balance::Balancer,
         connect::Connector,
-        discovery::Endpoint,
         policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
     };
-    use std::{net::SocketAddr, sync::Arc, time::Duration};
-    let endpoints: Arc<[Endpoint]> = (1..=10u8)
-        .map(|i| Endpoint {
-            addr: SocketAddr::from(([10, 0, 0, i], 8080)),
-            identity: None,
-            ready: true,
-        })
-        .collect::<Vec<_>>()
-        .into();
+    use std::time::Duration;
+    let endpoints = ten_endpoints();
     let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
     let retry = Retry {
         max_retries: 2,
