@@ -29,7 +29,7 @@ struct Setup {
     cluster: Cluster,
     objects: PathBuf,
     faults: Vec<Arc<Faults>>,
-    _controller: Proxy,
+    controller: Proxy,
     _proxy: Proxy,
 }
 
@@ -42,29 +42,44 @@ impl Setup {
 
     /// As `start`, with `extra` addresses in the Service's endpoints (no pod behind them).
     async fn start_with(bins: &Binaries, name: &str, policy: Option<&str>, extra: &[&str]) -> Self {
+        let files = policy.map(|spec| ("policy.yaml", traffic_policy(spec)));
+        let web = ("web", "10.96.0.10", &[0, 1, 2][..], extra);
+        Self::launch(bins, name, &[web], files.as_slice()).await
+    }
+
+    /// Services (name, ClusterIP, the servers behind it, extra endpoint addresses) in
+    /// namespace `shop`, each on port 80 → 8080, and `files` in the controller's folder.
+    async fn launch(
+        bins: &Binaries,
+        name: &str,
+        services: &[(&str, &str, &[usize], &[&str])],
+        files: &[(&str, String)],
+    ) -> Self {
         let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
         let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
         let objects = bins.dir().join(format!("objects-{name}"));
         std::fs::create_dir_all(&objects).unwrap();
-        let mut yaml = String::from(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
-             spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-             metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
-             addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n",
-        );
-        for ip in SERVERS
-            .iter()
-            .map(|(_, ip)| *ip)
-            .chain(extra.iter().copied())
-        {
-            yaml.push_str(&format!(
-                "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"
-            ));
+        for (svc, cluster_ip, servers, extra) in services {
+            let mut yaml = format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: shop}}\n\
+                 spec: {{clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: {svc}-1, namespace: shop, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n",
+            );
+            for ip in servers
+                .iter()
+                .map(|i| SERVERS[*i].1)
+                .chain(extra.iter().copied())
+            {
+                yaml.push_str(&format!(
+                    "  - {{addresses: [\"{ip}\"], conditions: {{ready: true}}}}\n"
+                ));
+            }
+            write_atomically(&objects, &format!("{svc}.yaml"), &yaml);
         }
-        write_atomically(&objects, "web.yaml", &yaml);
-        if let Some(spec) = policy {
-            write_atomically(&objects, "policy.yaml", &traffic_policy(spec));
+        for (file, text) in files {
+            write_atomically(&objects, file, text);
         }
         let source = format!("dir:{}", objects.display());
         let args = ["--source", source.as_str(), "--log", "info"];
@@ -94,7 +109,7 @@ impl Setup {
             cluster,
             objects,
             faults,
-            _controller: controller,
+            controller,
             _proxy: proxy,
         }
     }
@@ -446,5 +461,169 @@ async fn a_policy_changed_mid_traffic_applies_without_a_failed_request() -> anyh
         (95..=105).contains(&after.get(&slow).copied().unwrap_or(0)),
         "each in turn: {after:?}"
     );
+    Ok(())
+}
+
+/// One GET to the Service with `headers`: status, body, response headers.
+async fn get(
+    pod: &Pod,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String, http::HeaderMap)> {
+    let mut sender = client::http1(pod, CLUSTER_IP.parse()?).await?;
+    let mut req = Request::builder()
+        .uri(path)
+        .header("host", "web.shop.svc.cluster.local");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let rsp = sender.send_request(req.body(client::empty())?).await?;
+    let status = rsp.status().as_u16();
+    let (parts, body) = rsp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into(), parts.headers))
+}
+
+/// An HTTPRoute on `web` (port 80) with `rules`.
+fn http_route(rules: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: web-split, namespace: shop}}\nspec:\n\
+         \x20 parentRefs: [{{kind: Service, group: \"\", name: web, port: 80}}]\n\
+         \x20 rules:\n{rules}"
+    )
+}
+
+const CANARY_RULE: &str = "    - matches: [{headers: [{name: x-canary, value: \"yes\"}]}]\n\
+     \x20     filters:\n\
+     \x20       - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: canary}]}}\n\
+     \x20       - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-routed, value: canary}]}}\n\
+     \x20     backendRefs: [{name: web-v2, port: 80}]\n\
+     \x20   - matches: [{path: {type: Exact, value: /missing}}]\n\
+     \x20     backendRefs: [{name: ghost, port: 80}]\n";
+
+fn split_rule(web: u32, v2: u32) -> String {
+    format!(
+        "    - backendRefs: [{{name: web, port: 80, weight: {web}}}, {{name: web-v2, port: 80, weight: {v2}}}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_splits_by_weight_routes_by_header_and_changes_live() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let route = http_route(&format!("{CANARY_RULE}{}", split_rule(90, 10)));
+    let web = ("web", "10.96.0.10", &[0, 1][..], &[][..]);
+    let v2 = ("web-v2", "10.96.0.11", &[2][..], &[][..]);
+    let s = Setup::launch(&bins, "routes", &[web, v2], &[("route.yaml", route)]).await;
+    let canary = s.name(2);
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    // 90/10 over 1,000 requests, within ±5 % of all requests.
+    let mut bodies = BTreeMap::<String, usize>::new();
+    for _ in 0..1000 {
+        let (status, body, _) = get(s.client(), "/split", &[]).await?;
+        let key = if status == 200 {
+            body
+        } else {
+            format!("status {status}")
+        };
+        *bodies.entry(key).or_default() += 1;
+        assert!(Instant::now() < deadline, "bounded");
+    }
+    let to_canary = bodies.get(&canary).copied().unwrap_or(0);
+    let to_web =
+        bodies.get(&s.name(0)).copied().unwrap_or(0) + bodies.get(&s.name(1)).copied().unwrap_or(0);
+    assert_eq!(to_canary + to_web, 1000, "{bodies:?}");
+    assert!(
+        (50..=150).contains(&to_canary),
+        "10 % of 1,000 ± 50: {bodies:?}"
+    );
+
+    // The header match takes only matching requests, with its header changes.
+    for (value, want_canary) in [("yes", true), ("no", false)] {
+        let mut seen = BTreeMap::<String, usize>::new();
+        for _ in 0..100 {
+            let (status, body, headers) = get(s.client(), "/x", &[("x-canary", value)]).await?;
+            assert_eq!(status, 200);
+            let route = headers
+                .get("echo-x-route")
+                .map(|v| v.to_str().unwrap().to_string());
+            let routed = headers.get("x-routed").is_some();
+            assert_eq!(
+                route.is_some(),
+                want_canary,
+                "request header set only by the rule"
+            );
+            assert_eq!(
+                routed, want_canary,
+                "response header added only by the rule"
+            );
+            *seen.entry(body).or_default() += 1;
+        }
+        if want_canary {
+            assert_eq!(seen.get(&canary), Some(&100), "{seen:?}");
+        } else {
+            assert!(seen.get(&canary).copied().unwrap_or(0) < 40, "{seen:?}");
+        }
+    }
+
+    // A backend Service that does not exist: 500 with the reason, as the Gateway API asks.
+    let (status, _, headers) = get(s.client(), "/missing", &[]).await?;
+    assert_eq!(status, 500);
+    assert!(
+        headers
+            .get("remora-error")
+            .is_some_and(|v| v.to_str().unwrap().contains("does not exist")),
+        "{headers:?}"
+    );
+
+    // Mid-traffic, everything moves to web-v2; no request fails on the way.
+    write_atomically(
+        &s.objects,
+        "route.yaml",
+        &http_route(&format!("{CANARY_RULE}{}", split_rule(0, 100))),
+    );
+    let mut moved = 0;
+    let mut failed = Vec::new();
+    for _ in 0..2000 {
+        let (status, body, _) = get(s.client(), "/split", &[]).await?;
+        if status != 200 {
+            failed.push(status);
+        }
+        moved = if body == canary { moved + 1 } else { 0 };
+        if moved == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bounded");
+    }
+    assert!(failed.is_empty(), "failed mid-change: {failed:?}");
+    assert_eq!(moved, 100, "100 in a row on web-v2 once the change applied");
+
+    // A broken edit is refused; the last valid route stays in force.
+    write_atomically(
+        &s.objects,
+        "route.yaml",
+        &http_route(
+            "    - matches: [{path: {type: RegularExpression, value: \"/(\"}}]\n      backendRefs: [{name: web, port: 80}]\n",
+        ),
+    );
+    while !s
+        .controller
+        .log_text()
+        .contains("spec.rules[0].matches[0].path.value")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never refused the broken route"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..100 {
+        let (status, body, _) = get(s.client(), "/split", &[]).await?;
+        assert_eq!((status, body), (200, canary.clone()));
+    }
     Ok(())
 }

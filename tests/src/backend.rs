@@ -240,7 +240,7 @@ pub struct Faults {
 
 /// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
 /// name, or the status set in `faults`, after the delay set there, and counts what it
-/// received.
+/// received. Each `x-*` request header comes back as `echo-x-*`.
 pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
     use std::sync::{Arc, atomic::Ordering::Relaxed};
     let faults = Arc::new(Faults::default());
@@ -264,6 +264,16 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                             .headers()
                             .get(header::CONTENT_TYPE)
                             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                        // What the request carried, for tests of header changes.
+                        let echo: Vec<(http::HeaderName, HeaderValue)> = req
+                            .headers()
+                            .iter()
+                            .filter(|(k, _)| k.as_str().starts_with("x-"))
+                            .filter_map(|(k, v)| {
+                                let name = format!("echo-{}", k.as_str());
+                                Some((http::HeaderName::try_from(name).ok()?, v.clone()))
+                            })
+                            .collect();
                         let message = req
                             .into_body()
                             .collect()
@@ -292,6 +302,7 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                         }
                         let status = knobs.status.load(Relaxed);
                         let mut rsp = Response::new(full(name.to_string()));
+                        rsp.headers_mut().extend(echo);
                         if status != 0 {
                             *rsp.status_mut() =
                                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -280,6 +280,41 @@ pub fn traffic_policy(
     })
 }
 
+/// An HTTPRoute, validated; every problem is named in the error. A route with no
+/// Service among its parents is kept with none: it is some gateway's, not the mesh's.
+pub fn http_route(r: &remora_k8s::HttpRoute) -> Result<crate::core::HttpRoute, Invalid> {
+    const KIND: &str = "HTTPRoute";
+    let id = id(KIND, &r.metadata)?;
+    let mut parents = Vec::new();
+    for p in r.spec.parent_refs.iter().flatten() {
+        if !remora_k8s::is_service(p.group.as_deref(), p.kind.as_deref()) {
+            continue;
+        }
+        let port = p.port.map(|n| port(KIND, &id, n)).transpose()?;
+        parents.push(crate::core::RouteParent {
+            service: NsName::new(p.namespace.as_deref().unwrap_or(&id.namespace), &p.name),
+            port,
+            section: p.section_name.clone().filter(|s| !s.is_empty()),
+        });
+    }
+    if !parents.is_empty() {
+        let errors = remora_k8s::route_problems(&r.spec);
+        if !errors.is_empty() {
+            return Err(invalid(KIND, &id, errors.join("; ")));
+        }
+    }
+    Ok(crate::core::HttpRoute {
+        created: r
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string()),
+        parents,
+        spec: Box::new(r.spec.clone()),
+        id,
+    })
+}
+
 /// An AuthorizationPolicy, validated; every problem is named in the error.
 pub fn authorization_policy(p: &remora_k8s::AuthorizationPolicy) -> Result<AuthzPolicy, Invalid> {
     const KIND: &str = "AuthorizationPolicy";

@@ -144,6 +144,29 @@ pub struct TrafficPolicy {
     pub spec: Box<remora_k8s::TrafficPolicySpec>,
 }
 
+/// An HTTPRoute, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRoute {
+    pub id: NsName,
+    /// `metadata.creationTimestamp` (RFC 3339), for precedence: the oldest route wins a
+    /// tie. Unset (a `dir:` file) sorts after every set one.
+    pub created: Option<String>,
+    /// The Services it attaches to (its parentRefs of kind Service); empty: not a
+    /// mesh route.
+    pub parents: Vec<RouteParent>,
+    pub spec: Box<remora_k8s::HttpRouteSpec>,
+}
+
+/// One Service an HTTPRoute attaches to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteParent {
+    pub service: NsName,
+    /// Unset: every port of the Service.
+    pub port: Option<u16>,
+    /// A port's name (`sectionName`); unset: any.
+    pub section: Option<String>,
+}
+
 /// Any object a source delivers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -152,6 +175,7 @@ pub enum Object {
     Pod(Pod),
     Authz(AuthzPolicy),
     Traffic(TrafficPolicy),
+    Route(HttpRoute),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,6 +185,7 @@ pub enum Kind {
     Pod,
     Authz,
     Traffic,
+    Route,
 }
 
 impl Kind {
@@ -171,6 +196,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Authz => "AuthorizationPolicy",
             Kind::Traffic => "TrafficPolicy",
+            Kind::Route => "HTTPRoute",
         }
     }
 }
@@ -203,6 +229,10 @@ impl Object {
             Object::Traffic(t) => ObjectKey {
                 kind: Kind::Traffic,
                 id: t.id.clone(),
+            },
+            Object::Route(r) => ObjectKey {
+                kind: Kind::Route,
+                id: r.id.clone(),
             },
         }
     }

@@ -20,6 +20,8 @@ use crate::{
 /// long one still publishes as it goes.
 const MAX_BATCH: usize = 1024;
 
+type OutboundTx = watch::Sender<Arc<api::OutboundPolicy>>;
+
 pub struct Discovery {
     index: RwLock<Index>,
     /// One channel per watched target. Lock order: `subs`, then `index`.
@@ -28,7 +30,8 @@ pub struct Discovery {
     inbound: Mutex<HashMap<InboundKey, watch::Sender<Arc<api::InboundPolicy>>>>,
     /// One channel per target whose outbound policy is watched. Lock order: `outbound`,
     /// then `index`.
-    outbound: Mutex<HashMap<Target, watch::Sender<Arc<api::OutboundPolicy>>>>,
+    /// Keyed by the target and the client's namespace (consumer routes differ by it).
+    outbound: Mutex<HashMap<(Target, String), OutboundTx>>,
     /// What `cluster-authenticated` trusts.
     cluster_networks: Vec<ipnet::IpNet>,
     /// True once the source has delivered its initial state.
@@ -49,15 +52,21 @@ impl Discovery {
         })
     }
 
-    /// The current outbound policy for `target`, and every later one.
-    pub fn subscribe_outbound(&self, target: Target) -> watch::Receiver<Arc<api::OutboundPolicy>> {
+    /// The current outbound policy for `target` as a client in `client_ns` sees it, and
+    /// every later one.
+    pub fn subscribe_outbound(
+        &self,
+        target: Target,
+        client_ns: String,
+    ) -> watch::Receiver<Arc<api::OutboundPolicy>> {
         let mut subs = self.outbound.lock();
-        if let Some(tx) = subs.get(&target) {
+        let key = (target, client_ns);
+        if let Some(tx) = subs.get(&key) {
             return tx.subscribe();
         }
-        let policy = crate::outbound::outbound(&self.index.read(), &target);
+        let policy = crate::outbound::outbound(&self.index.read(), &key.0, &key.1);
         let (tx, rx) = watch::channel(Arc::new(policy));
-        subs.insert(target, tx);
+        subs.insert(key, tx);
         rx
     }
 
@@ -161,11 +170,11 @@ impl Discovery {
             let mut outbound = self.outbound.lock();
             outbound.retain(|_, tx| tx.receiver_count() > 0);
             let index = self.index.read();
-            for (target, tx) in outbound.iter() {
+            for ((target, client_ns), tx) in outbound.iter() {
                 if !index.affects(target, touched) {
                     continue;
                 }
-                let policy = crate::outbound::outbound(&index, target);
+                let policy = crate::outbound::outbound(&index, target, client_ns);
                 tx.send_if_modified(|current| {
                     if **current == policy {
                         return false;

@@ -7,8 +7,8 @@ use std::{
 };
 
 use crate::core::{
-    AuthzPolicy, EndpointSlice, EndpointView, Event, Identity, Kind, NsName, Object, ObjectKey,
-    Pod, Protocol, Resolution, Service, ServicePort, Target, TargetPort, TrafficPolicy,
+    AuthzPolicy, EndpointSlice, EndpointView, Event, HttpRoute, Identity, Kind, NsName, Object,
+    ObjectKey, Pod, Protocol, Resolution, Service, ServicePort, Target, TargetPort, TrafficPolicy,
 };
 
 /// Names identities are built from.
@@ -42,6 +42,7 @@ pub struct Index {
     pods: HashMap<NsName, Pod>,
     authz: HashMap<NsName, AuthzPolicy>,
     traffic: HashMap<NsName, TrafficPolicy>,
+    routes: HashMap<NsName, HttpRoute>,
     /// Service → its slices.
     slices_of: HashMap<NsName, BTreeSet<NsName>>,
     /// ClusterIP → Service.
@@ -61,6 +62,7 @@ impl Index {
             pods: HashMap::new(),
             authz: HashMap::new(),
             traffic: HashMap::new(),
+            routes: HashMap::new(),
             slices_of: HashMap::new(),
             cluster_ips: HashMap::new(),
             pod_ips: HashMap::new(),
@@ -87,13 +89,14 @@ impl Index {
     }
 
     /// Objects indexed, by kind.
-    pub fn counts(&self) -> [(Kind, usize); 5] {
+    pub fn counts(&self) -> [(Kind, usize); 6] {
         [
             (Kind::Service, self.services.len()),
             (Kind::Slice, self.slices.len()),
             (Kind::Pod, self.pods.len()),
             (Kind::Authz, self.authz.len()),
             (Kind::Traffic, self.traffic.len()),
+            (Kind::Route, self.routes.len()),
         ]
     }
 
@@ -119,6 +122,50 @@ impl Index {
             .collect();
         matching.sort_by(|a, b| (a.port.is_none(), &a.id).cmp(&(b.port.is_none(), &b.id)));
         matching.first().copied()
+    }
+
+    /// The HTTPRoutes a client in `client_ns` follows to a Service port, in precedence
+    /// order (oldest first, then by namespace and name). As GAMMA has it, routes in the
+    /// client's own namespace (consumer routes), when there are any, replace the routes
+    /// in the Service's namespace (producer routes); routes elsewhere do not apply.
+    pub fn routes_for(&self, service: &NsName, port: u16, client_ns: &str) -> Vec<&HttpRoute> {
+        let port_name = self
+            .services
+            .get(service)
+            .and_then(|s| s.ports.iter().find(|p| p.port == port))
+            .and_then(|p| p.name.as_deref());
+        let attached = |r: &HttpRoute| {
+            r.parents.iter().any(|p| {
+                p.service == *service
+                    && p.port.is_none_or(|n| n == port)
+                    && p.section.as_deref().is_none_or(|s| Some(s) == port_name)
+            })
+        };
+        let from = |namespace: &str| {
+            let mut out: Vec<&HttpRoute> = self
+                .routes
+                .values()
+                .filter(|r| r.id.namespace == namespace && attached(r))
+                .collect();
+            out.sort_by(|a, b| {
+                (a.created.is_none(), &a.created, &a.id).cmp(&(
+                    b.created.is_none(),
+                    &b.created,
+                    &b.id,
+                ))
+            });
+            out
+        };
+        let consumer = if client_ns != service.namespace && !client_ns.is_empty() {
+            from(client_ns)
+        } else {
+            Vec::new()
+        };
+        if consumer.is_empty() {
+            from(&service.namespace)
+        } else {
+            consumer
+        }
     }
 
     pub fn pod(&self, id: &NsName) -> Option<&Pod> {
@@ -192,6 +239,12 @@ impl Index {
                     .insert(NsName::new(&t.id.namespace, &t.service));
                 self.traffic.insert(t.id.clone(), t);
             }
+            Object::Route(r) => {
+                touched
+                    .services
+                    .extend(r.parents.iter().map(|p| p.service.clone()));
+                self.routes.insert(r.id.clone(), r);
+            }
         }
     }
 
@@ -249,6 +302,13 @@ impl Index {
                     touched
                         .services
                         .insert(NsName::new(&t.id.namespace, &t.service));
+                }
+            }
+            Kind::Route => {
+                if let Some(r) = self.routes.remove(&key.id) {
+                    touched
+                        .services
+                        .extend(r.parents.iter().map(|p| p.service.clone()));
                 }
             }
             Kind::Pod => {

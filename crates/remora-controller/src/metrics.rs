@@ -69,7 +69,7 @@ impl Metrics {
         m
     }
 
-    pub fn set_objects(&self, counts: [(Kind, usize); 5]) {
+    pub fn set_objects(&self, counts: [(Kind, usize); 6]) {
         for (kind, n) in counts {
             self.objects
                 .get_or_create(&KindLabels { kind })

@@ -7,7 +7,10 @@ use std::time::Duration;
 use remora_api::v1 as api;
 use remora_k8s::{Algorithm, RetryOn, parse_duration, retry_on};
 
-use crate::{core::Target, index::Index};
+use crate::{
+    core::{HttpRoute, NsName, Target},
+    index::Index,
+};
 
 /// Defaults the issue of record names: connect 1 s; budget 20 % + 10/s over 10 s;
 /// backoff 25 ms to 250 ms; ejection 30 s doubling to 300 s, at most 50 % ejected.
@@ -36,11 +39,25 @@ fn or(s: &Option<String>, default: Duration) -> prost_types::Duration {
     )
 }
 
-/// The policy for `target`.
-pub fn outbound(index: &Index, target: &Target) -> api::OutboundPolicy {
-    let found = index
-        .service_port(target)
-        .and_then(|(svc, port)| index.traffic_for(&svc, port));
+/// The policy for `target`, as a client in `client_ns` sees it.
+pub fn outbound(index: &Index, target: &Target, client_ns: &str) -> api::OutboundPolicy {
+    let service = index.service_port(target);
+    let http_routes = match &service {
+        Some((svc, port)) => index
+            .routes_for(svc, *port, client_ns)
+            .into_iter()
+            .map(|r| http_route(r, &index.domains().cluster_domain))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut policy = traffic(index, service);
+    policy.http_routes = http_routes;
+    policy
+}
+
+/// The TrafficPolicy part: everything but the routes.
+fn traffic(index: &Index, service: Option<(NsName, u16)>) -> api::OutboundPolicy {
+    let found = service.and_then(|(svc, port)| index.traffic_for(&svc, port));
     let Some(tp) = found else {
         return api::OutboundPolicy {
             metadata: Some(api::PolicyMetadata {
@@ -137,6 +154,188 @@ pub fn outbound(index: &Index, target: &Target) -> api::OutboundPolicy {
     }
 }
 
+/// One HTTPRoute as the proxy applies it. A backend that is not a Service port in the
+/// route's namespace gets an empty target: its share of requests is answered 500.
+fn http_route(r: &HttpRoute, cluster_domain: &str) -> api::HttpRoute {
+    use remora_k8s::{
+        HttpRouteRulesFiltersType as Filter, HttpRouteRulesMatchesHeadersType as HeaderType,
+        HttpRouteRulesMatchesPathType as PathType,
+        HttpRouteRulesMatchesQueryParamsType as QueryType,
+    };
+    let exact_or_regex_header = |regex: bool, v: &str| {
+        if regex {
+            api::header_match::Value::Regex(v.to_string())
+        } else {
+            api::header_match::Value::Exact(v.to_string())
+        }
+    };
+    let rules = r
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .map(|rule| {
+            let matches = rule
+                .matches
+                .iter()
+                .flatten()
+                .map(|m| api::HttpRouteMatch {
+                    path: m.path.as_ref().map(|p| {
+                        let value = p.value.clone().unwrap_or_else(|| "/".into());
+                        api::PathMatch {
+                            kind: Some(match p.r#type.clone().unwrap_or(PathType::PathPrefix) {
+                                PathType::Exact => api::path_match::Kind::Exact(value),
+                                PathType::PathPrefix => api::path_match::Kind::Prefix(value),
+                                PathType::RegularExpression => api::path_match::Kind::Regex(value),
+                            }),
+                        }
+                    }),
+                    headers: m
+                        .headers
+                        .iter()
+                        .flatten()
+                        .map(|h| api::HeaderMatch {
+                            name: h.name.to_ascii_lowercase(),
+                            value: Some(exact_or_regex_header(
+                                h.r#type == Some(HeaderType::RegularExpression),
+                                &h.value,
+                            )),
+                        })
+                        .collect(),
+                    query_params: m
+                        .query_params
+                        .iter()
+                        .flatten()
+                        .map(|q| api::QueryParamMatch {
+                            name: q.name.clone(),
+                            value: Some(if q.r#type == Some(QueryType::RegularExpression) {
+                                api::query_param_match::Value::Regex(q.value.clone())
+                            } else {
+                                api::query_param_match::Value::Exact(q.value.clone())
+                            }),
+                        })
+                        .collect(),
+                    method: m.method.as_ref().map(method).unwrap_or_default().into(),
+                })
+                .collect();
+            let backends = rule
+                .backend_refs
+                .iter()
+                .flatten()
+                .map(|b| {
+                    let same_namespace = b.namespace.as_deref().is_none_or(|n| n == r.id.namespace);
+                    let target = match b.port {
+                        Some(port)
+                            if same_namespace
+                                && remora_k8s::is_service(
+                                    b.group.as_deref(),
+                                    b.kind.as_deref(),
+                                ) =>
+                        {
+                            format!("{}.{}.svc.{cluster_domain}:{port}", b.name, r.id.namespace)
+                        }
+                        _ => String::new(),
+                    };
+                    api::WeightedBackend {
+                        target,
+                        weight: b.weight.unwrap_or(1).max(0) as u32,
+                    }
+                })
+                .collect();
+            let modifier = |set: Vec<(&str, &str)>, add: Vec<(&str, &str)>, remove: &[String]| {
+                let lower = |v: Vec<(&str, &str)>| {
+                    v.into_iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                        .collect()
+                };
+                api::HeaderModifier {
+                    set: lower(set),
+                    add: lower(add),
+                    remove: remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                }
+            };
+            let (mut request, mut response) = (None, None);
+            for f in rule.filters.iter().flatten() {
+                match (
+                    &f.r#type,
+                    &f.request_header_modifier,
+                    &f.response_header_modifier,
+                ) {
+                    (Filter::RequestHeaderModifier, Some(m), _) => {
+                        request = Some(modifier(
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (&*h.name, &*h.value))
+                                .collect(),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (&*h.name, &*h.value))
+                                .collect(),
+                            m.remove.as_deref().unwrap_or_default(),
+                        ))
+                    }
+                    (Filter::ResponseHeaderModifier, _, Some(m)) => {
+                        response = Some(modifier(
+                            m.set
+                                .iter()
+                                .flatten()
+                                .map(|h| (&*h.name, &*h.value))
+                                .collect(),
+                            m.add
+                                .iter()
+                                .flatten()
+                                .map(|h| (&*h.name, &*h.value))
+                                .collect(),
+                            m.remove.as_deref().unwrap_or_default(),
+                        ))
+                    }
+                    // Other filters are refused when the route is converted.
+                    _ => {}
+                }
+            }
+            api::HttpRouteRule {
+                matches,
+                backends,
+                request_header_modifier: request,
+                response_header_modifier: response,
+                timeouts: rule.timeouts.as_ref().map(|t| api::Timeouts {
+                    request: optional(&t.request),
+                    per_try: optional(&t.backend_request),
+                    connect: None,
+                    idle: None,
+                }),
+                retry: None,
+            }
+        })
+        .collect();
+    api::HttpRoute {
+        metadata: Some(api::PolicyMetadata {
+            kind: "HTTPRoute".into(),
+            name: r.id.name.clone(),
+            namespace: r.id.namespace.clone(),
+            revision: String::new(),
+        }),
+        rules,
+    }
+}
+
+fn method(m: &remora_k8s::HttpRouteRulesMatchesMethod) -> &'static str {
+    use remora_k8s::HttpRouteRulesMatchesMethod as M;
+    match m {
+        M::Get => "GET",
+        M::Head => "HEAD",
+        M::Post => "POST",
+        M::Put => "PUT",
+        M::Delete => "DELETE",
+        M::Connect => "CONNECT",
+        M::Options => "OPTIONS",
+        M::Trace => "TRACE",
+        M::Patch => "PATCH",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,7 +371,11 @@ spec:
     #[test]
     fn the_most_specific_policy_is_compiled_with_defaults_filled_in() {
         let index = index();
-        let p = outbound(&index, &Target::Addr("10.96.0.10:80".parse().unwrap()));
+        let p = outbound(
+            &index,
+            &Target::Addr("10.96.0.10:80".parse().unwrap()),
+            "shop",
+        );
         assert_eq!(p.metadata.unwrap().name, "web-80");
         let r = p.retry.unwrap();
         assert_eq!(r.max_retries, 2);
@@ -209,14 +412,132 @@ spec:
             id: NsName::new("shop", "web"),
             port: 81,
         };
-        let p = outbound(&index, &svc);
+        let p = outbound(&index, &svc, "shop");
         assert_eq!(p.metadata.unwrap().name, "web-all");
         assert_eq!(
             p.load_balancer.unwrap().algorithm,
             i32::from(api::LoadBalancerAlgorithm::RoundRobin)
         );
         assert!(p.retry.is_none());
-        let p = outbound(&index, &Target::Addr("10.0.0.9:80".parse().unwrap()));
+        let p = outbound(
+            &index,
+            &Target::Addr("10.0.0.9:80".parse().unwrap()),
+            "shop",
+        );
         assert_eq!(p.metadata.unwrap().kind, "default");
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: web, namespace: shop }
+spec: { clusterIP: 10.96.0.10, ports: [ { name: http, port: 80 }, { name: admin, port: 81 } ] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: canary, namespace: shop, creationTimestamp: "2026-01-02T00:00:00Z" }
+spec:
+  parentRefs: [{ kind: Service, group: "", name: web, port: 80 }]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /api }, headers: [{ name: X-Canary, value: "yes" }], method: GET }]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: { set: [{ name: X-Route, value: canary }], remove: [X-Debug] }
+      backendRefs: [{ name: web-v2, port: 8080 }]
+      timeouts: { request: 3s, backendRequest: "0s" }
+    - backendRefs:
+        - { name: web, port: 80, weight: 90 }
+        - { name: web-v2, port: 8080, weight: 10 }
+        - { name: elsewhere, namespace: other, port: 80 }
+        - { name: no-port }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: older, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
+spec:
+  parentRefs: [{ name: web, sectionName: http }]
+  rules: [{ matches: [{ path: { type: Exact, value: /old } }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: gateway-only, namespace: shop }
+spec:
+  parentRefs: [{ group: gateway.networking.k8s.io, kind: Gateway, name: public }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: mine, namespace: client }
+spec:
+  parentRefs: [{ name: web, namespace: shop }]
+  rules: [{ backendRefs: [{ name: local-web, port: 80 }] }]
+"#;
+
+    #[test]
+    fn routes_attach_by_port_and_section_oldest_first_and_compile_whole() {
+        let index = Index::from_yaml(ROUTES);
+        let web80 = Target::Addr("10.96.0.10:80".parse().unwrap());
+        let p = outbound(&index, &web80, "shop");
+        let names: Vec<_> = p
+            .http_routes
+            .iter()
+            .map(|r| r.metadata.as_ref().unwrap().name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["older", "canary"],
+            "oldest first; gateway routes ignored"
+        );
+        let canary = &p.http_routes[1];
+        let m = &canary.rules[0].matches[0];
+        assert_eq!(m.method, "GET");
+        assert_eq!(m.headers[0].name, "x-canary");
+        assert_eq!(
+            m.path.as_ref().unwrap().kind,
+            Some(api::path_match::Kind::Prefix("/api".into()))
+        );
+        let h = canary.rules[0].request_header_modifier.as_ref().unwrap();
+        assert_eq!(h.set.get("x-route").map(String::as_str), Some("canary"));
+        assert_eq!(h.remove, ["x-debug"]);
+        let t = canary.rules[0].timeouts.unwrap();
+        assert_eq!(t.request.unwrap().value.unwrap().seconds, 3);
+        assert_eq!(
+            t.per_try.unwrap().value.unwrap(),
+            prost_types::Duration::default()
+        );
+        let backends: Vec<_> = canary.rules[1]
+            .backends
+            .iter()
+            .map(|b| (b.target.as_str(), b.weight))
+            .collect();
+        assert_eq!(
+            backends,
+            [
+                ("web.shop.svc.cluster.local:80", 90),
+                ("web-v2.shop.svc.cluster.local:8080", 10),
+                ("", 1),
+                ("", 1)
+            ]
+        );
+
+        // Port 81 is "admin": the route bound to the "http" section does not attach,
+        // nor does the one bound to port 80.
+        let web81 = Target::Addr("10.96.0.10:81".parse().unwrap());
+        assert!(outbound(&index, &web81, "shop").http_routes.is_empty());
+
+        // A client in "client" has a consumer route: it replaces the producer routes.
+        let p = outbound(&index, &web80, "client");
+        let names: Vec<_> = p
+            .http_routes
+            .iter()
+            .map(|r| r.metadata.as_ref().unwrap().name.as_str())
+            .collect();
+        assert_eq!(names, ["mine"]);
+        assert_eq!(
+            p.http_routes[0].rules[0].backends[0].target,
+            "local-web.client.svc.cluster.local:80"
+        );
+        // A client elsewhere follows the producer's routes.
+        assert_eq!(outbound(&index, &web80, "third").http_routes.len(), 2);
     }
 }

@@ -273,6 +273,15 @@ fn stream_of<T: Clone + Send + Sync + 'static>(
     Box::pin(stream)
 }
 
+/// The namespace of a workload identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+fn namespace_of(identity: &str) -> Option<&str> {
+    let mut parts = identity.strip_prefix("spiffe://")?.split('/').skip(1);
+    match (parts.next(), parts.next()) {
+        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
+}
+
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -286,8 +295,24 @@ impl api::policy_server::Policy for PolicyService {
     ) -> Result<Response<Self::WatchOutboundStream>, Status> {
         let target = crate::grpc::parse_target(&req.get_ref().target, &self.cluster_domain)
             .map_err(Status::invalid_argument)?;
+        // Consumer routes follow the client's namespace: the one its certificate proves,
+        // else the one it says.
+        let proven = req
+            .extensions()
+            .get::<crate::identity::serving::Caller>()
+            .and_then(|c| c.identity.as_deref())
+            .and_then(namespace_of);
+        let client_ns = match proven {
+            Some(ns) => ns.to_string(),
+            None => req
+                .get_ref()
+                .client
+                .as_ref()
+                .map(|c| c.namespace.clone())
+                .unwrap_or_default(),
+        };
         self.synced().await?;
-        let rx = self.discovery.subscribe_outbound(target);
+        let rx = self.discovery.subscribe_outbound(target, client_ns);
         Ok(Response::new(stream_of(rx, self.shutdown.clone())))
     }
 

@@ -5,6 +5,7 @@
 //! checks what a schema cannot (CIDRs, SPIFFE IDs, wildcards), for the controller to
 //! reject an object with a reason rather than guess.
 
+mod route;
 mod traffic;
 
 use std::collections::BTreeMap;
@@ -13,10 +14,53 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use route::*;
 pub use traffic::*;
+
+pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 pub const GROUP: &str = "policy.remora.io";
 pub const VERSION: &str = "v1alpha1";
+
+/// What the controller made of a policy object: an `Accepted` condition, `True` when
+/// it is in force, `False` with the reason when it was refused (the last valid version,
+/// if any, stays in force).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A condition of `type_` for an object at `generation`: `Ok` is `True` with `reason`
+/// `ok_reason`; `Err((reason, message))` is `False`. The transition time is carried over
+/// from `previous` when the status did not change, so rewriting it is idempotent.
+pub fn condition(
+    type_: &str,
+    generation: Option<i64>,
+    outcome: Result<&str, (&str, &str)>,
+    previous: &[Condition],
+) -> Condition {
+    let (status, reason, message) = match outcome {
+        Ok(reason) => ("True", reason, ""),
+        Err((reason, message)) => ("False", reason, message),
+    };
+    let old = previous.iter().find(|c| c.type_ == type_);
+    let time = match old {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+        }
+    };
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.chars().take(32_000).collect(),
+        observed_generation: generation,
+        last_transition_time: time,
+    }
+}
 
 /// Who may connect to a workload's inbound ports. Policies are allow-lists: a port
 /// selected by any AuthorizationPolicy admits only what one of them allows; a port
@@ -29,6 +73,7 @@ pub const VERSION: &str = "v1alpha1";
     plural = "authorizationpolicies",
     shortname = "authz",
     namespaced,
+    status = "PolicyStatus",
     doc = "Who may connect to the selected pods' inbound ports."
 )]
 #[serde(rename_all = "camelCase")]

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
     plural = "trafficpolicies",
     shortname = "tp",
     namespaced,
+    status = "crate::PolicyStatus",
     doc = "How clients send traffic to a Service: balancing, timeouts, retries, circuit breaking."
 )]
 #[serde(rename_all = "camelCase")]

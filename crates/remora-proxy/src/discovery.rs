@@ -1,7 +1,7 @@
 //! The proxy's discovery client: one `Destination.Get` stream per original destination
-//! in use, shared by every connection to it, reconnected with jittered backoff, and
-//! forgotten when idle. While the controller is unreachable the last known endpoints
-//! stay in use, so traffic keeps flowing.
+//! in use (and per backend Service an HTTP route names), shared by every connection to
+//! it, reconnected with jittered backoff, and forgotten when idle. While the controller
+//! is unreachable the last known endpoints stay in use, so traffic keeps flowing.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -84,6 +84,36 @@ impl Target {
     }
 }
 
+/// What a target is looked up by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Dst {
+    /// A connection's original destination.
+    Addr(OrigDst),
+    /// A backend Service an HTTP route names (`name.namespace.svc.domain:port`).
+    Name(Arc<str>),
+}
+
+impl std::fmt::Display for Dst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dst::Addr(a) => a.fmt(f),
+            Dst::Name(n) => n.fmt(f),
+        }
+    }
+}
+
+impl Dst {
+    fn seed(&self) -> u64 {
+        match self {
+            Dst::Addr(a) => jitter_seed(a.0),
+            Dst::Name(n) => {
+                use std::hash::{BuildHasher, RandomState};
+                RandomState::new().hash_one(n) | 1
+            }
+        }
+    }
+}
+
 struct Entry {
     target: Arc<Target>,
     last_used: Instant,
@@ -147,7 +177,7 @@ pub struct Discovery {
     client: api::destination_client::DestinationClient<Channel>,
     channel: Channel,
     info: ClientInfo,
-    targets: Mutex<HashMap<OrigDst, Entry>>,
+    targets: Mutex<HashMap<Dst, Entry>>,
     reconnects: Counter,
     connector: Connector,
 }
@@ -180,6 +210,17 @@ impl Discovery {
 
     /// The shared target for `dst`, starting its stream on first use.
     pub fn target(self: &Arc<Self>, dst: OrigDst) -> Arc<Target> {
+        self.lookup(Dst::Addr(dst))
+    }
+
+    /// The shared target for a backend Service an HTTP route names. Its own routes do
+    /// not apply again (a route's backend is that Service's endpoints); its
+    /// TrafficPolicy's balancing, circuit breaking and connect timeout do.
+    pub fn backend(self: &Arc<Self>, name: &str) -> Arc<Target> {
+        self.lookup(Dst::Name(Arc::from(name)))
+    }
+
+    fn lookup(self: &Arc<Self>, dst: Dst) -> Arc<Target> {
         let mut targets = self.targets.lock();
         let now = Instant::now();
         if let Some(e) = targets.get_mut(&dst) {
@@ -194,13 +235,14 @@ impl Discovery {
             policy,
             budget: RetryBudget::default(),
         });
-        let task = tokio::spawn(self.clone().watch(dst, tx)).abort_handle();
-        let policy_task =
-            tokio::spawn(
-                self.clone()
-                    .watch_policy(dst, rx, policy_tx, target.balancer.clone()),
-            )
-            .abort_handle();
+        let task = tokio::spawn(self.clone().watch(dst.clone(), tx)).abort_handle();
+        let policy_task = tokio::spawn(self.clone().watch_policy(
+            dst.clone(),
+            rx,
+            policy_tx,
+            target.balancer.clone(),
+        ))
+        .abort_handle();
         targets.insert(
             dst,
             Entry {
@@ -212,16 +254,20 @@ impl Discovery {
         target
     }
 
-    /// Each Service destination in use, with its balancer's census.
+    /// Each Service in use, with its balancers' census (a Service reached both by its
+    /// ClusterIP and as a route's backend has two balancers; their counts add up).
     pub fn census(&self) -> Vec<(String, [usize; 3])> {
         let targets = self.targets.lock();
-        targets
-            .values()
-            .filter_map(|e| match &*e.target.views.borrow() {
-                View::Service { name, .. } => Some((name.to_string(), e.target.balancer.census())),
-                _ => None,
-            })
-            .collect()
+        let mut out: BTreeMap<String, [usize; 3]> = BTreeMap::new();
+        for e in targets.values() {
+            if let View::Service { name, .. } = &*e.target.views.borrow() {
+                let sum = out.entry(name.to_string()).or_default();
+                for (s, n) in sum.iter_mut().zip(e.target.balancer.census()) {
+                    *s += n;
+                }
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Forgets targets unused for `idle` (their streams end). Returns how many remain.
@@ -240,11 +286,11 @@ impl Discovery {
     }
 
     /// Keeps `tx` up to date for `dst` for as long as the target is in use.
-    async fn watch(self: Arc<Self>, dst: OrigDst, tx: watch::Sender<View>) {
-        let mut backoff = Backoff::new(jitter_seed(dst.0));
+    async fn watch(self: Arc<Self>, dst: Dst, tx: watch::Sender<View>) {
+        let mut backoff = Backoff::new(dst.seed());
         loop {
             let started = Instant::now();
-            match self.stream(dst, &tx).await {
+            match self.stream(&dst, &tx).await {
                 Ok(()) => debug!(%dst, "destination stream ended"),
                 Err(status) => debug!(%dst, %status, "destination stream failed"),
             }
@@ -263,7 +309,7 @@ impl Discovery {
     /// while the controller is away.
     async fn watch_policy(
         self: Arc<Self>,
-        dst: OrigDst,
+        dst: Dst,
         mut views: watch::Receiver<View>,
         tx: watch::Sender<Option<Arc<RoutePolicy>>>,
         balancer: Arc<Balancer>,
@@ -276,7 +322,7 @@ impl Discovery {
             return;
         }
         let mut client = api::policy_client::PolicyClient::new(self.channel.clone());
-        let mut backoff = Backoff::new(jitter_seed(dst.0) ^ 0x5eed);
+        let mut backoff = Backoff::new(dst.seed() ^ 0x5eed);
         loop {
             let started = Instant::now();
             let req = api::OutboundPolicyRequest {
@@ -286,7 +332,7 @@ impl Discovery {
             let result = async {
                 let mut stream = client.watch_outbound(req).await?.into_inner();
                 while let Some(p) = stream.message().await? {
-                    let policy = Arc::new(RoutePolicy::from_api(&p));
+                    let policy = Arc::new(self.resolve(&dst, &p));
                     if tx.borrow().as_deref() != Some(&*policy) {
                         info!(%dst, policy = %policy.name, "outbound policy");
                     }
@@ -307,7 +353,24 @@ impl Discovery {
         }
     }
 
-    async fn stream(&self, dst: OrigDst, tx: &watch::Sender<View>) -> Result<(), tonic::Status> {
+    /// The controller's policy for `dst`, with its routes' backends resolved (a
+    /// backend's own routes are dropped: routes apply once).
+    fn resolve(self: &Arc<Self>, dst: &Dst, p: &api::OutboundPolicy) -> RoutePolicy {
+        let mut policy = RoutePolicy::from_api(p);
+        match dst {
+            Dst::Name(_) => policy.routes = Arc::default(),
+            Dst::Addr(_) => {
+                if let Some(routes) = Arc::get_mut(&mut policy.routes) {
+                    for b in routes.backends_mut().filter(|b| !b.name.is_empty()) {
+                        b.target = Some(self.backend(&b.name));
+                    }
+                }
+            }
+        }
+        policy
+    }
+
+    async fn stream(&self, dst: &Dst, tx: &watch::Sender<View>) -> Result<(), tonic::Status> {
         let req = api::GetDestination {
             target: dst.to_string(),
             client: Some(self.info.to_api()),

@@ -1,7 +1,9 @@
 //! Outbound policy: what the controller's `Policy.WatchOutbound` says about a Service
-//! (timeouts, retries and their budget, the balancing algorithm, circuit breaking), in
-//! the form the data path uses, and the retry budget every connection to the Service
-//! shares.
+//! (its HTTP routes, timeouts, retries and their budget, the balancing algorithm,
+//! circuit breaking), in the form the data path uses, and the retry budget every
+//! connection to the Service shares.
+
+pub mod routes;
 
 use std::{
     collections::VecDeque,
@@ -84,6 +86,8 @@ pub struct RoutePolicy {
     pub retry: Option<Retry>,
     pub algorithm: Algorithm,
     pub breaker: Breaker,
+    /// The Service's HTTP routes; empty: every request goes to the Service itself.
+    pub routes: Arc<routes::Routes>,
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
@@ -93,6 +97,11 @@ fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
 
 fn optional(d: Option<&api::OptionalDuration>) -> Option<Duration> {
     duration(d?.value.as_ref()).filter(|d| !d.is_zero())
+}
+
+/// A route's override of a limit: unset keeps the policy's; zero means no limit.
+fn optional_override(d: Option<&api::OptionalDuration>) -> Option<Option<Duration>> {
+    d.map(|d| optional(Some(d)))
 }
 
 impl RoutePolicy {
@@ -166,6 +175,7 @@ impl RoutePolicy {
             retry,
             algorithm,
             breaker,
+            routes: Arc::new(routes::Routes::from_api(&p.http_routes)),
         }
     }
 }

@@ -1,7 +1,9 @@
-//! `--source kube`: kube-rs watchers (with backoff) on Services, EndpointSlices and
-//! Pods across all namespaces. Objects are trimmed of managedFields before anything
-//! else; one that cannot be converted is logged and skipped, and the watch goes on.
-//! After a relist, objects that did not come back are deleted.
+//! `--source kube`: kube-rs watchers (with backoff) on Services, EndpointSlices, Pods,
+//! AuthorizationPolicies, TrafficPolicies and HTTPRoutes across all namespaces. Objects
+//! are trimmed of managedFields before anything else; one that cannot be converted is
+//! logged and skipped (the last valid version stays in force), and the watch goes on.
+//! Policy objects get a status saying whether they were accepted, and why not. After a
+//! relist, objects that did not come back are deleted.
 
 use std::{
     collections::HashSet,
@@ -18,10 +20,11 @@ use futures_util::StreamExt;
 use k8s_openapi::api::{core::v1 as core_v1, discovery::v1 as discovery_v1};
 use kube::{
     Api, Client, Resource, ResourceExt,
+    core::NamespaceResourceScope,
     runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Events, Source};
 use crate::{
@@ -47,46 +50,198 @@ impl Source for KubeSource {
         Box::pin(async move {
             let synced = Arc::new(AtomicUsize::new(0));
             let c = self.client;
-            let services = watch::<core_v1::Service>(
-                c.clone(),
-                Kind::Service,
-                events.clone(),
-                synced.clone(),
-                |s| convert::service(s).map(Object::Service),
-            );
-            let slices = watch::<discovery_v1::EndpointSlice>(
-                c.clone(),
-                Kind::Slice,
-                events.clone(),
-                synced.clone(),
-                |s| convert::endpoint_slice(s).map(Object::Slice),
-            );
+            let w = Watch {
+                client: c,
+                events,
+                synced,
+            };
+            let services = w.run::<core_v1::Service, _>(Kind::Service, None, |s| {
+                convert::service(s).map(Object::Service)
+            });
+            let slices = w.run::<discovery_v1::EndpointSlice, _>(Kind::Slice, None, |s| {
+                convert::endpoint_slice(s).map(Object::Slice)
+            });
             let pods =
-                watch::<core_v1::Pod>(c.clone(), Kind::Pod, events.clone(), synced.clone(), |p| {
-                    convert::pod(p).map(Object::Pod)
-                });
-            let authz =
-                watch::<remora_k8s::AuthorizationPolicy>(c, Kind::Authz, events, synced, |p| {
-                    convert::authorization_policy(p).map(Object::Authz)
-                });
-            tokio::join!(services, slices, pods, authz);
+                w.run::<core_v1::Pod, _>(Kind::Pod, None, |p| convert::pod(p).map(Object::Pod));
+            let authz = w.run::<remora_k8s::AuthorizationPolicy, _>(
+                Kind::Authz,
+                Some(|p, r| policy_status(p.metadata.generation, r, p.status.as_ref())),
+                |p| convert::authorization_policy(p).map(Object::Authz),
+            );
+            let traffic = w.run::<remora_k8s::TrafficPolicy, _>(
+                Kind::Traffic,
+                Some(|p, r| policy_status(p.metadata.generation, r, p.status.as_ref())),
+                |p| convert::traffic_policy(p).map(Object::Traffic),
+            );
+            let routes = w.run::<remora_k8s::HttpRoute, _>(Kind::Route, Some(route_status), |r| {
+                convert::http_route(r).map(Object::Route)
+            });
+            tokio::join!(services, slices, pods, authz, traffic, routes);
         })
     }
 }
 
-/// The kinds watched; `Synced` goes out when each has listed once.
-const KINDS: usize = 5;
+/// The kinds watched (as many as `run` joins); `Synced` goes out when each has listed once.
+const KINDS: usize = 6;
+
+/// The status an object should have, given how its conversion went; None: leave it.
+type StatusOf<K> = fn(&K, &Result<Object, Invalid>) -> Option<serde_json::Value>;
+
+/// A policy CRD's status: `Accepted`, or not with the reason.
+fn policy_status(
+    generation: Option<i64>,
+    converted: &Result<Object, Invalid>,
+    current: Option<&remora_k8s::PolicyStatus>,
+) -> Option<serde_json::Value> {
+    let previous = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let outcome = match converted {
+        Ok(_) => Ok("Accepted"),
+        Err(e) => Err(("Invalid", e.reason.as_str())),
+    };
+    let conditions = vec![remora_k8s::condition(
+        "Accepted", generation, outcome, previous,
+    )];
+    (conditions != previous).then(|| serde_json::json!({ "status": { "conditions": conditions } }))
+}
+
+/// An HTTPRoute's status: for each Service it attaches to, Remora's entry in
+/// `status.parents` (`Accepted`, `ResolvedRefs`); other controllers' entries are kept.
+fn route_status(
+    route: &remora_k8s::HttpRoute,
+    converted: &Result<Object, Invalid>,
+) -> Option<serde_json::Value> {
+    use remora_k8s::{CONTROLLER_NAME, HttpRouteStatusParents, HttpRouteStatusParentsParentRef};
+    let generation = route.metadata.generation;
+    let current = route.status.clone().unwrap_or_default().parents;
+    let accepted = match converted {
+        Ok(_) => Ok("Accepted"),
+        Err(e) => Err(("UnsupportedValue", e.reason.as_str())),
+    };
+    let unresolved = unresolved_backends(route);
+    let resolved = match &unresolved {
+        None => Ok("ResolvedRefs"),
+        Some((reason, message)) => Err((*reason, message.as_str())),
+    };
+    let ours: Vec<HttpRouteStatusParents> = route
+        .spec
+        .parent_refs
+        .iter()
+        .flatten()
+        .filter(|p| remora_k8s::is_service(p.group.as_deref(), p.kind.as_deref()))
+        .map(|p| {
+            let parent_ref = HttpRouteStatusParentsParentRef {
+                group: p.group.clone(),
+                kind: p.kind.clone(),
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                port: p.port,
+                section_name: p.section_name.clone(),
+            };
+            let previous = current
+                .iter()
+                .find(|s| s.controller_name == CONTROLLER_NAME && s.parent_ref == parent_ref)
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            HttpRouteStatusParents {
+                conditions: vec![
+                    remora_k8s::condition("Accepted", generation, accepted, previous),
+                    remora_k8s::condition("ResolvedRefs", generation, resolved, previous),
+                ],
+                controller_name: CONTROLLER_NAME.into(),
+                parent_ref,
+            }
+        })
+        .collect();
+    let theirs = current
+        .iter()
+        .filter(|s| s.controller_name != CONTROLLER_NAME);
+    let current_ours: Vec<_> = current
+        .iter()
+        .filter(|s| s.controller_name == CONTROLLER_NAME)
+        .cloned()
+        .collect();
+    if current_ours == ours {
+        return None;
+    }
+    let parents: Vec<_> = theirs.cloned().chain(ours).collect();
+    Some(serde_json::json!({ "status": { "parents": parents } }))
+}
+
+/// The first backendRef the mesh cannot send to: (reason, message).
+fn unresolved_backends(route: &remora_k8s::HttpRoute) -> Option<(&'static str, String)> {
+    let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
+    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
+            let at = format!("spec.rules[{i}].backendRefs[{j}]");
+            if !remora_k8s::is_service(b.group.as_deref(), b.kind.as_deref()) {
+                return Some(("InvalidKind", format!("{at}: only Services are supported")));
+            }
+            if b.namespace.as_deref().is_some_and(|n| n != namespace) {
+                return Some((
+                    "RefNotPermitted",
+                    format!("{at}: a Service in another namespace is not supported"),
+                ));
+            }
+            if b.port.is_none() {
+                return Some(("UnsupportedValue", format!("{at}: port is required")));
+            }
+        }
+    }
+    None
+}
+
+/// What every watch shares.
+struct Watch {
+    client: Client,
+    events: Events,
+    synced: Arc<AtomicUsize>,
+}
+
+impl Watch {
+    fn run<K, F>(
+        &self,
+        kind: Kind,
+        status: Option<StatusOf<K>>,
+        convert: F,
+    ) -> impl std::future::Future<Output = ()> + use<K, F>
+    where
+        F: Fn(&K) -> Result<Object, Invalid>,
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        watch(
+            self.client.clone(),
+            kind,
+            self.events.clone(),
+            self.synced.clone(),
+            status,
+            convert,
+        )
+    }
+}
 
 async fn watch<K>(
     client: Client,
     kind: Kind,
     events: Events,
     synced: Arc<AtomicUsize>,
+    status: Option<StatusOf<K>>,
     convert: impl Fn(&K) -> Result<Object, Invalid>,
 ) where
-    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
 {
-    let api: Api<K> = Api::all(client);
+    let api: Api<K> = Api::all(client.clone());
     let mut stream = watcher(api, watcher::Config::default())
         .modify(|o: &mut K| o.managed_fields_mut().clear())
         .default_backoff()
@@ -132,7 +287,11 @@ async fn watch<K>(
             watcher::Event::Init => relisting = Some(HashSet::new()),
             watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
                 let id = key(&o);
-                match convert(&o) {
+                let converted = convert(&o);
+                if let Some(body) = status.and_then(|f| f(&o, &converted)) {
+                    write_status::<K>(&client, &id, kind, body).await;
+                }
+                match converted {
                     Ok(object) => {
                         if let Some(seen) = relisting.as_mut() {
                             seen.insert(id.clone());
@@ -177,6 +336,28 @@ async fn watch<K>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Writes an object's status (a merge patch of the status subresource). A failure is
+/// logged and left: the next change to the object tries again.
+async fn write_status<K>(client: &Client, id: &NsName, kind: Kind, body: serde_json::Value)
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &id.namespace);
+    let patch = kube::api::Patch::Merge(&body);
+    match api
+        .patch_status(&id.name, &kube::api::PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => debug!(kind = kind.as_str(), %id, "status written"),
+        Err(error) => {
+            warn!(kind = kind.as_str(), %id, %error, "could not write status; RBAC must allow patching the status subresource")
         }
     }
 }

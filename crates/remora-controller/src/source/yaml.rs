@@ -74,6 +74,10 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
             let p: remora_k8s::TrafficPolicy = from(value)?;
             Object::Traffic(convert::traffic_policy(&p).map_err(|e| e.to_string())?)
         }
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => {
+            let r: remora_k8s::HttpRoute = from(value)?;
+            Object::Route(convert::http_route(&r).map_err(|e| e.to_string())?)
+        }
         ("", _) | (_, "") => return Err("apiVersion and kind are required".into()),
         _ => {
             tracing::debug!(%api_version, %kind, "skipping a kind discovery does not use");

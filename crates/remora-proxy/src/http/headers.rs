@@ -15,20 +15,25 @@ const HOP_BY_HOP: [&str; 5] = [
 /// True when `req` asks to switch protocols (`Connection: upgrade` + `Upgrade`) or to
 /// tunnel (`CONNECT`): after a successful response its connection carries raw bytes.
 pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
-    if req.method() == Method::CONNECT {
+    upgrade_requested(req.method(), req.headers())
+}
+
+/// [`wants_upgrade`] for a request taken apart.
+pub fn upgrade_requested(method: &Method, headers: &HeaderMap) -> bool {
+    if method == Method::CONNECT {
         return true;
     }
     // An h2c upgrade is not carried: between proxies requests travel as HTTP/2 anyway,
     // and passing it on would let a client smuggle a second protocol past the proxy.
-    let h2c = req.headers().get_all(header::UPGRADE).iter().any(|v| {
+    let h2c = headers.get_all(header::UPGRADE).iter().any(|v| {
         v.to_str()
             .unwrap_or("")
             .to_ascii_lowercase()
             .contains("h2c")
     });
-    req.headers().contains_key(header::UPGRADE)
+    headers.contains_key(header::UPGRADE)
         && !h2c
-        && connection_tokens(req.headers()).any(|t| t == "upgrade")
+        && connection_tokens(headers).any(|t| t == "upgrade")
 }
 
 /// Removes hop-by-hop fields from `headers`. With `keep_upgrade`, `Connection: upgrade`

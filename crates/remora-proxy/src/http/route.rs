@@ -21,7 +21,7 @@ use crate::{
     addr::OrigDst,
     balance::{InFlight, NoPick},
     discovery::{Endpoint, Target, View},
-    policy::RoutePolicy,
+    policy::{Retry, RoutePolicy, routes::Pick},
 };
 
 /// A request could not be sent.
@@ -48,6 +48,8 @@ pub enum RouteError {
     },
     #[error("every endpoint of service {service} is at its concurrency limit")]
     AtCapacity { service: Arc<str> },
+    #[error("route {route} has no backend to send this request to: {why}")]
+    NoBackend { route: Arc<str>, why: &'static str },
     #[error("the request body could not be read: {0}")]
     ClientBody(hyper::Error),
     #[error("request to endpoint {addr} of service {service} failed: {source}")]
@@ -69,6 +71,8 @@ impl RouteError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             RouteError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            // As the Gateway API asks for a backend that is invalid or weighs nothing.
+            RouteError::NoBackend { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -153,10 +157,12 @@ pub struct Counters {
     pub ejections: Counter,
 }
 
-/// One request to a Service, under its outbound policy: the request timeout covers
-/// every attempt; an attempt that fails in a way the policy names is tried again on
-/// another pick, after a jittered exponential backoff, while the retry budget lasts and
-/// the body can be replayed; every outcome feeds the endpoint's circuit breaker.
+/// One request to a Service, under its outbound policy: the route that matches (if
+/// any) picks a backend Service by weight and may change headers and limits; the request
+/// timeout covers every attempt; an attempt that fails in a way the policy names is
+/// tried again on another pick, after a jittered exponential backoff, while the retry
+/// budget lasts and the body can be replayed; every outcome feeds the endpoint's circuit
+/// breaker.
 struct Balanced<'a> {
     target: &'a Arc<Target>,
     service: &'a Arc<str>,
@@ -165,10 +171,43 @@ struct Balanced<'a> {
     counters: &'a Counters,
 }
 
+/// Where a request's attempts go: a Service's endpoints, under that Service's own
+/// balancing and circuit breaking.
+struct Dest<'a> {
+    target: &'a Arc<Target>,
+    service: Arc<str>,
+    policy: Arc<RoutePolicy>,
+}
+
+/// What bounds a request: the parent Service's policy, or the matching route's.
+struct Limits<'a> {
+    request_timeout: Option<Duration>,
+    per_try_timeout: Option<Duration>,
+    retry: Option<&'a Retry>,
+}
+
 /// How an attempt went.
 enum Attempt {
     Response(Response<Incoming>, InFlight),
     Failed(RouteError),
+}
+
+thread_local! {
+    static SEED: std::cell::Cell<u64> = std::cell::Cell::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1,
+    );
+}
+
+/// A cheap random number for weighted picks and jitter.
+fn random() -> u64 {
+    SEED.with(|s| {
+        let x = crate::discovery::xorshift(s.get());
+        s.set(x);
+        x
+    })
 }
 
 impl Balanced<'_> {
@@ -178,19 +217,93 @@ impl Balanced<'_> {
     ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
         let policy: Arc<RoutePolicy> = self.target.policy(self.wait).await;
         let started = Instant::now();
-        let deadline = policy.request_timeout.map(|t| started + t);
-        let is_grpc = super::is_grpc(req.headers());
+        let (mut parts, body) = req.into_parts();
+        let rule = policy.routes.find(&parts);
+        let mut dest = Dest {
+            target: self.target,
+            service: self.service.clone(),
+            policy: policy.clone(),
+        };
+        if let Some(rule) = rule {
+            let no_backend = |why| RouteError::NoBackend {
+                route: rule.route.clone(),
+                why,
+            };
+            match rule.pick(random()) {
+                Pick::Parent => {}
+                Pick::Nothing => return Err(no_backend("every backend has weight 0")),
+                Pick::Backend(b) => {
+                    let Some(target) = &b.target else {
+                        return Err(no_backend("the controller refused the backend"));
+                    };
+                    let mut views = target.views.clone();
+                    let known = tokio::time::timeout(
+                        self.wait,
+                        views.wait_for(|v| !matches!(v, View::Pending)),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|v| v.clone());
+                    let service = match known {
+                        Some(View::Service { name, .. }) => name,
+                        Some(View::Passthrough) => {
+                            return Err(no_backend("the backend Service does not exist"));
+                        }
+                        _ => b.name.clone(),
+                    };
+                    dest = Dest {
+                        target,
+                        service,
+                        policy: target.policy(self.wait).await,
+                    };
+                }
+            }
+            if let Some(m) = &rule.request_headers {
+                m.apply(&mut parts.headers);
+            }
+        }
+        let limits = Limits {
+            request_timeout: rule
+                .and_then(|r| r.request_timeout)
+                .unwrap_or(policy.request_timeout),
+            per_try_timeout: rule
+                .and_then(|r| r.per_try_timeout)
+                .unwrap_or(policy.per_try_timeout),
+            retry: policy.retry.as_ref(),
+        };
+        let result = self.attempts(parts, body, &dest, &limits, started).await;
+        match (result, rule.and_then(|r| r.response_headers.as_ref())) {
+            (Ok((mut rsp, in_flight)), Some(m)) => {
+                m.apply(rsp.headers_mut());
+                Ok((rsp, in_flight))
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// Every attempt of one request to `dest`.
+    async fn attempts(
+        &self,
+        parts: http::request::Parts,
+        body: Incoming,
+        dest: &Dest<'_>,
+        limits: &Limits<'_>,
+        started: Instant,
+    ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
+        let deadline = limits.request_timeout.map(|t| started + t);
+        let is_grpc = super::is_grpc(&parts.headers);
         // gRPC calls are POSTs: they are retried when the policy names gRPC codes, on
         // which alone a gRPC response is judged.
-        let retry = policy.retry.as_ref().filter(|r| {
-            !super::wants_upgrade(&req)
+        let upgrade = super::headers::upgrade_requested(&parts.method, &parts.headers);
+        let retry = limits.retry.filter(|r| {
+            !upgrade
                 && if is_grpc {
                     !r.on.grpc.is_empty() || r.on.unavailable
                 } else {
-                    r.method_allowed(req.method())
+                    r.method_allowed(&parts.method)
                 }
         });
-        let (parts, body) = req.into_parts();
         let (mut parts, mut kept) = (Some(parts), None);
         // A body whose length is known to fit in 64 KiB is read first (small, it is
         // usually in already), so even an attempt that never sent it (a failed connect)
@@ -205,8 +318,8 @@ impl Balanced<'_> {
                 let collected = match deadline {
                     Some(d) => tokio::time::timeout_at(d, collect).await.map_err(|_| {
                         RouteError::Timeout {
-                            service: self.service.clone(),
-                            after: policy.request_timeout.unwrap_or_default(),
+                            service: dest.service.clone(),
+                            after: limits.request_timeout.unwrap_or_default(),
                         }
                     })?,
                     None => collect.await,
@@ -220,12 +333,11 @@ impl Balanced<'_> {
             }
             None => first = Some(Either::Left(Tee::plain(body))),
         }
-        if let Some(r) = &policy.retry {
+        if let Some(r) = limits.retry {
             self.target.budget.request(r.budget_window);
         }
         let mut attempt = 0u32;
         let mut avoid = None;
-        let mut seed = crate::discovery::xorshift(started.elapsed().as_nanos() as u64 | 1);
         loop {
             let body = match (&replay, first.take()) {
                 (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
@@ -251,8 +363,9 @@ impl Balanced<'_> {
                     req
                 }
             };
-            let (outcome, retriable, tried) =
-                self.attempt(req, &policy, deadline, is_grpc, avoid).await;
+            let (outcome, retriable, tried) = self
+                .attempt(req, dest, limits, deadline, is_grpc, avoid)
+                .await;
             avoid = tried;
             let retry = match retry {
                 Some(r) if retriable && attempt < r.max_retries => r,
@@ -262,17 +375,16 @@ impl Balanced<'_> {
             if replay.is_none() {
                 replay = copy.as_ref().and_then(Replay::body);
                 if replay.is_none() {
-                    debug!(service = %self.service, "not retried: the body cannot be replayed");
+                    debug!(service = %dest.service, "not retried: the body cannot be replayed");
                     return into_result(outcome);
                 }
             }
             // Full jitter over an exponential ceiling; a Retry-After is honoured.
-            seed = crate::discovery::xorshift(seed);
             let ceiling = retry
                 .backoff_base
                 .saturating_mul(1 << attempt.min(16))
                 .min(retry.backoff_max);
-            let mut pause = ceiling.mul_f64((seed % 1000) as f64 / 1000.0);
+            let mut pause = ceiling.mul_f64((random() % 1000) as f64 / 1000.0);
             if let Attempt::Response(rsp, _) = &outcome
                 && let Some(after) = retry_after(rsp)
             {
@@ -285,7 +397,7 @@ impl Balanced<'_> {
             }
             if !self.target.budget.try_retry(retry) {
                 self.counters.budget_exhausted.inc();
-                debug!(service = %self.service, "retry budget exhausted");
+                debug!(service = %dest.service, "retry budget exhausted");
                 return into_result(outcome);
             }
             attempt += 1;
@@ -299,20 +411,22 @@ impl Balanced<'_> {
     async fn attempt(
         &self,
         req: Request<ReqBody>,
-        policy: &RoutePolicy,
+        dest: &Dest<'_>,
+        limits: &Limits<'_>,
         deadline: Option<Instant>,
         is_grpc: bool,
         avoid: Option<std::net::SocketAddr>,
     ) -> (Attempt, bool, Option<std::net::SocketAddr>) {
-        let service = self.service.clone();
-        let Some(endpoints) = endpoints(self.target, self.wait).await else {
+        let service = dest.service.clone();
+        let policy = &*dest.policy;
+        let Some(endpoints) = endpoints(dest.target, self.wait).await else {
             return (
                 Attempt::Failed(RouteError::NoEndpoints { service }),
                 false,
                 None,
             );
         };
-        let ep = match self
+        let ep = match dest
             .target
             .balancer
             .pick_avoiding(&endpoints, policy, avoid)
@@ -335,7 +449,7 @@ impl Balanced<'_> {
         };
         let in_flight = ep.start();
         let now = Instant::now();
-        let limit = match (policy.per_try_timeout, deadline) {
+        let limit = match (limits.per_try_timeout, deadline) {
             (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(now))),
             (Some(t), None) => Some(t),
             (None, Some(d)) => Some(d.saturating_duration_since(now)),
@@ -346,12 +460,12 @@ impl Balanced<'_> {
             Some(limit) => tokio::time::timeout(limit, send).await.ok(),
             None => Some(send.await),
         };
-        let on = policy.retry.as_ref().map(|r| &r.on);
+        let on = limits.retry.map(|r| &r.on);
         let (attempt, ok, retriable) = match result {
             None if deadline.is_some_and(|d| Instant::now() >= d) => (
                 Attempt::Failed(RouteError::Timeout {
                     service,
-                    after: policy.request_timeout.unwrap_or_default(),
+                    after: limits.request_timeout.unwrap_or_default(),
                 }),
                 false,
                 false,
@@ -385,9 +499,8 @@ impl Balanced<'_> {
                 ep.observe(now.elapsed());
                 let status = rsp.status();
                 let grpc = super::grpc_status(rsp.headers());
-                let retriable = policy
+                let retriable = limits
                     .retry
-                    .as_ref()
                     .is_some_and(|r| r.retriable_response(status, grpc, is_grpc));
                 if let Some(after) = retry_after(&rsp) {
                     // The endpoint asked for a pause: the balancer sees it as slow.
@@ -397,11 +510,11 @@ impl Balanced<'_> {
                 (Attempt::Response(rsp, in_flight), ok, retriable)
             }
         };
-        let balancer = &self.target.balancer;
+        let balancer = &dest.target.balancer;
         let percent = policy.breaker.max_ejection_percent;
         if ep.record(ok, &policy.breaker, || balancer.may_eject(percent)) {
             self.counters.ejections.inc();
-            info!(service = %self.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
+            info!(service = %dest.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
         }
         (attempt, retriable, Some(ep.addr))
     }

@@ -1,0 +1,252 @@
+//! Gateway API `HTTPRoute` (from the `gateway-api` crate) as the mesh uses it: routes
+//! whose `parentRefs` name a Service (the GAMMA convention) steer that Service's
+//! clients. [`route_problems`] checks what the CRD's schema cannot, or what Remora does
+//! not support, so the controller refuses a route with a reason instead of guessing.
+
+pub use gateway_api::apis::standard::httproutes::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType, HttpRouteSpec, HttpRouteStatus, HttpRouteStatusParents,
+    HttpRouteStatusParentsParentRef,
+};
+
+use crate::parse_duration;
+
+/// The `controllerName` Remora writes in an HTTPRoute's `status.parents`.
+pub const CONTROLLER_NAME: &str = "policy.remora.io/controller";
+
+/// Whether a parentRef or backendRef with this group and kind names a core Service.
+pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, None | Some("") | Some("core")) && matches!(kind, None | Some("Service"))
+}
+
+/// Whether `s` is a valid HTTP header name (an RFC 9110 token).
+pub fn is_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Whether `s` compiles as a route regular expression (RE2-like syntax, as the proxy
+/// matches it).
+pub fn regex_problem(s: &str) -> Option<String> {
+    regex_lite::Regex::new(s).err().map(|e| e.to_string())
+}
+
+/// Everything wrong with a route the mesh would serve: unsupported filters, regular
+/// expressions that do not compile, header names that are not names, timeouts that
+/// do not parse or contradict each other. Empty: the route can be compiled.
+pub fn route_problems(spec: &HttpRouteSpec) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        for (j, m) in rule.matches.iter().flatten().enumerate() {
+            match_problems(&format!("{at}.matches[{j}]"), m, &mut errors);
+        }
+        for (j, f) in rule.filters.iter().flatten().enumerate() {
+            filter_problems(&format!("{at}.filters[{j}]"), f, &mut errors);
+        }
+        for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
+            if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                errors.push(format!(
+                    "{at}.backendRefs[{j}].filters: filters on a backend are not supported; \
+                     put them on the rule"
+                ));
+            }
+        }
+        if let Some(t) = &rule.timeouts {
+            let mut parsed =
+                |field: &str, v: &Option<String>| match v.as_deref().map(parse_duration) {
+                    Some(Err(e)) => {
+                        errors.push(format!("{at}.timeouts.{field}: {e}"));
+                        None
+                    }
+                    Some(Ok(d)) => Some(d),
+                    None => None,
+                };
+            let request = parsed("request", &t.request);
+            let backend = parsed("backendRequest", &t.backend_request);
+            if let (Some(r), Some(b)) = (request, backend)
+                && !r.is_zero()
+                && b > r
+            {
+                errors.push(format!(
+                    "{at}.timeouts.backendRequest: {b:?} is longer than request {r:?}"
+                ));
+            }
+        }
+    }
+    errors
+}
+
+fn match_problems(at: &str, m: &HttpRouteRulesMatches, errors: &mut Vec<String>) {
+    if let Some(p) = &m.path {
+        let value = p.value.as_deref().unwrap_or("/");
+        match p
+            .r#type
+            .clone()
+            .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+        {
+            HttpRouteRulesMatchesPathType::RegularExpression => {
+                if let Some(e) = regex_problem(value) {
+                    errors.push(format!("{at}.path.value: {e}"));
+                }
+            }
+            _ if !value.starts_with('/') => {
+                errors.push(format!("{at}.path.value: {value:?} does not start with /"))
+            }
+            _ => {}
+        }
+    }
+    for (k, h) in m.headers.iter().flatten().enumerate() {
+        if !is_header_name(&h.name) {
+            errors.push(format!(
+                "{at}.headers[{k}].name: {:?} is not a header name",
+                h.name
+            ));
+        }
+        if h.r#type == Some(HttpRouteRulesMatchesHeadersType::RegularExpression)
+            && let Some(e) = regex_problem(&h.value)
+        {
+            errors.push(format!("{at}.headers[{k}].value: {e}"));
+        }
+    }
+    for (k, q) in m.query_params.iter().flatten().enumerate() {
+        if q.name.is_empty() {
+            errors.push(format!("{at}.queryParams[{k}].name: required"));
+        }
+        if q.r#type == Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression)
+            && let Some(e) = regex_problem(&q.value)
+        {
+            errors.push(format!("{at}.queryParams[{k}].value: {e}"));
+        }
+    }
+}
+
+fn filter_problems(at: &str, f: &HttpRouteRulesFilters, errors: &mut Vec<String>) {
+    let (names, kind): (Vec<&str>, &str) = match f.r#type {
+        HttpRouteRulesFiltersType::RequestHeaderModifier => {
+            let Some(m) = &f.request_header_modifier else {
+                errors.push(format!("{at}.requestHeaderModifier: required by its type"));
+                return;
+            };
+            let names = m.set.iter().flatten().map(|h| h.name.as_str());
+            let names = names.chain(m.add.iter().flatten().map(|h| h.name.as_str()));
+            (
+                names
+                    .chain(m.remove.iter().flatten().map(String::as_str))
+                    .collect(),
+                "request",
+            )
+        }
+        HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+            let Some(m) = &f.response_header_modifier else {
+                errors.push(format!("{at}.responseHeaderModifier: required by its type"));
+                return;
+            };
+            let names = m.set.iter().flatten().map(|h| h.name.as_str());
+            let names = names.chain(m.add.iter().flatten().map(|h| h.name.as_str()));
+            (
+                names
+                    .chain(m.remove.iter().flatten().map(String::as_str))
+                    .collect(),
+                "response",
+            )
+        }
+        ref other => {
+            errors.push(format!(
+                "{at}.type: {other:?} is not supported (only RequestHeaderModifier and \
+                 ResponseHeaderModifier are)"
+            ));
+            return;
+        }
+    };
+    for name in names {
+        if !is_header_name(name) {
+            errors.push(format!("{at}: {name:?} is not a {kind} header name"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> HttpRouteSpec {
+        serde_yaml_ng::from_str(yaml).expect("a route spec")
+    }
+
+    #[test]
+    fn a_supported_route_has_no_problems() {
+        let s = spec(
+            r#"
+parentRefs: [{ kind: Service, name: web, port: 80 }]
+rules:
+  - matches:
+      - path: { type: PathPrefix, value: /api }
+        headers: [{ name: x-canary, value: "true" }]
+        queryParams: [{ type: RegularExpression, name: v, value: "[0-9]+" }]
+        method: GET
+    filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: { set: [{ name: x-route, value: api }], remove: [x-debug] }
+    backendRefs: [{ name: web-v2, port: 80, weight: 10 }, { name: web, port: 80, weight: 90 }]
+    timeouts: { request: 2s, backendRequest: 500ms }
+"#,
+        );
+        assert_eq!(route_problems(&s), Vec::<String>::new());
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let s = spec(
+            r#"
+parentRefs: [{ kind: Service, name: web }]
+rules:
+  - matches:
+      - path: { type: RegularExpression, value: "/(unclosed" }
+        headers: [{ name: "bad header", value: x }]
+      - path: { type: Exact, value: "relative" }
+    filters:
+      - type: RequestRedirect
+        requestRedirect: { hostname: example.com }
+      - type: RequestHeaderModifier
+        requestHeaderModifier: { add: [{ name: "x:y", value: z }] }
+    backendRefs:
+      - name: web
+        port: 80
+        filters: [{ type: RequestHeaderModifier, requestHeaderModifier: {} }]
+    timeouts: { request: 1s, backendRequest: 2s }
+  - timeouts: { request: soon }
+"#,
+        );
+        let problems = route_problems(&s);
+        let expect = [
+            "spec.rules[0].matches[0].path.value",
+            "spec.rules[0].matches[0].headers[0].name",
+            "spec.rules[0].matches[1].path.value: \"relative\"",
+            "spec.rules[0].filters[0].type: RequestRedirect is not supported",
+            "spec.rules[0].filters[1]: \"x:y\" is not a request header name",
+            "spec.rules[0].backendRefs[0].filters",
+            "spec.rules[0].timeouts.backendRequest",
+            "spec.rules[1].timeouts.request",
+        ];
+        assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+        for (p, e) in problems.iter().zip(expect) {
+            assert!(p.starts_with(e), "{p:?} should start with {e:?}");
+        }
+    }
+
+    #[test]
+    fn service_refs() {
+        assert!(is_service(None, None));
+        assert!(is_service(Some(""), Some("Service")));
+        assert!(is_service(Some("core"), Some("Service")));
+        assert!(!is_service(
+            Some("gateway.networking.k8s.io"),
+            Some("Gateway")
+        ));
+        assert!(!is_service(None, Some("ServiceImport")));
+    }
+}
