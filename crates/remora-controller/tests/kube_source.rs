@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const PODS: &str = "/api/v1/pods";
+const TRAFFIC: &str = "/apis/policy.remora.io/v1alpha1/trafficpolicies";
+const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 
 /// A fake API server: objects per collection, an event log for watches to resume from.
 #[derive(Default)]
@@ -37,6 +39,8 @@ struct Fake {
     objects: BTreeMap<(&'static str, String), Value>,
     log: Vec<(u64, &'static str, Value)>,
     watchers: Vec<(&'static str, mpsc::UnboundedSender<Bytes>)>,
+    /// Status patches received: (collection, name, body).
+    patches: Vec<(&'static str, String, Value)>,
 }
 
 fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
@@ -44,6 +48,8 @@ fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> 
         SERVICES => Some((SERVICES, "v1", "ServiceList")),
         SLICES => Some((SLICES, "discovery.k8s.io/v1", "EndpointSliceList")),
         PODS => Some((PODS, "v1", "PodList")),
+        TRAFFIC => Some((TRAFFIC, "policy.remora.io/v1alpha1", "TrafficPolicyList")),
+        ROUTES => Some((ROUTES, "gateway.networking.k8s.io/v1", "HTTPRouteList")),
         _ => None,
     }
 }
@@ -116,13 +122,51 @@ impl http_body::Body for WatchBody {
 
 type Body = http_body_util::Either<Full<Bytes>, WatchBody>;
 
+/// `PATCH .../namespaces/<ns>/<plural>/<name>/status`: the merge patch's status is
+/// stored and announced (`MODIFIED`), as the API server does.
+async fn patch_status(fake: &Mutex<Fake>, req: Request<Incoming>) -> Option<Response<Body>> {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_suffix("/status")?;
+    let (prefix, name) = rest.rsplit_once('/')?;
+    let (prefix, plural) = prefix.rsplit_once('/')?;
+    let (group, _namespace) = prefix.rsplit_once("/namespaces/")?;
+    let collection = [TRAFFIC, ROUTES]
+        .into_iter()
+        .find(|c| *c == format!("{group}/{plural}"))?;
+    let body = http_body_util::BodyExt::collect(req.into_body())
+        .await
+        .ok()?
+        .to_bytes();
+    let patch: Value = serde_json::from_slice(&body).ok()?;
+    let mut f = fake.lock();
+    f.patches
+        .push((collection, name.to_string(), patch.clone()));
+    let mut object = f.objects.get(&(collection, name.to_string()))?.clone();
+    object["status"] = patch["status"].clone();
+    f.apply(collection, object.clone());
+    Some(Response::new(Body::Left(Full::new(Bytes::from(
+        object.to_string(),
+    )))))
+}
+
 async fn serve(
     fake: Arc<Mutex<Fake>>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.method() == http::Method::PATCH {
+        return Ok(patch_status(&fake, req).await.unwrap_or_else(|| {
+            let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(b"{}"))));
+            *rsp.status_mut() = http::StatusCode::BAD_REQUEST;
+            rsp
+        }));
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     let Some((path, api_version, kind)) = collection(req.uri().path()) else {
-        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(b"{}"))));
+        // As the API server answers for a kind that is not installed.
+        let not_found = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": "the server could not find the requested resource",
+            "reason": "NotFound", "code": 404});
+        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from(not_found.to_string()))));
         *rsp.status_mut() = http::StatusCode::NOT_FOUND;
         return Ok(rsp);
     };
@@ -307,4 +351,159 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
         |v| matches!(v, View::Service { endpoints, .. } if endpoints.is_empty()),
     )
     .await;
+}
+
+fn traffic_policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "policy.remora.io/v1alpha1", "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": "shop", "generation": 1}, "spec": spec})
+}
+
+fn http_route(name: &str, rules: Value, status: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop", "generation": 3},
+        "spec": {"parentRefs": [{"kind": "Service", "group": "", "name": "web", "port": 80}], "rules": rules},
+        "status": status})
+}
+
+/// Waits (bounded) until the fake holds a status patch satisfying `want`.
+async fn patched(fake: &Mutex<Fake>, what: &str, want: impl Fn(&str, &Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some((_, _, p)) = fake.lock().patches.iter().find(|(_, n, p)| want(n, p)) {
+            return p.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: patches {:#?}",
+            fake.lock().patches
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    let other_controller = json!({"parents": [{"controllerName": "example.com/gateway",
+        "parentRef": {"name": "public", "kind": "Gateway"},
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]});
+    {
+        let mut f = fake.lock();
+        f.apply(SERVICES, service("web", "10.96.0.10"));
+        f.apply(SLICES, slice(&["10.0.0.1"]));
+        f.apply(
+            TRAFFIC,
+            traffic_policy(
+                "web",
+                json!({"targetRef": {"name": "web"}, "timeouts": {"request": "3s"}}),
+            ),
+        );
+        f.apply(
+            TRAFFIC,
+            traffic_policy(
+                "broken",
+                json!({"targetRef": {"name": "web"}, "timeouts": {"request": "soon"}}),
+            ),
+        );
+        f.apply(
+            ROUTES,
+            http_route(
+                "split",
+                json!([{"backendRefs": [{"name": "web", "port": 80, "weight": 9},
+                    {"name": "web-v2", "port": 80, "weight": 1}]}]),
+                other_controller.clone(),
+            ),
+        );
+    }
+    let api = start_fake(fake.clone()).await;
+    let mut cfg = kube::Config::new(format!("http://{api}").parse().unwrap());
+    cfg.default_namespace = "default".into();
+    let client = kube::Client::try_from(cfg).unwrap();
+    let args = [
+        "remora-controller",
+        "--source",
+        "kube",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let config = Config::load(args.map(String::from), &|_| None).unwrap();
+    let app = App::with_source(
+        config,
+        remora_admin::LogLevel::detached("info"),
+        Box::new(KubeSource::new(client)),
+    )
+    .await
+    .unwrap();
+    let grpc = app.grpc_addr().unwrap();
+    tokio::spawn(app.run(std::future::pending()));
+
+    // The policy and the route reach a proxy: the source synced with all six kinds.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect_lazy();
+    let discovery = Discovery::new(
+        channel,
+        ClientInfo::default(),
+        prometheus_client::metrics::counter::Counter::default(),
+        remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
+    );
+    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let mut views = target.views.clone();
+    until(&mut views, "endpoints", |v| endpoints(v).len() == 1).await;
+    let policy = target.policy(Duration::from_secs(15)).await;
+    assert_eq!(&*policy.name, "shop/web");
+    assert_eq!(policy.request_timeout, Some(Duration::from_secs(3)));
+    assert!(!policy.routes.is_empty(), "the HTTPRoute arrived");
+
+    // Status: accepted, or refused with the reason; another controller's entry is kept.
+    let ok = patched(&fake, "web accepted", |n, _| n == "web").await;
+    assert_eq!(ok["status"]["conditions"][0]["status"], "True", "{ok}");
+    assert_eq!(
+        ok["status"]["conditions"][0]["observedGeneration"], 1,
+        "{ok}"
+    );
+    let refused = patched(&fake, "broken refused", |n, _| n == "broken").await;
+    let c = &refused["status"]["conditions"][0];
+    assert_eq!(
+        (c["type"].as_str(), c["status"].as_str()),
+        (Some("Accepted"), Some("False")),
+        "{refused}"
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.timeouts.request"),
+        "{refused}"
+    );
+    let route = patched(&fake, "route status", |n, _| n == "split").await;
+    let parents = route["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2, "{route}");
+    assert_eq!(parents[0], other_controller["parents"][0], "theirs kept");
+    assert_eq!(parents[1]["controllerName"], remora_k8s::CONTROLLER_NAME);
+    assert_eq!(parents[1]["parentRef"]["name"], "web");
+    let conditions: Vec<(&str, &str)> = parents[1]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["type"].as_str().unwrap(), c["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(conditions, [("Accepted", "True"), ("ResolvedRefs", "True")]);
+
+    // A status written is not written again when the watch brings it back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts: Vec<usize> = ["web", "broken", "split"]
+        .iter()
+        .map(|name| {
+            fake.lock()
+                .patches
+                .iter()
+                .filter(|(_, n, _)| n == name)
+                .count()
+        })
+        .collect();
+    assert_eq!(counts, [1, 1, 1], "{:#?}", fake.lock().patches);
 }
