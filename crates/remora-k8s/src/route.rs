@@ -31,7 +31,7 @@ pub fn is_header_name(s: &str) -> bool {
 /// Whether `s` compiles as a route regular expression (RE2-like syntax, as the proxy
 /// matches it).
 pub fn regex_problem(s: &str) -> Option<String> {
-    regex_lite::Regex::new(s).err().map(|e| e.to_string())
+    regex::Regex::new(s).err().map(|e| e.to_string())
 }
 
 /// Everything wrong with a route the mesh would serve: unsupported filters, regular

@@ -118,5 +118,111 @@ fn policy(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, detection, headers, balancer, policy);
+/// Routes as a Service with a canary and a migration might have them: eight rules over
+/// three HTTPRoutes (exact paths, prefixes, a regular expression, a header match, a
+/// method, a query match, a 90/10 split).
+fn routes() -> remora_proxy::policy::routes::Routes {
+    use api::path_match::Kind::{Exact, Prefix, Regex};
+    use remora_api::v1 as api;
+    let m = |path: api::path_match::Kind, method: &str| api::HttpRouteMatch {
+        path: Some(api::PathMatch { kind: Some(path) }),
+        method: method.into(),
+        ..Default::default()
+    };
+    let rule = |matches: Vec<api::HttpRouteMatch>, backends: &[(&str, u32)]| api::HttpRouteRule {
+        matches,
+        backends: backends
+            .iter()
+            .map(|(t, w)| api::WeightedBackend {
+                target: t.to_string(),
+                weight: *w,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut canary = m(Prefix("/api".into()), "");
+    canary.headers = vec![api::HeaderMatch {
+        name: "x-canary".into(),
+        value: Some(api::header_match::Value::Exact("yes".into())),
+    }];
+    let mut query = m(Prefix("/search".into()), "GET");
+    query.query_params = vec![api::QueryParamMatch {
+        name: "beta".into(),
+        value: Some(api::query_param_match::Value::Exact("1".into())),
+    }];
+    let route = |name: &str, rules| api::HttpRoute {
+        metadata: Some(api::PolicyMetadata {
+            name: name.into(),
+            namespace: "shop".into(),
+            ..Default::default()
+        }),
+        rules,
+    };
+    remora_proxy::policy::routes::Routes::from_api(&[
+        route(
+            "health",
+            vec![
+                rule(vec![m(Exact("/healthz".into()), "GET")], &[("web", 1)]),
+                rule(vec![m(Exact("/readyz".into()), "GET")], &[("web", 1)]),
+            ],
+        ),
+        route(
+            "canary",
+            vec![
+                rule(vec![canary], &[("web-v2", 1)]),
+                rule(
+                    vec![m(Regex("/api/v[0-9]+/orders/.*".into()), "")],
+                    &[("orders", 1)],
+                ),
+                rule(vec![m(Prefix("/api".into()), "POST")], &[("web", 1)]),
+                rule(vec![query], &[("search-beta", 1)]),
+            ],
+        ),
+        route(
+            "migration",
+            vec![
+                rule(vec![m(Prefix("/static".into()), "")], &[("cdn", 1)]),
+                rule(
+                    vec![m(Prefix("/".into()), "")],
+                    &[("web", 90), ("web-v2", 10)],
+                ),
+            ],
+        ),
+    ])
+}
+
+/// A request's route: matching across eight rules, then a weighted backend pick. The
+/// request falls through to the last rule, the worst case for a prefix match.
+fn route_matching(c: &mut Criterion) {
+    let routes = routes();
+    let (parts, ()) = http::Request::builder()
+        .method("GET")
+        .uri("http://web.shop.svc.cluster.local/api/v1/items?limit=10")
+        .header("host", "web.shop.svc.cluster.local")
+        .header("user-agent", "curl/8.5.0")
+        .header("accept", "*/*")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let mut seed = 1u64;
+    c.bench_function("route/match_pick/8_rules", |bench| {
+        bench.iter(|| {
+            seed = remora_proxy::discovery::xorshift(seed);
+            let rule = routes.find(black_box(&parts)).unwrap();
+            black_box(matches!(
+                rule.pick(seed),
+                remora_proxy::policy::routes::Pick::Backend(_)
+            ))
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    detection,
+    headers,
+    balancer,
+    policy,
+    route_matching
+);
 criterion_main!(benches);

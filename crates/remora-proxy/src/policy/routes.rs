@@ -73,13 +73,31 @@ enum PathMatch {
     Exact(String),
     /// Without trailing slashes: `/api` matches `/api`, `/api/` and `/api/x`, not `/apix`.
     Prefix(String),
-    Regex(regex_lite::Regex, usize),
+    /// The expression, its length (for precedence), and a literal every matching path
+    /// starts with: checked first, it spares most paths the expression.
+    Regex(regex::Regex, usize, String),
+}
+
+/// The literal a pattern's every match starts with: its leading plain characters, less
+/// one a quantifier makes optional. Empty when an alternation could start elsewhere.
+fn literal_prefix(pattern: &str) -> String {
+    if pattern.contains('|') {
+        return String::new();
+    }
+    let mut out: String = pattern
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '~' | '%'))
+        .collect();
+    if matches!(pattern[out.len()..].chars().next(), Some('?' | '*' | '{')) {
+        out.pop();
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
 enum Value {
     Exact(String),
-    Regex(regex_lite::Regex),
+    Regex(regex::Regex),
 }
 
 impl Value {
@@ -92,8 +110,8 @@ impl Value {
 }
 
 /// A regular expression that must match the whole value.
-fn full(pattern: &str) -> Option<regex_lite::Regex> {
-    match regex_lite::Regex::new(&format!("^(?:{pattern})$")) {
+fn full(pattern: &str) -> Option<regex::Regex> {
+    match regex::Regex::new(&format!("^(?:{pattern})$")) {
         Ok(r) => Some(r),
         Err(error) => {
             warn!(%pattern, %error, "a route's regular expression does not compile; its match is dropped");
@@ -158,7 +176,9 @@ impl Match {
             Some(api::path_match::Kind::Prefix(p)) => {
                 Some(PathMatch::Prefix(p.trim_end_matches('/').to_string()))
             }
-            Some(api::path_match::Kind::Regex(r)) => Some(PathMatch::Regex(full(r)?, r.len())),
+            Some(api::path_match::Kind::Regex(r)) => {
+                Some(PathMatch::Regex(full(r)?, r.len(), literal_prefix(r)))
+            }
         };
         let method = match m.method.as_str() {
             "" => None,
@@ -196,7 +216,7 @@ impl Match {
     fn precedence(&self) -> (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>) {
         let (rank, len) = match &self.path {
             Some(PathMatch::Exact(p)) => (0, p.len()),
-            Some(PathMatch::Regex(_, n)) => (1, *n),
+            Some(PathMatch::Regex(_, n, _)) => (1, *n),
             Some(PathMatch::Prefix(p)) => (2, p.len() + 1),
             None => (2, 1),
         };
@@ -218,7 +238,9 @@ impl Match {
                 path.starts_with(p.as_str())
                     && (path.len() == p.len() || path.as_bytes()[p.len()] == b'/')
             }
-            Some(PathMatch::Regex(r, _)) => r.is_match(path),
+            Some(PathMatch::Regex(r, _, literal)) => {
+                path.starts_with(literal.as_str()) && r.is_match(path)
+            }
         };
         path_ok
             && self.method.as_ref().is_none_or(|m| *m == parts.method)
@@ -554,6 +576,16 @@ mod tests {
             request_timeout: None,
             per_try_timeout: None,
         }
+    }
+
+    #[test]
+    fn literal_prefixes_of_patterns() {
+        assert_eq!(literal_prefix("/api/v[0-9]+/.*"), "/api/v");
+        assert_eq!(literal_prefix("/ab?c"), "/a");
+        assert_eq!(literal_prefix("/a{2}"), "/");
+        assert_eq!(literal_prefix("/x|/y"), "");
+        assert_eq!(literal_prefix(".*"), "");
+        assert_eq!(literal_prefix("(?i)/api"), "");
     }
 
     #[test]
