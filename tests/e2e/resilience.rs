@@ -470,7 +470,17 @@ async fn get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<(u16, String, http::HeaderMap)> {
-    let mut sender = client::http1(pod, CLUSTER_IP.parse()?).await?;
+    get_at(pod, CLUSTER_IP, path, headers).await
+}
+
+/// One GET to the Service at `cluster_ip`.
+async fn get_at(
+    pod: &Pod,
+    cluster_ip: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String, http::HeaderMap)> {
+    let mut sender = client::http1(pod, cluster_ip.parse()?).await?;
     let mut req = Request::builder()
         .uri(path)
         .header("host", "web.shop.svc.cluster.local");
@@ -625,5 +635,29 @@ async fn an_httproute_splits_by_weight_routes_by_header_and_changes_live() -> an
         let (status, body, _) = get(s.client(), "/split", &[]).await?;
         assert_eq!((status, body), (200, canary.clone()));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policys_idle_timeout_closes_pooled_connections() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    // web (s1) has a 200 ms idle timeout; web-v2 (s3) keeps the proxy's 90 s.
+    let policy = ("policy.yaml", traffic_policy("  timeouts: {idle: 200ms}\n"));
+    let web = ("web", "10.96.0.10", &[0][..], &[][..]);
+    let v2 = ("web-v2", "10.96.0.11", &[2][..], &[][..]);
+    let s = Setup::launch(&bins, "idle", &[web, v2], &[policy]).await;
+    for _ in 0..3 {
+        for ip in [CLUSTER_IP, "10.96.0.11:80"] {
+            let (status, _, _) = get_at(s.client(), ip, "/", &[]).await?;
+            assert_eq!(status, 200);
+        }
+        // Far longer than 200 ms, far shorter than 90 s.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    let opened = |i: usize| s.faults[i].connections.load(Relaxed);
+    assert_eq!((opened(0), opened(2)), (3, 1), "pooled connections opened");
     Ok(())
 }

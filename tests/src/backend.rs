@@ -236,6 +236,8 @@ pub struct Faults {
     /// Requests received, by method: `GET` and others.
     pub gets: std::sync::atomic::AtomicU64,
     pub others: std::sync::atomic::AtomicU64,
+    /// Connections accepted.
+    pub connections: std::sync::atomic::AtomicU64,
 }
 
 /// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
@@ -250,6 +252,7 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
+            knobs.connections.fetch_add(1, Relaxed);
             let (knobs, name) = (knobs.clone(), name.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {

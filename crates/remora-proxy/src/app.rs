@@ -105,7 +105,7 @@ impl App {
         });
         let connector = Connector {
             timeout: config.connect_timeout,
-            timeout_ms: None,
+            limits: None,
             tls: tls.clone(),
             tls_failures: metrics.tls_failures(Direction::Outbound),
         };

@@ -245,9 +245,9 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn new(mut connector: Connector) -> Self {
-        // Every endpoint's pool of this destination dials with the timeout its policy
-        // sets (see `set_connect_timeout`).
-        connector.timeout_ms = Some(Arc::new(AtomicU64::new(0)));
+        // Every endpoint's pool of this destination dials with the limits its policy
+        // sets (see `set_limits`).
+        connector.limits = Some(Arc::default());
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -390,11 +390,11 @@ impl Balancer {
         counts
     }
 
-    /// The destination's connect timeout from now on (None: the proxy's own).
-    pub fn set_connect_timeout(&self, timeout: Option<Duration>) {
-        if let Some(t) = &self.connector.timeout_ms {
-            let ms = timeout.map_or(0, |d| d.as_millis().max(1) as u64);
-            t.store(ms, Ordering::Relaxed);
+    /// The destination's connect timeout from now on, and the idle timeout of the
+    /// endpoint pools made from now on (None: the proxy's own).
+    pub fn set_limits(&self, connect: Option<Duration>, idle: Option<Duration>) {
+        if let Some(l) = &self.connector.limits {
+            l.set(connect, idle);
         }
     }
 

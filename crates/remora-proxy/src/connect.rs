@@ -124,14 +124,37 @@ impl Connection for Conn {
     }
 }
 
+/// A destination's limits from its policy, in milliseconds; 0 means unset.
+#[derive(Debug, Default)]
+pub struct DestLimits {
+    pub connect_ms: std::sync::atomic::AtomicU64,
+    pub idle_ms: std::sync::atomic::AtomicU64,
+}
+
+impl DestLimits {
+    fn get(ms: &std::sync::atomic::AtomicU64) -> Option<Duration> {
+        match ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Sets both from a policy (None: unset).
+    pub fn set(&self, connect: Option<Duration>, idle: Option<Duration>) {
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1) as u64);
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        self.connect_ms.store(ms(connect), relaxed);
+        self.idle_ms.store(ms(idle), relaxed);
+    }
+}
+
 /// Makes upstream connections: mTLS when the endpoint has an identity and this proxy
 /// has one too, plain otherwise.
 #[derive(Debug, Clone)]
 pub struct Connector {
     pub timeout: Duration,
-    /// A destination's own connect timeout (its TrafficPolicy's), in milliseconds; 0
-    /// leaves `timeout` in force.
-    pub timeout_ms: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// A destination's own limits (its TrafficPolicy's); None for the proxy's own.
+    pub limits: Option<Arc<DestLimits>>,
     pub tls: Option<Arc<TlsContext>>,
     /// Handshakes with endpoints that failed.
     pub tls_failures: Counter,
@@ -141,7 +164,7 @@ impl Connector {
     pub fn plain(timeout: Duration) -> Self {
         Self {
             timeout,
-            timeout_ms: None,
+            limits: None,
             tls: None,
             tls_failures: Counter::default(),
         }
@@ -149,14 +172,17 @@ impl Connector {
 
     /// The connect (and TLS handshake) timeout in force now.
     pub fn timeout(&self) -> Duration {
-        match self
-            .timeout_ms
+        self.limits
             .as_ref()
-            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
-        {
-            Some(ms) if ms > 0 => Duration::from_millis(ms),
-            _ => self.timeout,
-        }
+            .and_then(|l| DestLimits::get(&l.connect_ms))
+            .unwrap_or(self.timeout)
+    }
+
+    /// How long a pooled connection may sit idle, when the destination's policy says.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.limits
+            .as_ref()
+            .and_then(|l| DestLimits::get(&l.idle_ms))
     }
 
     /// Whether a connection to an endpoint with identity `peer` is encrypted.

@@ -336,7 +336,7 @@ impl Discovery {
                     if tx.borrow().as_deref() != Some(&*policy) {
                         info!(%dst, policy = %policy.name, "outbound policy");
                     }
-                    balancer.set_connect_timeout(policy.connect_timeout);
+                    balancer.set_limits(policy.connect_timeout, policy.idle_timeout);
                     tx.send_replace(Some(policy));
                 }
                 Ok::<_, tonic::Status>(())

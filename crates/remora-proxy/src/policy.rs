@@ -83,6 +83,8 @@ pub struct RoutePolicy {
     pub per_try_timeout: Option<Duration>,
     /// Connecting to an endpoint (TCP and TLS); None: `REMORA_CONNECT_TIMEOUT`.
     pub connect_timeout: Option<Duration>,
+    /// How long a pooled connection to an endpoint may sit unused; None: 90 s.
+    pub idle_timeout: Option<Duration>,
     pub retry: Option<Retry>,
     pub algorithm: Algorithm,
     pub breaker: Breaker,
@@ -172,6 +174,7 @@ impl RoutePolicy {
             request_timeout: optional(timeouts.request.as_ref()),
             per_try_timeout: optional(timeouts.per_try.as_ref()),
             connect_timeout: optional(timeouts.connect.as_ref()),
+            idle_timeout: optional(timeouts.idle.as_ref()),
             retry,
             algorithm,
             breaker,

@@ -110,7 +110,7 @@ impl EndpointClients {
             let mut b = Client::builder(TokioExecutor::new());
             b.timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(IDLE_TIMEOUT)
+                .pool_idle_timeout(self.connector.idle_timeout().unwrap_or(IDLE_TIMEOUT))
                 // The proxy forwards the client's Host header untouched.
                 .set_host(false)
                 .http2_only(version == Version::Http2);
