@@ -325,11 +325,56 @@ async fn an_unreachable_endpoint_costs_the_policys_connect_timeout_not_the_proxy
     let ok = results.iter().filter(|r| r.0 == 200).count();
     assert_eq!(ok, 40, "{:?}", tally(&results));
     let text = metrics(s.client()).await;
+    let retried = sample(&text, "remora_http_retries_total", &[]);
+    assert!(retried >= 1.0, "the black hole was tried: {text}");
+
+    // Streamed (chunked) PUTs: an attempt that failed to connect took nothing from the
+    // client's stream, so the retry sends the body from the start.
+    let mut results = Vec::new();
+    for _ in 0..40 {
+        results.push(streamed_put(s.client()).await?);
+    }
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    assert_eq!(ok, 40, "{:?}", tally(&results));
+    let text = metrics(s.client()).await;
     assert!(
-        sample(&text, "remora_http_retries_total", &[]) >= 1.0,
-        "the black hole was tried: {text}"
+        sample(&text, "remora_http_retries_total", &[]) > retried,
+        "a streamed PUT met the black hole: {text}"
     );
+    assert!(
+        results.iter().all(|r| r.1 == "5"),
+        "every body arrived whole: {results:?}"
+    );
+    let (_, others) = s.received();
+    assert_eq!(others, 40, "each PUT reached a server once");
     Ok(())
+}
+
+/// A PUT whose body streams in two chunks (no length known in advance).
+async fn streamed_put(pod: &Pod) -> anyhow::Result<(u16, String, String)> {
+    let mut sender = client::http1(pod, CLUSTER_IP.parse()?).await?;
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<bytes::Bytes, std::convert::Infallible>::new(2);
+    tokio::spawn(async move {
+        let _ = tx.send_data(bytes::Bytes::from_static(b"hel")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let _ = tx.send_data(bytes::Bytes::from_static(b"lo")).await;
+    });
+    let req = Request::builder()
+        .method(http::Method::PUT)
+        .uri("/upload")
+        .header("host", "web.shop.svc.cluster.local")
+        .body(body.map_err(|n| match n {}).boxed())?;
+    let rsp = sender.send_request(req).await?;
+    let status = rsp.status().as_u16();
+    let received = rsp
+        .headers()
+        .get("body-bytes")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok((status, received, String::from_utf8_lossy(&body).into()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

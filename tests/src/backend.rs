@@ -242,7 +242,8 @@ pub struct Faults {
 
 /// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
 /// name, or the status set in `faults`, after the delay set there, and counts what it
-/// received. Each `x-*` request header comes back as `echo-x-*`.
+/// received. Each `x-*` request header comes back as `echo-x-*`, and the length of the
+/// request body as `body-bytes`.
 pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
     use std::sync::{Arc, atomic::Ordering::Relaxed};
     let faults = Arc::new(Faults::default());
@@ -306,6 +307,8 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                         let status = knobs.status.load(Relaxed);
                         let mut rsp = Response::new(full(name.to_string()));
                         rsp.headers_mut().extend(echo);
+                        rsp.headers_mut()
+                            .insert("body-bytes", HeaderValue::from(message.len()));
                         if status != 0 {
                             *rsp.status_mut() =
                                 StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -1,9 +1,11 @@
 //! Keeping a request body for a retry without holding the request back: the first
 //! attempt streams the client's body as it comes, and a copy is kept of up to 64 KiB of
-//! it. Once the attempt has failed, the body can be sent again only if the copy holds
-//! all of it (the client had finished sending, within the limit, without trailers) —
-//! as for a unary gRPC call or a small request, never for a large upload or a stream
-//! still open.
+//! it. Once the attempt has failed, the body can be sent again if the copy holds all of
+//! it (the client had finished sending, within the limit, without trailers) — as for a
+//! unary gRPC call or a small request — or if the attempt let go of the client's
+//! stream with everything it took from it copied (a failed connect takes nothing): the
+//! next attempt sends the copy, then goes on with the stream. Never for a large upload,
+//! nor for a stream an earlier attempt's connection still holds.
 
 use std::{
     pin::Pin,
@@ -28,6 +30,8 @@ struct Copy {
     complete: bool,
     /// Too long, or with trailers: cannot be replayed.
     spoiled: bool,
+    /// The rest of the client's stream, given back by an attempt that let go of it.
+    rest: Option<Incoming>,
 }
 
 /// The handle that says, after an attempt, whether the body can be sent again.
@@ -47,23 +51,41 @@ impl Replay {
         }
         Some(all.freeze())
     }
+
+    /// A body for another attempt that sends the copy, then the rest of the client's
+    /// stream, when the last attempt gave the stream back; None otherwise.
+    pub fn resume(&self) -> Option<Tee> {
+        let mut c = self.0.lock();
+        if c.spoiled || c.complete {
+            return None;
+        }
+        let rest = c.rest.take()?;
+        Some(Tee {
+            prefix: c.chunks.iter().cloned().collect(),
+            inner: Some(rest),
+            copy: Some(self.clone()),
+        })
+    }
 }
 
-pin_project_lite::pin_project! {
-    /// A client's request body on its way upstream, copied into a [`Replay`] when one
-    /// is attached.
-    #[derive(Debug)]
-    pub struct Tee {
-        #[pin]
-        inner: Incoming,
-        copy: Option<Replay>,
-    }
+/// A client's request body on its way upstream, copied into a [`Replay`] when one is
+/// attached; a resumed one first sends what an earlier attempt copied.
+#[derive(Debug)]
+pub struct Tee {
+    /// Copied bytes to send before the stream goes on.
+    prefix: std::collections::VecDeque<Bytes>,
+    inner: Option<Incoming>,
+    copy: Option<Replay>,
 }
 
 impl Tee {
     /// Streams `inner` as is.
     pub fn plain(inner: Incoming) -> Self {
-        Self { inner, copy: None }
+        Self {
+            prefix: Default::default(),
+            inner: Some(inner),
+            copy: None,
+        }
     }
 
     /// Streams `inner` and keeps what the returned handle needs to replay it.
@@ -74,11 +96,25 @@ impl Tee {
         }
         (
             Self {
-                inner,
+                prefix: Default::default(),
+                inner: Some(inner),
                 copy: Some(replay.clone()),
             },
             replay,
         )
+    }
+}
+
+impl Drop for Tee {
+    /// An attempt that lets go of the client's stream gives it back for the next one,
+    /// when everything it took from the stream is in the copy.
+    fn drop(&mut self) {
+        if let (Some(replay), Some(inner)) = (&self.copy, self.inner.take()) {
+            let mut c = replay.0.lock();
+            if !c.spoiled && !c.complete && c.rest.is_none() {
+                c.rest = Some(inner);
+            }
+        }
     }
 }
 
@@ -90,8 +126,14 @@ impl Body for Tee {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let this = self.get_mut();
+        if let Some(chunk) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         if let Some(replay) = this.copy.as_ref() {
             let mut c = replay.0.lock();
             match &polled {
@@ -113,7 +155,7 @@ impl Body for Tee {
                 Poll::Pending => {}
             }
             // hyper may stop polling once the body says it has ended.
-            if this.inner.is_end_stream() {
+            if inner.is_end_stream() {
                 c.complete = true;
             }
         }
@@ -121,10 +163,19 @@ impl Body for Tee {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.prefix.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let prefix: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
+        let mut hint = self
+            .inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+        hint.set_lower(hint.lower() + prefix);
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + prefix);
+        }
+        hint
     }
 }

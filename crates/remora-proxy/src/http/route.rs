@@ -342,7 +342,7 @@ impl Balanced<'_> {
             let body = match (&replay, first.take()) {
                 (Some(bytes), _) => Either::Right(Full::new(bytes.clone())),
                 (None, Some(body)) => body,
-                (None, None) => unreachable!("a body that cannot be replayed is sent once"),
+                (None, None) => unreachable!("a retry has a replayed or resumed body"),
             };
             // Without a retry policy there is one attempt: the request goes as it came.
             let req = match (retry, parts.take()) {
@@ -371,12 +371,18 @@ impl Balanced<'_> {
                 Some(r) if retriable && attempt < r.max_retries => r,
                 _ => return into_result(outcome),
             };
-            // Sent again only if the client had sent its whole body, within the limit.
+            // Sent again if the client had sent its whole body, within the limit, or if
+            // the attempt gave the client's stream back with all it took copied.
             if replay.is_none() {
                 replay = copy.as_ref().and_then(Replay::body);
                 if replay.is_none() {
-                    debug!(service = %dest.service, "not retried: the body cannot be replayed");
-                    return into_result(outcome);
+                    match copy.as_ref().and_then(Replay::resume) {
+                        Some(resumed) => first = Some(Either::Left(resumed)),
+                        None => {
+                            debug!(service = %dest.service, "not retried: the body cannot be replayed");
+                            return into_result(outcome);
+                        }
+                    }
                 }
             }
             // Full jitter over an exponential ceiling; a Retry-After is honoured.
