@@ -706,3 +706,44 @@ async fn the_policys_idle_timeout_closes_pooled_connections() -> anyhow::Result<
     assert_eq!((opened(0), opened(2)), (3, 1), "pooled connections opened");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_and_pending_requests_bound_an_http1_endpoint() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    // One unmeshed HTTP/1 endpoint, 2 connections, 3 requests may wait for one.
+    let policy = (
+        "policy.yaml",
+        traffic_policy("  circuitBreaker: {maxConnections: 2, maxPendingRequests: 3}\n"),
+    );
+    let web = ("web", "10.96.0.10", &[0][..], &[][..]);
+    let s = Setup::launch(&bins, "connections", &[web], &[policy]).await;
+    // The policy is in force once a request has gone through (the first waits for it).
+    assert_eq!(call(s.client(), http::Method::GET).await?.0, 200);
+    s.faults[0].delay_ms.store(1000, Relaxed);
+    let client = s.client();
+    let calls = (0..10).map(|_| {
+        let pod = Pod::borrowed(client.name.clone(), client.ip);
+        tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), call(&pod, http::Method::GET)).await
+        })
+    });
+    let (mut ok, mut refused) = (0, 0);
+    for c in calls.collect::<Vec<_>>() {
+        match c.await?.expect("no request hangs")? {
+            (200, _, _) => ok += 1,
+            (503, why, _) if why.contains("concurrency limit") => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // 2 on the connections, 3 after waiting for one, 5 refused at once.
+    assert_eq!((ok, refused), (5, 5));
+    assert_eq!(
+        s.faults[0].most_busy.load(Relaxed),
+        2,
+        "never more than 2 at once"
+    );
+    Ok(())
+}

@@ -238,6 +238,9 @@ pub struct Faults {
     pub others: std::sync::atomic::AtomicU64,
     /// Connections accepted.
     pub connections: std::sync::atomic::AtomicU64,
+    /// Requests being answered now, and the most there ever were at once.
+    pub busy: std::sync::atomic::AtomicU64,
+    pub most_busy: std::sync::atomic::AtomicU64,
 }
 
 /// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
@@ -301,9 +304,12 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                             return Ok::<_, Infallible>(rsp);
                         }
                         let delay = knobs.delay_ms.load(Relaxed);
+                        let busy = knobs.busy.fetch_add(1, Relaxed) + 1;
+                        knobs.most_busy.fetch_max(busy, Relaxed);
                         if delay > 0 {
                             tokio::time::sleep(Duration::from_millis(delay)).await;
                         }
+                        knobs.busy.fetch_sub(1, Relaxed);
                         let status = knobs.status.load(Relaxed);
                         let mut rsp = Response::new(full(name.to_string()));
                         rsp.headers_mut().extend(echo);

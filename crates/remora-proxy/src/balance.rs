@@ -39,6 +39,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct EndpointState {
     pub addr: SocketAddr,
     in_flight: AtomicUsize,
+    /// `maxConnections` slots for HTTP/1, made when a limit is first in force.
+    slots: Mutex<Option<(u32, Arc<tokio::sync::Semaphore>)>>,
+    /// Requests waiting for a slot (`maxPendingRequests`).
+    waiting: AtomicUsize,
     ewma: Mutex<Ewma>,
     health: Mutex<Health>,
     pub clients: EndpointClients,
@@ -78,6 +82,8 @@ impl EndpointState {
         Self {
             addr: e.addr,
             in_flight: AtomicUsize::new(0),
+            slots: Mutex::new(None),
+            waiting: AtomicUsize::new(0),
             ewma: Mutex::new(Ewma {
                 value: rtt,
                 at: Instant::now(),
@@ -199,28 +205,92 @@ impl EndpointState {
 
     /// Counts a request in flight until the guard drops.
     pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        self.start_with(None)
     }
+
+    /// A request in flight that holds one of the endpoint's HTTP/1 connection slots.
+    pub fn start_with(
+        self: &Arc<Self>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            _slot: slot,
+        }
+    }
+
+    /// One of the endpoint's `max_connections` HTTP/1 connections for a request: at
+    /// once when one is free; else, when fewer than `max_pending` requests wait, after
+    /// waiting for one (until `deadline`). Nothing queues beyond that.
+    pub async fn connection_slot(
+        &self,
+        max_connections: u32,
+        max_pending: u32,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, SlotError> {
+        let semaphore = {
+            let mut slots = self.slots.lock();
+            match &*slots {
+                Some((n, s)) if *n == max_connections => s.clone(),
+                // A new limit: requests holding the old one's slots finish on them.
+                _ => {
+                    let s = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
+                    *slots = Some((max_connections, s.clone()));
+                    s
+                }
+            }
+        };
+        if let Ok(permit) = semaphore.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= max_pending as usize {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(SlotError::Full);
+        }
+        let acquire = semaphore.acquire_owned();
+        let acquired = match deadline {
+            Some(d) => tokio::time::timeout_at(d, acquire).await.ok(),
+            None => Some(acquire.await),
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        match acquired {
+            Some(Ok(permit)) => Ok(permit),
+            Some(Err(_)) => Err(SlotError::Full),
+            None => Err(SlotError::Deadline),
+        }
+    }
+}
+
+/// Why a request got no connection slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotError {
+    /// Every slot is taken and `maxPendingRequests` requests already wait.
+    Full,
+    /// The request's deadline passed while it waited.
+    Deadline,
 }
 
 fn decay_weight(elapsed: Duration) -> f64 {
     (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
 }
 
-/// A request in flight to an endpoint.
+/// A request in flight to an endpoint (and the connection slot it holds, if any).
 #[derive(Debug)]
-pub struct InFlight(Arc<EndpointState>);
+pub struct InFlight {
+    endpoint: Arc<EndpointState>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<EndpointState> {
-        &self.0
+        &self.endpoint
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -646,5 +716,30 @@ mod tests {
             .filter(|_| b.pick_with(&eps, &lr).unwrap().addr == eps[0].addr)
             .count();
         assert!((300..=700).contains(&first), "{first} of 1000 to the first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_slots_let_a_few_wait_and_refuse_the_rest() {
+        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let eps = endpoints(1);
+        let ep = b.pick(&eps).unwrap();
+        let held = ep.connection_slot(1, 1, None).await.unwrap();
+        // The slot is taken: one request may wait, the next is refused at once.
+        let waiter = {
+            let ep = ep.clone();
+            tokio::spawn(async move { ep.connection_slot(1, 1, None).await.map(drop) })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(ep.connection_slot(1, 1, None).await.err(), Some(SlotError::Full));
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(()), "the waiter got the freed slot");
+        // A waiter whose deadline passes gives up.
+        let held = ep.connection_slot(1, 1, None).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        assert_eq!(
+            ep.connection_slot(1, 1, Some(deadline)).await.err(),
+            Some(SlotError::Deadline)
+        );
+        drop(held);
     }
 }

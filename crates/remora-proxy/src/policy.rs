@@ -60,6 +60,12 @@ pub struct Breaker {
     pub max_ejection_percent: u32,
     /// 0: unlimited.
     pub max_requests: u32,
+    /// HTTP/1 connections per endpoint (each carries one request at a time); 0:
+    /// unlimited. Multiplexed connections (HTTP/2, everything between proxies) are one
+    /// per endpoint anyway.
+    pub max_connections: u32,
+    /// Requests that may wait for one of those connections; beyond them, 503 at once.
+    pub max_pending_requests: u32,
 }
 
 impl Default for Breaker {
@@ -70,6 +76,8 @@ impl Default for Breaker {
             max_ejection: Duration::from_secs(300),
             max_ejection_percent: 50,
             max_requests: 0,
+            max_connections: 0,
+            max_pending_requests: 0,
         }
     }
 }
@@ -167,6 +175,8 @@ impl RoutePolicy {
                     .unwrap_or(Duration::from_secs(300)),
                 max_ejection_percent: c.max_ejection_percent.min(100),
                 max_requests: c.max_requests,
+                max_connections: c.max_connections,
+                max_pending_requests: c.max_pending_requests,
             })
             .unwrap_or_default();
         Self {

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     addr::OrigDst,
-    balance::{InFlight, NoPick},
+    balance::{InFlight, NoPick, SlotError},
     discovery::{Endpoint, Target, View},
     policy::{Retry, RoutePolicy, routes::Pick},
 };
@@ -46,7 +46,9 @@ pub enum RouteError {
         addr: std::net::SocketAddr,
         after: Duration,
     },
-    #[error("every endpoint of service {service} is at its concurrency limit")]
+    #[error(
+        "every endpoint of service {service} is at its concurrency limit (maxRequests, or maxConnections and maxPendingRequests)"
+    )]
     AtCapacity { service: Arc<str> },
     #[error("route {route} has no backend to send this request to: {why}")]
     NoBackend { route: Arc<str>, why: &'static str },
@@ -453,7 +455,41 @@ impl Balanced<'_> {
                 );
             }
         };
-        let in_flight = ep.start();
+        // `maxConnections` bounds an endpoint's HTTP/1 connections, each busy with one
+        // request; a multiplexed connection (HTTP/2, and every one between proxies) is
+        // one per endpoint already.
+        let breaker = &policy.breaker;
+        let multiplexed = self.version == Version::Http2 || ep.clients.encrypted();
+        let slot = if breaker.max_connections > 0 && !multiplexed {
+            match ep
+                .connection_slot(
+                    breaker.max_connections,
+                    breaker.max_pending_requests,
+                    deadline,
+                )
+                .await
+            {
+                Ok(slot) => Some(slot),
+                Err(SlotError::Full) => {
+                    return (
+                        Attempt::Failed(RouteError::AtCapacity { service }),
+                        false,
+                        None,
+                    );
+                }
+                Err(SlotError::Deadline) => {
+                    let after = limits.request_timeout.unwrap_or_default();
+                    return (
+                        Attempt::Failed(RouteError::Timeout { service, after }),
+                        false,
+                        None,
+                    );
+                }
+            }
+        } else {
+            None
+        };
+        let in_flight = ep.start_with(slot);
         let now = Instant::now();
         let limit = match (limits.per_try_timeout, deadline) {
             (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(now))),
