@@ -287,7 +287,7 @@ pub fn http_route(r: &remora_k8s::HttpRoute) -> Result<crate::core::HttpRoute, I
     let id = id(KIND, &r.metadata)?;
     let mut parents = Vec::new();
     for p in r.spec.parent_refs.iter().flatten() {
-        if !remora_k8s::is_service(p.group.as_deref(), p.kind.as_deref()) {
+        if !remora_k8s::is_service_parent(p.group.as_deref(), p.kind.as_deref()) {
             continue;
         }
         let port = p.port.map(|n| port(KIND, &id, n)).transpose()?;

@@ -207,6 +207,7 @@ impl App {
                 discovery,
                 config.cluster_domain.clone(),
                 stop.clone(),
+                grpc_tls.is_some(),
             )),
         };
         let grpc_stop = stop.clone();

@@ -455,7 +455,7 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: { name: older, namespace: shop, creationTimestamp: "2026-01-01T00:00:00Z" }
 spec:
-  parentRefs: [{ name: web, sectionName: http }]
+  parentRefs: [{ group: core, kind: Service, name: web, sectionName: http }]
   rules: [{ matches: [{ path: { type: Exact, value: /old } }] }]
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -469,8 +469,15 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: { name: mine, namespace: client }
 spec:
-  parentRefs: [{ name: web, namespace: shop }]
+  parentRefs: [{ group: "", kind: Service, name: web, namespace: shop }]
   rules: [{ backendRefs: [{ name: local-web, port: 80 }] }]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: defaults-to-a-gateway, namespace: shop }
+spec:
+  parentRefs: [{ name: web }]
+  rules: [{ backendRefs: [{ name: web, port: 80 }] }]
 "#;
 
     #[test]

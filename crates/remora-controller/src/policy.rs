@@ -229,6 +229,8 @@ pub struct PolicyService {
     discovery: Arc<Discovery>,
     cluster_domain: String,
     shutdown: CancellationToken,
+    /// The gRPC port serves TLS: a namespace counts only when a certificate proves it.
+    tls: bool,
 }
 
 impl PolicyService {
@@ -236,11 +238,13 @@ impl PolicyService {
         discovery: Arc<Discovery>,
         cluster_domain: String,
         shutdown: CancellationToken,
+        tls: bool,
     ) -> Self {
         Self {
             discovery,
             cluster_domain,
             shutdown,
+            tls,
         }
     }
 
@@ -295,16 +299,19 @@ impl api::policy_server::Policy for PolicyService {
     ) -> Result<Response<Self::WatchOutboundStream>, Status> {
         let target = crate::grpc::parse_target(&req.get_ref().target, &self.cluster_domain)
             .map_err(Status::invalid_argument)?;
-        // Consumer routes follow the client's namespace: the one its certificate proves,
-        // else the one it says.
+        // Consumer routes follow the client's namespace: the one its certificate proves.
+        // Without TLS (local use) the one it says counts; with TLS, a caller without a
+        // certificate gets the producer routes only (consumer routes may carry values,
+        // such as injected headers, meant for their namespace alone).
         let proven = req
             .extensions()
             .get::<crate::identity::serving::Caller>()
             .and_then(|c| c.identity.as_deref())
             .and_then(namespace_of);
-        let client_ns = match proven {
-            Some(ns) => ns.to_string(),
-            None => req
+        let client_ns = match (proven, self.tls) {
+            (Some(ns), _) => ns.to_string(),
+            (None, true) => String::new(),
+            (None, false) => req
                 .get_ref()
                 .client
                 .as_ref()

@@ -39,8 +39,10 @@ struct Fake {
     objects: BTreeMap<(&'static str, String), Value>,
     log: Vec<(u64, &'static str, Value)>,
     watchers: Vec<(&'static str, mpsc::UnboundedSender<Bytes>)>,
-    /// Status patches received: (collection, name, body).
+    /// Status patches applied: (collection, name, body).
     patches: Vec<(&'static str, String, Value)>,
+    /// Status patches refused for naming an old resourceVersion.
+    conflicts: usize,
 }
 
 fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
@@ -139,9 +141,20 @@ async fn patch_status(fake: &Mutex<Fake>, req: Request<Incoming>) -> Option<Resp
         .to_bytes();
     let patch: Value = serde_json::from_slice(&body).ok()?;
     let mut f = fake.lock();
+    let mut object = f.objects.get(&(collection, name.to_string()))?.clone();
+    // A patch naming a resourceVersion applies only to that version.
+    let wanted = &patch["metadata"]["resourceVersion"];
+    if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
+        f.conflicts += 1;
+        let conflict = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "reason": "Conflict", "code": 409,
+            "message": "the object has been modified"});
+        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from(conflict.to_string()))));
+        *rsp.status_mut() = http::StatusCode::CONFLICT;
+        return Some(rsp);
+    }
     f.patches
         .push((collection, name.to_string(), patch.clone()));
-    let mut object = f.objects.get(&(collection, name.to_string()))?.clone();
     object["status"] = patch["status"].clone();
     f.apply(collection, object.clone());
     Some(Response::new(Body::Left(Full::new(Bytes::from(
@@ -493,6 +506,20 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         .collect();
     assert_eq!(conditions, [("Accepted", "True"), ("ResolvedRefs", "True")]);
 
+    assert!(
+        !route["metadata"]["resourceVersion"].is_null(),
+        "written only over the version seen: {route}"
+    );
+
+    // Another controller rewrites its own entry: ours is still there, so nothing is
+    // written; had ours gone, it would be written back over the new version.
+    {
+        let mut f = fake.lock();
+        let mut object = f.objects[&(ROUTES, "split".to_string())].clone();
+        object["status"]["parents"][0]["conditions"][0]["reason"] = json!("Programmed");
+        f.apply(ROUTES, object);
+    }
+
     // A status written is not written again when the watch brings it back.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts: Vec<usize> = ["web", "broken", "split"]
@@ -506,4 +533,19 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         })
         .collect();
     assert_eq!(counts, [1, 1, 1], "{:#?}", fake.lock().patches);
+    let f = fake.lock();
+    let parents = &f.objects[&(ROUTES, "split".to_string())]["status"]["parents"];
+    assert_eq!(
+        parents[0]["conditions"][0]["reason"], "Programmed",
+        "theirs kept"
+    );
+    assert_eq!(
+        parents[1]["controllerName"],
+        remora_k8s::CONTROLLER_NAME,
+        "ours kept"
+    );
+    assert_eq!(
+        f.conflicts, 0,
+        "every write named the version it was computed from"
+    );
 }

@@ -16,9 +16,41 @@ use crate::parse_duration;
 /// The `controllerName` Remora writes in an HTTPRoute's `status.parents`.
 pub const CONTROLLER_NAME: &str = "policy.remora.io/controller";
 
-/// Whether a parentRef or backendRef with this group and kind names a core Service.
+/// Whether a backendRef with this group and kind names a core Service (a backendRef's
+/// group defaults to core and its kind to Service).
 pub fn is_service(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("") | Some("core")) && matches!(kind, None | Some("Service"))
+}
+
+/// Whether a parentRef with this group and kind names a core Service. A parentRef's
+/// group defaults to `gateway.networking.k8s.io` and its kind to `Gateway`, so a
+/// Service parent says `group: ""` (or `core`) and `kind: Service`, as GAMMA has it.
+pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
+    matches!(group, Some("") | Some("core")) && kind == Some("Service")
+}
+
+/// Header names a route may not change: hop-by-hop and framing fields (the proxy and
+/// hyper own them), `host` (a URLRewrite's job, unsupported), and the proxy's own
+/// `remora-*` fields.
+pub fn is_protected_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-length"
+            | "host"
+    ) || name.starts_with("remora-")
+}
+
+/// A route's regular expression as the proxy compiles it: matching the whole value.
+pub fn full_match_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
 /// Whether `s` is a valid HTTP header name (an RFC 9110 token).
@@ -28,10 +60,10 @@ pub fn is_header_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Whether `s` compiles as a route regular expression (RE2-like syntax, as the proxy
-/// matches it).
+/// Why `s` does not compile as a route regular expression, exactly as the proxy
+/// compiles it ([`full_match_regex`]).
 pub fn regex_problem(s: &str) -> Option<String> {
-    regex::Regex::new(s).err().map(|e| e.to_string())
+    full_match_regex(s).err().map(|e| e.to_string())
 }
 
 /// Everything wrong with a route the mesh would serve: unsupported filters, regular
@@ -165,6 +197,10 @@ fn filter_problems(at: &str, f: &HttpRouteRulesFilters, errors: &mut Vec<String>
     for name in names {
         if !is_header_name(name) {
             errors.push(format!("{at}: {name:?} is not a {kind} header name"));
+        } else if is_protected_header(name) {
+            errors.push(format!(
+                "{at}: the {kind} header {name:?} may not be changed by a route"
+            ));
         }
     }
 }
@@ -206,13 +242,16 @@ parentRefs: [{ kind: Service, name: web }]
 rules:
   - matches:
       - path: { type: RegularExpression, value: "/(unclosed" }
+      - path: { type: RegularExpression, value: "(?x)/api # a comment swallows the anchor" }
         headers: [{ name: "bad header", value: x }]
       - path: { type: Exact, value: "relative" }
     filters:
       - type: RequestRedirect
         requestRedirect: { hostname: example.com }
       - type: RequestHeaderModifier
-        requestHeaderModifier: { add: [{ name: "x:y", value: z }] }
+        requestHeaderModifier: { add: [{ name: "x:y", value: z }], set: [{ name: Remora-Orig-Proto, value: HTTP/1.1 }] }
+      - type: ResponseHeaderModifier
+        responseHeaderModifier: { remove: [content-length] }
     backendRefs:
       - name: web
         port: 80
@@ -224,10 +263,13 @@ rules:
         let problems = route_problems(&s);
         let expect = [
             "spec.rules[0].matches[0].path.value",
-            "spec.rules[0].matches[0].headers[0].name",
-            "spec.rules[0].matches[1].path.value: \"relative\"",
+            "spec.rules[0].matches[1].path.value",
+            "spec.rules[0].matches[1].headers[0].name",
+            "spec.rules[0].matches[2].path.value: \"relative\"",
             "spec.rules[0].filters[0].type: RequestRedirect is not supported",
+            "spec.rules[0].filters[1]: the request header \"Remora-Orig-Proto\" may not be changed",
             "spec.rules[0].filters[1]: \"x:y\" is not a request header name",
+            "spec.rules[0].filters[2]: the response header \"content-length\" may not",
             "spec.rules[0].backendRefs[0].filters",
             "spec.rules[0].timeouts.backendRequest",
             "spec.rules[1].timeouts.request",

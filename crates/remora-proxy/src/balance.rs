@@ -730,9 +730,16 @@ mod tests {
             tokio::spawn(async move { ep.connection_slot(1, 1, None).await.map(drop) })
         };
         tokio::task::yield_now().await;
-        assert_eq!(ep.connection_slot(1, 1, None).await.err(), Some(SlotError::Full));
+        assert_eq!(
+            ep.connection_slot(1, 1, None).await.err(),
+            Some(SlotError::Full)
+        );
         drop(held);
-        assert_eq!(waiter.await.unwrap(), Ok(()), "the waiter got the freed slot");
+        assert_eq!(
+            waiter.await.unwrap(),
+            Ok(()),
+            "the waiter got the freed slot"
+        );
         // A waiter whose deadline passes gives up.
         let held = ep.connection_slot(1, 1, None).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(100);

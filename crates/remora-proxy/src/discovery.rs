@@ -254,20 +254,22 @@ impl Discovery {
         target
     }
 
-    /// Each Service in use, with its balancers' census (a Service reached both by its
-    /// ClusterIP and as a route's backend has two balancers; their counts add up).
+    /// Each Service in use, with its balancer's census. A Service reached both by its
+    /// ClusterIP and as a route's backend has two balancers over the same endpoints:
+    /// the ClusterIP's counts, so the endpoints are not counted twice.
     pub fn census(&self) -> Vec<(String, [usize; 3])> {
         let targets = self.targets.lock();
-        let mut out: BTreeMap<String, [usize; 3]> = BTreeMap::new();
-        for e in targets.values() {
+        let mut out: BTreeMap<String, (bool, [usize; 3])> = BTreeMap::new();
+        for (dst, e) in targets.iter() {
             if let View::Service { name, .. } = &*e.target.views.borrow() {
-                let sum = out.entry(name.to_string()).or_default();
-                for (s, n) in sum.iter_mut().zip(e.target.balancer.census()) {
-                    *s += n;
+                let by_addr = matches!(dst, Dst::Addr(_));
+                let entry = out.entry(name.to_string()).or_insert((false, [0; 3]));
+                if by_addr || !entry.0 {
+                    *entry = (by_addr, e.target.balancer.census());
                 }
             }
         }
-        out.into_iter().collect()
+        out.into_iter().map(|(name, (_, c))| (name, c)).collect()
     }
 
     /// Forgets targets unused for `idle` (their streams end). Returns how many remain.
@@ -295,7 +297,9 @@ impl Discovery {
                 Err(status) => debug!(%dst, %status, "destination stream failed"),
             }
             self.reconnects.inc();
-            if *tx.borrow() == View::Pending {
+            // A route's backend has no original destination to pass through to: it stays
+            // pending, and its requests find no endpoints.
+            if *tx.borrow() == View::Pending && matches!(dst, Dst::Addr(_)) {
                 // Never answered: connections waiting on it pass through rather than stall.
                 tx.send_replace(View::Passthrough);
                 warn!(%dst, "controller unreachable: passing this destination through until it answers");

@@ -98,9 +98,14 @@ fn policy_status(
         Ok(_) => Ok("Accepted"),
         Err(e) => Err(("Invalid", e.reason.as_str())),
     };
-    let conditions = vec![remora_k8s::condition(
-        "Accepted", generation, outcome, previous,
-    )];
+    let accepted = remora_k8s::condition("Accepted", generation, outcome, previous);
+    // Conditions of other types (someone else's) stay as they are.
+    let mut conditions: Vec<_> = previous
+        .iter()
+        .filter(|c| c.type_ != "Accepted")
+        .cloned()
+        .collect();
+    conditions.push(accepted);
     (conditions != previous).then(|| serde_json::json!({ "status": { "conditions": conditions } }))
 }
 
@@ -127,7 +132,7 @@ fn route_status(
         .parent_refs
         .iter()
         .flatten()
-        .filter(|p| remora_k8s::is_service(p.group.as_deref(), p.kind.as_deref()))
+        .filter(|p| remora_k8s::is_service_parent(p.group.as_deref(), p.kind.as_deref()))
         .map(|p| {
             let parent_ref = HttpRouteStatusParentsParentRef {
                 group: p.group.clone(),
@@ -288,8 +293,13 @@ async fn watch<K>(
             watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
                 let id = key(&o);
                 let converted = convert(&o);
-                if let Some(body) = status.and_then(|f| f(&o, &converted)) {
-                    write_status::<K>(&client, &id, kind, body).await;
+                if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
+                    // Written from the version seen: if the object changed meanwhile (say,
+                    // another controller wrote its status), the API server refuses it
+                    // and the watch brings the new version to compute again from.
+                    body["metadata"] =
+                        serde_json::json!({ "resourceVersion": o.resource_version() });
+                    tokio::spawn(write_status::<K>(client.clone(), id.clone(), kind, body));
                 }
                 match converted {
                     Ok(object) => {
@@ -340,24 +350,31 @@ async fn watch<K>(
     }
 }
 
-/// Writes an object's status (a merge patch of the status subresource). A failure is
+/// Writes an object's status (a merge patch of the status subresource, conditional on
+/// the resourceVersion in `body`), off the watch loop and within 10 s. A failure is
 /// logged and left: the next change to the object tries again.
-async fn write_status<K>(client: &Client, id: &NsName, kind: Kind, body: serde_json::Value)
+async fn write_status<K>(client: Client, id: NsName, kind: Kind, body: serde_json::Value)
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + Debug
         + DeserializeOwned,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), &id.namespace);
+    let api: Api<K> = Api::namespaced(client, &id.namespace);
     let patch = kube::api::Patch::Merge(&body);
-    match api
-        .patch_status(&id.name, &kube::api::PatchParams::default(), &patch)
-        .await
-    {
-        Ok(_) => debug!(kind = kind.as_str(), %id, "status written"),
-        Err(error) => {
+    let params = kube::api::PatchParams::default();
+    let written =
+        tokio::time::timeout(STATUS_TIMEOUT, api.patch_status(&id.name, &params, &patch)).await;
+    match written {
+        Ok(Ok(_)) => debug!(kind = kind.as_str(), %id, "status written"),
+        Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
+            debug!(kind = kind.as_str(), %id, "status not written: the object changed meanwhile")
+        }
+        Ok(Err(error)) => {
             warn!(kind = kind.as_str(), %id, %error, "could not write status; RBAC must allow patching the status subresource")
         }
+        Err(_) => warn!(kind = kind.as_str(), %id, "writing status timed out"),
     }
 }
+
+const STATUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

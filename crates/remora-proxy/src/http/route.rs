@@ -252,7 +252,13 @@ impl Balanced<'_> {
                         Some(View::Passthrough) => {
                             return Err(no_backend("the backend Service does not exist"));
                         }
-                        _ => b.name.clone(),
+                        Some(View::Pod { .. }) => b.name.clone(),
+                        // No answer yet (the controller is slow or away): nowhere to send.
+                        Some(View::Pending) | None => {
+                            return Err(RouteError::NoEndpoints {
+                                service: b.name.clone(),
+                            });
+                        }
                     };
                     dest = Dest {
                         target,

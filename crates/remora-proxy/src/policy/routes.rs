@@ -17,6 +17,8 @@ use crate::discovery::Target;
 pub struct Routes {
     matches: Vec<Entry>,
     rules: Vec<Rule>,
+    /// As the controller sent them, to tell whether they changed.
+    source: Vec<api::HttpRoute>,
 }
 
 #[derive(Debug)]
@@ -128,6 +130,23 @@ pub struct HeaderModifier {
     remove: Vec<HeaderName>,
 }
 
+/// Headers a route may not change (the controller refuses such routes; this is the
+/// proxy's own guard): hop-by-hop and framing fields, `host`, and `remora-*`.
+fn protected(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "content-length"
+            | "host"
+    ) || name.as_str().starts_with("remora-")
+}
+
 impl HeaderModifier {
     fn from_api(m: &api::HeaderModifier) -> Self {
         let pairs = |map: &std::collections::HashMap<String, String>| {
@@ -139,6 +158,7 @@ impl HeaderModifier {
                         HeaderValue::try_from(v).ok()?,
                     ))
                 })
+                .filter(|(k, _)| !protected(k))
                 .collect();
             v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
             v
@@ -150,6 +170,7 @@ impl HeaderModifier {
                 .remove
                 .iter()
                 .filter_map(|n| HeaderName::try_from(n).ok())
+                .filter(|n| !protected(n))
                 .collect(),
         }
     }
@@ -320,6 +341,7 @@ impl Routes {
         Self {
             matches: entries.into_iter().map(|(e, _)| e).collect(),
             rules,
+            source: routes.to_vec(),
         }
     }
 
@@ -362,22 +384,9 @@ impl Rule {
 }
 
 impl PartialEq for Routes {
-    /// Same routes as the controller sent them (for "did the policy change" logs).
+    /// The same routes as the controller sent them.
     fn eq(&self, other: &Self) -> bool {
-        self.rules.len() == other.rules.len()
-            && self.matches.len() == other.matches.len()
-            && self.rules.iter().zip(&other.rules).all(|(a, b)| {
-                a.route == b.route
-                    && a.request_headers == b.request_headers
-                    && a.response_headers == b.response_headers
-                    && a.request_timeout == b.request_timeout
-                    && a.per_try_timeout == b.per_try_timeout
-                    && a.backends.len() == b.backends.len()
-                    && a.backends
-                        .iter()
-                        .zip(&b.backends)
-                        .all(|(x, y)| x.name == y.name && x.weight == y.weight)
-            })
+        self.source == other.source
     }
 }
 
@@ -595,6 +604,16 @@ mod tests {
             add: [("x-tag".to_string(), "b".to_string())].into(),
             remove: vec!["x-debug".into()],
         });
+        let guarded = HeaderModifier::from_api(&api::HeaderModifier {
+            set: [("remora-orig-proto".to_string(), "HTTP/1.1".to_string())].into(),
+            add: [("content-length".to_string(), "0".to_string())].into(),
+            remove: vec!["connection".into(), "host".into()],
+        });
+        assert_eq!(
+            guarded,
+            HeaderModifier::default(),
+            "protected headers are left alone"
+        );
         let mut h = HeaderMap::new();
         h.insert("x-route", HeaderValue::from_static("old"));
         h.insert("x-tag", HeaderValue::from_static("first"));
