@@ -217,12 +217,75 @@ fn route_matching(c: &mut Criterion) {
     });
 }
 
+/// The whole per-request cost the issue names: route matching with a weighted pick,
+/// then the balancer's pick with breaker and limit, the in-flight guard, the outcome
+/// recorded and the retry budget's bookkeeping.
+fn routed_request(c: &mut Criterion) {
+    use remora_proxy::{
+        balance::Balancer,
+        connect::Connector,
+        policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
+    };
+    use std::time::Duration;
+    let routes = routes();
+    let endpoints = ten_endpoints();
+    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+    let retry = Retry {
+        max_retries: 2,
+        on: Conditions {
+            any_5xx: true,
+            ..Default::default()
+        },
+        backoff_base: Duration::from_millis(25),
+        backoff_max: Duration::from_millis(250),
+        budget_ratio: 0.2,
+        budget_min_per_second: 10,
+        budget_window: Duration::from_secs(10),
+        non_idempotent: false,
+    };
+    let policy = RoutePolicy {
+        retry: Some(retry.clone()),
+        breaker: Breaker {
+            consecutive_failures: 5,
+            max_requests: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let budget = RetryBudget::default();
+    let (parts, ()) = http::Request::builder()
+        .method("GET")
+        .uri("http://web.shop.svc.cluster.local/api/v1/items?limit=10")
+        .header("host", "web.shop.svc.cluster.local")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let mut seed = 1u64;
+    c.bench_function("routed_request/route_pick_record_budget", |bench| {
+        bench.iter(|| {
+            seed = remora_proxy::discovery::xorshift(seed);
+            let rule = routes.find(black_box(&parts)).unwrap();
+            black_box(matches!(
+                rule.pick(seed),
+                remora_proxy::policy::routes::Pick::Backend(_)
+            ));
+            let ep = b.pick_with(black_box(&endpoints), &policy).unwrap();
+            let guard = ep.start();
+            ep.record(true, &policy.breaker, || b.may_eject(50));
+            budget.request(retry.budget_window);
+            black_box(retry.retriable_response(http::StatusCode::OK, None, false));
+            drop(guard);
+        })
+    });
+}
+
 criterion_group!(
     benches,
     detection,
     headers,
     balancer,
     policy,
-    route_matching
+    route_matching,
+    routed_request
 );
 criterion_main!(benches);
