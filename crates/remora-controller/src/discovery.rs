@@ -22,6 +22,24 @@ const MAX_BATCH: usize = 1024;
 
 type OutboundTx = watch::Sender<Arc<api::OutboundPolicy>>;
 
+/// The namespace and ServiceAccount of a workload identity
+/// (`spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`).
+pub fn workload_of(identity: &str) -> Option<(&str, &str)> {
+    let mut parts = identity.strip_prefix("spiffe://")?.split('/').skip(1);
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => {
+            Some((ns, sa))
+        }
+        _ => None,
+    }
+}
+
 pub struct Discovery {
     index: RwLock<Index>,
     /// One channel per watched target. Lock order: `subs`, then `index`.
@@ -73,14 +91,8 @@ impl Discovery {
     /// Whether the proxy proving `identity` may ask about `pod`'s inbound policy: the
     /// pod must be in the identity's namespace and, when known, run as its ServiceAccount.
     pub fn may_ask_about(&self, identity: &str, pod: &crate::core::NsName) -> Result<(), String> {
-        let mut parts = identity
-            .strip_prefix("spiffe://")
-            .unwrap_or("")
-            .split('/')
-            .skip(1);
-        let (ns, sa) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa)) => (ns, sa),
-            _ => return Err(format!("{identity} is not a workload identity")),
+        let Some((ns, sa)) = workload_of(identity) else {
+            return Err(format!("{identity} is not a workload identity"));
         };
         if ns != pod.namespace {
             return Err(format!(

@@ -277,15 +277,6 @@ fn stream_of<T: Clone + Send + Sync + 'static>(
     Box::pin(stream)
 }
 
-/// The namespace of a workload identity (`spiffe://<td>/ns/<ns>/sa/<sa>`).
-fn namespace_of(identity: &str) -> Option<&str> {
-    let mut parts = identity.strip_prefix("spiffe://")?.split('/').skip(1);
-    match (parts.next(), parts.next()) {
-        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
-        _ => None,
-    }
-}
-
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -307,7 +298,8 @@ impl api::policy_server::Policy for PolicyService {
             .extensions()
             .get::<crate::identity::serving::Caller>()
             .and_then(|c| c.identity.as_deref())
-            .and_then(namespace_of);
+            .and_then(crate::discovery::workload_of)
+            .map(|(ns, _)| ns);
         let client_ns = match (proven, self.tls) {
             (Some(ns), _) => ns.to_string(),
             (None, true) => String::new(),
