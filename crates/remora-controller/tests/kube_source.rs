@@ -281,21 +281,13 @@ fn endpoints(v: &View) -> Vec<(String, bool)> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_source_list_watch_relist_reaches_the_proxy() {
-    let fake = Arc::new(Mutex::new(Fake::default()));
-    {
-        let mut f = fake.lock();
-        f.apply(SERVICES, service("web", "10.96.0.10"));
-        f.apply(SLICES, slice(&["10.0.0.1", "10.0.0.2"]));
-        f.apply(PODS, pod("10.0.0.1", true));
-        f.apply(PODS, pod("10.0.0.2", false));
-    }
-    let api = start_fake(fake.clone()).await;
+/// The fake API server for `fake`, a controller with `--source kube` over it, and a
+/// proxy-side discovery client of that controller.
+async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
+    let api = start_fake(fake).await;
     let mut cfg = kube::Config::new(format!("http://{api}").parse().unwrap());
     cfg.default_namespace = "default".into();
     let client = kube::Client::try_from(cfg).unwrap();
-
     let args = [
         "remora-controller",
         "--source",
@@ -315,16 +307,28 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
     .unwrap();
     let grpc = app.grpc_addr().unwrap();
     tokio::spawn(app.run(std::future::pending()));
-
     let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect_lazy();
-    let discovery = Discovery::new(
+    Discovery::new(
         channel,
         ClientInfo::default(),
         prometheus_client::metrics::counter::Counter::default(),
         remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_list_watch_relist_reaches_the_proxy() {
+    let fake = Arc::new(Mutex::new(Fake::default()));
+    {
+        let mut f = fake.lock();
+        f.apply(SERVICES, service("web", "10.96.0.10"));
+        f.apply(SLICES, slice(&["10.0.0.1", "10.0.0.2"]));
+        f.apply(PODS, pod("10.0.0.1", true));
+        f.apply(PODS, pod("10.0.0.2", false));
+    }
+    let discovery = controller_over(fake.clone()).await;
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
 
@@ -429,40 +433,7 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
             ),
         );
     }
-    let api = start_fake(fake.clone()).await;
-    let mut cfg = kube::Config::new(format!("http://{api}").parse().unwrap());
-    cfg.default_namespace = "default".into();
-    let client = kube::Client::try_from(cfg).unwrap();
-    let args = [
-        "remora-controller",
-        "--source",
-        "kube",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
-    let config = Config::load(args.map(String::from), &|_| None).unwrap();
-    let app = App::with_source(
-        config,
-        remora_admin::LogLevel::detached("info"),
-        Box::new(KubeSource::new(client)),
-    )
-    .await
-    .unwrap();
-    let grpc = app.grpc_addr().unwrap();
-    tokio::spawn(app.run(std::future::pending()));
-
-    // The policy and the route reach a proxy: the source synced with all six kinds.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect_lazy();
-    let discovery = Discovery::new(
-        channel,
-        ClientInfo::default(),
-        prometheus_client::metrics::counter::Counter::default(),
-        remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
-    );
+    let discovery = controller_over(fake.clone()).await;
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "endpoints", |v| endpoints(v).len() == 1).await;
