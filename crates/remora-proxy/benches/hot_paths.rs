@@ -72,49 +72,69 @@ fn balancer(c: &mut Criterion) {
     });
 }
 
-/// What a TrafficPolicy adds per request: a pick with the circuit breaker and a
-/// concurrency limit in force, the outcome recorded, and the retry budget's bookkeeping.
+/// What a TrafficPolicy adds per request over ten endpoints: a pick with the circuit
+/// breaker and a concurrency limit in force, the in-flight guard, the outcome recorded,
+/// and the retry budget's bookkeeping.
+struct PolicyWork {
+    endpoints: std::sync::Arc<[remora_proxy::discovery::Endpoint]>,
+    balancer: remora_proxy::balance::Balancer,
+    policy: remora_proxy::policy::RoutePolicy,
+    budget: remora_proxy::policy::RetryBudget,
+}
+
+impl PolicyWork {
+    fn new() -> Self {
+        use remora_proxy::{
+            balance::Balancer,
+            connect::Connector,
+            policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
+        };
+        use std::time::Duration;
+        let retry = Retry {
+            max_retries: 2,
+            on: Conditions {
+                any_5xx: true,
+                ..Default::default()
+            },
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+            budget_window: Duration::from_secs(10),
+            non_idempotent: false,
+        };
+        Self {
+            endpoints: ten_endpoints(),
+            balancer: Balancer::new(Connector::plain(Duration::from_secs(1))),
+            policy: RoutePolicy {
+                retry: Some(retry),
+                breaker: Breaker {
+                    consecutive_failures: 5,
+                    max_requests: 100,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            budget: RetryBudget::default(),
+        }
+    }
+
+    fn run(&self) {
+        let (b, policy) = (&self.balancer, &self.policy);
+        let retry = policy.retry.as_ref().expect("a retry policy");
+        let ep = b.pick_with(black_box(&self.endpoints), policy).unwrap();
+        let guard = ep.start();
+        ep.record(true, &policy.breaker, || b.may_eject(50));
+        self.budget.request(retry.budget_window);
+        black_box(retry.retriable_response(http::StatusCode::OK, None, false));
+        drop(guard);
+    }
+}
+
 fn policy(c: &mut Criterion) {
-    use remora_proxy::{
-        balance::Balancer,
-        connect::Connector,
-        policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
-    };
-    use std::time::Duration;
-    let endpoints = ten_endpoints();
-    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
-    let retry = Retry {
-        max_retries: 2,
-        on: Conditions {
-            any_5xx: true,
-            ..Default::default()
-        },
-        backoff_base: Duration::from_millis(25),
-        backoff_max: Duration::from_millis(250),
-        budget_ratio: 0.2,
-        budget_min_per_second: 10,
-        budget_window: Duration::from_secs(10),
-        non_idempotent: false,
-    };
-    let policy = RoutePolicy {
-        retry: Some(retry.clone()),
-        breaker: Breaker {
-            consecutive_failures: 5,
-            max_requests: 100,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let budget = RetryBudget::default();
+    let work = PolicyWork::new();
     c.bench_function("policy/pick_record_budget/10_endpoints", |bench| {
-        bench.iter(|| {
-            let ep = b.pick_with(black_box(&endpoints), &policy).unwrap();
-            let guard = ep.start();
-            ep.record(true, &policy.breaker, || b.may_eject(50));
-            budget.request(retry.budget_window);
-            black_box(retry.retriable_response(http::StatusCode::OK, None, false));
-            drop(guard);
-        })
+        bench.iter(|| work.run())
     });
 }
 
@@ -191,11 +211,10 @@ fn routes() -> remora_proxy::policy::routes::Routes {
     ])
 }
 
-/// A request's route: matching across eight rules, then a weighted backend pick. The
-/// request falls through to the last rule, the worst case for a prefix match.
-fn route_matching(c: &mut Criterion) {
-    let routes = routes();
-    let (parts, ()) = http::Request::builder()
+/// A request that falls through to the last of the eight rules, the worst case for a
+/// prefix match, after running the regular expression.
+fn routed_parts() -> http::request::Parts {
+    http::Request::builder()
         .method("GET")
         .uri("http://web.shop.svc.cluster.local/api/v1/items?limit=10")
         .header("host", "web.shop.svc.cluster.local")
@@ -203,78 +222,39 @@ fn route_matching(c: &mut Criterion) {
         .header("accept", "*/*")
         .body(())
         .unwrap()
-        .into_parts();
-    let mut seed = 1u64;
+        .into_parts()
+        .0
+}
+
+/// A request's route: matching across eight rules, then a weighted backend pick.
+fn route(
+    routes: &remora_proxy::policy::routes::Routes,
+    parts: &http::request::Parts,
+    seed: &mut u64,
+) {
+    *seed = remora_proxy::discovery::xorshift(*seed);
+    let rule = routes.find(black_box(parts)).unwrap();
+    black_box(matches!(
+        rule.pick(*seed),
+        remora_proxy::policy::routes::Pick::Backend(_)
+    ));
+}
+
+fn route_matching(c: &mut Criterion) {
+    let (routes, parts, mut seed) = (routes(), routed_parts(), 1u64);
     c.bench_function("route/match_pick/8_rules", |bench| {
-        bench.iter(|| {
-            seed = remora_proxy::discovery::xorshift(seed);
-            let rule = routes.find(black_box(&parts)).unwrap();
-            black_box(matches!(
-                rule.pick(seed),
-                remora_proxy::policy::routes::Pick::Backend(_)
-            ))
-        })
+        bench.iter(|| route(&routes, &parts, &mut seed))
     });
 }
 
-/// The whole per-request cost the issue names: route matching with a weighted pick,
-/// then the balancer's pick with breaker and limit, the in-flight guard, the outcome
-/// recorded and the retry budget's bookkeeping.
+/// The whole per-request cost the issue names: the route, then a TrafficPolicy's work.
 fn routed_request(c: &mut Criterion) {
-    use remora_proxy::{
-        balance::Balancer,
-        connect::Connector,
-        policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
-    };
-    use std::time::Duration;
-    let routes = routes();
-    let endpoints = ten_endpoints();
-    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
-    let retry = Retry {
-        max_retries: 2,
-        on: Conditions {
-            any_5xx: true,
-            ..Default::default()
-        },
-        backoff_base: Duration::from_millis(25),
-        backoff_max: Duration::from_millis(250),
-        budget_ratio: 0.2,
-        budget_min_per_second: 10,
-        budget_window: Duration::from_secs(10),
-        non_idempotent: false,
-    };
-    let policy = RoutePolicy {
-        retry: Some(retry.clone()),
-        breaker: Breaker {
-            consecutive_failures: 5,
-            max_requests: 100,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let budget = RetryBudget::default();
-    let (parts, ()) = http::Request::builder()
-        .method("GET")
-        .uri("http://web.shop.svc.cluster.local/api/v1/items?limit=10")
-        .header("host", "web.shop.svc.cluster.local")
-        .body(())
-        .unwrap()
-        .into_parts();
-    let mut seed = 1u64;
+    let (routes, parts, mut seed) = (routes(), routed_parts(), 1u64);
+    let work = PolicyWork::new();
     c.bench_function("routed_request/route_pick_record_budget", |bench| {
         bench.iter(|| {
-            seed = remora_proxy::discovery::xorshift(seed);
-            let rule = routes.find(black_box(&parts)).unwrap();
-            black_box(matches!(
-                rule.pick(seed),
-                remora_proxy::policy::routes::Pick::Backend(_)
-            ));
-            let ep = b.pick_with(black_box(&endpoints), &policy).unwrap();
-            let guard = ep.start();
-            ep.record(true, &policy.breaker, || b.may_eject(50));
-            budget.request(retry.budget_window);
-            black_box(retry.retriable_response(http::StatusCode::OK, None, false));
-            drop(guard);
+            route(&routes, &parts, &mut seed);
+            work.run();
         })
     });
 }
