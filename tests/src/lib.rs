@@ -16,8 +16,6 @@ pub use cluster::Cluster;
 pub use pod::{Pod, PodPair};
 pub use proc::{Binaries, Proxy};
 
-/// Returns false (after saying so) when the suite is skipped on purpose; panics with
-/// the reason when it cannot run.
 /// Writes `dir/name` atomically (a temporary file, then a rename), as an editor or
 /// `kubectl` would: a folder watcher never reads half a file.
 pub fn write_atomically(dir: &std::path::Path, name: &str, text: &str) {
@@ -26,6 +24,8 @@ pub fn write_atomically(dir: &std::path::Path, name: &str, text: &str) {
     std::fs::rename(&tmp, dir.join(name)).expect("rename it into place");
 }
 
+/// Returns false (after saying so) when the suite is skipped on purpose; panics with
+/// the reason when it cannot run.
 pub fn e2e_enabled() -> bool {
     if std::env::var("REMORA_E2E_SKIP").is_ok_and(|v| v == "1") {
         eprintln!("SKIPPING end-to-end test: REMORA_E2E_SKIP=1 is set");
