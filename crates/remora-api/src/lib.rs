@@ -6,3 +6,50 @@ pub mod v1 {
     #![allow(clippy::all, missing_docs, rust_2018_idioms, unreachable_pub)]
     tonic::include_proto!("remora.v1");
 }
+
+/// Whether an HTTP route may not change header `name` (either case): hop-by-hop and
+/// framing fields (the proxies and hyper own them), `host` (a rewrite's job), and the
+/// proxies' own `remora-*` fields. The controller refuses a route that tries; the proxy
+/// ignores such a change.
+pub fn is_protected_header(name: &str) -> bool {
+    const PROTECTED: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+        "host",
+    ];
+    PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
+        || name
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("remora-"))
+}
+
+/// A route's regular expression (path, header or query value) as both sides compile
+/// it: it must match the whole value.
+pub fn whole_value_pattern(pattern: &str) -> String {
+    format!("^(?:{pattern})$")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn protected_headers() {
+        for name in [
+            "Content-Length",
+            "host",
+            "TE",
+            "remora-orig-proto",
+            "Remora-Error",
+        ] {
+            assert!(super::is_protected_header(name), "{name}");
+        }
+        for name in ["x-route", "remora", "hostname", "content-type"] {
+            assert!(!super::is_protected_header(name), "{name}");
+        }
+    }
+}

@@ -158,8 +158,7 @@ fn traffic(index: &Index, service: Option<(NsName, u16)>) -> api::OutboundPolicy
 /// route's namespace gets an empty target: its share of requests is answered 500.
 fn http_route(r: &HttpRoute, cluster_domain: &str) -> api::HttpRoute {
     use remora_k8s::{
-        HttpRouteRulesFiltersType as Filter, HttpRouteRulesMatchesHeadersType as HeaderType,
-        HttpRouteRulesMatchesPathType as PathType,
+        HttpRouteRulesMatchesHeadersType as HeaderType, HttpRouteRulesMatchesPathType as PathType,
         HttpRouteRulesMatchesQueryParamsType as QueryType,
     };
     let exact_or_regex_header = |regex: bool, v: &str| {
@@ -223,15 +222,8 @@ fn http_route(r: &HttpRoute, cluster_domain: &str) -> api::HttpRoute {
                 .iter()
                 .flatten()
                 .map(|b| {
-                    let same_namespace = b.namespace.as_deref().is_none_or(|n| n == r.id.namespace);
-                    let target = match b.port {
-                        Some(port)
-                            if same_namespace
-                                && remora_k8s::is_service(
-                                    b.group.as_deref(),
-                                    b.kind.as_deref(),
-                                ) =>
-                        {
+                    let target = match (remora_k8s::backend_problem(&r.id.namespace, b), b.port) {
+                        (None, Some(port)) => {
                             format!("{}.{}.svc.{cluster_domain}:{port}", b.name, r.id.namespace)
                         }
                         _ => String::new(),
@@ -242,57 +234,28 @@ fn http_route(r: &HttpRoute, cluster_domain: &str) -> api::HttpRoute {
                     }
                 })
                 .collect();
-            let modifier = |set: Vec<(&str, &str)>, add: Vec<(&str, &str)>, remove: &[String]| {
-                let lower = |v: Vec<(&str, &str)>| {
-                    v.into_iter()
+            let (mut request, mut response) = (None, None);
+            // Other filters are refused when the route is converted.
+            for c in rule
+                .filters
+                .iter()
+                .flatten()
+                .filter_map(remora_k8s::header_changes)
+            {
+                let lower = |v: &[(&str, &str)]| {
+                    v.iter()
                         .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
                         .collect()
                 };
-                api::HeaderModifier {
-                    set: lower(set),
-                    add: lower(add),
-                    remove: remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
-                }
-            };
-            let (mut request, mut response) = (None, None);
-            for f in rule.filters.iter().flatten() {
-                match (
-                    &f.r#type,
-                    &f.request_header_modifier,
-                    &f.response_header_modifier,
-                ) {
-                    (Filter::RequestHeaderModifier, Some(m), _) => {
-                        request = Some(modifier(
-                            m.set
-                                .iter()
-                                .flatten()
-                                .map(|h| (&*h.name, &*h.value))
-                                .collect(),
-                            m.add
-                                .iter()
-                                .flatten()
-                                .map(|h| (&*h.name, &*h.value))
-                                .collect(),
-                            m.remove.as_deref().unwrap_or_default(),
-                        ))
-                    }
-                    (Filter::ResponseHeaderModifier, _, Some(m)) => {
-                        response = Some(modifier(
-                            m.set
-                                .iter()
-                                .flatten()
-                                .map(|h| (&*h.name, &*h.value))
-                                .collect(),
-                            m.add
-                                .iter()
-                                .flatten()
-                                .map(|h| (&*h.name, &*h.value))
-                                .collect(),
-                            m.remove.as_deref().unwrap_or_default(),
-                        ))
-                    }
-                    // Other filters are refused when the route is converted.
-                    _ => {}
+                let m = api::HeaderModifier {
+                    set: lower(&c.set),
+                    add: lower(&c.add),
+                    remove: c.remove.iter().map(|n| n.to_ascii_lowercase()).collect(),
+                };
+                if c.response {
+                    response = Some(m);
+                } else {
+                    request = Some(m);
                 }
             }
             api::HttpRouteRule {

@@ -29,28 +29,9 @@ pub fn is_service_parent(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, Some("") | Some("core")) && kind == Some("Service")
 }
 
-/// Header names a route may not change: hop-by-hop and framing fields (the proxy and
-/// hyper own them), `host` (a URLRewrite's job, unsupported), and the proxy's own
-/// `remora-*` fields.
-pub fn is_protected_header(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "content-length"
-            | "host"
-    ) || name.starts_with("remora-")
-}
-
 /// A route's regular expression as the proxy compiles it: matching the whole value.
 pub fn full_match_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
-    regex::Regex::new(&format!("^(?:{pattern})$"))
+    regex::Regex::new(&remora_api::whole_value_pattern(pattern))
 }
 
 /// Whether `s` is a valid HTTP header name (an RFC 9110 token).
@@ -156,36 +137,84 @@ fn match_problems(at: &str, m: &HttpRouteRulesMatches, errors: &mut Vec<String>)
     }
 }
 
-fn filter_problems(at: &str, f: &HttpRouteRulesFilters, errors: &mut Vec<String>) {
-    let (names, kind): (Vec<&str>, &str) = match f.r#type {
-        HttpRouteRulesFiltersType::RequestHeaderModifier => {
-            let Some(m) = &f.request_header_modifier else {
-                errors.push(format!("{at}.requestHeaderModifier: required by its type"));
-                return;
-            };
-            let names = m.set.iter().flatten().map(|h| h.name.as_str());
-            let names = names.chain(m.add.iter().flatten().map(|h| h.name.as_str()));
-            (
-                names
-                    .chain(m.remove.iter().flatten().map(String::as_str))
+/// What a RequestHeaderModifier or ResponseHeaderModifier filter changes (the two
+/// filters' types differ in name only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderChanges<'a> {
+    /// For the response rather than the request.
+    pub response: bool,
+    pub set: Vec<(&'a str, &'a str)>,
+    pub add: Vec<(&'a str, &'a str)>,
+    pub remove: &'a [String],
+}
+
+impl HeaderChanges<'_> {
+    /// Every header name it touches.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        let pairs = self.set.iter().chain(&self.add).map(|(name, _)| *name);
+        pairs.chain(self.remove.iter().map(String::as_str))
+    }
+}
+
+/// The header changes of a filter; None for other filters, or one without the field
+/// its type names.
+pub fn header_changes(f: &HttpRouteRulesFilters) -> Option<HeaderChanges<'_>> {
+    macro_rules! changes {
+        ($m:expr, $response:expr) => {
+            $m.as_ref().map(|m| HeaderChanges {
+                response: $response,
+                set: m
+                    .set
+                    .iter()
+                    .flatten()
+                    .map(|h| (&*h.name, &*h.value))
                     .collect(),
-                "request",
-            )
+                add: m
+                    .add
+                    .iter()
+                    .flatten()
+                    .map(|h| (&*h.name, &*h.value))
+                    .collect(),
+                remove: m.remove.as_deref().unwrap_or_default(),
+            })
+        };
+    }
+    match f.r#type {
+        HttpRouteRulesFiltersType::RequestHeaderModifier => {
+            changes!(f.request_header_modifier, false)
         }
         HttpRouteRulesFiltersType::ResponseHeaderModifier => {
-            let Some(m) = &f.response_header_modifier else {
-                errors.push(format!("{at}.responseHeaderModifier: required by its type"));
-                return;
-            };
-            let names = m.set.iter().flatten().map(|h| h.name.as_str());
-            let names = names.chain(m.add.iter().flatten().map(|h| h.name.as_str()));
-            (
-                names
-                    .chain(m.remove.iter().flatten().map(String::as_str))
-                    .collect(),
-                "response",
-            )
+            changes!(f.response_header_modifier, true)
         }
+        _ => None,
+    }
+}
+
+/// Why the mesh cannot send to a backendRef of a route in `namespace`, as a status
+/// reason and a message; None when it can.
+pub fn backend_problem(
+    namespace: &str,
+    b: &HttpRouteRulesBackendRefs,
+) -> Option<(&'static str, &'static str)> {
+    if !is_service(b.group.as_deref(), b.kind.as_deref()) {
+        return Some(("InvalidKind", "only Services are supported"));
+    }
+    if b.namespace.as_deref().is_some_and(|n| n != namespace) {
+        return Some((
+            "RefNotPermitted",
+            "a Service in another namespace is not supported",
+        ));
+    }
+    if b.port.is_none() {
+        return Some(("UnsupportedValue", "port is required"));
+    }
+    None
+}
+
+fn filter_problems(at: &str, f: &HttpRouteRulesFilters, errors: &mut Vec<String>) {
+    let field = match f.r#type {
+        HttpRouteRulesFiltersType::RequestHeaderModifier => "requestHeaderModifier",
+        HttpRouteRulesFiltersType::ResponseHeaderModifier => "responseHeaderModifier",
         ref other => {
             errors.push(format!(
                 "{at}.type: {other:?} is not supported (only RequestHeaderModifier and \
@@ -194,10 +223,19 @@ fn filter_problems(at: &str, f: &HttpRouteRulesFilters, errors: &mut Vec<String>
             return;
         }
     };
-    for name in names {
+    let Some(changes) = header_changes(f) else {
+        errors.push(format!("{at}.{field}: required by its type"));
+        return;
+    };
+    let kind = if changes.response {
+        "response"
+    } else {
+        "request"
+    };
+    for name in changes.names() {
         if !is_header_name(name) {
             errors.push(format!("{at}: {name:?} is not a {kind} header name"));
-        } else if is_protected_header(name) {
+        } else if remora_api::is_protected_header(name) {
             errors.push(format!(
                 "{at}: the {kind} header {name:?} may not be changed by a route"
             ));

@@ -177,18 +177,8 @@ fn unresolved_backends(route: &remora_k8s::HttpRoute) -> Option<(&'static str, S
     let namespace = route.metadata.namespace.as_deref().unwrap_or("default");
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
         for (j, b) in rule.backend_refs.iter().flatten().enumerate() {
-            let at = format!("spec.rules[{i}].backendRefs[{j}]");
-            if !remora_k8s::is_service(b.group.as_deref(), b.kind.as_deref()) {
-                return Some(("InvalidKind", format!("{at}: only Services are supported")));
-            }
-            if b.namespace.as_deref().is_some_and(|n| n != namespace) {
-                return Some((
-                    "RefNotPermitted",
-                    format!("{at}: a Service in another namespace is not supported"),
-                ));
-            }
-            if b.port.is_none() {
-                return Some(("UnsupportedValue", format!("{at}: port is required")));
+            if let Some((reason, why)) = remora_k8s::backend_problem(namespace, b) {
+                return Some((reason, format!("spec.rules[{i}].backendRefs[{j}]: {why}")));
             }
         }
     }

@@ -113,7 +113,7 @@ impl Value {
 
 /// A regular expression that must match the whole value.
 fn full(pattern: &str) -> Option<regex::Regex> {
-    match regex::Regex::new(&format!("^(?:{pattern})$")) {
+    match regex::Regex::new(&remora_api::whole_value_pattern(pattern)) {
         Ok(r) => Some(r),
         Err(error) => {
             warn!(%pattern, %error, "a route's regular expression does not compile; its match is dropped");
@@ -130,23 +130,6 @@ pub struct HeaderModifier {
     remove: Vec<HeaderName>,
 }
 
-/// Headers a route may not change (the controller refuses such routes; this is the
-/// proxy's own guard): hop-by-hop and framing fields, `host`, and `remora-*`.
-fn protected(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "content-length"
-            | "host"
-    ) || name.as_str().starts_with("remora-")
-}
-
 impl HeaderModifier {
     fn from_api(m: &api::HeaderModifier) -> Self {
         let pairs = |map: &std::collections::HashMap<String, String>| {
@@ -158,7 +141,7 @@ impl HeaderModifier {
                         HeaderValue::try_from(v).ok()?,
                     ))
                 })
-                .filter(|(k, _)| !protected(k))
+                .filter(|(k, _)| !remora_api::is_protected_header(k.as_str()))
                 .collect();
             v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
             v
@@ -170,7 +153,7 @@ impl HeaderModifier {
                 .remove
                 .iter()
                 .filter_map(|n| HeaderName::try_from(n).ok())
-                .filter(|n| !protected(n))
+                .filter(|n| !remora_api::is_protected_header(n.as_str()))
                 .collect(),
         }
     }
