@@ -18,11 +18,11 @@ use crate::{
     addr::{ClientAddr, OrigDst},
     authz::{Peer, PortPolicy},
     connect::{Conn, ConnectError, Connector, connect, reset},
-    detect::{Detection, RaceError, race},
+    detect::Detection,
     http::{self, Admission, Route, Upstream, Version, pool::EndpointClients},
     io::{CountingIo, PrefixedIo},
     metrics::{DetectResult, Direction, TrafficLabels},
-    proxy::{Ctx, refuse},
+    proxy::{Ctx, detect},
     tcp,
     tls::{self, Alpn},
 };
@@ -45,19 +45,14 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
             .await
             .map(Conn::Plain)
     });
-    let Detection {
+    let Some(Detection {
         result,
         prefix,
         upstream,
-    } = match race(&mut io, connecting.as_mut(), ctx.detect_timeout).await {
-        Ok(d) => d,
-        Err(RaceError::Client(error)) => {
-            return debug!(%error, "client connection failed during detection");
-        }
-        Err(RaceError::Connect(error)) => return refuse(io.get_ref(), &error),
+    }) = detect(ctx, &mut io, connecting.as_mut(), Direction::Inbound, start).await
+    else {
+        return;
     };
-    ctx.metrics
-        .detected(Direction::Inbound, result, start.elapsed());
     drop(connecting);
     let timeout = ctx.connect_timeout;
     let ours = result == DetectResult::Tls

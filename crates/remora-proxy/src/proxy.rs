@@ -289,19 +289,14 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
         }
         connect_dest(ctx, &dest, accept.orig_dst).await
     });
-    let Detection {
+    let Some(Detection {
         result,
         prefix,
         upstream,
-    } = match race(&mut io, connecting.as_mut(), ctx.detect_timeout).await {
-        Ok(d) => d,
-        Err(RaceError::Client(error)) => {
-            return debug!(%error, "client connection failed during detection");
-        }
-        Err(RaceError::Connect(error)) => return refuse(io.get_ref(), &error),
+    }) = detect(ctx, &mut io, connecting.as_mut(), accept.direction, start).await
+    else {
+        return;
     };
-    ctx.metrics
-        .detected(accept.direction, result, start.elapsed());
     debug!(
         result = result.as_str(),
         bytes = prefix.len(),
@@ -354,6 +349,32 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
 }
 
 /// The destination cannot be reached: the client sees a reset, as if it had been refused.
+/// Detects the protocol while `connecting` goes on (see [`race`]) and records it. None
+/// when the client went away (logged) or the connection ahead failed (the client is
+/// refused).
+pub(crate) async fn detect(
+    ctx: &Ctx,
+    io: &mut CountingIo<TcpStream>,
+    connecting: std::pin::Pin<&mut (impl Future<Output = Result<Conn, ConnectError>> + ?Sized)>,
+    direction: Direction,
+    start: Instant,
+) -> Option<Detection> {
+    match race(io, connecting, ctx.detect_timeout).await {
+        Ok(d) => {
+            ctx.metrics.detected(direction, d.result, start.elapsed());
+            Some(d)
+        }
+        Err(RaceError::Client(error)) => {
+            debug!(%error, "client connection failed during detection");
+            None
+        }
+        Err(RaceError::Connect(error)) => {
+            refuse(io.get_ref(), &error);
+            None
+        }
+    }
+}
+
 pub(crate) fn refuse(client: &TcpStream, error: &ConnectError) {
     info!(%error, "closing the client connection: its destination is unreachable");
     reset(client);
