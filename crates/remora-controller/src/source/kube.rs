@@ -9,10 +9,7 @@ use std::{
     collections::HashSet,
     fmt::Debug,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     time::Instant,
 };
 
@@ -48,32 +45,29 @@ impl Source for KubeSource {
         events: Events,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
-            let synced = Arc::new(AtomicUsize::new(0));
-            let c = self.client;
             let w = Watch {
-                client: c,
+                client: self.client,
                 events,
-                synced,
+                synced: AtomicUsize::new(0),
             };
-            let services = w.run::<core_v1::Service, _>(Kind::Service, None, |s| {
+            let services = w.run::<core_v1::Service>(Kind::Service, None, |s| {
                 convert::service(s).map(Object::Service)
             });
-            let slices = w.run::<discovery_v1::EndpointSlice, _>(Kind::Slice, None, |s| {
+            let slices = w.run::<discovery_v1::EndpointSlice>(Kind::Slice, None, |s| {
                 convert::endpoint_slice(s).map(Object::Slice)
             });
-            let pods =
-                w.run::<core_v1::Pod, _>(Kind::Pod, None, |p| convert::pod(p).map(Object::Pod));
-            let authz = w.run::<remora_k8s::AuthorizationPolicy, _>(
+            let pods = w.run::<core_v1::Pod>(Kind::Pod, None, |p| convert::pod(p).map(Object::Pod));
+            let authz = w.run::<remora_k8s::AuthorizationPolicy>(
                 Kind::Authz,
                 Some(|p, r| policy_status(p.metadata.generation, r, p.status.as_ref())),
                 |p| convert::authorization_policy(p).map(Object::Authz),
             );
-            let traffic = w.run::<remora_k8s::TrafficPolicy, _>(
+            let traffic = w.run::<remora_k8s::TrafficPolicy>(
                 Kind::Traffic,
                 Some(|p, r| policy_status(p.metadata.generation, r, p.status.as_ref())),
                 |p| convert::traffic_policy(p).map(Object::Traffic),
             );
-            let routes = w.run::<remora_k8s::HttpRoute, _>(Kind::Route, Some(route_status), |r| {
+            let routes = w.run::<remora_k8s::HttpRoute>(Kind::Route, Some(route_status), |r| {
                 convert::http_route(r).map(Object::Route)
             });
             tokio::join!(services, slices, pods, authz, traffic, routes);
@@ -189,150 +183,146 @@ fn unresolved_backends(route: &remora_k8s::HttpRoute) -> Option<(&'static str, S
 struct Watch {
     client: Client,
     events: Events,
-    synced: Arc<AtomicUsize>,
+    /// The kinds listed once so far.
+    synced: AtomicUsize,
 }
 
-impl Watch {
-    fn run<K, F>(
-        &self,
-        kind: Kind,
-        status: Option<StatusOf<K>>,
-        convert: F,
-    ) -> impl std::future::Future<Output = ()> + use<K, F>
-    where
-        F: Fn(&K) -> Result<Object, Invalid>,
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + Debug
-            + DeserializeOwned
-            + Send
-            + Sync
-            + 'static,
-    {
-        watch(
-            self.client.clone(),
-            kind,
-            self.events.clone(),
-            self.synced.clone(),
-            status,
-            convert,
-        )
-    }
+/// The kinds the source watches.
+trait Watched:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
 }
 
-async fn watch<K>(
-    client: Client,
-    kind: Kind,
-    events: Events,
-    synced: Arc<AtomicUsize>,
-    status: Option<StatusOf<K>>,
-    convert: impl Fn(&K) -> Result<Object, Invalid>,
-) where
+impl<K> Watched for K where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
         + Clone
         + Debug
         + DeserializeOwned
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
-    let api: Api<K> = Api::all(client.clone());
-    let mut stream = watcher(api, watcher::Config::default())
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
-        .default_backoff()
-        .boxed();
-    let mut known: HashSet<NsName> = HashSet::new();
-    let mut relisting: Option<HashSet<NsName>> = None;
-    let mut listed_once = false;
-    let key = |o: &K| {
-        NsName::new(
-            o.namespace().unwrap_or_else(|| "default".into()),
-            o.name_any(),
-        )
-    };
-    let send = |event: Event| {
-        let events = events.clone();
-        async move { events.send((event, Instant::now())).await.is_ok() }
-    };
-    while let Some(item) = stream.next().await {
-        let event = match item {
-            Ok(e) => e,
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.is_not_found() && !listed_once =>
-            {
-                // A CRD that is not installed has no objects: the source is synced
-                // without them, and the watch keeps trying in case it is installed.
-                warn!(
-                    kind = kind.as_str(),
-                    "the CRD is not installed; install the chart's CRDs"
-                );
-                listed_once = true;
-                if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS && !send(Event::Synced).await
-                {
-                    return;
-                }
-                continue;
-            }
-            Err(error) => {
-                warn!(kind = kind.as_str(), %error, "watch failed; retrying with backoff");
-                continue;
-            }
+}
+
+impl Watch {
+    /// Lists and watches `K`: converts each object, sends what changed (and, after a
+    /// relist, what disappeared), and writes `status` where it should change.
+    async fn run<K: Watched>(
+        &self,
+        kind: Kind,
+        status: Option<StatusOf<K>>,
+        convert: impl Fn(&K) -> Result<Object, Invalid>,
+    ) {
+        let Self {
+            client,
+            events,
+            synced,
+        } = self;
+        let api: Api<K> = Api::all(client.clone());
+        let mut stream = watcher(api, watcher::Config::default())
+            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .default_backoff()
+            .boxed();
+        let mut known: HashSet<NsName> = HashSet::new();
+        let mut relisting: Option<HashSet<NsName>> = None;
+        let mut listed_once = false;
+        let key = |o: &K| {
+            NsName::new(
+                o.namespace().unwrap_or_else(|| "default".into()),
+                o.name_any(),
+            )
         };
-        match event {
-            watcher::Event::Init => relisting = Some(HashSet::new()),
-            watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
-                let id = key(&o);
-                let converted = convert(&o);
-                if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
-                    // Written from the version seen: if the object changed meanwhile (say,
-                    // another controller wrote its status), the API server refuses it
-                    // and the watch brings the new version to compute again from.
-                    body["metadata"] =
-                        serde_json::json!({ "resourceVersion": o.resource_version() });
-                    tokio::spawn(write_status::<K>(client.clone(), id.clone(), kind, body));
+        let send = |event: Event| {
+            let events = events.clone();
+            async move { events.send((event, Instant::now())).await.is_ok() }
+        };
+        while let Some(item) = stream.next().await {
+            let event = match item {
+                Ok(e) => e,
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                    if status.is_not_found() && !listed_once =>
+                {
+                    // A CRD that is not installed has no objects: the source is synced
+                    // without them, and the watch keeps trying in case it is installed.
+                    warn!(
+                        kind = kind.as_str(),
+                        "the CRD is not installed; install the chart's CRDs"
+                    );
+                    listed_once = true;
+                    if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS
+                        && !send(Event::Synced).await
+                    {
+                        return;
+                    }
+                    continue;
                 }
-                match converted {
-                    Ok(object) => {
-                        if let Some(seen) = relisting.as_mut() {
-                            seen.insert(id.clone());
+                Err(error) => {
+                    warn!(kind = kind.as_str(), %error, "watch failed; retrying with backoff");
+                    continue;
+                }
+            };
+            match event {
+                watcher::Event::Init => relisting = Some(HashSet::new()),
+                watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
+                    let id = key(&o);
+                    let converted = convert(&o);
+                    if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
+                        // Written from the version seen: if the object changed meanwhile (say,
+                        // another controller wrote its status), the API server refuses it
+                        // and the watch brings the new version to compute again from.
+                        body["metadata"] =
+                            serde_json::json!({ "resourceVersion": o.resource_version() });
+                        tokio::spawn(write_status::<K>(client.clone(), id.clone(), kind, body));
+                    }
+                    match converted {
+                        Ok(object) => {
+                            if let Some(seen) = relisting.as_mut() {
+                                seen.insert(id.clone());
+                            }
+                            known.insert(id);
+                            if !send(Event::Apply(object)).await {
+                                return;
+                            }
                         }
-                        known.insert(id);
-                        if !send(Event::Apply(object)).await {
-                            return;
+                        Err(error) => {
+                            // Seen, though unusable: a relist must not delete the last good
+                            // version the index holds (an edit broke it; the old one stands).
+                            if let Some(seen) = relisting.as_mut() {
+                                seen.insert(id.clone());
+                            }
+                            warn!("{error}; skipping it, the last valid version stays in force");
                         }
                     }
-                    Err(error) => {
-                        // Seen, though unusable: a relist must not delete the last good
-                        // version the index holds (an edit broke it; the old one stands).
-                        if let Some(seen) = relisting.as_mut() {
-                            seen.insert(id.clone());
-                        }
-                        warn!("{error}; skipping it, the last valid version stays in force");
-                    }
                 }
-            }
-            watcher::Event::Delete(o) => {
-                let id = key(&o);
-                known.remove(&id);
-                if !send(Event::Delete(ObjectKey { kind, id })).await {
-                    return;
-                }
-            }
-            watcher::Event::InitDone => {
-                let seen = relisting.take().unwrap_or_default();
-                for id in known.difference(&seen).cloned().collect::<Vec<_>>() {
+                watcher::Event::Delete(o) => {
+                    let id = key(&o);
                     known.remove(&id);
                     if !send(Event::Delete(ObjectKey { kind, id })).await {
                         return;
                     }
                 }
-                if !listed_once {
-                    listed_once = true;
-                    info!(kind = kind.as_str(), objects = known.len(), "listed");
-                    if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS
-                        && !send(Event::Synced).await
-                    {
-                        return;
+                watcher::Event::InitDone => {
+                    let seen = relisting.take().unwrap_or_default();
+                    for id in known.difference(&seen).cloned().collect::<Vec<_>>() {
+                        known.remove(&id);
+                        if !send(Event::Delete(ObjectKey { kind, id })).await {
+                            return;
+                        }
+                    }
+                    if !listed_once {
+                        listed_once = true;
+                        info!(kind = kind.as_str(), objects = known.len(), "listed");
+                        if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS
+                            && !send(Event::Synced).await
+                        {
+                            return;
+                        }
                     }
                 }
             }
@@ -343,13 +333,7 @@ async fn watch<K>(
 /// Writes an object's status (a merge patch of the status subresource, conditional on
 /// the resourceVersion in `body`), off the watch loop and within 10 s. A failure is
 /// logged and left: the next change to the object tries again.
-async fn write_status<K>(client: Client, id: NsName, kind: Kind, body: serde_json::Value)
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + Debug
-        + DeserializeOwned,
-{
+async fn write_status<K: Watched>(client: Client, id: NsName, kind: Kind, body: serde_json::Value) {
     let api: Api<K> = Api::namespaced(client, &id.namespace);
     let patch = kube::api::Patch::Merge(&body);
     let params = kube::api::PatchParams::default();
