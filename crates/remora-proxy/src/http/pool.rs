@@ -126,14 +126,20 @@ impl EndpointClients {
         })
     }
 
+    /// Whether `req`, which arrived as `version`, travels over a multiplexed HTTP/2
+    /// connection: HTTP/2 requests, and HTTP/1 ones to a meshed endpoint (not tunnels).
+    pub fn multiplexed<B>(&self, req: &Request<B>, version: Version) -> bool {
+        let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
+        version == Version::Http2 || (!tunnel && self.encrypted())
+    }
+
     /// Sends a request that arrived as `version` (its URI absolute).
     pub async fn send(
         &self,
         mut req: Request<ReqBody>,
         version: Version,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        let tunnel = req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE);
-        if version == Version::Http1 && !tunnel && self.encrypted() {
+        if version == Version::Http1 && self.multiplexed(&req, version) {
             let orig = req.version();
             let value = if orig == http::Version::HTTP_10 {
                 "HTTP/1.0"

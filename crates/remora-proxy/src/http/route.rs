@@ -465,8 +465,7 @@ impl Balanced<'_> {
         // request; a multiplexed connection (HTTP/2, and every one between proxies) is
         // one per endpoint already.
         let breaker = &policy.breaker;
-        let multiplexed = self.version == Version::Http2 || ep.clients.encrypted();
-        let slot = if breaker.max_connections > 0 && !multiplexed {
+        let slot = if breaker.max_connections > 0 && !ep.clients.multiplexed(&req, self.version) {
             match ep
                 .connection_slot(
                     breaker.max_connections,
