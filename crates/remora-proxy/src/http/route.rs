@@ -21,7 +21,10 @@ use crate::{
     addr::OrigDst,
     balance::{InFlight, NoPick, SlotError},
     discovery::{Endpoint, Target, View},
-    policy::{Retry, RoutePolicy, routes::Pick},
+    policy::{
+        Retry, RoutePolicy,
+        routes::{Backend, Pick, Rule},
+    },
 };
 
 /// A request could not be sent.
@@ -227,45 +230,10 @@ impl Balanced<'_> {
             policy: policy.clone(),
         };
         if let Some(rule) = rule {
-            let no_backend = |why| RouteError::NoBackend {
-                route: rule.route.clone(),
-                why,
-            };
             match rule.pick(random()) {
                 Pick::Parent => {}
-                Pick::Nothing => return Err(no_backend("every backend has weight 0")),
-                Pick::Backend(b) => {
-                    let Some(target) = &b.target else {
-                        return Err(no_backend("the controller refused the backend"));
-                    };
-                    let mut views = target.views.clone();
-                    let known = tokio::time::timeout(
-                        self.wait,
-                        views.wait_for(|v| !matches!(v, View::Pending)),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|v| v.clone());
-                    let service = match known {
-                        Some(View::Service { name, .. }) => name,
-                        Some(View::Passthrough) => {
-                            return Err(no_backend("the backend Service does not exist"));
-                        }
-                        Some(View::Pod { .. }) => b.name.clone(),
-                        // No answer yet (the controller is slow or away): nowhere to send.
-                        Some(View::Pending) | None => {
-                            return Err(RouteError::NoEndpoints {
-                                service: b.name.clone(),
-                            });
-                        }
-                    };
-                    dest = Dest {
-                        target,
-                        service,
-                        policy: target.policy(self.wait).await,
-                    };
-                }
+                Pick::Nothing => return Err(no_backend(rule, "every backend has weight 0")),
+                Pick::Backend(b) => dest = self.backend(rule, b).await?,
             }
             if let Some(m) = &rule.request_headers {
                 m.apply(&mut parts.headers);
@@ -288,6 +256,38 @@ impl Balanced<'_> {
             }
             (result, _) => result,
         }
+    }
+
+    /// Where a route's backend Service sends: its endpoints, under its own policy.
+    async fn backend<'b>(&self, rule: &Rule, b: &'b Backend) -> Result<Dest<'b>, RouteError> {
+        let Some(target) = &b.target else {
+            return Err(no_backend(rule, "the controller refused the backend"));
+        };
+        let mut views = target.views.clone();
+        let known =
+            tokio::time::timeout(self.wait, views.wait_for(|v| !matches!(v, View::Pending)))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|v| v.clone());
+        let service = match known {
+            Some(View::Service { name, .. }) => name,
+            Some(View::Passthrough) => {
+                return Err(no_backend(rule, "the backend Service does not exist"));
+            }
+            Some(View::Pod { .. }) => b.name.clone(),
+            // No answer yet (the controller is slow or away): nowhere to send.
+            Some(View::Pending) | None => {
+                return Err(RouteError::NoEndpoints {
+                    service: b.name.clone(),
+                });
+            }
+        };
+        Ok(Dest {
+            target,
+            service,
+            policy: target.policy(self.wait).await,
+        })
     }
 
     /// Every attempt of one request to `dest`.
@@ -564,6 +564,13 @@ impl Balanced<'_> {
             info!(service = %dest.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
         }
         (attempt, retriable, Some(ep.addr))
+    }
+}
+
+fn no_backend(rule: &Rule, why: &'static str) -> RouteError {
+    RouteError::NoBackend {
+        route: rule.route.clone(),
+        why,
     }
 }
 
