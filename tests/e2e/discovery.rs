@@ -53,6 +53,7 @@ async fn start_controller(cluster: &Cluster, bins: &Binaries, dir: &Path) -> Pro
     let args = [
         "--source",
         source.as_str(),
+        "--grpc-plaintext",
         "--log",
         "info,remora_controller=debug",
     ];

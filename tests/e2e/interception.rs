@@ -315,10 +315,49 @@ async fn garbage_silent_and_half_sent_clients_are_carried_or_closed_cleanly() ->
     Ok(())
 }
 
+/// Issue 11: a client scanning ports made one series per port it tried (24k-65k label
+/// values, megabytes of `/metrics`, memory never returned). Only the ports the pod
+/// serves are named; every other port is `other`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_scan_is_folded_into_one_series() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[("REMORA_INBOUND_PORTS", "8080")]).await else {
+        return Ok(());
+    };
+    const SCANNED: u16 = 300;
+    for port in 20_000..20_000 + SCANNED {
+        // An HTTP request to a port nothing listens on: the server's proxy answers 502.
+        let target = SocketAddr::new(m.pods.server.ip, port);
+        let (status, _) = client::get(&m.pods.client, target, "/").await?;
+        assert_eq!(status, 502, "port {port}");
+    }
+    // A served port keeps its name.
+    let (status, _) = client::get(&m.pods.client, addr(APP), "/hello").await?;
+    assert_eq!(status, 200);
+    let server_pod = &m.pods.server;
+    eventually("every scanned port counted as other", async || {
+        let s = metrics(server_pod).await;
+        let other = [("direction", "inbound"), ("target", "other")];
+        let scanned = sample(&s, "remora_http_requests_total", &other);
+        if scanned != f64::from(SCANNED) {
+            return Err(format!("{scanned} requests on other, want {SCANNED}:\n{s}"));
+        }
+        let served = [("direction", "inbound"), ("target", "8080")];
+        if sample(&s, "remora_http_requests_total", &served) != 1.0 {
+            return Err(format!("the served port lost its name:\n{s}"));
+        }
+        if let Some(line) = s.lines().find(|l| l.contains("target=\"20")) {
+            return Err(format!("a scanned port has a series of its own: {line}"));
+        }
+        Ok(())
+    })
+    .await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_the_traffic_and_proxy_connections_are_not_recaptured() -> anyhow::Result<()>
 {
-    let Some(m) = mesh(&[]).await else {
+    let Some(m) = mesh(&[("REMORA_INBOUND_PORTS", "8080")]).await else {
         return Ok(());
     };
     for _ in 0..5 {

@@ -52,7 +52,8 @@ fn objects(cluster: &Cluster) -> String {
         out.push_str(&format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: shop, \
              labels: {{app: {role}, remora.io/meshed: \"true\"}}}}\n\
-             spec: {{serviceAccountName: {sa}, containers: []}}\nstatus: {{podIP: {ip}}}\n"
+             spec: {{serviceAccountName: {sa}, containers: [{{name: app, ports: [{{containerPort: 8080}}, {{containerPort: 7001}}]}}]}}\n\
+             status: {{podIP: {ip}}}\n"
         ));
     }
     out
@@ -72,7 +73,7 @@ fn allow_only(sa: &str) -> String {
 struct Mesh {
     cluster: Cluster,
     objects: PathBuf,
-    _controller: Proxy,
+    controller: Proxy,
     _proxies: Vec<Proxy>,
 }
 
@@ -156,7 +157,7 @@ impl Mesh {
         Self {
             cluster,
             objects,
-            _controller: controller,
+            controller,
             _proxies: proxies,
         }
     }
@@ -236,6 +237,74 @@ impl Capture {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `GET /hello` from `pod` straight to `web`'s pod IP on `port`: the status.
+async fn hello_at(pod: &Pod, port: u16) -> anyhow::Result<u16> {
+    let addr = SocketAddr::new(WEB_IP.parse()?, port);
+    Ok(client::get(pod, addr, "/hello").await?.0)
+}
+
+/// Issue 11: the proxy watched at most 256 ports and forgot the others; with the
+/// controller away, a forgotten port fell back to `all-unauthenticated`. A port scan
+/// followed by a request to a protected port got 200 where 403 was due, for meshed and
+/// unmeshed clients alike. The last answer covers every port and stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_policy_stays_in_force_through_a_controller_outage_and_a_port_scan()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mut mesh = Mesh::start(&bins, "24h").await;
+    write_atomically(&mesh.objects, "policy.yaml", &allow_only("frontend"));
+    let (frontend, other, web) = (
+        mesh.cluster.pod("frontend"),
+        mesh.cluster.pod("other"),
+        mesh.cluster.pod("web"),
+    );
+    // The controller's pod has no proxy: an unmeshed client on the pod network.
+    let unmeshed = mesh.cluster.pod("ctl");
+    // (frontend's proxy learns web's pod IP meanwhile: without a controller, a
+    // destination never asked about is passthrough, with no mTLS to prove who calls.)
+    eventually("the policy applies", async || {
+        match (
+            hello_at(other, 8080).await,
+            hello_at(unmeshed, 8080).await,
+            hello_at(frontend, 8080).await,
+        ) {
+            (Ok(403), Ok(403), Ok(200)) => Ok(()),
+            got => Err(format!("{got:?}")),
+        }
+    })
+    .await;
+    mesh.controller.kill();
+
+    // A scan of 300 ports web's proxy never heard of, from the unmeshed client.
+    for port in 20_000..20_300 {
+        assert_eq!(hello_at(unmeshed, port).await?, 403, "port {port}");
+    }
+    for _ in 0..3 {
+        assert_eq!(hello_at(unmeshed, 8080).await?, 403, "unmeshed");
+        assert_eq!(
+            hello_at(other, 8080).await?,
+            403,
+            "meshed, another identity"
+        );
+        assert_eq!(hello_at(frontend, 8080).await?, 200, "the identity allowed");
+    }
+    let text = metrics(web).await;
+    assert_eq!(
+        sample(&text, "remora_authz_policy_fallbacks_total", &[]),
+        0.0,
+        "the configured default never stood in: {text}"
+    );
+    let scanned = [("direction", "inbound"), ("target", "other")];
+    assert!(
+        sample(&text, "remora_authz_denied_total", &scanned) >= 300.0,
+        "{text}"
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

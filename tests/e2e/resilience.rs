@@ -82,7 +82,13 @@ impl Setup {
             write_atomically(&objects, file, text);
         }
         let source = format!("dir:{}", objects.display());
-        let args = ["--source", source.as_str(), "--log", "info"];
+        let args = [
+            "--source",
+            source.as_str(),
+            "--grpc-plaintext",
+            "--log",
+            "info",
+        ];
         let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
         let controller = Proxy::start_program(
             cluster.pod("ctl"),

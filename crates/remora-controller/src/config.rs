@@ -15,7 +15,18 @@ pub const GRPC_ADDR: Knob = Knob::value(
     "grpc-addr",
     "REMORA_GRPC_ADDR",
     Some("0.0.0.0:8086"),
-    "gRPC listener: Destination, Policy and Identity for the proxies; TLS with the controller's own certificate when a CA is configured (plaintext is still accepted, for local use)",
+    "gRPC listener: Destination, Policy and Identity for the proxies, over TLS with the controller's own certificate; a client certificate is required for all but Identity",
+);
+pub const GRPC_PLAINTEXT: Knob = Knob::switch(
+    "grpc-plaintext",
+    "REMORA_GRPC_PLAINTEXT",
+    "Also serve gRPC without TLS, to anyone who can reach the port, as unauthenticated callers: local use only (needed when no CA is configured)",
+);
+pub const MAX_STREAMS_PER_CLIENT: Knob = Knob::value(
+    "max-streams-per-client",
+    "REMORA_MAX_STREAMS_PER_CLIENT",
+    Some("4096"),
+    "Streams one client address (one proxy) may hold open at once, and on one connection; a proxy needs about two per destination it talks to",
 );
 pub const NAMESPACE: Knob = Knob::value(
     "namespace",
@@ -105,6 +116,8 @@ pub const LOG_FORMAT: Knob = Knob::value(
 pub const KNOBS: &[Knob] = &[
     SOURCE,
     GRPC_ADDR,
+    GRPC_PLAINTEXT,
+    MAX_STREAMS_PER_CLIENT,
     ADMIN_ADDR,
     NAMESPACE,
     SERVICE_ACCOUNT,
@@ -151,6 +164,9 @@ pub enum SourceKind {
 pub struct Config {
     pub source: SourceKind,
     pub grpc_addr: SocketAddr,
+    /// Plaintext gRPC callers are served (as unauthenticated).
+    pub grpc_plaintext: bool,
+    pub max_streams_per_client: u32,
     pub admin_addr: SocketAddr,
     pub namespace: String,
     pub service_account: String,
@@ -199,6 +215,11 @@ impl Config {
             },
         });
         let grpc_addr = l.get(&GRPC_ADDR, addr);
+        let grpc_plaintext = l.flag(&GRPC_PLAINTEXT);
+        let max_streams_per_client = l.get(&MAX_STREAMS_PER_CLIENT, |s| match s.parse::<u32>() {
+            Ok(0) | Err(_) => Err("expected a number of streams, at least 1".to_string()),
+            Ok(n) => Ok(n),
+        });
         let admin_addr = l.get(&ADMIN_ADDR, addr);
         let trust_domain = l.get(&TRUST_DOMAIN, domain);
         let cluster_domain = l.get(&CLUSTER_DOMAIN, domain);
@@ -235,6 +256,13 @@ impl Config {
                 None
             }
         };
+        if issuer == Some(IssuerSource::None) && !grpc_plaintext {
+            l.error(
+                "the gRPC port needs TLS, and TLS needs a CA: pass --dev-ca DIR or \
+                 --issuer-cert/--issuer-key/--trust-anchors, or --grpc-plaintext for local use \
+                 without identity",
+            );
+        }
         let tokens = l.get(&TOKEN_VALIDATOR, |s| match s {
             "kube" => Ok(TokenSource::Kube),
             _ => match s.strip_prefix("static:") {
@@ -254,6 +282,8 @@ impl Config {
         Ok(Self {
             source: remora_config::present(source)?,
             grpc_addr: remora_config::present(grpc_addr)?,
+            grpc_plaintext,
+            max_streams_per_client: remora_config::present(max_streams_per_client)?,
             admin_addr: remora_config::present(admin_addr)?,
             namespace: remora_config::present(namespace)?,
             service_account: remora_config::present(service_account)?,

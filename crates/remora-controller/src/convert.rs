@@ -218,6 +218,14 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
         labels,
         default_inbound_policy,
         probe_paths: probe_paths(&spec),
+        container_ports: spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+            .filter_map(|p| u16::try_from(p.container_port).ok())
+            .collect(),
         skip_inbound_ports,
     })
 }

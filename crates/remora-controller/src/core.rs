@@ -94,6 +94,8 @@ pub struct Pod {
     pub default_inbound_policy: Option<String>,
     /// Container port → the kubelet's HTTP probe paths on it, always allowed inbound.
     pub probe_paths: BTreeMap<u16, Vec<String>>,
+    /// The TCP ports its containers declare (`containerPort`): the ports it serves.
+    pub container_ports: std::collections::BTreeSet<u16>,
     /// Ports its proxy does not intercept (the admin port, and the
     /// `remora.io/skip-inbound-ports` annotation): reached without mTLS.
     pub skip_inbound_ports: Vec<remora_config::PortRange>,

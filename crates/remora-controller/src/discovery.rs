@@ -1,10 +1,11 @@
 //! The single writer and the published answers. Events are applied to the index in
 //! batches; every target some proxy watches has one `watch` channel, shared by all of
-//! its streams, and gets a new answer only when its answer changed.
+//! its streams, gets a new answer only when its answer changed, and is forgotten when
+//! its last stream ends.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tokio::sync::{mpsc, watch};
 
 use remora_api::v1 as api;
@@ -13,14 +14,20 @@ use crate::{
     core::{Event, Published, Shared, Target},
     index::{Index, Touched},
     metrics::Metrics,
-    policy::{self, InboundKey, InboundRx},
+    policy::{self, WorkloadKey},
+    watches::{Watched, Watches},
 };
 
 /// The most events applied before answers are recomputed: a burst is coalesced, and a
 /// long one still publishes as it goes.
 const MAX_BATCH: usize = 1024;
 
-type OutboundTx = watch::Sender<Arc<api::OutboundPolicy>>;
+/// A Destination stream's view of its target.
+pub type TargetWatch = Watched<Target, Shared>;
+/// A `WatchOutbound` stream's view: the target and the client's namespace.
+pub type OutboundWatch = Watched<(Target, String), Arc<api::OutboundPolicy>>;
+/// A `WatchInboundWorkload` stream's view of its workload.
+pub type InboundWatch = Watched<WorkloadKey, Arc<api::InboundWorkloadPolicy>>;
 
 /// The namespace and ServiceAccount of a workload identity
 /// (`spiffe://<trust-domain>/ns/<namespace>/sa/<serviceaccount>`).
@@ -42,14 +49,13 @@ pub fn workload_of(identity: &str) -> Option<(&str, &str)> {
 
 pub struct Discovery {
     index: RwLock<Index>,
-    /// One channel per watched target. Lock order: `subs`, then `index`.
-    subs: Mutex<HashMap<Target, watch::Sender<Shared>>>,
-    /// One channel per watched inbound port. Lock order: `inbound`, then `index`.
-    inbound: Mutex<HashMap<InboundKey, watch::Sender<Arc<api::InboundPolicy>>>>,
-    /// One channel per target whose outbound policy is watched. Lock order: `outbound`,
-    /// then `index`.
-    /// Keyed by the target and the client's namespace (consumer routes differ by it).
-    outbound: Mutex<HashMap<(Target, String), OutboundTx>>,
+    /// One channel per watched target. Lock order (for each set): the set, then `index`.
+    subs: Arc<Watches<Target, Shared>>,
+    /// One channel per watched workload (pod and the proxy's default).
+    inbound: Arc<Watches<WorkloadKey, Arc<api::InboundWorkloadPolicy>>>,
+    /// One channel per target whose outbound policy is watched, keyed by the target and
+    /// the client's namespace (consumer routes differ by it).
+    outbound: Arc<Watches<(Target, String), Arc<api::OutboundPolicy>>>,
     /// What `cluster-authenticated` trusts.
     cluster_networks: Vec<ipnet::IpNet>,
     /// True once the source has delivered its initial state.
@@ -61,9 +67,9 @@ impl Discovery {
     pub fn new(index: Index, metrics: Metrics, cluster_networks: Vec<ipnet::IpNet>) -> Arc<Self> {
         Arc::new(Self {
             index: RwLock::new(index),
-            subs: Mutex::new(HashMap::new()),
-            inbound: Mutex::new(HashMap::new()),
-            outbound: Mutex::new(HashMap::new()),
+            subs: Watches::new(metrics.targets.clone()),
+            inbound: Watches::new(metrics.policy_watches(crate::metrics::Direction::Inbound)),
+            outbound: Watches::new(metrics.policy_watches(crate::metrics::Direction::Outbound)),
             cluster_networks,
             synced: watch::channel(false).0,
             metrics,
@@ -72,20 +78,11 @@ impl Discovery {
 
     /// The current outbound policy for `target` as a client in `client_ns` sees it, and
     /// every later one.
-    pub fn subscribe_outbound(
-        &self,
-        target: Target,
-        client_ns: String,
-    ) -> watch::Receiver<Arc<api::OutboundPolicy>> {
-        let mut subs = self.outbound.lock();
-        let key = (target, client_ns);
-        if let Some(tx) = subs.get(&key) {
-            return tx.subscribe();
-        }
-        let policy = crate::outbound::outbound(&self.index.read(), &key.0, &key.1);
-        let (tx, rx) = watch::channel(Arc::new(policy));
-        subs.insert(key, tx);
-        rx
+    pub fn subscribe_outbound(&self, target: Target, client_ns: String) -> OutboundWatch {
+        self.outbound
+            .subscribe((target, client_ns), |(target, ns)| {
+                Arc::new(crate::outbound::outbound(&self.index.read(), target, ns))
+            })
     }
 
     /// Whether the proxy proving `identity` may ask about `pod`'s inbound policy: the
@@ -115,16 +112,15 @@ impl Discovery {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// The current inbound policy for `key`, and every later one.
-    pub fn subscribe_inbound(&self, key: InboundKey) -> InboundRx {
-        let mut subs = self.inbound.lock();
-        if let Some(tx) = subs.get(&key) {
-            return tx.subscribe();
-        }
-        let policy = policy::inbound(&self.index.read(), &key, &self.cluster_networks);
-        let (tx, rx) = watch::channel(Arc::new(policy));
-        subs.insert(key, tx);
-        rx
+    /// The current inbound policy of every port of `key`'s pod, and every later one.
+    pub fn subscribe_inbound(&self, key: WorkloadKey) -> InboundWatch {
+        self.inbound.subscribe(key, |key| {
+            Arc::new(policy::workload(
+                &self.index.read(),
+                key,
+                &self.cluster_networks,
+            ))
+        })
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -132,18 +128,13 @@ impl Discovery {
     }
 
     /// The current answer for `target`, and every later one.
-    pub fn subscribe(&self, target: Target) -> watch::Receiver<Shared> {
-        let mut subs = self.subs.lock();
-        if let Some(tx) = subs.get(&target) {
-            return tx.subscribe();
-        }
-        let resolution = self.index.read().resolve(&target);
-        let (tx, rx) = watch::channel(Arc::new(Published {
-            resolution,
-            since: None,
-        }));
-        subs.insert(target, tx);
-        rx
+    pub fn subscribe(&self, target: Target) -> TargetWatch {
+        self.subs.subscribe(target, |target| {
+            Arc::new(Published {
+                resolution: self.index.read().resolve(target),
+                since: None,
+            })
+        })
     }
 
     /// Applies events until the source ends; `on_synced` runs once the source has
@@ -178,49 +169,29 @@ impl Discovery {
     }
 
     fn publish(&self, touched: &Touched, since: Option<Instant>) {
-        {
-            let mut outbound = self.outbound.lock();
-            outbound.retain(|_, tx| tx.receiver_count() > 0);
+        // Each set's lock is held while its answers are recomputed, so a stream that
+        // subscribes meanwhile gets either the old answer and then the new one, or the new.
+        self.outbound.each(|(target, client_ns), tx| {
             let index = self.index.read();
-            for ((target, client_ns), tx) in outbound.iter() {
-                if !index.affects(target, touched) {
-                    continue;
-                }
-                let policy = crate::outbound::outbound(&index, target, client_ns);
-                tx.send_if_modified(|current| {
-                    if **current == policy {
-                        return false;
-                    }
-                    *current = Arc::new(policy);
-                    true
-                });
-            }
-        }
-        if !touched.policy_namespaces.is_empty() {
-            let mut inbound = self.inbound.lock();
-            inbound.retain(|_, tx| tx.receiver_count() > 0);
-            let index = self.index.read();
-            for (key, tx) in inbound.iter() {
-                if !touched.policy_namespaces.contains(&key.pod.namespace) {
-                    continue;
-                }
-                let policy = policy::inbound(&index, key, &self.cluster_networks);
-                tx.send_if_modified(|current| {
-                    if **current == policy {
-                        return false;
-                    }
-                    *current = Arc::new(policy);
-                    true
-                });
-            }
-        }
-        let mut subs = self.subs.lock();
-        // Targets nobody watches any more are forgotten.
-        subs.retain(|_, tx| tx.receiver_count() > 0);
-        let index = self.index.read();
-        for (target, tx) in subs.iter() {
             if !index.affects(target, touched) {
-                continue;
+                return;
+            }
+            let policy = crate::outbound::outbound(&index, target, client_ns);
+            send_if_changed(tx, policy);
+        });
+        if !touched.policy_namespaces.is_empty() {
+            self.inbound.each(|key, tx| {
+                if !touched.policy_namespaces.contains(&key.pod.namespace) {
+                    return;
+                }
+                let index = self.index.read();
+                send_if_changed(tx, policy::workload(&index, key, &self.cluster_networks));
+            });
+        }
+        self.subs.each(|target, tx| {
+            let index = self.index.read();
+            if !index.affects(target, touched) {
+                return;
             }
             let resolution = index.resolve(target);
             tx.send_if_modified(|current| {
@@ -230,7 +201,17 @@ impl Discovery {
                 *current = Arc::new(Published { resolution, since });
                 true
             });
-        }
-        self.metrics.set_targets(subs.len());
+        });
     }
+}
+
+/// Publishes `value` when it differs from the current answer.
+fn send_if_changed<T: PartialEq>(tx: &watch::Sender<Arc<T>>, value: T) {
+    tx.send_if_modified(|current| {
+        if **current == value {
+            return false;
+        }
+        *current = Arc::new(value);
+        true
+    });
 }

@@ -1,5 +1,6 @@
-//! The gRPC side: `Destination.Get` streams a full snapshot, then deltas, from the
-//! published answers. A stream costs a receiver and its last-sent set; no task.
+//! The gRPC side: the services behind one port, after [`Access`] has checked the
+//! caller; `Destination.Get` streams a full snapshot, then deltas, from the published
+//! answers. A stream costs a receiver and its last-sent set; no task.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -10,22 +11,23 @@ use std::{
 
 use futures_util::Stream;
 use remora_api::v1 as api;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    access::{Access, Caller, StreamPermit},
     core::{EndpointView, NsName, Protocol, Resolution, Shared, Target},
-    discovery::Discovery,
+    discovery::{Discovery, TargetWatch},
 };
 
 /// The controller's gRPC services behind one listener, routed by path (what tonic's
-/// router would do, without its axum dependency).
+/// router would do, without its axum dependency), each call checked by `access` first.
 #[derive(Clone)]
 pub struct Routes {
     pub destination: api::destination_server::DestinationServer<DestinationService>,
     pub identity: api::identity_server::IdentityServer<crate::identity::grpc::IdentityService>,
     pub policy: api::policy_server::PolicyServer<crate::policy::PolicyService>,
+    pub access: Arc<Access>,
 }
 
 impl<B> tower_service::Service<http::Request<B>> for Routes
@@ -46,6 +48,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default();
+        if let Err(status) = self.access.check(req.uri().path(), &caller) {
+            tracing::debug!(path = req.uri().path(), addr = ?caller.addr, %status, "refused");
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
         if req.uri().path().starts_with("/remora.v1.Identity/") {
             Box::pin(self.identity.call(req))
         } else if req.uri().path().starts_with("/remora.v1.Policy/") {
@@ -93,6 +104,7 @@ pub struct DestinationService {
     discovery: Arc<Discovery>,
     cluster_domain: String,
     shutdown: CancellationToken,
+    access: Arc<Access>,
 }
 
 impl DestinationService {
@@ -100,11 +112,13 @@ impl DestinationService {
         discovery: Arc<Discovery>,
         cluster_domain: String,
         shutdown: CancellationToken,
+        access: Arc<Access>,
     ) -> Self {
         Self {
             discovery,
             cluster_domain,
             shutdown,
+            access,
         }
     }
 }
@@ -121,15 +135,20 @@ impl api::destination_server::Destination for DestinationService {
     ) -> Result<Response<UpdateStream>, Status> {
         let target = parse_target(&req.get_ref().target, &self.cluster_domain)
             .map_err(Status::invalid_argument)?;
-        let rx = self.discovery.subscribe(target);
+        let permit = self
+            .access
+            .streams
+            .acquire(req.extensions().get::<Caller>(), &self.access.metrics)?;
+        let watched = self.discovery.subscribe(target);
         let metrics = self.discovery.metrics().clone();
         metrics.streams_open.inc();
         let state = StreamState {
-            rx,
+            watched,
             sent: None,
             pending: VecDeque::new(),
             first: true,
             guard: OpenGuard(metrics),
+            _permit: permit,
         };
         let shutdown = self.shutdown.clone();
         let stream = futures_util::stream::unfold(state, move |mut s| {
@@ -142,12 +161,12 @@ impl api::destination_server::Destination for DestinationService {
                     }
                     if !s.first {
                         tokio::select! {
-                            r = s.rx.changed() => if r.is_err() { return None },
+                            r = s.watched.rx().changed() => if r.is_err() { return None },
                             _ = shutdown.cancelled() => return None,
                         }
                     }
                     s.first = false;
-                    let published: Shared = s.rx.borrow_and_update().clone();
+                    let published: Shared = s.watched.rx().borrow_and_update().clone();
                     s.pending = updates(&mut s.sent, &published.resolution);
                     if let Some(since) = published.since
                         && !s.pending.is_empty()
@@ -165,12 +184,13 @@ impl api::destination_server::Destination for DestinationService {
 }
 
 struct StreamState {
-    rx: watch::Receiver<Shared>,
+    watched: TargetWatch,
     /// What the proxy has: `None` before the first snapshot or after `Unknown`.
     sent: Option<BTreeMap<SocketAddr, EndpointView>>,
     pending: VecDeque<api::Update>,
     first: bool,
     guard: OpenGuard,
+    _permit: StreamPermit,
 }
 
 /// Counts the stream as open while it lives.

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod grpc;
 pub mod serving;
+pub mod throttle;
 pub mod token;
 
 pub use ca::{Ca, CaError};

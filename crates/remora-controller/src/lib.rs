@@ -2,6 +2,7 @@
 //! `Destination.Get` streams each target's endpoints to the proxies; the admin port
 //! reports readiness after the first full sync, and metrics.
 
+pub mod access;
 pub mod config;
 pub mod convert;
 pub mod core;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod source;
+pub mod watches;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
@@ -29,13 +31,14 @@ use tracing::{info, warn};
 pub use config::{Config, IssuerSource, KNOBS, SourceKind, TokenSource};
 
 use crate::{
+    access::{Access, StreamLimits},
     discovery::Discovery,
     grpc::DestinationService,
     identity::{
         Ca, ServiceAccount, TokenValidator,
         grpc::IdentityService,
         serving,
-        token::{KubeTokens, StaticTokens},
+        token::{CachedTokens, KubeTokens, StaticTokens},
     },
     index::{Domains, Index},
     metrics::Metrics,
@@ -124,10 +127,10 @@ impl App {
         };
         let discovery = Discovery::new(
             Index::new(domains),
-            metrics,
+            metrics.clone(),
             config.cluster_networks.clone(),
         );
-        let (identity, ca) = identity_service(&config).await?;
+        let (identity, ca) = identity_service(&config, metrics.clone()).await?;
         let grpc_tls = match ca {
             Some(ca) => {
                 let anchors = ca.trust_anchors_pem().to_string();
@@ -196,24 +199,39 @@ impl App {
             readiness.release(INITIAL_SYNC);
         }));
 
+        let access = Arc::new(Access {
+            plaintext: config.grpc_plaintext,
+            streams: StreamLimits::new(config.max_streams_per_client as usize),
+            metrics: discovery.metrics().clone(),
+        });
+        if config.grpc_plaintext {
+            warn!(
+                "--grpc-plaintext: gRPC is also served without TLS, to anyone who can reach \
+                 the port; use it only locally"
+            );
+        }
         let routes = grpc::Routes {
             destination: DestinationServer::new(DestinationService::new(
                 discovery.clone(),
                 config.cluster_domain.clone(),
                 stop.clone(),
+                access.clone(),
             )),
             identity: IdentityServer::new(identity),
             policy: PolicyServer::new(PolicyService::new(
                 discovery,
                 config.cluster_domain.clone(),
                 stop.clone(),
-                grpc_tls.is_some(),
+                access.clone(),
             )),
+            access,
         };
         let grpc_stop = stop.clone();
+        let max_streams = config.max_streams_per_client;
         let grpc = tokio::spawn(async move {
             let incoming = serving::incoming(grpc_listener, grpc_tls, grpc_stop.clone());
             let result = tonic::transport::Server::builder()
+                .max_concurrent_streams(max_streams)
                 .serve_with_incoming_shutdown(routes, incoming, grpc_stop.cancelled())
                 .await;
             if let Err(error) = result {
@@ -240,6 +258,7 @@ impl App {
 /// answers UNAVAILABLE and says what to configure.
 async fn identity_service(
     config: &Config,
+    metrics: Metrics,
 ) -> Result<(IdentityService, Option<Arc<Ca>>), BuildError> {
     let ca = match &config.issuer {
         IssuerSource::None => None,
@@ -265,7 +284,10 @@ async fn identity_service(
             let client = ::kube::Client::try_default()
                 .await
                 .map_err(|e| BuildError::Kube(e.to_string()))?;
-            Some(Arc::new(KubeTokens::new(client)))
+            // Certify repeated with one token costs one TokenReview a minute.
+            Some(Arc::new(CachedTokens::new(Arc::new(KubeTokens::new(
+                client,
+            )))))
         }
     };
     if ca.is_none() {
@@ -274,7 +296,7 @@ async fn identity_service(
         );
     }
     Ok((
-        IdentityService::new(ca.clone(), tokens, config.trust_domain.clone()),
+        IdentityService::new(ca.clone(), tokens, config.trust_domain.clone(), metrics),
         ca,
     ))
 }

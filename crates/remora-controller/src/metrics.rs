@@ -13,6 +13,27 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
 ];
 
+/// An enum of label values, each with its text.
+macro_rules! label_values {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $var:ident => $text:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $var,)* }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$var => $text,)* }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
 impl EncodeLabelValue for Kind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         EncodeLabelValue::encode(&self.as_str(), encoder)
@@ -24,13 +45,89 @@ struct KindLabels {
     kind: Kind,
 }
 
+label_values! {
+    /// Which side of a proxy a policy watch is for.
+    pub enum Direction {
+        Inbound => "inbound",
+        Outbound => "outbound",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: Direction,
+}
+
+label_values! {
+    /// Why a gRPC call was refused before it was served.
+    pub enum Refusal {
+        /// No client certificate (or plaintext, where it is not enabled).
+        Unauthenticated => "unauthenticated",
+        /// The client has as many streams open as it may.
+        TooManyStreams => "too_many_streams",
+        /// A workload asked about what its identity may not see.
+        PermissionDenied => "permission_denied",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: Refusal,
+}
+
+label_values! {
+    /// How one `Identity.Certify` call ended.
+    pub enum CertifyResult {
+        Issued => "issued",
+        /// The client asked too often.
+        RateLimited => "rate_limited",
+        /// The token is not a valid ServiceAccount token for the identity audience.
+        BadToken => "bad_token",
+        /// The token is valid but for another identity.
+        WrongIdentity => "wrong_identity",
+        /// The CSR does not name exactly the identity, or its key is not P-256.
+        BadCsr => "bad_csr",
+        /// The token could not be checked, or no CA is configured.
+        Unavailable => "unavailable",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertifyLabels {
+    result: CertifyResult,
+}
+
+label_values! {
+    /// Why a source refused an input.
+    pub enum SourceRefusal {
+        /// A `dir:` file larger than the limit.
+        TooLarge => "too_large",
+        /// A `dir:` file nested deeper than the limit.
+        TooDeep => "too_deep",
+        /// A `dir:` file that could not be read.
+        Unreadable => "unreadable",
+        /// Malformed YAML, an unknown field, or an object that fails validation.
+        Invalid => "invalid",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceRefusalLabels {
+    reason: SourceRefusal,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
-    targets: Gauge,
+    /// Destination targets watched by at least one stream.
+    pub targets: Gauge,
+    policy_watches: Family<DirectionLabels, Gauge>,
     pub streams_open: Gauge,
     pub updates_sent: Counter,
     pub update_latency: Histogram,
+    refused: Family<RefusalLabels, Counter>,
+    certify: Family<CertifyLabels, Counter>,
+    source_refusals: Family<SourceRefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -40,15 +137,39 @@ impl Metrics {
         let m = Self {
             objects: Family::default(),
             targets: Gauge::default(),
+            policy_watches: Family::default(),
             streams_open: Gauge::default(),
             updates_sent: Counter::default(),
             update_latency: Histogram::new(LATENCY_BUCKETS),
+            refused: Family::default(),
+            certify: Family::default(),
+            source_refusals: Family::default(),
         };
         r.register("objects", "Objects indexed", m.objects.clone());
         r.register(
             "targets",
             "Targets watched by at least one stream",
             m.targets.clone(),
+        );
+        r.register(
+            "policy_watches",
+            "Workloads (inbound) and targets (outbound) whose policy at least one stream watches",
+            m.policy_watches.clone(),
+        );
+        r.register(
+            "grpc_refused",
+            "gRPC calls refused before being served, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "certify",
+            "Identity.Certify calls, by result",
+            m.certify.clone(),
+        );
+        r.register(
+            "source_refusals",
+            "Inputs a source refused (the last good state stays), by reason",
+            m.source_refusals.clone(),
         );
         r.register(
             "streams_open",
@@ -77,7 +198,23 @@ impl Metrics {
         }
     }
 
-    pub fn set_targets(&self, n: usize) {
-        self.targets.set(n as i64);
+    /// The gauge of workloads or targets whose policy is watched.
+    pub fn policy_watches(&self, direction: Direction) -> Gauge {
+        self.policy_watches
+            .get_or_create_owned(&DirectionLabels { direction })
+    }
+
+    pub fn refused(&self, reason: Refusal) {
+        self.refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    pub fn certified(&self, result: CertifyResult) {
+        self.certify.get_or_create(&CertifyLabels { result }).inc();
+    }
+
+    pub fn source_refused(&self, reason: SourceRefusal) {
+        self.source_refusals
+            .get_or_create(&SourceRefusalLabels { reason })
+            .inc();
     }
 }

@@ -1,21 +1,24 @@
-//! Inbound policy: compiles the AuthorizationPolicies that select a pod's port (or its
+//! Inbound policy: compiles the AuthorizationPolicies that select a pod (or its
 //! default, from the pod's annotation or the proxy's own setting) into the
-//! `InboundPolicy` a proxy enforces, and serves `Policy.WatchInbound`.
+//! `InboundWorkloadPolicy` a proxy enforces, one `InboundPolicy` per port the pod serves
+//! or a policy names and one for every other port, and serves `Policy`.
 
 use std::{pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use ipnet::IpNet;
 use remora_api::v1 as api;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::{
+    access::{Access, Caller, StreamPermit},
     core::{AuthzPolicy, AuthzSource, HttpMatch, NsName, Who},
     discovery::Discovery,
     index::Index,
+    metrics::Refusal,
+    watches::Watched,
 };
 
 /// The defaults a pod's inbound side can have.
@@ -26,30 +29,67 @@ pub const DEFAULTS: &[&str] = &[
     "deny",
 ];
 
-/// What one proxy asks about: a port of a pod, with its configured default.
+/// What one proxy asks about: its pod, with its configured default.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct InboundKey {
+pub struct WorkloadKey {
     pub pod: NsName,
-    pub port: u16,
     /// The proxy's REMORA_DEFAULT_INBOUND_POLICY.
     pub default: String,
 }
 
-/// Compiles the policy for `key` from the index.
-pub fn inbound(index: &Index, key: &InboundKey, cluster_networks: &[IpNet]) -> api::InboundPolicy {
-    let td = index.domains().trust_domain.as_str();
+/// Compiles the policy of every port of `key`'s pod from the index: each port the pod
+/// declares, a selecting policy names or the kubelet probes gets its own policy; every
+/// other port shares one.
+pub fn workload(
+    index: &Index,
+    key: &WorkloadKey,
+    cluster_networks: &[IpNet],
+) -> api::InboundWorkloadPolicy {
     let pod = index.pod(&key.pod);
     let empty = Default::default();
     let labels = pod.map(|p| &p.labels).unwrap_or(&empty);
-    let probe_paths = pod
-        .and_then(|p| p.probe_paths.get(&key.port))
-        .cloned()
-        .unwrap_or_default();
     let selecting: Vec<&AuthzPolicy> = index
         .authz_in(&key.pod.namespace)
         .into_iter()
         .filter(|a| a.selector.matches(labels))
-        .filter(|a| a.ports.is_empty() || a.ports.contains(&key.port))
+        .collect();
+    let mut ports: std::collections::BTreeSet<u16> = selecting
+        .iter()
+        .flat_map(|a| a.ports.iter().copied())
+        .collect();
+    if let Some(pod) = pod {
+        ports.extend(pod.container_ports.iter().copied());
+        ports.extend(pod.probe_paths.keys().copied());
+    }
+    let compile = |port| inbound(index, key, &selecting, port, cluster_networks);
+    api::InboundWorkloadPolicy {
+        ports: ports
+            .into_iter()
+            .map(|p| (u32::from(p), compile(Some(p))))
+            .collect(),
+        other: Some(compile(None)),
+    }
+}
+
+/// Compiles the policy of one `port` (None: a port no policy names and no probe uses)
+/// from the policies `selecting` the pod.
+fn inbound(
+    index: &Index,
+    key: &WorkloadKey,
+    selecting: &[&AuthzPolicy],
+    port: Option<u16>,
+    cluster_networks: &[IpNet],
+) -> api::InboundPolicy {
+    let td = index.domains().trust_domain.as_str();
+    let pod = index.pod(&key.pod);
+    let probe_paths = port
+        .and_then(|port| pod.and_then(|p| p.probe_paths.get(&port)))
+        .cloned()
+        .unwrap_or_default();
+    let selecting: Vec<&AuthzPolicy> = selecting
+        .iter()
+        .copied()
+        .filter(|a| a.ports.is_empty() || port.is_some_and(|p| a.ports.contains(&p)))
         .collect();
     // The annotation overrides the proxy's setting; a bad value is logged and ignored.
     let annotated = pod.and_then(|p| p.default_inbound_policy.as_deref());
@@ -222,15 +262,14 @@ fn route_match(m: &HttpMatch) -> api::HttpRouteMatch {
     }
 }
 
-/// `Policy`: `WatchInbound` streams a port's policy and `WatchOutbound` a target's,
-/// each sent again whenever it changes; nothing is answered before the source's first
-/// sync.
+/// `Policy`: `WatchInboundWorkload` streams a workload's inbound policy and
+/// `WatchOutbound` a target's, each sent again whenever it changes; nothing is answered
+/// before the source's first sync.
 pub struct PolicyService {
     discovery: Arc<Discovery>,
     cluster_domain: String,
     shutdown: CancellationToken,
-    /// The gRPC port serves TLS: a namespace counts only when a certificate proves it.
-    tls: bool,
+    access: Arc<Access>,
 }
 
 impl PolicyService {
@@ -238,13 +277,13 @@ impl PolicyService {
         discovery: Arc<Discovery>,
         cluster_domain: String,
         shutdown: CancellationToken,
-        tls: bool,
+        access: Arc<Access>,
     ) -> Self {
         Self {
             discovery,
             cluster_domain,
             shutdown,
-            tls,
+            access,
         }
     }
 
@@ -256,22 +295,29 @@ impl PolicyService {
     }
 }
 
-/// Streams the receiver's current value, then each change, until shutdown.
-fn stream_of<T: Clone + Send + Sync + 'static>(
-    rx: watch::Receiver<Arc<T>>,
+/// Streams the watch's current value, then each change, until shutdown. The permit
+/// and the watch are released when the stream ends.
+fn stream_of<K, T>(
+    watched: Watched<K, Arc<T>>,
+    permit: StreamPermit,
     shutdown: CancellationToken,
-) -> Streamed<T> {
-    let stream = futures_util::stream::unfold((rx, true), move |(mut rx, first)| {
+) -> Streamed<T>
+where
+    K: Eq + std::hash::Hash + Clone + Send + Sync + 'static,
+    T: Clone + Send + Sync + 'static,
+{
+    let state = (watched, permit, true);
+    let stream = futures_util::stream::unfold(state, move |(mut w, permit, first)| {
         let shutdown = shutdown.clone();
         async move {
             if !first {
                 tokio::select! {
-                    r = rx.changed() => if r.is_err() { return None },
+                    r = w.rx().changed() => if r.is_err() { return None },
                     _ = shutdown.cancelled() => return None,
                 }
             }
-            let value: Arc<T> = rx.borrow_and_update().clone();
-            Some((Ok((*value).clone()), (rx, false)))
+            let value: Arc<T> = w.rx().borrow_and_update().clone();
+            Some((Ok((*value).clone()), (w, permit, false)))
         }
     });
     Box::pin(stream)
@@ -282,7 +328,7 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[tonic::async_trait]
 impl api::policy_server::Policy for PolicyService {
     type WatchOutboundStream = Streamed<api::OutboundPolicy>;
-    type WatchInboundStream = Streamed<api::InboundPolicy>;
+    type WatchInboundWorkloadStream = Streamed<api::InboundWorkloadPolicy>;
 
     async fn watch_outbound(
         &self,
@@ -290,39 +336,41 @@ impl api::policy_server::Policy for PolicyService {
     ) -> Result<Response<Self::WatchOutboundStream>, Status> {
         let target = crate::grpc::parse_target(&req.get_ref().target, &self.cluster_domain)
             .map_err(Status::invalid_argument)?;
+        let caller = req.extensions().get::<Caller>().cloned();
         // Consumer routes follow the client's namespace: the one its certificate proves.
-        // Without TLS (local use) the one it says counts; with TLS, a caller without a
-        // certificate gets the producer routes only (consumer routes may carry values,
-        // such as injected headers, meant for their namespace alone).
-        let proven = req
-            .extensions()
-            .get::<crate::identity::serving::Caller>()
+        // Over plaintext (local use) the one it says counts.
+        let proven = caller
+            .as_ref()
             .and_then(|c| c.identity.as_deref())
             .and_then(crate::discovery::workload_of)
             .map(|(ns, _)| ns);
-        let client_ns = match (proven, self.tls) {
-            (Some(ns), _) => ns.to_string(),
-            (None, true) => String::new(),
-            (None, false) => req
+        let client_ns = match proven {
+            Some(ns) => ns.to_string(),
+            None => req
                 .get_ref()
                 .client
                 .as_ref()
                 .map(|c| c.namespace.clone())
                 .unwrap_or_default(),
         };
+        let permit = self
+            .access
+            .streams
+            .acquire(caller.as_ref(), &self.access.metrics)?;
         self.synced().await?;
-        let rx = self.discovery.subscribe_outbound(target, client_ns);
-        Ok(Response::new(stream_of(rx, self.shutdown.clone())))
+        let watched = self.discovery.subscribe_outbound(target, client_ns);
+        Ok(Response::new(stream_of(
+            watched,
+            permit,
+            self.shutdown.clone(),
+        )))
     }
 
-    async fn watch_inbound(
+    async fn watch_inbound_workload(
         &self,
         req: Request<api::InboundPolicyRequest>,
-    ) -> Result<Response<Self::WatchInboundStream>, Status> {
-        let caller = req
-            .extensions()
-            .get::<crate::identity::serving::Caller>()
-            .and_then(|c| c.identity.clone());
+    ) -> Result<Response<Self::WatchInboundWorkloadStream>, Status> {
+        let caller = req.extensions().get::<Caller>().cloned();
         let req = req.into_inner();
         let (namespace, pod) = req
             .workload
@@ -335,10 +383,6 @@ impl api::policy_server::Policy for PolicyService {
                     req.workload
                 ))
             })?;
-        let port = u16::try_from(req.port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| Status::invalid_argument(format!("port {} is not a port", req.port)))?;
         let default = if req.default_policy.is_empty() {
             "all-unauthenticated".to_string()
         } else if DEFAULTS.contains(&req.default_policy.as_str()) {
@@ -350,27 +394,32 @@ impl api::policy_server::Policy for PolicyService {
                 DEFAULTS.join(", ")
             )));
         };
-        let key = InboundKey {
+        let key = WorkloadKey {
             pod: NsName::new(namespace, pod),
-            port,
             default,
         };
         // A proxy that proved its identity asks only about its own workload.
-        if let Some(id) = &caller
+        if let Some(id) = caller.as_ref().and_then(|c| c.identity.as_deref())
             && let Err(why) = self.discovery.may_ask_about(id, &key.pod)
         {
+            self.access.metrics.refused(Refusal::PermissionDenied);
             return Err(Status::permission_denied(why));
         }
+        let permit = self
+            .access
+            .streams
+            .acquire(caller.as_ref(), &self.access.metrics)?;
         // Nothing is answered before the source's first sync: a port's real policy
         // must not be preceded by its default.
         self.synced().await?;
-        let rx = self.discovery.subscribe_inbound(key);
-        Ok(Response::new(stream_of(rx, self.shutdown.clone())))
+        let watched = self.discovery.subscribe_inbound(key);
+        Ok(Response::new(stream_of(
+            watched,
+            permit,
+            self.shutdown.clone(),
+        )))
     }
 }
-
-/// A receiver type for the discovery module's inbound subscriptions.
-pub type InboundRx = watch::Receiver<Arc<api::InboundPolicy>>;
 
 #[cfg(test)]
 mod tests {
@@ -429,12 +478,25 @@ spec:
         Index::from_yaml(OBJECTS)
     }
 
-    fn key(pod: &str, port: u16, default: &str) -> InboundKey {
-        InboundKey {
+    /// The policy a proxy of `pod` with `default` enforces on `port`.
+    fn inbound(
+        index: &Index,
+        &(pod, port, default): &(&str, u16, &str),
+        nets: &[IpNet],
+    ) -> api::InboundPolicy {
+        let key = WorkloadKey {
             pod: NsName::new("shop", pod),
-            port,
             default: default.into(),
-        }
+        };
+        let mut w = workload(index, &key, nets);
+        w.ports
+            .remove(&u32::from(port))
+            .or(w.other)
+            .expect("a policy for every port")
+    }
+
+    fn key<'a>(pod: &'a str, port: u16, default: &'static str) -> (&'a str, u16, &'static str) {
+        (pod, port, default)
     }
 
     fn nets() -> Vec<IpNet> {
@@ -487,6 +549,29 @@ spec:
             p.authorizations[0].authentication,
             Some(api::authorization::Authentication::Unauthenticated(_))
         ));
+    }
+
+    #[test]
+    fn a_workload_lists_the_ports_it_serves_and_shares_one_policy_for_the_rest() {
+        let index = index();
+        let key = WorkloadKey {
+            pod: NsName::new("shop", "web-1"),
+            default: "deny".into(),
+        };
+        let w = workload(&index, &key, &nets());
+        // 8080: declared, named by web-from-frontend, and probed.
+        assert_eq!(w.ports.keys().copied().collect::<Vec<_>>(), [8080]);
+        let other = w.other.expect("other ports");
+        // Only the route-level policy selects every port; the default stays `deny`.
+        assert!(other.authorizations.is_empty());
+        assert_eq!(other.http_routes.len(), 1);
+        assert!(other.probe_paths.is_empty());
+        // A port the attacker picks gets exactly what `other` says, with nothing to keep.
+        assert_eq!(inbound(&index, &key_for("web-1", 31337), &nets()), other);
+    }
+
+    fn key_for(pod: &str, port: u16) -> (&str, u16, &'static str) {
+        (pod, port, "deny")
     }
 
     #[test]

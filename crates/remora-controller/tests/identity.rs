@@ -1,15 +1,37 @@
-//! `Identity.Certify` over real gRPC, next to `Destination` on the same listener: a
-//! token entitles exactly its ServiceAccount's certificate, and nothing else.
+//! `Identity.Certify` and the gRPC port's access rules over real gRPC and real TLS:
+//! a token entitles exactly its ServiceAccount's certificate; Certify needs no client
+//! certificate but everything else does; plaintext is refused unless enabled; one
+//! client's streams and Certify attempts are bounded, and counted.
 
-use std::path::Path;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
 
+use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use remora_api::v1 as api;
 use remora_controller::{App, Config};
-use tonic::{Code, transport::Channel};
+use rustls::{
+    ClientConfig, RootCertStore,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint},
+};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-fn csr_for(ns: &str, sa: &str) -> Vec<u8> {
+const CONTROLLER_NAME: &str =
+    "remora-controller.remora-system.serviceaccount.identity.cluster.local";
+
+/// A CSR for the workload, and its key.
+fn csr_for(ns: &str, sa: &str) -> (Vec<u8>, KeyPair) {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![
@@ -26,10 +48,17 @@ fn csr_for(ns: &str, sa: &str) -> Vec<u8> {
                 .unwrap(),
         ),
     ];
-    params.serialize_request(&key).unwrap().der().to_vec()
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    (csr, key)
 }
 
-async fn controller(dir: &Path, identity: bool) -> Channel {
+/// A running controller over a `dir:` folder: its gRPC and admin addresses.
+struct Running {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+}
+
+async fn controller(dir: &Path, identity: bool, extra: &[&str]) -> Running {
     let objects = dir.join("objects");
     std::fs::create_dir_all(&objects).unwrap();
     std::fs::write(
@@ -54,17 +83,105 @@ async fn controller(dir: &Path, identity: bool) -> Channel {
             format!("static:{}", dir.join("tokens.yaml").display()),
         ]);
     }
+    args.extend(extra.iter().map(|s| s.to_string()));
     let config = Config::load(args, &|_| None).unwrap();
     let app = App::build(config, remora_admin::LogLevel::detached("info"))
         .await
         .unwrap();
-    let addr = app.grpc_addr().unwrap();
+    let running = Running {
+        grpc: app.grpc_addr().unwrap(),
+        admin: app.admin_addr().unwrap(),
+    };
     tokio::spawn(app.run(std::future::pending()));
+    running
+}
+
+/// A plaintext channel to `addr`.
+async fn plaintext(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap()
+}
+
+/// A TLS channel to the controller at `addr`, verified against `anchors`, presenting
+/// `client` (a chain and its key) when given.
+fn tls(addr: SocketAddr, anchors: &str, client: Option<(Vec<Vec<u8>>, &KeyPair)>) -> Channel {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                chain.into_iter().map(CertificateDer::from).collect(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector_lazy(TlsConnector {
+            addr,
+            config: Arc::new(config),
+        })
+}
+
+#[derive(Clone)]
+struct TlsConnector {
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(this.addr).await?;
+            let name = ServerName::try_from(CONTROLLER_NAME).unwrap();
+            let tls = tokio_rustls::TlsConnector::from(this.config)
+                .connect(name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// The controller's `/metrics`.
+async fn metrics(admin: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text
+}
+
+/// The value of the sample whose name and labels are exactly `series`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn request(token: &str, identity: &str, csr: Vec<u8>) -> api::CertifyRequest {
@@ -77,15 +194,27 @@ fn request(token: &str, identity: &str, csr: Vec<u8>) -> api::CertifyRequest {
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 
+fn destination(target: &str) -> api::GetDestination {
+    api::GetDestination {
+        target: target.into(),
+        client: None,
+    }
+}
+
+/// Issue 11: without a client certificate (or over plaintext) `Destination.Get` and
+/// the policy watches answered endpoints, pod names, ServiceAccounts and policies.
 #[tokio::test]
-async fn certify_signs_what_the_token_entitles_and_refuses_the_rest() {
+async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_the_rest() {
     let dir = std::env::temp_dir().join(format!("remora-identity-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let channel = controller(&dir, true).await;
-    let mut client = api::identity_client::IdentityClient::new(channel.clone());
+    let running = controller(&dir, true, &[]).await;
+    let anchors = std::fs::read_to_string(dir.join("ca/trust-anchors.pem")).unwrap();
+    let anonymous = tls(running.grpc, &anchors, None);
+    let mut client = api::identity_client::IdentityClient::new(anonymous.clone());
 
+    let (csr, key) = csr_for("shop", "web");
     let rsp = client
-        .certify(request("web-token", WEB, csr_for("shop", "web")))
+        .certify(request("web-token", WEB, csr))
         .await
         .unwrap()
         .into_inner();
@@ -93,8 +222,7 @@ async fn certify_signs_what_the_token_entitles_and_refuses_the_rest() {
     let (_, issuer) = X509Certificate::from_der(&rsp.intermediate_certificates[0]).unwrap();
     leaf.verify_signature(Some(issuer.public_key()))
         .expect("leaf signed by the issuer");
-    let anchors = std::fs::read_to_string(dir.join("ca/trust-anchors.pem")).unwrap();
-    let root_der = pem::parse(anchors).unwrap().into_contents();
+    let root_der = pem::parse(&anchors).unwrap().into_contents();
     let (_, root) = X509Certificate::from_der(&root_der).unwrap();
     issuer
         .verify_signature(Some(root.public_key()))
@@ -111,7 +239,7 @@ async fn certify_signs_what_the_token_entitles_and_refuses_the_rest() {
         .certify(request(
             "web-token",
             "spiffe://cluster.local/ns/shop/sa/other",
-            csr_for("shop", "other"),
+            csr_for("shop", "other").0,
         ))
         .await
         .unwrap_err();
@@ -123,25 +251,86 @@ async fn certify_signs_what_the_token_entitles_and_refuses_the_rest() {
     );
     // The right identity, but a CSR for sa other.
     let err = client
-        .certify(request("web-token", WEB, csr_for("shop", "other")))
+        .certify(request("web-token", WEB, csr_for("shop", "other").0))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("must name exactly"), "{err}");
     // An unknown token.
     let err = client
-        .certify(request("stolen", WEB, csr_for("shop", "web")))
+        .certify(request("stolen", WEB, csr_for("shop", "web").0))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
 
-    // Destination answers on the same listener.
-    let mut dest = api::destination_client::DestinationClient::new(channel);
-    let mut stream = dest
-        .get(api::GetDestination {
-            target: "10.96.0.99:80".into(),
-            client: None,
+    // Without a certificate, nothing but Certify.
+    let err = api::destination_client::DestinationClient::new(anonymous)
+        .get(destination("10.96.0.99:80"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(
+        err.message().contains("client certificate is required"),
+        "{err}"
+    );
+    let err = api::policy_client::PolicyClient::new(tls(running.grpc, &anchors, None))
+        .watch_inbound_workload(api::InboundPolicyRequest {
+            workload: "shop:web-1".into(),
+            ..Default::default()
         })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    // Plaintext is refused, Certify included: a token must not travel in clear.
+    let err = api::identity_client::IdentityClient::new(plaintext(running.grpc).await)
+        .certify(request("web-token", WEB, csr_for("shop", "web").0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("--grpc-plaintext"), "{err}");
+    let text = metrics(running.admin).await;
+    assert_eq!(
+        value(
+            &text,
+            r#"remora_controller_grpc_refused_total{reason="unauthenticated"}"#
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&text, r#"remora_controller_certify_total{result="issued"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"remora_controller_certify_total{result="bad_token"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"remora_controller_certify_total{result="wrong_identity"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            r#"remora_controller_certify_total{result="bad_csr"}"#
+        ),
+        1.0
+    );
+
+    // With the certificate it was given, Destination answers on the same listener.
+    let chain = std::iter::once(rsp.leaf_certificate)
+        .chain(rsp.intermediate_certificates)
+        .collect();
+    let certified = tls(running.grpc, &anchors, Some((chain, &key)));
+    let mut dest = api::destination_client::DestinationClient::new(certified);
+    let mut stream = dest
+        .get(destination("10.96.0.99:80"))
         .await
         .unwrap()
         .into_inner();
@@ -159,12 +348,130 @@ async fn certify_signs_what_the_token_entitles_and_refuses_the_rest() {
 async fn without_a_ca_certify_says_what_to_configure() {
     let dir = std::env::temp_dir().join(format!("remora-identity-off-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut client = api::identity_client::IdentityClient::new(controller(&dir, false).await);
+    let running = controller(&dir, false, &["--grpc-plaintext"]).await;
+    let mut client = api::identity_client::IdentityClient::new(plaintext(running.grpc).await);
     let err = client
-        .certify(request("web-token", WEB, csr_for("shop", "web")))
+        .certify(request("web-token", WEB, csr_for("shop", "web").0))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("--dev-ca"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_a_ca_the_controller_needs_plaintext_asked_for() {
+    let args = ["remora-controller", "--source", "dir:/nonexistent"].map(String::from);
+    let err = Config::load(args, &|_| None).unwrap_err().to_string();
+    assert!(err.contains("--grpc-plaintext"), "{err}");
+}
+
+/// Issue 11: one client could ask Certify about 800 times a second, each a TokenReview.
+#[tokio::test]
+async fn certify_guessing_is_throttled_per_client_and_counted() {
+    let dir = std::env::temp_dir().join(format!("remora-identity-guess-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let running = controller(&dir, true, &[]).await;
+    let anchors = std::fs::read_to_string(dir.join("ca/trust-anchors.pem")).unwrap();
+    let mut client = api::identity_client::IdentityClient::new(tls(running.grpc, &anchors, None));
+    let mut codes = std::collections::BTreeMap::new();
+    let started = std::time::Instant::now();
+    for guess in 0..100 {
+        let err = client
+            .certify(request(&format!("guess-{guess}"), WEB, Vec::new()))
+            .await
+            .unwrap_err();
+        *codes.entry(format!("{:?}", err.code())).or_insert(0) += 1;
+    }
+    // The burst of 10, and one a second after it, is judged (and refused for the
+    // token); the rest never reach a review.
+    let unauthenticated = codes.get("Unauthenticated").copied().unwrap_or(0);
+    let exhausted = codes.get("ResourceExhausted").copied().unwrap_or(0);
+    let earned = 10 + started.elapsed().as_secs() as u32 + 1;
+    assert!((10..=earned).contains(&unauthenticated), "{codes:?}");
+    assert_eq!(unauthenticated + exhausted, 100, "{codes:?}");
+    let text = metrics(running.admin).await;
+    assert_eq!(
+        value(
+            &text,
+            r#"remora_controller_certify_total{result="rate_limited"}"#
+        ),
+        f64::from(exhausted),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 11: 100k cancelled `Destination.Get` streams for made-up targets grew the
+/// controller by 70 MB while `remora_controller_targets` read 0. A target is freed with
+/// its last stream; one client holds a bounded number of streams.
+#[tokio::test]
+async fn streams_are_bounded_per_client_and_their_targets_freed_when_they_end() {
+    let dir = std::env::temp_dir().join(format!("remora-identity-streams-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let running = controller(
+        &dir,
+        false,
+        &["--grpc-plaintext", "--max-streams-per-client", "8"],
+    )
+    .await;
+    let channel = plaintext(running.grpc).await;
+    let mut dest = api::destination_client::DestinationClient::new(channel);
+    let mut open = Vec::new();
+    for port in 1..=8 {
+        let mut stream = dest
+            .get(destination(&format!("10.96.0.1:{port}")))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().expect("a first answer");
+        open.push(stream);
+    }
+    let text = metrics(running.admin).await;
+    assert_eq!(value(&text, "remora_controller_targets"), 8.0, "{text}");
+    // On that connection a ninth stream would wait for HTTP/2 to allow it; on another
+    // connection from the same client it is refused.
+    let mut second = api::destination_client::DestinationClient::new(plaintext(running.grpc).await);
+    let err = second.get(destination("10.96.0.1:9")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    // Cancelled streams free their targets and their slots (the server learns of a
+    // cancel a moment after the client sends it).
+    open.clear();
+    for port in 100..600 {
+        let mut attempts = 0;
+        let mut stream = loop {
+            match dest.get(destination(&format!("10.96.0.1:{port}"))).await {
+                Ok(rsp) => break rsp.into_inner(),
+                Err(e) if e.code() == Code::ResourceExhausted && attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("port {port}: {e}"),
+            }
+        };
+        stream.message().await.unwrap().expect("a first answer");
+    }
+    let mut targets = f64::NAN;
+    for _ in 0..100 {
+        let text = metrics(running.admin).await;
+        targets = value(&text, "remora_controller_targets");
+        if targets == 0.0 {
+            assert_eq!(
+                value(&text, "remora_controller_streams_open"),
+                0.0,
+                "{text}"
+            );
+            assert!(
+                value(
+                    &text,
+                    r#"remora_controller_grpc_refused_total{reason="too_many_streams"}"#
+                ) >= 1.0,
+                "{text}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{targets} targets still watched after every stream ended");
 }

@@ -292,6 +292,7 @@ async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
         "remora-controller",
         "--source",
         "kube",
+        "--grpc-plaintext",
         "--grpc-addr",
         "127.0.0.1:0",
         "--admin-addr",

@@ -5,14 +5,14 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use remora_admin::{Admin, LogLevel, Readiness};
 
 use crate::{
-    authz::InboundPolicies,
+    authz::{InboundConfig, InboundPolicies},
     config::Config,
     connect::Connector,
     control::{self, Channels},
@@ -20,6 +20,7 @@ use crate::{
     identity::{self, Identity},
     metrics::{Direction, Metrics},
     proxy::{self, Ctx},
+    tcp,
     tls::{self, TlsContext},
 };
 
@@ -131,12 +132,20 @@ impl App {
         });
         let policies = InboundPolicies::new(
             channels.as_ref().map(|c| c.api.clone()),
-            info,
-            config.default_inbound_policy,
-            &config.trust_domain,
-            config.discovery_wait,
-            metrics.control_reconnects.clone(),
+            InboundConfig {
+                info,
+                default: config.default_inbound_policy,
+                trust_domain: config.trust_domain.clone(),
+                declared: config.inbound_ports.clone(),
+                wait: config.discovery_wait,
+                reconnects: metrics.control_reconnects.clone(),
+                fallbacks: metrics.authz_fallbacks.clone(),
+            },
         );
+        let idle = |direction| tcp::Idle {
+            timeout: config.tcp_idle_timeout,
+            closed: metrics.tcp_idle_closed(direction),
+        };
         let ctx = Arc::new(Ctx {
             discovery,
             discovery_wait: config.discovery_wait,
@@ -147,6 +156,9 @@ impl App {
             connector,
             tls,
             policies,
+            inbound_slots: Arc::new(Semaphore::new(config.inbound_max_connections)),
+            idle_inbound: idle(Direction::Inbound),
+            idle_outbound: idle(Direction::Outbound),
             metrics,
             drain: CancellationToken::new(),
             tracker: TaskTracker::new(),

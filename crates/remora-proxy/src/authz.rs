@@ -1,7 +1,7 @@
 //! Inbound authorization: the policy of each inbound port, as the controller compiled it
-//! from AuthorizationPolicy objects and defaults (`Policy.WatchInbound`), and the checks
-//! a connection or request must pass. Until the controller answers (or without one),
-//! the proxy's own default (`REMORA_DEFAULT_INBOUND_POLICY`) applies.
+//! from AuthorizationPolicy objects and defaults (`Policy.WatchInboundWorkload`), and
+//! the checks a connection or request must pass. Until the controller first answers (or
+//! without one), the proxy's own default (`REMORA_DEFAULT_INBOUND_POLICY`) applies.
 
 mod client;
 
@@ -11,7 +11,7 @@ use http::Method;
 use ipnet::IpNet;
 use remora_api::v1 as api;
 
-pub use client::{InboundPolicies, PortPolicy};
+pub use client::{InboundConfig, InboundPolicies, PortPolicy, WorkloadPolicy};
 
 /// The networks `cluster-authenticated` trusts when the controller has not said: the
 /// private ranges pod networks are carved from.
@@ -223,6 +223,16 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Allows nobody: what an answer the proxy cannot read stands for.
+    pub fn deny_all() -> Self {
+        Self {
+            name: Arc::from("deny:unreadable-answer"),
+            port: Vec::new(),
+            routes: Vec::new(),
+            probe_paths: Vec::new(),
+        }
+    }
+
     /// May this client open a TCP connection that is not HTTP?
     pub fn allows_connection(&self, peer: &Peer<'_>) -> bool {
         self.port.iter().any(|a| a.allows(peer))

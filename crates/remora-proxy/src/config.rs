@@ -104,6 +104,24 @@ pub const OPAQUE_PORTS: Knob = Knob::value(
     Some("25,587,3306,4444,5432,6379,9300,11211"),
     "Destination ports proxied as TCP without protocol detection (server-speaks-first protocols)",
 );
+pub const INBOUND_PORTS: Knob = Knob::value(
+    "inbound-ports",
+    "REMORA_INBOUND_PORTS",
+    Some(""),
+    "The ports the pod serves (its containerPorts; the injector sets them): inbound metrics name these and the ports policies name, and fold every other port into target=\"other\"",
+);
+pub const INBOUND_MAX_CONNECTIONS: Knob = Knob::value(
+    "inbound-max-connections",
+    "REMORA_INBOUND_MAX_CONNECTIONS",
+    Some("10000"),
+    "Inbound connections open at once; beyond it new ones are reset and counted, so no client can exhaust the pod's memory or file descriptors",
+);
+pub const TCP_IDLE_TIMEOUT: Knob = Knob::value(
+    "tcp-idle-timeout",
+    "REMORA_TCP_IDLE_TIMEOUT",
+    Some("1h"),
+    "An opaque TCP connection with no bytes either way for this long is closed (0 never closes one)",
+);
 pub const DETECT_TIMEOUT: Knob = Knob::value(
     "detect-timeout",
     "REMORA_DETECT_TIMEOUT",
@@ -157,6 +175,9 @@ pub const KNOBS: &[Knob] = &[
     OUTBOUND_ADDR,
     ADMIN_ADDR,
     OPAQUE_PORTS,
+    INBOUND_PORTS,
+    INBOUND_MAX_CONNECTIONS,
+    TCP_IDLE_TIMEOUT,
     DETECT_TIMEOUT,
     CONNECT_TIMEOUT,
     SHUTDOWN_GRACE_PERIOD,
@@ -186,6 +207,11 @@ pub struct Config {
     pub outbound_addrs: Vec<SocketAddr>,
     pub admin_addrs: Vec<SocketAddr>,
     pub opaque_ports: Vec<PortRange>,
+    /// The ports the pod declares.
+    pub inbound_ports: Vec<PortRange>,
+    pub inbound_max_connections: usize,
+    /// None: opaque connections are never closed for idleness.
+    pub tcp_idle_timeout: Option<Duration>,
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_grace_period: Duration,
@@ -259,6 +285,15 @@ impl Config {
         let outbound_addrs = l.get(&OUTBOUND_ADDR, parse_addrs);
         let admin_addrs = l.get(&ADMIN_ADDR, parse_addrs);
         let opaque_ports = l.get(&OPAQUE_PORTS, remora_config::parse_port_ranges);
+        let inbound_ports = l.get(&INBOUND_PORTS, remora_config::parse_port_ranges);
+        let inbound_max_connections =
+            l.get(&INBOUND_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
+                Ok(n @ 1..) => Ok(n),
+                _ => Err("expected a number of connections, at least 1".into()),
+            });
+        let tcp_idle_timeout = l.get(&TCP_IDLE_TIMEOUT, |s| {
+            remora_config::parse_duration(s).map(|d| (!d.is_zero()).then_some(d))
+        });
         let detect_timeout = l.get(&DETECT_TIMEOUT, parse_positive_duration);
         let connect_timeout = l.get(&CONNECT_TIMEOUT, parse_positive_duration);
         let shutdown_grace_period = l.get(&SHUTDOWN_GRACE_PERIOD, remora_config::parse_duration);
@@ -308,6 +343,9 @@ impl Config {
             outbound_addrs: remora_config::present(outbound_addrs)?,
             admin_addrs: remora_config::present(admin_addrs)?,
             opaque_ports: remora_config::present(opaque_ports)?,
+            inbound_ports: remora_config::present(inbound_ports)?,
+            inbound_max_connections: remora_config::present(inbound_max_connections)?,
+            tcp_idle_timeout: remora_config::present(tcp_idle_timeout)?,
             detect_timeout: remora_config::present(detect_timeout)?,
             connect_timeout: remora_config::present(connect_timeout)?,
             shutdown_grace_period: remora_config::present(shutdown_grace_period)?,

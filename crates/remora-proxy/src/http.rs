@@ -74,23 +74,41 @@ pub const ERROR_HEADER: &str = "remora-error";
 /// What a proxied response's body is: the upstream's stream, or the proxy's own message.
 pub type ProxyBody = MeteredBody<Either<Incoming, Full<Bytes>>>;
 
-/// Serves one client connection until it closes, or until `drain` asks it to finish
+/// How one client connection is served.
+#[derive(Debug)]
+pub struct Served {
+    pub metrics: HttpMetrics,
+    /// Cancelled when the proxy drains: in-flight requests finish, then the connection
+    /// closes.
+    pub drain: CancellationToken,
+    /// Inbound: the policy every request must pass.
+    pub admission: Option<Admission>,
+    /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established.
+    pub idle: crate::tcp::Idle,
+}
+
+/// Serves one client connection until it closes, or until the drain asks it to finish
 /// its in-flight requests and close.
-pub async fn serve<I>(
-    io: I,
-    route: Route,
-    metrics: HttpMetrics,
-    drain: CancellationToken,
-    admission: Option<Admission>,
-) where
+pub async fn serve<I>(io: I, route: Route, served: Served)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Served {
+        metrics,
+        drain,
+        admission,
+        idle,
+    } = served;
     let route = Arc::new(route);
     let admission = admission.map(Arc::new);
+    let idle = Arc::new(idle);
     let version = route.version();
     let svc = service_fn(move |req| {
         let (route, metrics, admission) = (route.clone(), metrics.clone(), admission.clone());
-        async move { Ok::<_, Infallible>(forward(req, &route, metrics, admission.as_deref()).await) }
+        let idle = idle.clone();
+        async move {
+            Ok::<_, Infallible>(forward(req, &route, metrics, admission.as_deref(), idle).await)
+        }
     });
     let io = TokioIo::new(io);
     let result = match version {
@@ -133,6 +151,7 @@ async fn forward(
     route: &Route,
     metrics: HttpMetrics,
     admission: Option<&Admission>,
+    idle: Arc<crate::tcp::Idle>,
 ) -> Response<ProxyBody> {
     metrics.requests.inc();
     let start = Instant::now();
@@ -161,7 +180,7 @@ async fn forward(
             strip_hop_by_hop(rsp.headers_mut(), switched);
             if let (true, Some(client_upgrade)) = (switched, client_upgrade) {
                 let server_upgrade = hyper::upgrade::on(&mut rsp);
-                tokio::spawn(tunnel(client_upgrade, server_upgrade));
+                tokio::spawn(tunnel(client_upgrade, server_upgrade, idle));
             }
             (rsp.map(Either::Left), in_flight)
         }
@@ -187,10 +206,14 @@ async fn forward(
 }
 
 /// Copies bytes between an upgraded client connection and its upgraded upstream.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    idle: Arc<crate::tcp::Idle>,
+) {
     match tokio::try_join!(client, server) {
         Ok((client, server)) => {
-            crate::tcp::forward(TokioIo::new(client), TokioIo::new(server)).await
+            crate::tcp::forward(TokioIo::new(client), TokioIo::new(server), &idle).await
         }
         Err(error) => debug!(%error, "upgrade did not complete"),
     }

@@ -66,9 +66,16 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         if let Some(peer) = peer {
             span.record("peer", peer);
         }
+        // Clients pick ports: only the ones the pod serves (or a policy names) get a
+        // series of their own.
+        let target = if ctx.policies.is_served(port) {
+            Cow::Owned(port.to_string())
+        } else {
+            Cow::Borrowed("other")
+        };
         TrafficLabels {
             direction: Direction::Inbound,
-            target: Cow::Owned(port.to_string()),
+            target,
             tls,
             peer_identity: Cow::Owned(peer.unwrap_or_default().to_string()),
         }
@@ -96,14 +103,7 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         // The connection made during detection, if any; otherwise one on demand.
         let fresh = upstream.map(Ok);
         let route = Route::Passthrough(Upstream::new(orig_dst, version, fresh, timeout));
-        return http::serve(
-            io,
-            route,
-            ctx.metrics.http(labels),
-            ctx.drain.clone(),
-            Some(admission),
-        )
-        .await;
+        return http::serve(io, route, served(ctx, labels, admission)).await;
     }
 
     let Some(configs) = ctx.tls.as_ref().and_then(|t| t.current()) else {
@@ -168,14 +168,17 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
             return opaque(ctx, stream, app, &policy, client, peer, &labels).await;
         }
     };
-    http::serve(
-        stream,
-        route,
-        ctx.metrics.http(labels),
-        ctx.drain.clone(),
-        Some(admission),
-    )
-    .await;
+    http::serve(stream, route, served(ctx, labels, admission)).await;
+}
+
+/// How an inbound HTTP connection is served: every request admitted by the policy.
+fn served(ctx: &Ctx, labels: TrafficLabels, admission: Admission) -> http::Served {
+    http::Served {
+        metrics: ctx.metrics.http(labels),
+        drain: ctx.drain.clone(),
+        admission: Some(admission),
+        idle: ctx.idle_inbound.clone(),
+    }
 }
 
 /// The connection to the app: the one made during detection, or a new one.
@@ -214,7 +217,7 @@ async fn opaque<I>(
         return;
     }
     match upstream.await {
-        Ok(upstream) => tcp::forward(io, upstream).await,
+        Ok(upstream) => tcp::forward(io, upstream, &ctx.idle_inbound).await,
         Err(error) => {
             info!(%error, "closing the client connection: the application is unreachable")
         }

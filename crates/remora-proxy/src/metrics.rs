@@ -181,6 +181,11 @@ pub struct Metrics {
     endpoints: Family<EndpointLabels, Gauge>,
     budget_exhausted: Family<TrafficLabels, Counter>,
     ejections: Family<TrafficLabels, Counter>,
+    tcp_refused: Family<DirectionLabels, Counter>,
+    tcp_idle_closed: Family<DirectionLabels, Counter>,
+    /// Inbound connections judged by the configured default policy because the
+    /// controller had not answered yet.
+    pub authz_fallbacks: Counter,
     /// Destination streams to the controller that ended and were started again.
     pub control_reconnects: Counter,
     /// When the current certificate expires, seconds since the epoch.
@@ -209,9 +214,27 @@ impl Metrics {
             endpoints: Family::default(),
             budget_exhausted: Family::default(),
             ejections: Family::default(),
+            tcp_refused: Family::default(),
+            tcp_idle_closed: Family::default(),
+            authz_fallbacks: Counter::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
         };
+        r.register(
+            "tcp_connections_refused",
+            "Connections reset at once because the listener's connection limit was reached",
+            m.tcp_refused.clone(),
+        );
+        r.register(
+            "tcp_idle_timeouts",
+            "Opaque TCP connections closed after carrying no bytes for the idle timeout",
+            m.tcp_idle_closed.clone(),
+        );
+        r.register(
+            "authz_policy_fallbacks",
+            "Inbound connections judged by the configured default policy because the controller had not answered yet",
+            m.authz_fallbacks.clone(),
+        );
         r.register(
             "http_retries",
             "Requests sent again after a retriable failure",
@@ -361,6 +384,18 @@ impl Metrics {
                 self.endpoints.get_or_create(&labels).set(*n as i64);
             }
         }
+    }
+
+    /// The counter of connections refused at the connection limit.
+    pub fn tcp_refused(&self, direction: Direction) -> Counter {
+        self.tcp_refused
+            .get_or_create_owned(&DirectionLabels { direction })
+    }
+
+    /// The counter of opaque connections closed for idleness.
+    pub fn tcp_idle_closed(&self, direction: Direction) -> Counter {
+        self.tcp_idle_closed
+            .get_or_create_owned(&DirectionLabels { direction })
     }
 
     /// Counts a connection refused by inbound policy.

@@ -5,6 +5,7 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use tokio::{
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -41,6 +42,11 @@ pub struct Ctx {
     pub discovery: Option<Arc<Discovery>>,
     pub discovery_wait: Duration,
     pub preconnect_delay: Duration,
+    /// Inbound connections open at once, at most (`REMORA_INBOUND_MAX_CONNECTIONS`).
+    pub inbound_slots: Arc<Semaphore>,
+    /// When opaque connections count as idle, for each direction.
+    pub idle_inbound: tcp::Idle,
+    pub idle_outbound: tcp::Idle,
     /// Cancelled when the proxy starts draining.
     pub drain: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -58,6 +64,13 @@ impl Ctx {
     pub fn is_opaque_port(&self, port: u16) -> bool {
         self.opaque_ports.iter().any(|r| r.contains(port))
     }
+
+    pub fn idle(&self, direction: Direction) -> &tcp::Idle {
+        match direction {
+            Direction::Inbound => &self.idle_inbound,
+            Direction::Outbound => &self.idle_outbound,
+        }
+    }
 }
 
 /// Accepts connections until the drain starts.
@@ -69,13 +82,25 @@ pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<C
         };
         match accepted {
             Ok((stream, client)) => {
+                // Any client can open inbound connections: past the limit they are reset
+                // at once, so none can exhaust memory or file descriptors.
+                let slot = match direction {
+                    Direction::Inbound => match ctx.inbound_slots.clone().try_acquire_owned() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => {
+                            ctx.metrics.tcp_refused(direction).inc();
+                            debug!(%client, "inbound connection limit reached: connection reset");
+                            reset(&stream);
+                            continue;
+                        }
+                    },
+                    Direction::Outbound => None,
+                };
                 let ctx2 = ctx.clone();
-                ctx.tracker.spawn(serve_connection(
-                    ctx2,
-                    direction,
-                    stream,
-                    ClientAddr(client),
-                ));
+                ctx.tracker.spawn(async move {
+                    serve_connection(ctx2, direction, stream, ClientAddr(client)).await;
+                    drop(slot);
+                });
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning.
@@ -270,7 +295,7 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
         ctx.metrics
             .detected(accept.direction, DetectResult::OpaquePort, start.elapsed());
         match connect_dest(ctx, &dest, accept.orig_dst).await {
-            Ok(upstream) => tcp::forward(io, upstream).await,
+            Ok(upstream) => tcp::forward(io, upstream, ctx.idle(accept.direction)).await,
             Err(error) => refuse(io.get_ref(), &error),
         }
         return;
@@ -315,7 +340,7 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
                     Err(error) => return refuse(io.into_parts().1.get_ref(), &error),
                 },
             };
-            return tcp::forward(io, upstream).await;
+            return tcp::forward(io, upstream, ctx.idle(accept.direction)).await;
         }
     };
     let route = match &dest {
@@ -345,7 +370,13 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
             ))
         }
     };
-    http::serve(io, route, ctx.metrics.http(labels), ctx.drain.clone(), None).await;
+    let served = http::Served {
+        metrics: ctx.metrics.http(labels),
+        drain: ctx.drain.clone(),
+        admission: None,
+        idle: ctx.idle(accept.direction).clone(),
+    };
+    http::serve(io, route, served).await;
 }
 
 /// The destination cannot be reached: the client sees a reset, as if it had been refused.

@@ -141,7 +141,11 @@ pub async fn run(root: &Path, opts: Options) -> anyhow::Result<Report> {
     }
     let started = Instant::now();
     let child = Command::new(root.join("target/release/remora-controller"))
-        .args(["--source", &format!("dir:{}", dir.display())])
+        .args([
+            "--source",
+            &format!("dir:{}", dir.display()),
+            "--grpc-plaintext",
+        ])
         .args([
             "--grpc-addr",
             "127.0.0.1:18086",

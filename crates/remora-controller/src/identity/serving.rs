@@ -1,9 +1,10 @@
 //! TLS on the controller's gRPC port. The controller certifies itself with its own CA
 //! (as ServiceAccount `--service-account` in `--namespace`), renews at 70 % of the
 //! lifetime, and serves TLS 1.3: a proxy verifies that name against its trust anchors.
-//! Client certificates are optional (a proxy has none before `Certify`) and verified
-//! when presented. A connection whose first byte is not a TLS handshake is served as
-//! plaintext, for local use with `http://`.
+//! Client certificates are optional at the handshake (a proxy has none before
+//! `Certify`) and verified when presented; [`crate::access`] decides what a caller
+//! without one may do. A connection whose first byte is not a TLS handshake is served
+//! as plaintext, which `access` refuses unless it was enabled for local use.
 
 use std::{
     io,
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{Ca, ServiceAccount, server_name, spiffe_id};
+use crate::access::Caller;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -128,26 +130,26 @@ pub enum GrpcIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// Who is calling, as far as the connection proves it: in each request's extensions.
-#[derive(Debug, Clone, Default)]
-pub struct Caller {
-    /// The SPIFFE ID of the client certificate, when one was presented (and verified).
-    pub identity: Option<String>,
-}
-
 impl tonic::transport::server::Connected for GrpcIo {
     type ConnectInfo = Caller;
     fn connect_info(&self) -> Caller {
-        let identity = match self {
-            GrpcIo::Plain(_) => None,
-            GrpcIo::Tls(tls) => tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| spiffe_of(leaf)),
-        };
-        Caller { identity }
+        match self {
+            GrpcIo::Plain(tcp) => Caller {
+                addr: tcp.peer_addr().ok(),
+                tls: false,
+                identity: None,
+            },
+            GrpcIo::Tls(tls) => Caller {
+                addr: tls.get_ref().0.peer_addr().ok(),
+                tls: true,
+                identity: tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| spiffe_of(leaf)),
+            },
+        }
     }
 }
 

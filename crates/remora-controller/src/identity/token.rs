@@ -1,7 +1,10 @@
 //! Who a token belongs to: `static:FILE` for tests and clusters-in-a-folder, `kube`
 //! (TokenReview with the identity audience) in Kubernetes.
 
-use std::{collections::HashMap, future::Future, path::Path, pin::Pin};
+use std::{collections::HashMap, future::Future, path::Path, pin::Pin, sync::Arc, time::Duration};
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::{Api, Client, api::PostParams};
@@ -16,7 +19,7 @@ pub struct ServiceAccount {
     pub name: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error("the token is not valid")]
     Invalid,
@@ -117,6 +120,86 @@ impl TokenValidator for KubeTokens {
     }
 }
 
+/// How long a TokenReview answer is reused at most: a token whose pod was deleted
+/// stops certifying within this long, and a client repeating one token costs the API
+/// server one review per this long.
+pub const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Tokens remembered at most (each is a few hundred bytes).
+const CACHE_MAX: usize = 10_000;
+
+/// Remembers another validator's answers for a token until it expires, at most
+/// [`CACHE_TTL`]; an answer that could not be had (the API server unreachable) is never
+/// remembered.
+pub struct CachedTokens {
+    inner: Arc<dyn TokenValidator>,
+    /// Token → the answer, and until when it may be reused.
+    cache: Mutex<HashMap<String, (Answer, Instant)>>,
+}
+
+type Answer = Result<ServiceAccount, TokenError>;
+
+impl CachedTokens {
+    pub fn new(inner: Arc<dyn TokenValidator>) -> Self {
+        Self {
+            inner,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn remember(&self, token: &str, answer: &Answer) {
+        if matches!(answer, Err(TokenError::Unavailable(_))) {
+            return;
+        }
+        let now = Instant::now();
+        let ttl = match (answer, expires_in(token)) {
+            (Ok(_), Some(left)) => left.min(CACHE_TTL),
+            _ => CACHE_TTL,
+        };
+        let mut cache = self.cache.lock();
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, (_, until)| *until > now);
+            if cache.len() >= CACHE_MAX {
+                return;
+            }
+        }
+        cache.insert(token.to_string(), (answer.clone(), now + ttl));
+    }
+}
+
+impl TokenValidator for CachedTokens {
+    fn validate<'a>(&'a self, token: &'a str) -> TokenFuture<'a> {
+        Box::pin(async move {
+            if let Some((answer, until)) = self.cache.lock().get(token)
+                && *until > Instant::now()
+            {
+                return answer.clone();
+            }
+            let answer = self.inner.validate(token).await;
+            self.remember(token, &answer);
+            answer
+        })
+    }
+}
+
+/// How long until a JWT's `exp`, read without checking its signature (the answer it
+/// bounds comes from a review that did check it). None when it cannot be read.
+fn expires_in(token: &str) -> Option<Duration> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()?
+        .get("exp")?
+        .as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(exp.saturating_sub(now)))
+}
+
 /// `system:serviceaccount:<ns>:<name>`.
 pub fn parse_service_account_user(user: &str) -> Option<ServiceAccount> {
     let rest = user.strip_prefix("system:serviceaccount:")?;
@@ -148,6 +231,73 @@ mod tests {
                 .unwrap_err()
                 .contains("expected a list")
         );
+    }
+
+    /// Counts the reviews it is asked for; `bad` tokens are refused, `down` ones
+    /// cannot be checked.
+    #[derive(Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl TokenValidator for Counting {
+        fn validate<'a>(&'a self, token: &'a str) -> TokenFuture<'a> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                match token {
+                    "down" => Err(TokenError::Unavailable("no API server".into())),
+                    t if t.starts_with("bad") => Err(TokenError::Invalid),
+                    _ => Ok(ServiceAccount {
+                        namespace: "shop".into(),
+                        name: "web".into(),
+                    }),
+                }
+            })
+        }
+    }
+
+    fn jwt_expiring_in(secs: u64) -> String {
+        use base64::Engine;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let b64 = |s: String| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "{}.{}.sig",
+            b64(r#"{"alg":"RS256"}"#.into()),
+            b64(format!(r#"{{"exp":{}}}"#, now + secs))
+        )
+    }
+
+    /// Issue 11: one TokenReview per Certify attempt, however often a token repeated.
+    #[tokio::test(start_paused = true)]
+    async fn reviews_are_reused_until_the_token_expires_at_most_a_minute() {
+        let inner = Arc::new(Counting::default());
+        let cached = CachedTokens::new(inner.clone());
+        let reviews = || inner.0.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..50 {
+            assert!(cached.validate("good").await.is_ok());
+            assert!(matches!(
+                cached.validate("bad").await,
+                Err(TokenError::Invalid)
+            ));
+        }
+        assert_eq!(reviews(), 2, "one review each");
+        // An unreachable API server is asked again every time.
+        for _ in 0..3 {
+            assert!(cached.validate("down").await.is_err());
+        }
+        assert_eq!(reviews(), 5);
+        tokio::time::advance(CACHE_TTL + Duration::from_secs(1)).await;
+        assert!(cached.validate("good").await.is_ok());
+        assert_eq!(reviews(), 6, "reviewed again after the TTL");
+        // A token expiring in 5 s is not trusted past then.
+        let short = jwt_expiring_in(5);
+        assert!(cached.validate(&short).await.is_ok());
+        assert!(cached.validate(&short).await.is_ok());
+        assert_eq!(reviews(), 7);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(cached.validate(&short).await.is_ok());
+        assert_eq!(reviews(), 8, "reviewed again once expired");
     }
 
     #[test]

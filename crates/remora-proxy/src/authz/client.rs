@@ -1,168 +1,298 @@
-//! The proxy's `Policy.WatchInbound` client: one stream per inbound port in use,
-//! reconnected with jittered backoff; the last answer stays in force while the
-//! controller is away.
+//! The proxy's `Policy.WatchInboundWorkload` client: one stream for the whole pod,
+//! reconnected with jittered backoff. Its last answer covers every port (those the pod
+//! serves by name, and one policy for the rest) and stays in force while the controller
+//! is away, so what a port scan costs is nothing and what it can widen is nothing. The
+//! configured default applies only until the controller has answered once.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use remora_api::v1 as api;
+use remora_config::PortRange;
 use tokio::sync::watch;
 use tonic::transport::Channel;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{DefaultPolicy, Policy};
 use crate::discovery::{Backoff, ClientInfo};
 
-/// Ports watched at once, before those no connection uses are forgotten: any client can
-/// pick a port, so the streams are bounded.
-const MAX_PORTS: usize = 256;
-
-/// One port's policy: the controller's latest answer, or the default before one.
-#[derive(Debug, Clone)]
-pub struct PortPolicy {
-    rx: watch::Receiver<Option<Arc<Policy>>>,
-    default: Arc<Policy>,
-    /// Counts the connections using the port's stream.
-    _users: Arc<()>,
+/// The controller's answer for the pod.
+#[derive(Debug, PartialEq)]
+pub struct WorkloadPolicy {
+    /// The ports the pod serves or a policy names, each with its policy.
+    ports: HashMap<u16, Arc<Policy>>,
+    /// Every other port.
+    other: Arc<Policy>,
 }
 
-struct Entry {
-    rx: watch::Receiver<Option<Arc<Policy>>>,
-    users: Arc<()>,
-    task: Option<tokio::task::AbortHandle>,
+impl WorkloadPolicy {
+    pub fn from_api(w: api::InboundWorkloadPolicy) -> Self {
+        Self {
+            ports: w
+                .ports
+                .into_iter()
+                .filter_map(|(port, p)| {
+                    Some((u16::try_from(port).ok()?, Arc::new(Policy::from_api(p))))
+                })
+                .collect(),
+            // A missing `other` grants nothing: never wider than what was said.
+            other: Arc::new(
+                w.other
+                    .map(Policy::from_api)
+                    .unwrap_or_else(Policy::deny_all),
+            ),
+        }
+    }
+
+    fn get(&self, port: u16) -> &Arc<Policy> {
+        self.ports.get(&port).unwrap_or(&self.other)
+    }
+}
+
+/// One inbound connection's view of its port's policy: the controller's latest answer,
+/// or the configured default before its first.
+#[derive(Debug, Clone)]
+pub struct PortPolicy {
+    rx: watch::Receiver<Option<Arc<WorkloadPolicy>>>,
+    port: u16,
+    default: Arc<Policy>,
 }
 
 impl PortPolicy {
     pub fn current(&self) -> Arc<Policy> {
-        self.rx
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| self.default.clone())
+        match &*self.rx.borrow() {
+            Some(w) => w.get(self.port).clone(),
+            None => self.default.clone(),
+        }
     }
 }
 
+/// Inbound policy for every port of the pod.
 pub struct InboundPolicies {
-    client: Option<api::policy_client::PolicyClient<Channel>>,
-    info: ClientInfo,
+    rx: watch::Receiver<Option<Arc<WorkloadPolicy>>>,
+    has_controller: bool,
     default: DefaultPolicy,
     default_policy: Arc<Policy>,
+    /// The ports the pod declares (`REMORA_INBOUND_PORTS`), named in metrics even before
+    /// the controller answers.
+    declared: Vec<PortRange>,
     wait: Duration,
-    ports: Mutex<HashMap<u16, Entry>>,
-    reconnects: Counter,
+    /// Connections judged by the configured default because the controller had not
+    /// answered yet.
+    fallbacks: Counter,
 }
 
 impl std::fmt::Debug for InboundPolicies {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InboundPolicies")
             .field("default", &self.default)
-            .field("ports", &self.ports.lock().len())
+            .field("answered", &self.rx.borrow().is_some())
             .finish()
     }
 }
 
+/// What the policy watch needs to run.
+#[derive(Debug)]
+pub struct InboundConfig {
+    pub info: ClientInfo,
+    pub default: DefaultPolicy,
+    pub trust_domain: String,
+    pub declared: Vec<PortRange>,
+    pub wait: Duration,
+    pub reconnects: Counter,
+    pub fallbacks: Counter,
+}
+
 impl InboundPolicies {
-    /// Without a channel (no controller) every port has the default policy.
-    pub fn new(
-        channel: Option<Channel>,
-        info: ClientInfo,
-        default: DefaultPolicy,
-        trust_domain: &str,
-        wait: Duration,
-        reconnects: Counter,
-    ) -> Arc<Self> {
+    /// Starts watching the pod's policy on `channel`; without one (no controller) every
+    /// port has the configured default.
+    pub fn new(channel: Option<Channel>, config: InboundConfig) -> Arc<Self> {
+        let (tx, rx) = watch::channel(None);
+        let has_controller = channel.is_some();
+        if let Some(channel) = channel {
+            let client = api::policy_client::PolicyClient::new(channel);
+            let req = api::InboundPolicyRequest {
+                workload: format!("{}:{}", config.info.namespace, config.info.pod_name),
+                client: Some(config.info.to_api()),
+                default_policy: config.default.as_str().to_string(),
+            };
+            tokio::spawn(watch_workload(client, req, tx, config.reconnects.clone()));
+        }
         Arc::new(Self {
-            client: channel.map(api::policy_client::PolicyClient::new),
-            info,
-            default,
-            default_policy: Arc::new(default.policy(trust_domain)),
-            wait,
-            ports: Mutex::new(HashMap::new()),
-            reconnects,
+            rx,
+            has_controller,
+            default: config.default,
+            default_policy: Arc::new(config.default.policy(&config.trust_domain)),
+            declared: config.declared,
+            wait: config.wait,
+            fallbacks: config.fallbacks,
         })
     }
 
-    /// The policy of `port`. The first connection to a port waits up to the discovery
-    /// wait for the controller's answer, so a port's first clients are judged by its
-    /// real policy rather than the default.
-    pub async fn port(self: &Arc<Self>, port: u16) -> PortPolicy {
-        let (rx, users) = {
-            let mut ports = self.ports.lock();
-            if !ports.contains_key(&port) && ports.len() >= MAX_PORTS {
-                // Forget ports no connection uses; their streams end.
-                ports.retain(|_, e| {
-                    let used = Arc::strong_count(&e.users) > 1;
-                    if !used && let Some(task) = &e.task {
-                        task.abort();
-                    }
-                    used
-                });
-            }
-            let entry = ports.entry(port).or_insert_with(|| {
-                let (tx, rx) = watch::channel(None);
-                let task = self.client.clone().map(|client| {
-                    tokio::spawn(self.clone().watch(client, port, tx)).abort_handle()
-                });
-                Entry {
-                    rx,
-                    users: Arc::new(()),
-                    task,
-                }
-            });
-            (entry.rx.clone(), entry.users.clone())
-        };
-        if self.client.is_some() && rx.borrow().is_none() {
-            let mut waiting = rx.clone();
+    /// The policy of `port`. Until the controller's first answer a connection waits up
+    /// to the discovery wait for it, so early clients are judged by the real policy;
+    /// past that the configured default judges it, and is counted.
+    pub async fn port(&self, port: u16) -> PortPolicy {
+        if self.has_controller && self.rx.borrow().is_none() {
+            let mut waiting = self.rx.clone();
             let answered = tokio::time::timeout(self.wait, waiting.wait_for(Option::is_some));
             if answered.await.is_err() {
+                self.fallbacks.inc();
                 debug!(
                     port,
-                    "no inbound policy from the controller yet: the default applies"
+                    default = self.default.as_str(),
+                    "no inbound policy from the controller yet: the configured default applies"
                 );
             }
         }
         PortPolicy {
-            rx,
+            rx: self.rx.clone(),
+            port,
             default: self.default_policy.clone(),
-            _users: users,
         }
     }
 
-    async fn watch(
-        self: Arc<Self>,
-        mut client: api::policy_client::PolicyClient<Channel>,
-        port: u16,
-        tx: watch::Sender<Option<Arc<Policy>>>,
-    ) {
-        let mut backoff = Backoff::new((port as u64) << 17);
-        loop {
-            let started = tokio::time::Instant::now();
-            let req = api::InboundPolicyRequest {
-                workload: format!("{}:{}", self.info.namespace, self.info.pod_name),
-                port: port.into(),
-                client: Some(self.info.to_api()),
-                default_policy: self.default.as_str().to_string(),
-            };
-            let result = async {
-                let mut stream = client.watch_inbound(req).await?.into_inner();
-                while let Some(p) = stream.message().await? {
-                    let policy = Arc::new(Policy::from_api(p));
-                    if tx.borrow().as_ref() != Some(&policy) {
-                        info!(port, policy = %policy.name, "inbound policy");
-                    }
-                    tx.send_replace(Some(policy));
+    /// Whether metrics name `port` (one the pod serves or a policy names) rather than
+    /// folding it into `other`: clients choose ports, so labels must not follow them.
+    pub fn is_served(&self, port: u16) -> bool {
+        self.declared.iter().any(|r| r.contains(port))
+            || self
+                .rx
+                .borrow()
+                .as_ref()
+                .is_some_and(|w| w.ports.contains_key(&port))
+    }
+}
+
+/// Keeps the pod's policy current until every connection's view is gone.
+async fn watch_workload(
+    mut client: api::policy_client::PolicyClient<Channel>,
+    req: api::InboundPolicyRequest,
+    tx: watch::Sender<Option<Arc<WorkloadPolicy>>>,
+    reconnects: Counter,
+) {
+    let mut backoff = Backoff::new(0x9e37_79b9);
+    loop {
+        let started = tokio::time::Instant::now();
+        let result = async {
+            let mut stream = client
+                .watch_inbound_workload(req.clone())
+                .await?
+                .into_inner();
+            while let Some(w) = stream.message().await? {
+                let policy = Arc::new(WorkloadPolicy::from_api(w));
+                if tx.borrow().as_ref() != Some(&policy) {
+                    info!(
+                        ports = policy.ports.len(),
+                        other = %policy.other.name,
+                        "inbound policy"
+                    );
                 }
-                Ok::<_, tonic::Status>(())
+                tx.send_replace(Some(policy));
             }
-            .await;
-            if let Err(status) = result {
-                warn!(port, %status, "inbound policy stream failed; the last policy stays in force");
-            }
-            if tx.is_closed() {
-                return;
-            }
-            self.reconnects.inc();
-            backoff.pause(started).await;
+            Ok::<_, tonic::Status>(())
         }
+        .await;
+        match result {
+            Err(status) if status.code() == tonic::Code::Unimplemented => error!(
+                %status,
+                "the controller does not serve WatchInboundWorkload: it is older than this \
+                 proxy; upgrade the controller first. The last policy stays in force"
+            ),
+            Err(status) => {
+                warn!(%status, "inbound policy stream failed; the last policy stays in force")
+            }
+            Ok(()) => {}
+        }
+        if tx.is_closed() {
+            return;
+        }
+        reconnects.inc();
+        backoff.pause(started).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(default: DefaultPolicy, fallbacks: &Counter) -> InboundConfig {
+        InboundConfig {
+            info: ClientInfo {
+                namespace: "shop".into(),
+                pod_name: "web-1".into(),
+                pod_ip: String::new(),
+            },
+            default,
+            trust_domain: "cluster.local".into(),
+            declared: remora_config::parse_port_ranges("8080,9000-9001").unwrap(),
+            wait: Duration::from_millis(200),
+            reconnects: Counter::default(),
+            fallbacks: fallbacks.clone(),
+        }
+    }
+
+    fn peer() -> super::super::Peer<'static> {
+        super::super::Peer {
+            ip: "10.0.0.9".parse().unwrap(),
+            identity: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn before_any_answer_the_configured_default_applies_and_is_counted() {
+        // A controller nobody answers at.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9")
+            .connect_timeout(Duration::from_millis(50))
+            .connect_lazy();
+        let fallbacks = Counter::default();
+        let policies = InboundPolicies::new(Some(channel), config(DefaultPolicy::Deny, &fallbacks));
+        let policy = policies.port(8080).await;
+        assert!(!policy.current().allows_connection(&peer()));
+        assert_eq!(fallbacks.get(), 1);
+        // Declared ports are named in metrics from the start; others are not.
+        assert!(policies.is_served(8080) && policies.is_served(9001));
+        assert!(!policies.is_served(31337));
+
+        // Without a controller the default is the design, not a fallback.
+        let fallbacks = Counter::default();
+        let standalone =
+            InboundPolicies::new(None, config(DefaultPolicy::AllUnauthenticated, &fallbacks));
+        assert!(
+            standalone
+                .port(80)
+                .await
+                .current()
+                .allows_connection(&peer())
+        );
+        assert_eq!(fallbacks.get(), 0);
+    }
+
+    #[test]
+    fn an_answer_covers_every_port_and_an_unreadable_one_grants_nothing() {
+        let open = api::InboundPolicy {
+            authorizations: vec![api::Authorization {
+                metadata: None,
+                networks: Vec::new(),
+                authentication: Some(api::authorization::Authentication::Unauthenticated(
+                    api::Unauthenticated {},
+                )),
+            }],
+            ..Default::default()
+        };
+        let w = WorkloadPolicy::from_api(api::InboundWorkloadPolicy {
+            ports: [(8080, open)].into(),
+            other: Some(api::InboundPolicy::default()),
+        });
+        assert!(w.get(8080).allows_connection(&peer()));
+        for port in [1, 8081, 65535] {
+            assert!(!w.get(port).allows_connection(&peer()), "{port}");
+        }
+        // No `other`: the rest of the ports are closed, not opened.
+        let w = WorkloadPolicy::from_api(api::InboundWorkloadPolicy {
+            ports: Default::default(),
+            other: None,
+        });
+        assert!(!w.get(80).allows_connection(&peer()));
     }
 }
