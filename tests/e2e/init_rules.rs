@@ -40,21 +40,29 @@ fn install_rerun_dry_run_and_cleanup() {
         "dry run changed the rules"
     );
 
-    // The printed input is exactly what a real run applies.
-    let mut restore = pod.command("iptables-restore");
-    restore
-        .args(["--noflush", "--wait=10"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = restore.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(printed.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    // The printed input is exactly what a real run applies: IPv4's, then (the pod has
+    // IPv6, as every fresh namespace does) IPv6's.
+    let (v4, v6) = printed
+        .strip_prefix("# iptables-restore input\n")
+        .and_then(|rest| rest.split_once("# ip6tables-restore input\n"))
+        .unwrap_or_else(|| panic!("one input per family: {printed}"));
+    for (tool, input) in [("iptables-restore", v4), ("ip6tables-restore", v6)] {
+        let mut restore = pod.command(tool);
+        restore
+            .args(["--noflush", "--wait=10"])
+            .stdin(std::process::Stdio::piped());
+        let mut child = restore.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{tool}");
+    }
     let by_hand = pod.nat_rules();
+    let by_hand_v6 = pod.nat_rules_v6();
     let run = pod.init(&bins, &["--skip-outbound-ports", "5432"]);
     assert!(run.status.success(), "{}", text(&run.stderr));
     let installed = pod.nat_rules();
@@ -65,6 +73,11 @@ fn install_rerun_dry_run_and_cleanup() {
             .collect::<Vec<_>>()
     };
     assert_eq!(rules(&installed), rules(&by_hand));
+    assert_eq!(rules(&pod.nat_rules_v6()), rules(&by_hand_v6));
+    assert!(
+        by_hand_v6.contains("-j REDIRECT --to-ports 4143"),
+        "{by_hand_v6}"
+    );
     assert!(
         installed.contains("-A REMORA_INBOUND -p tcp -m tcp --dport 4191 -j RETURN"),
         "{installed}"
@@ -135,6 +148,8 @@ fn install_rerun_dry_run_and_cleanup() {
         let clean = pod.init(&bins, &["--cleanup"]);
         assert!(clean.status.success(), "{}", text(&clean.stderr));
         let after = pod.nat_rules();
+        assert!(!after.contains("REMORA"), "{after}");
+        let after = pod.nat_rules_v6();
         assert!(!after.contains("REMORA"), "{after}");
     }
 }

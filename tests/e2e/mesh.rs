@@ -307,6 +307,70 @@ async fn the_last_policy_stays_in_force_through_a_controller_outage_and_a_port_s
     Ok(())
 }
 
+/// `curl --path-as-is` from `pod` to `web`'s port 8080: the status it saw.
+fn curl(pod: &Pod, path: &str) -> u16 {
+    let out = pod
+        .command("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--path-as-is",
+        ])
+        .arg(format!("http://{WEB_IP}:8080{path}"))
+        .output()
+        .expect("curl: install it (apt-get install curl)");
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+/// Issue 11: a grant for `GET /public*` let `/public/..;/admin`, `/public/.;/admin`,
+/// `/public/..%3b/admin` and `/public/%252e%252e/admin` through unchanged, which servlet
+/// containers and double-decoding apps read as `/admin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_grant_admits_no_path_an_app_could_read_as_another() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "24h").await;
+    write_atomically(
+        &mesh.objects,
+        "policy.yaml",
+        &format!(
+            "{}---\n\
+             apiVersion: policy.remora.io/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: web-public, namespace: shop}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\
+             \x20 from: [{{unauthenticated: true}}]\n\
+             \x20 http: [{{path: {{type: PathPrefix, value: /public}}, method: GET}}]\n",
+            allow_only("frontend")
+        ),
+    );
+    let (unmeshed, frontend) = (mesh.cluster.pod("ctl"), mesh.cluster.pod("frontend"));
+    eventually("the policies apply", async || {
+        match (curl(unmeshed, "/admin"), curl(unmeshed, "/public/x")) {
+            (403, 404) => Ok(()),
+            got => Err(format!("{got:?}")),
+        }
+    })
+    .await;
+    for sneaky in [
+        "/public/..;/admin",
+        "/public/.;/admin",
+        "/public/..%3b/admin",
+        "/public/%252e%252e/admin",
+        "/public/%2e%2e/admin",
+        "/public/../admin",
+    ] {
+        assert_eq!(curl(unmeshed, sneaky), 403, "{sneaky}");
+        // The port-level grant still covers them: the app decides what they mean.
+        assert_eq!(curl(frontend, sneaky), 404, "frontend: {sneaky}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_pods_speak_mtls_and_inbound_policy_decides_who_may_call() -> anyhow::Result<()> {
     if !e2e_enabled() {

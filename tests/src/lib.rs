@@ -13,7 +13,7 @@ pub mod pod;
 pub mod proc;
 
 pub use cluster::Cluster;
-pub use pod::{Pod, PodPair};
+pub use pod::{CLIENT_V6, Pod, PodPair, SERVER_V6};
 pub use proc::{Binaries, Proxy};
 
 /// Writes `dir/name` atomically (a temporary file, then a rename), as an editor or

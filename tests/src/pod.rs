@@ -60,6 +60,30 @@ impl PodPair {
     }
 }
 
+impl PodPair {
+    /// A pair with IPv6 too: the client at `fd00:77::1`, the server at `fd00:77::2`.
+    pub fn dual_stack() -> Self {
+        let pair = Self::new();
+        for (pod, ip) in [(&pair.client, CLIENT_V6), (&pair.server, SERVER_V6)] {
+            // `nodad`: usable at once, not after duplicate address detection.
+            pod.ip_cmd(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+        }
+        pair
+    }
+}
+
+/// The IPv6 addresses of [`PodPair::dual_stack`].
+pub const CLIENT_V6: &str = "fd00:77::1";
+pub const SERVER_V6: &str = "fd00:77::2";
+
 impl Default for PodPair {
     fn default() -> Self {
         Self::new()
@@ -121,11 +145,20 @@ impl Pod {
 
     /// `iptables-save -t nat` inside the pod.
     pub fn nat_rules(&self) -> String {
+        self.save("iptables-save")
+    }
+
+    /// `ip6tables-save -t nat` inside the pod.
+    pub fn nat_rules_v6(&self) -> String {
+        self.save("ip6tables-save")
+    }
+
+    fn save(&self, tool: &str) -> String {
         let out = self
-            .command("iptables-save")
+            .command(tool)
             .args(["-t", "nat"])
             .output()
-            .expect("iptables-save");
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

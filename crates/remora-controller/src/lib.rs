@@ -192,7 +192,7 @@ impl App {
         ));
 
         let (events_tx, events_rx) = mpsc::channel(4096);
-        let source_task = tokio::spawn(source.run(events_tx));
+        let source_task = tokio::spawn(source.run(events_tx, discovery.metrics().clone()));
         let readiness = admin.readiness.clone();
         let writer = tokio::spawn(discovery.clone().run_writer(events_rx, move || {
             info!("source synced: ready");

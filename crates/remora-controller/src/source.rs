@@ -9,7 +9,7 @@ use std::{future::Future, pin::Pin};
 
 use tokio::sync::mpsc;
 
-use crate::core::Event;
+use crate::{core::Event, metrics::Metrics};
 
 /// A stream of timestamped events into the index's single writer.
 pub type Events = mpsc::Sender<(Event, std::time::Instant)>;
@@ -17,6 +17,10 @@ pub type Events = mpsc::Sender<(Event, std::time::Instant)>;
 /// A source of Services, EndpointSlices and Pods.
 pub trait Source: Send {
     /// Delivers everything it has, then [`Event::Synced`], then every change, until
-    /// the receiver is dropped.
-    fn run(self: Box<Self>, events: Events) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// the receiver is dropped; counts what it refuses in `metrics`.
+    fn run(
+        self: Box<Self>,
+        events: Events,
+        metrics: Metrics,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }

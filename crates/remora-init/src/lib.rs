@@ -57,7 +57,16 @@ pub const IPTABLES_MODE: Knob = Knob::value(
     Some("auto"),
     "auto (the variant already holding rules, else nft), nft or legacy",
 );
-pub const IPV6: Knob = Knob::switch("ipv6", "REMORA_IPV6", "Also set up ip6tables");
+pub const IPV6: Knob = Knob::switch(
+    "ipv6",
+    "REMORA_IPV6",
+    "Require IPv6 interception: fail unless ip6tables rules are written (by default they are whenever the pod has IPv6)",
+);
+pub const NO_IPV6: Knob = Knob::switch(
+    "no-ipv6",
+    "REMORA_NO_IPV6",
+    "Leave IPv6 alone even when the pod has it: IPv6 connections then bypass the proxy and every AuthorizationPolicy",
+);
 pub const DRY_RUN: Knob = Knob::switch(
     "dry-run",
     "REMORA_DRY_RUN",
@@ -78,6 +87,7 @@ pub const KNOBS: &[Knob] = &[
     SKIP_SUBNETS,
     IPTABLES_MODE,
     IPV6,
+    NO_IPV6,
     DRY_RUN,
     CLEANUP,
 ];
@@ -99,12 +109,45 @@ impl Mode {
     }
 }
 
+/// Whether to intercept IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6 {
+    /// Whenever the pod has IPv6: an app listening on `::` must not be reachable past
+    /// the proxy.
+    Auto,
+    /// Always, failing where it cannot be done (`--ipv6`).
+    Required,
+    /// Never (`--no-ipv6`).
+    Off,
+}
+
+impl Ipv6 {
+    /// The families to set up, given whether the pod's network namespace has IPv6.
+    pub fn families(self, available: bool) -> &'static [Family] {
+        match (self, available) {
+            (Ipv6::Required, _) | (Ipv6::Auto, true) => &[Family::V4, Family::V6],
+            (Ipv6::Off, _) | (Ipv6::Auto, false) => &[Family::V4],
+        }
+    }
+}
+
+/// Whether this network namespace has IPv6: the stack is loaded and not disabled. An
+/// unreadable answer counts as yes, so a doubt never leaves a bypass.
+pub fn ipv6_available() -> bool {
+    if !std::path::Path::new("/proc/net/if_inet6").exists() {
+        return false;
+    }
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+        .map(|v| v.trim() != "1")
+        .unwrap_or(true)
+}
+
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub plan: Plan,
     pub mode: Mode,
-    pub ipv6: bool,
+    pub ipv6: Ipv6,
     pub dry_run: bool,
     pub cleanup: bool,
 }
@@ -138,7 +181,15 @@ impl Config {
             "legacy" => Ok(Mode::Legacy),
             _ => Err("expected auto, nft or legacy".into()),
         });
-        let ipv6 = l.flag(&IPV6);
+        let ipv6 = match (l.flag(&IPV6), l.flag(&NO_IPV6)) {
+            (true, true) => {
+                l.error("--ipv6 and --no-ipv6 contradict each other: give one at most");
+                Ipv6::Auto
+            }
+            (true, false) => Ipv6::Required,
+            (false, true) => Ipv6::Off,
+            (false, false) => Ipv6::Auto,
+        };
         let dry_run = l.flag(&DRY_RUN);
         let cleanup = l.flag(&CLEANUP);
         if inbound_port.is_some() && inbound_port == outbound_port {
@@ -176,6 +227,13 @@ fn parse_subnets(s: &str) -> Result<Vec<IpNet>, String> {
 /// Running iptables failed.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
+    #[error(
+        "the pod has IPv6, and its IPv6 rules could not be written ({0}); without them an app \
+         listening on :: is reachable past the proxy and every AuthorizationPolicy. Make \
+         ip6tables (and the kernel's ip6table_nat) available to the init container, or pass \
+         --no-ipv6 to accept that bypass"
+    )]
+    Ipv6(Box<InitError>),
     #[error("cannot run {program}: {source}; is the iptables package installed in the init image?")]
     Spawn {
         program: String,
@@ -274,46 +332,54 @@ pub fn resolve_mode(ipt: &dyn Iptables, family: Family, mode: Mode) -> Mode {
     }
 }
 
-/// Installs (or with `cleanup` removes) the rules for every family asked for. Returns
-/// the restore input of each family, which is all that happens with `dry_run`.
-pub fn apply(ipt: &dyn Iptables, config: &Config) -> Result<Vec<String>, InitError> {
-    let families: &[Family] = if config.ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
+/// Installs (or with `cleanup` removes) the rules for every family to intercept, given
+/// whether the pod has IPv6. Returns the restore input of each family, which is all
+/// that happens with `dry_run`.
+pub fn apply(
+    ipt: &dyn Iptables,
+    config: &Config,
+    ipv6_available: bool,
+) -> Result<Vec<(Family, String)>, InitError> {
     let mut inputs = Vec::new();
-    for &family in families {
-        let mode = resolve_mode(ipt, family, config.mode);
-        let save = binary(family, mode, "save");
-        let restore = binary(family, mode, "restore");
-        let current = ipt.run(&save, &["-t", "nat"], "")?;
-        let input = if config.cleanup {
-            rules::cleanup(&current)
-        } else {
-            rules::install(&config.plan, family, &current)
-        };
-        if !config.dry_run && !input.is_empty() {
-            // Wait for the xtables lock rather than fail when another tool holds it.
-            ipt.run(&restore, &["--noflush", "--wait=10"], &input)?;
-            let after = ipt.run(&save, &["-t", "nat"], "")?;
-            if !config.cleanup {
-                for chain in [rules::INBOUND_CHAIN, rules::OUTBOUND_CHAIN] {
-                    if !after
-                        .lines()
-                        .any(|l| l.starts_with(&format!("-A {chain} ")))
-                    {
-                        return Err(InitError::NotApplied {
-                            program: restore,
-                            chain,
-                        });
-                    }
+    for &family in config.ipv6.families(ipv6_available) {
+        let input = apply_family(ipt, config, family).map_err(|e| match family {
+            Family::V6 => InitError::Ipv6(Box::new(e)),
+            Family::V4 => e,
+        })?;
+        inputs.push((family, input));
+    }
+    Ok(inputs)
+}
+
+fn apply_family(ipt: &dyn Iptables, config: &Config, family: Family) -> Result<String, InitError> {
+    let mode = resolve_mode(ipt, family, config.mode);
+    let save = binary(family, mode, "save");
+    let restore = binary(family, mode, "restore");
+    let current = ipt.run(&save, &["-t", "nat"], "")?;
+    let input = if config.cleanup {
+        rules::cleanup(&current)
+    } else {
+        rules::install(&config.plan, family, &current)
+    };
+    if !config.dry_run && !input.is_empty() {
+        // Wait for the xtables lock rather than fail when another tool holds it.
+        ipt.run(&restore, &["--noflush", "--wait=10"], &input)?;
+        let after = ipt.run(&save, &["-t", "nat"], "")?;
+        if !config.cleanup {
+            for chain in [rules::INBOUND_CHAIN, rules::OUTBOUND_CHAIN] {
+                if !after
+                    .lines()
+                    .any(|l| l.starts_with(&format!("-A {chain} ")))
+                {
+                    return Err(InitError::NotApplied {
+                        program: restore,
+                        chain,
+                    });
                 }
             }
         }
-        inputs.push(input);
     }
-    Ok(inputs)
+    Ok(input)
 }
 
 #[cfg(test)]
@@ -335,7 +401,8 @@ mod tests {
         assert_eq!((c.plan.inbound_port, c.plan.outbound_port), (4143, 4140));
         assert_eq!(c.plan.skip_inbound_ports[0].to_string(), "4191");
         assert_eq!(c.mode, Mode::Auto);
-        assert!(!c.ipv6 && !c.dry_run && !c.cleanup);
+        assert_eq!(c.ipv6, Ipv6::Auto);
+        assert!(!c.dry_run && !c.cleanup);
     }
 
     #[test]
@@ -382,6 +449,15 @@ mod tests {
             self.calls
                 .borrow_mut()
                 .push(format!("{program} {}", args.join(" ")));
+            if !self
+                .tables
+                .contains_key(&program.replace("-restore", "-save"))
+            {
+                return Err(InitError::Spawn {
+                    program: program.into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
             if program.ends_with("-restore") {
                 assert!(!input.is_empty());
                 return Ok(String::new());
@@ -416,8 +492,8 @@ mod tests {
         fake.tables
             .insert("ip6tables-nft-save".into(), String::new());
         let config = load(&["--dry-run", "--ipv6", "--iptables-mode", "nft"]).unwrap();
-        let inputs = apply(&fake, &config).unwrap();
-        assert_eq!(inputs.len(), 2);
+        let inputs = apply(&fake, &config, false).unwrap();
+        assert_eq!(inputs.len(), 2, "--ipv6 even where none was detected");
         assert!(
             fake.calls.borrow().iter().all(|c| !c.contains("restore")),
             "{:?}",
@@ -431,7 +507,32 @@ mod tests {
         fake.tables
             .insert("iptables-nft-save".into(), String::new());
         let config = load(&["--iptables-mode", "nft"]).unwrap();
-        let err = apply(&fake, &config).unwrap_err().to_string();
+        let err = apply(&fake, &config, false).unwrap_err().to_string();
         assert!(err.contains("chain REMORA_INBOUND is missing"), "{err}");
+    }
+
+    /// Issue 11: IPv6 was intercepted only with --ipv6, so an app listening on :: was
+    /// reachable past the proxy on any pod with IPv6.
+    #[test]
+    fn ipv6_is_intercepted_whenever_the_pod_has_it_or_the_start_fails() {
+        assert_eq!(Ipv6::Auto.families(true), [Family::V4, Family::V6]);
+        assert_eq!(Ipv6::Auto.families(false), [Family::V4]);
+        assert_eq!(Ipv6::Required.families(false), [Family::V4, Family::V6]);
+        assert_eq!(Ipv6::Off.families(true), [Family::V4]);
+        assert_eq!(load(&["--no-ipv6"]).unwrap().ipv6, Ipv6::Off);
+        let both = load(&["--ipv6", "--no-ipv6"]).unwrap_err().to_string();
+        assert!(both.contains("contradict"), "{both}");
+
+        // The pod has IPv6 but no ip6tables: refuse, saying what to do.
+        let mut fake = Fake::default();
+        fake.tables.insert(
+            "iptables-nft-save".into(),
+            "-A REMORA_INBOUND x\n-A REMORA_OUTPUT x\n".into(),
+        );
+        let config = load(&["--iptables-mode", "nft"]).unwrap();
+        let err = apply(&fake, &config, true).unwrap_err().to_string();
+        assert!(err.contains("the pod has IPv6"), "{err}");
+        assert!(err.contains("--no-ipv6"), "{err}");
+        assert_eq!(apply(&fake, &config, false).unwrap().len(), 1);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use remora_init::{Config, System, apply};
+use remora_init::{Config, Family, Ipv6, System, apply, ipv6_available};
 
 fn main() -> ExitCode {
     let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
@@ -11,10 +11,22 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match apply(&System, &config) {
+    let ipv6 = ipv6_available();
+    if ipv6 && config.ipv6 == Ipv6::Off && !config.cleanup {
+        eprintln!(
+            "remora-init: WARNING: the pod has IPv6 and --no-ipv6 leaves it alone: IPv6 \
+             connections bypass the proxy and every AuthorizationPolicy"
+        );
+    }
+    match apply(&System, &config, ipv6) {
         Ok(inputs) => {
             if config.dry_run {
-                for input in inputs {
+                for (family, input) in inputs {
+                    let tool = match family {
+                        Family::V4 => "iptables-restore",
+                        Family::V6 => "ip6tables-restore",
+                    };
+                    println!("# {tool} input");
                     print!("{input}");
                 }
             } else {
@@ -23,7 +35,11 @@ fn main() -> ExitCode {
                 } else {
                     "installed"
                 };
-                eprintln!("remora-init: interception rules {what}");
+                let families = match inputs.len() {
+                    1 => "IPv4",
+                    _ => "IPv4 and IPv6",
+                };
+                eprintln!("remora-init: interception rules {what} ({families})");
             }
             ExitCode::SUCCESS
         }

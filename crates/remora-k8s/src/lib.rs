@@ -353,4 +353,32 @@ http:
         assert!(schema.contains("\"minItems\":1"), "{schema}");
         assert!(schema.contains("PathPrefix"), "{schema}");
     }
+
+    /// Issue 11: the API server must prune or refuse fields a schema does not declare;
+    /// a schema that preserved them would let a misspelt field pass silently.
+    #[test]
+    fn no_crd_preserves_unknown_fields() {
+        for crd in [AuthorizationPolicy::crd(), TrafficPolicy::crd()] {
+            let text = serde_json::to_string(&crd).unwrap();
+            assert!(
+                !text.contains("x-kubernetes-preserve-unknown-fields"),
+                "{}: {text}",
+                crd.spec.names.kind
+            );
+            for v in &crd.spec.versions {
+                let schema = v
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.open_api_v3_schema.as_ref());
+                let schema = schema.expect("a structural schema");
+                assert_eq!(schema.type_.as_deref(), Some("object"));
+                assert!(
+                    schema
+                        .properties
+                        .as_ref()
+                        .is_some_and(|p| p.contains_key("spec"))
+                );
+            }
+        }
+    }
 }

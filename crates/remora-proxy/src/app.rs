@@ -27,6 +27,8 @@ use crate::{
 /// How often idle destinations are looked for, and how long unused makes one idle.
 const DISCOVERY_SWEEP: std::time::Duration = std::time::Duration::from_secs(30);
 const DISCOVERY_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often idle metric series are looked for.
+const SERIES_SWEEP: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often `remora_endpoints` is brought up to date.
 const ENDPOINTS_SAMPLE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -232,6 +234,13 @@ impl App {
                 env!("CARGO_PKG_VERSION"),
             ),
         }
+        let metrics = ctx.metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SERIES_SWEEP).await;
+                metrics.expire_idle(crate::metrics::SERIES_IDLE);
+            }
+        });
         if let Some(discovery) = ctx.discovery.clone() {
             tokio::spawn(async move {
                 loop {

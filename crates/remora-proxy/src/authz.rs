@@ -194,16 +194,42 @@ impl RouteMatch {
     }
 }
 
-/// Whether `path` could mean another path to an application that normalises it.
-fn ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    !path.starts_with('/')
-        || path.contains('\\')
-        || path.contains("//")
-        || ["%2e", "%2f", "%5c", "%00"]
-            .iter()
-            .any(|e| lower.contains(e))
-        || path.split('/').any(|seg| seg == "." || seg == "..")
+/// Whether `path` could mean another path to an application that normalises or
+/// decodes it: a route grant matches only a path in normal form, so none can reach past
+/// the prefix it grants. Refused forms: not starting with `/`; empty, `.` or `..`
+/// segments; backslashes; `;` (servlet containers read `/public/..;/admin` as
+/// `/admin`); a percent-encoded `.`, `/`, `\`, `;`, `%` (double encoding), `?`, `#`,
+/// control character or byte never valid in UTF-8 (overlong `%c0%ae`); a malformed escape.
+pub fn ambiguous(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') || path.contains("//") || path.contains(['\\', ';']) {
+        return true;
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return true;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let decoded = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+                match decoded {
+                    None => return true,
+                    Some(b'.' | b'/' | b'\\' | b';' | b'%' | b'?' | b'#' | 0xc0 | 0xc1) => {
+                        return true;
+                    }
+                    Some(b) if b < 0x20 || b == 0x7f => return true,
+                    Some(_) => i += 3,
+                }
+            }
+            b if b < 0x20 || b == 0x7f => return true,
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -462,6 +488,18 @@ mod tests {
             "/public//x",
             "/public\\..\\admin",
             "/public/./x",
+            // Issue 11: servlet path parameters and double encoding.
+            "/public/..;/admin",
+            "/public/.;/admin",
+            "/public/..%3b/admin",
+            "/public/..%3B/admin",
+            "/public/%252e%252e/admin",
+            "/public;x=1/../admin",
+            "/public/%c0%ae%c0%ae/admin",
+            "/public/%2",
+            "/public/%zz",
+            "/public/%00",
+            "/public/a%3fb",
         ] {
             assert!(!req(&anon, &Method::GET, sneaky), "{sneaky}");
             assert!(
@@ -469,6 +507,9 @@ mod tests {
                 "port grants still apply: {sneaky}"
             );
         }
+        // Ordinary escapes stay matchable.
+        assert!(req(&anon, &Method::GET, "/public/a%20b"));
+        assert!(req(&anon, &Method::GET, "/public/caf%C3%A9"));
         // A tunnel needs the port's grant, whatever route it names.
         assert!(!p.allows_request(&anon, &Method::GET, "/public", true));
         assert!(!p.allows_request(&anon, &Method::CONNECT, "", true));

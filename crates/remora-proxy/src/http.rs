@@ -3,6 +3,7 @@
 //! upgraded (`101`) and `CONNECT` exchanges as raw byte streams.
 
 mod body;
+mod client_body;
 mod headers;
 pub mod pool;
 pub mod replay;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 pub use body::{MeteredBody, grpc_status};
+pub use client_body::{BodyFailed, ClientBody};
 pub use headers::{strip_hop_by_hop, wants_upgrade};
 pub use route::{Route, RouteError};
 pub use upstream::{Upstream, UpstreamError, Version};
@@ -173,6 +175,9 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade);
 
+    let (parts, body) = req.into_parts();
+    let (body, client_failed) = ClientBody::new(body);
+    let req = Request::from_parts(parts, body);
     let (response, in_flight) = match route.send(req).await {
         Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -183,6 +188,14 @@ async fn forward(
                 tokio::spawn(tunnel(client_upgrade, server_upgrade, idle));
             }
             (rsp.map(Either::Left), in_flight)
+        }
+        // The client broke its own body (malformed chunks, cut short): its fault, not
+        // the upstream's, whatever the upstream made of it.
+        Err(error) if client_failed.get() => {
+            debug!(%error, "the client's request body failed");
+            let reason = "the request body was malformed or cut short";
+            let rsp = error_response(StatusCode::BAD_REQUEST, reason, grpc);
+            (rsp.map(Either::Right), None)
         }
         Err(error) => {
             debug!(%error, "request failed");

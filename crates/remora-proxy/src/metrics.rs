@@ -1,7 +1,11 @@
 //! The proxy's Prometheus metrics. Names and labels are part of the contract
 //! (see docs/contract.md); every label set here is bounded.
 
-use std::borrow::Cow;
+mod series;
+
+use std::{borrow::Cow, sync::Arc};
+
+use parking_lot::Mutex;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
@@ -190,6 +194,8 @@ pub struct Metrics {
     pub control_reconnects: Counter,
     /// When the current certificate expires, seconds since the epoch.
     pub cert_expiry: Gauge,
+    /// The traffic label sets in use, for expiry.
+    series: Arc<series::Series>,
 }
 
 impl Metrics {
@@ -219,6 +225,7 @@ impl Metrics {
             authz_fallbacks: Counter::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
+            series: Arc::default(),
         };
         r.register(
             "tcp_connections_refused",
@@ -334,6 +341,8 @@ impl Metrics {
     /// Counts a newly accepted connection; the returned handle counts its bytes and,
     /// when dropped, its close.
     pub fn connection(&self, labels: &TrafficLabels) -> ConnMetrics {
+        // Marked in use first: a sweep then either keeps the series or has finished.
+        self.series.opened(labels);
         self.tcp_opened.get_or_create(labels).inc();
         let open = self.tcp_open.get_or_create_owned(labels);
         open.inc();
@@ -342,7 +351,34 @@ impl Metrics {
             written: self.tcp_written.get_or_create_owned(labels),
             closed: self.tcp_closed.get_or_create_owned(labels),
             open,
+            series: self.series.clone(),
+            labels: labels.clone(),
         }
+    }
+
+    /// Drops every series unused (no connection open, none opened) for `idle`.
+    pub fn expire_idle(&self, idle: std::time::Duration) {
+        self.series.sweep(idle, |labels, responses| {
+            self.tcp_opened.remove(labels);
+            self.tcp_closed.remove(labels);
+            self.tcp_open.remove(labels);
+            self.tcp_read.remove(labels);
+            self.tcp_written.remove(labels);
+            self.http_requests.remove(labels);
+            self.http_duration.remove(labels);
+            self.authz_denied.remove(labels);
+            self.http_retries.remove(labels);
+            self.budget_exhausted.remove(labels);
+            self.ejections.remove(labels);
+            for &(status_code, classification, grpc_status) in responses {
+                self.http_responses.remove(&ResponseLabels {
+                    traffic: labels.clone(),
+                    status_code,
+                    classification,
+                    grpc_status,
+                });
+            }
+        });
     }
 
     pub fn detected(
@@ -416,10 +452,14 @@ impl Metrics {
             requests: self.http_requests.get_or_create_owned(&labels),
             duration: self.http_duration.get_or_create_owned(&labels),
             responses: self.http_responses.clone(),
+            seen: Arc::default(),
+            series: self.series.clone(),
             labels,
         }
     }
 }
+
+pub use series::SERIES_IDLE;
 
 /// One connection's counters. Dropping it counts the close.
 #[derive(Debug)]
@@ -428,12 +468,15 @@ pub struct ConnMetrics {
     pub written: Counter,
     closed: Counter,
     open: Gauge,
+    series: Arc<series::Series>,
+    labels: TrafficLabels,
 }
 
 impl Drop for ConnMetrics {
     fn drop(&mut self) {
         self.open.dec();
         self.closed.inc();
+        self.series.closed(&self.labels);
     }
 }
 
@@ -445,6 +488,9 @@ pub struct HttpMetrics {
     pub denied: Counter,
     pub duration: Histogram,
     responses: Family<ResponseLabels, Counter>,
+    /// The kinds of response this connection has sent, told to `series` once each.
+    seen: Arc<Mutex<Vec<series::ResponseKey>>>,
+    series: Arc<series::Series>,
     labels: TrafficLabels,
 }
 
@@ -456,6 +502,14 @@ impl HttpMetrics {
         } else {
             Classification::Success
         };
+        let key = (status_code, classification, grpc_status);
+        {
+            let mut seen = self.seen.lock();
+            if !seen.contains(&key) {
+                seen.push(key);
+                self.series.responded(&self.labels, key);
+            }
+        }
         let labels = ResponseLabels {
             traffic: self.labels.clone(),
             status_code,
@@ -529,5 +583,43 @@ mod tests {
         assert!(text.contains(&format!(
             "remora_tcp_connections_closed_total{{{common}}} 1"
         )));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_series_expire_and_open_ones_stay() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let peer = |id: &'static str| TrafficLabels {
+            direction: Direction::Inbound,
+            target: Cow::Borrowed("8080"),
+            tls: true,
+            peer_identity: Cow::Borrowed(id),
+        };
+        let gone = peer("spiffe://cluster.local/ns/shop/sa/old");
+        let busy = peer("spiffe://cluster.local/ns/shop/sa/web");
+        let conn = m.connection(&gone);
+        let http = m.http(gone.clone());
+        http.requests.inc();
+        http.response(200, None, true);
+        http.response(503, Some(14), true);
+        drop((conn, http));
+        let kept = m.connection(&busy);
+        tokio::time::advance(SERIES_IDLE / 2).await;
+        m.expire_idle(SERIES_IDLE);
+        assert!(render(&registry).contains("sa/old"), "not idle long enough");
+        tokio::time::advance(SERIES_IDLE).await;
+        m.expire_idle(SERIES_IDLE);
+        let text = render(&registry);
+        assert!(!text.contains("sa/old"), "expired:\n{text}");
+        assert!(text.contains("sa/web"), "a connection is open:\n{text}");
+        drop(kept);
+        tokio::time::advance(SERIES_IDLE).await;
+        m.expire_idle(SERIES_IDLE);
+        assert!(!render(&registry).contains("sa/web"));
+        assert!(m.series.is_empty());
+        // A series that comes back starts from zero.
+        let again = m.connection(&gone);
+        assert!(render(&registry).contains("sa/old"));
+        drop(again);
     }
 }

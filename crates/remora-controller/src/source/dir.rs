@@ -1,6 +1,10 @@
 //! `--source dir:PATH`: a folder of YAML files, re-read when it changes. Each file's
 //! last good content is kept: a file that stops parsing is reported (file, line,
-//! reason) and its previous objects stay until it parses again.
+//! reason), counted in `remora_controller_source_refusals_total`, and its previous
+//! objects stay until it parses again. Files are read and parsed on a blocking thread,
+//! never on the runtime that serves the proxies, and a hostile file costs little: one
+//! larger than [`MAX_FILE_BYTES`] or nested deeper than [`MAX_FLOW_DEPTH`] is refused
+//! before it is parsed.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,10 +16,22 @@ use std::{
 use tracing::{info, warn};
 
 use super::{Events, Source, yaml};
-use crate::core::{Event, Object, ObjectKey};
+use crate::{
+    core::{Event, Object, ObjectKey},
+    metrics::{Metrics, SourceRefusal},
+};
 
 /// How often the folder is checked: changes reach proxies well within a second.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The largest file read: above the 1.5 MiB the API server keeps per object, so any
+/// object a cluster can hold fits, while a parse costs tens of megabytes at most.
+pub const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
+
+/// The deepest nesting of flow collections (`[`, `{`) a file may have. The YAML parser
+/// takes time quadratic in it (a 392 KB file of brackets took minutes); real objects
+/// nest a few levels, and the deserializer refuses more than 128 anyway.
+pub const MAX_FLOW_DEPTH: usize = 128;
 
 #[derive(Debug)]
 pub struct Dir {
@@ -38,13 +54,23 @@ impl Source for Dir {
     fn run(
         self: Box<Self>,
         events: Events,
+        metrics: Metrics,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
             let mut files: HashMap<PathBuf, FileState> = HashMap::new();
             let mut emitted: BTreeMap<ObjectKey, Object> = BTreeMap::new();
             let mut synced = false;
             loop {
-                let changed = scan(&self.path, &mut files);
+                let (path, metrics) = (self.path.clone(), metrics.clone());
+                let scanned = tokio::task::spawn_blocking(move || {
+                    let changed = scan(&path, &mut files, &metrics);
+                    (changed, files)
+                })
+                .await;
+                let Ok((changed, scanned_files)) = scanned else {
+                    return warn!("the dir source's scan panicked; it stops here");
+                };
+                files = scanned_files;
                 if changed || !synced {
                     let desired = merge(&files);
                     for event in diff(&emitted, &desired) {
@@ -68,7 +94,7 @@ impl Source for Dir {
 }
 
 /// Re-reads changed files; true when any file's objects changed.
-fn scan(dir: &Path, files: &mut HashMap<PathBuf, FileState>) -> bool {
+fn scan(dir: &Path, files: &mut HashMap<PathBuf, FileState>, metrics: &Metrics) -> bool {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(error) => {
@@ -96,19 +122,16 @@ fn scan(dir: &Path, files: &mut HashMap<PathBuf, FileState>) -> bool {
         if files.get(&path).is_some_and(|f| f.stamp == stamp) {
             continue;
         }
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(error) => {
-                warn!(file = %path.display(), %error, "cannot read file; keeping its last good objects");
-                continue;
-            }
-        };
-        match yaml::parse(&path.display().to_string(), &text) {
+        match read(&path).and_then(|text| {
+            yaml::parse(&path.display().to_string(), &text)
+                .map_err(|e| (SourceRefusal::Invalid, e.to_string()))
+        }) {
             Ok(objects) => {
                 changed = true;
                 files.insert(path, FileState { stamp, objects });
             }
-            Err(error) => {
+            Err((reason, error)) => {
+                metrics.source_refused(reason);
                 warn!("{error}; keeping this file's last good objects");
                 // Remember the stamp so the same bad content is reported once.
                 let objects = files.remove(&path).map(|f| f.objects).unwrap_or_default();
@@ -119,6 +142,54 @@ fn scan(dir: &Path, files: &mut HashMap<PathBuf, FileState>) -> bool {
     let before = files.len();
     files.retain(|p, _| seen.contains(p));
     changed || files.len() != before
+}
+
+/// A file's text, if it is small enough and shallow enough to parse.
+fn read(path: &Path) -> Result<String, (SourceRefusal, String)> {
+    use std::io::Read;
+    let file = path.display();
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| {
+            (
+                SourceRefusal::Unreadable,
+                format!("{file}: cannot read it: {e}"),
+            )
+        })?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err((
+            SourceRefusal::TooLarge,
+            format!("{file}: larger than {MAX_FILE_BYTES} bytes; split it into several files"),
+        ));
+    }
+    if let Some(at) = too_deep(&text) {
+        return Err((
+            SourceRefusal::TooDeep,
+            format!("{file}: brackets nested deeper than {MAX_FLOW_DEPTH} levels at byte {at}"),
+        ));
+    }
+    Ok(text)
+}
+
+/// Where `text` first nests flow collections deeper than [`MAX_FLOW_DEPTH`]. Every
+/// bracket counts, quoted or not: an overestimate refuses only absurd files, while an
+/// underestimate would let the parser stall.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Every file's objects; on a duplicate key the file sorting last wins.
@@ -174,7 +245,8 @@ mod tests {
         std::fs::write(dir.join("web.yaml"), SVC).unwrap();
         std::fs::write(dir.join("notes.txt"), "not yaml, not read").unwrap();
         let (tx, mut rx) = mpsc::channel(16);
-        let task = tokio::spawn(Box::new(Dir::new(&dir)).run(tx));
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let task = tokio::spawn(Box::new(Dir::new(&dir)).run(tx, metrics));
         assert!(
             matches!(next(&mut rx).await, Event::Apply(Object::Service(s)) if s.id.name == "web")
         );
@@ -207,5 +279,50 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Event::Delete(k) if k.kind == Kind::Service));
         task.abort();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 11: a 392 KB file of nested brackets stalled readiness and new streams for
+    /// minutes, and a 51 MB file took the controller to 2.65 GB. Both are refused before
+    /// parsing, counted, and the last good state stays.
+    #[tokio::test]
+    async fn hostile_files_are_refused_unparsed_and_counted() {
+        let dir = std::env::temp_dir().join(format!("remora-dir-hostile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("web.yaml"), SVC).unwrap();
+        let deep = format!("a: {}{}", "[".repeat(196_000), "]".repeat(196_000));
+        std::fs::write(dir.join("deep.yaml"), &deep).unwrap();
+        let big = format!("{SVC}---\n# {}\n", "x".repeat(MAX_FILE_BYTES as usize));
+        std::fs::write(dir.join("big.yaml"), big).unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(Box::new(Dir::new(&dir)).run(tx, metrics));
+        // The good file arrives and the source syncs at once (in seconds, not minutes).
+        assert!(matches!(
+            next(&mut rx).await,
+            Event::Apply(Object::Service(_))
+        ));
+        assert_eq!(next(&mut rx).await, Event::Synced);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for reason in ["too_deep", "too_large"] {
+            let line = format!("remora_controller_source_refusals_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn flow_depth_counts_every_bracket() {
+        assert_eq!(too_deep("a: [1, {b: [2]}]"), None);
+        assert_eq!(too_deep(&"[".repeat(MAX_FLOW_DEPTH)), None);
+        assert_eq!(
+            too_deep(&"[".repeat(MAX_FLOW_DEPTH + 1)),
+            Some(MAX_FLOW_DEPTH)
+        );
+        // Closed brackets free their depth.
+        assert_eq!(too_deep(&"[]".repeat(10 * MAX_FLOW_DEPTH)), None);
     }
 }

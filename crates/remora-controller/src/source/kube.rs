@@ -27,6 +27,7 @@ use super::{Events, Source};
 use crate::{
     convert::{self, Invalid},
     core::{Event, Kind, NsName, Object, ObjectKey},
+    metrics::{Metrics, SourceRefusal},
 };
 
 pub struct KubeSource {
@@ -43,12 +44,14 @@ impl Source for KubeSource {
     fn run(
         self: Box<Self>,
         events: Events,
+        metrics: Metrics,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async move {
             let w = Watch {
                 client: self.client,
                 events,
                 synced: AtomicUsize::new(0),
+                metrics,
             };
             let services = w.run::<core_v1::Service>(Kind::Service, None, |s| {
                 convert::service(s).map(Object::Service)
@@ -185,6 +188,7 @@ struct Watch {
     events: Events,
     /// The kinds listed once so far.
     synced: AtomicUsize,
+    metrics: Metrics,
 }
 
 /// The kinds the source watches.
@@ -223,6 +227,7 @@ impl Watch {
             client,
             events,
             synced,
+            metrics,
         } = self;
         let api: Api<K> = Api::all(client.clone());
         let mut stream = watcher(api, watcher::Config::default())
@@ -296,6 +301,7 @@ impl Watch {
                             if let Some(seen) = relisting.as_mut() {
                                 seen.insert(id.clone());
                             }
+                            metrics.source_refused(SourceRefusal::Invalid);
                             warn!("{error}; skipping it, the last valid version stays in force");
                         }
                     }

@@ -1,6 +1,8 @@
 //! Parsing `kubectl apply`-style YAML: several documents per file, `v1 List` too. Kinds
 //! the index does not use are skipped; a malformed document is an error that names the
-//! file, the line and the reason.
+//! file, the line and the reason. A field the kind does not have is refused with its
+//! path, as the API server's strict field validation refuses it: a misspelt field must
+//! never be silently dropped (a misspelt `http:` would widen a policy).
 
 use serde::Deserialize;
 
@@ -89,5 +91,101 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
 }
 
 fn from<T: serde::de::DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, String> {
-    serde_yaml_ng::from_value(value).map_err(|e| e.to_string())
+    let mut unknown = Vec::new();
+    let object = serde_ignored::deserialize(value, |path| {
+        // Checked already; the custom resources' types do not keep them.
+        let path = field_path(&path);
+        if path != "apiVersion" && path != "kind" {
+            unknown.push(path);
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    match unknown.as_slice() {
+        [] => Ok(object),
+        [one] => Err(format!(
+            "unknown field {one:?}: the API server would refuse it"
+        )),
+        many => Err(format!(
+            "unknown fields {}: the API server would refuse them",
+            many.iter()
+                .map(|f| format!("{f:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// A field's path as the API server writes it: `spec.from[0].identites`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => match field_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11: a misspelt `htpp:` was dropped, and the policy it was meant to narrow
+    /// opened the port's other paths to unauthenticated clients.
+    #[test]
+    fn unknown_fields_are_refused_with_their_path() {
+        let cases = [
+            (
+                "apiVersion: policy.remora.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: web, namespace: shop}\n\
+                 spec:\n  from: [{unauthenticated: true}]\n  htpp: [{path: {value: /public}}]\n",
+                "spec.htpp",
+            ),
+            (
+                "apiVersion: policy.remora.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: web, namespace: shop}\n\
+                 spec:\n  from: [{identites: [\"spiffe://cluster.local/ns/a/sa/b\"]}]\n",
+                "spec.from[0].identites",
+            ),
+            (
+                "apiVersion: policy.remora.io/v1alpha1\nkind: TrafficPolicy\n\
+                 metadata: {name: web, namespace: shop}\n\
+                 spec: {targetRef: {name: web}, retries: {attempts: 3, perTryTimout: 1s}}\n",
+                "spec.retries.perTryTimout",
+            ),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, lables: {a: b}}\n\
+                 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
+                "metadata.lables",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop}\n\
+                 spec: {containers: [{name: app, port: [{containerPort: 80}]}]}\n",
+                "spec.containers[0].port",
+            ),
+            (
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                 metadata: {name: web, namespace: shop}\n\
+                 spec: {parentRefs: [{name: web, kind: Service, group: \"\"}], rule: []}\n",
+                "spec.rule",
+            ),
+        ];
+        for (yaml, path) in cases {
+            let err = parse("objects.yaml", yaml).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("unknown field {path:?}")),
+                "{path}: {err}"
+            );
+            assert!(err.starts_with("objects.yaml: document 1"), "{err}");
+        }
+        // Every known field is still read.
+        let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {a: b}}\n\
+                  spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}\n";
+        assert_eq!(parse("ok.yaml", ok).unwrap().len(), 1);
+    }
 }

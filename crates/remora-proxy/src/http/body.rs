@@ -63,16 +63,22 @@ impl<B: Body> MeteredBody<B> {
     }
 }
 
-/// The `grpc-status` field, if present and numeric.
+/// The `grpc-status` field, if present: its code, or UNKNOWN (2) for one outside 0-16.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")?
+    let value = headers.get("grpc-status")?;
+    // As the gRPC spec says of a code it does not know: UNKNOWN. So the `grpc_status`
+    // label has at most 17 values whatever a server sends.
+    let code = value
         .to_str()
-        .ok()?
-        .trim()
-        .parse()
         .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|c| *c <= 16)
+        .unwrap_or(GRPC_UNKNOWN);
+    Some(code)
 }
+
+/// gRPC's UNKNOWN status code.
+const GRPC_UNKNOWN: u32 = 2;
 
 impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
     type Data = Bytes;
@@ -126,5 +132,25 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod grpc_tests {
+    use super::*;
+
+    #[test]
+    fn grpc_codes_beyond_the_spec_are_unknown() {
+        let status = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", http::HeaderValue::from_static(v));
+            grpc_status(&h)
+        };
+        assert_eq!(status("0"), Some(0));
+        assert_eq!(status("16"), Some(16));
+        for wild in ["17", "4294967295", "99999999999", "abc", ""] {
+            assert_eq!(status(wild), Some(GRPC_UNKNOWN), "{wild}");
+        }
+        assert_eq!(grpc_status(&HeaderMap::new()), None);
     }
 }

@@ -159,7 +159,7 @@ impl EndpointClients {
 
 /// On the server's side: turns a request that crossed between proxies as HTTP/2 back
 /// into the HTTP/1 request the client sent. Returns the version to forward it as.
-pub fn restore_orig_proto(req: &mut Request<Incoming>) -> Version {
+pub fn restore_orig_proto<B>(req: &mut Request<B>) -> Version {
     let Some(orig) = req.headers_mut().remove(ORIG_PROTO) else {
         return match req.version() {
             http::Version::HTTP_2 => Version::Http2,

@@ -13,9 +13,9 @@ use std::{
     task::{Context, Poll},
 };
 
+use super::ClientBody;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use parking_lot::Mutex;
 
 /// The most of a request body kept for a retry.
@@ -31,7 +31,7 @@ struct Copy {
     /// Too long, or with trailers: cannot be replayed.
     spoiled: bool,
     /// The rest of the client's stream, given back by an attempt that let go of it.
-    rest: Option<Incoming>,
+    rest: Option<ClientBody>,
 }
 
 /// The handle that says, after an attempt, whether the body can be sent again.
@@ -74,13 +74,13 @@ impl Replay {
 pub struct Tee {
     /// Copied bytes to send before the stream goes on.
     prefix: std::collections::VecDeque<Bytes>,
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     copy: Option<Replay>,
 }
 
 impl Tee {
     /// Streams `inner` as is.
-    pub fn plain(inner: Incoming) -> Self {
+    pub fn plain(inner: ClientBody) -> Self {
         Self {
             prefix: Default::default(),
             inner: Some(inner),
@@ -89,7 +89,7 @@ impl Tee {
     }
 
     /// Streams `inner` and keeps what the returned handle needs to replay it.
-    pub fn copying(inner: Incoming) -> (Self, Replay) {
+    pub fn copying(inner: ClientBody) -> (Self, Replay) {
         let replay = Replay::default();
         if inner.is_end_stream() {
             replay.0.lock().complete = true;

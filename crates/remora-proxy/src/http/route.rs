@@ -1,6 +1,7 @@
 //! Where a request goes: straight to the client's original destination (passthrough),
 //! or to an endpoint of a Service picked per request by the balancer.
 
+use super::ClientBody;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -116,7 +117,7 @@ impl Route {
     /// Sends `req`; the in-flight guard (for the balancer) lives as long as the response.
     pub async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
         match self {
             Route::Passthrough(u) => Ok((u.send(req).await?, None)),
@@ -218,7 +219,7 @@ fn random() -> u64 {
 impl Balanced<'_> {
     async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
     ) -> Result<(Response<Incoming>, Option<InFlight>), RouteError> {
         let policy: Arc<RoutePolicy> = self.target.policy(self.wait).await;
         let started = Instant::now();
@@ -294,7 +295,7 @@ impl Balanced<'_> {
     async fn attempts(
         &self,
         parts: http::request::Parts,
-        body: Incoming,
+        body: ClientBody,
         dest: &Dest<'_>,
         limits: &Limits<'_>,
         started: Instant,
@@ -617,7 +618,7 @@ pub async fn endpoints(target: &Target, wait: Duration) -> Option<Arc<[Endpoint]
 
 /// The pooled client needs an absolute URI; HTTP/1 requests arrive in origin form. The
 /// authority is the client's `Host` (what it meant), else the original destination.
-fn absolute(mut req: Request<Incoming>, orig_dst: OrigDst) -> Request<Incoming> {
+fn absolute<B>(mut req: Request<B>, orig_dst: OrigDst) -> Request<B> {
     if req.uri().authority().is_some() {
         return req;
     }

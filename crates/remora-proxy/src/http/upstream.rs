@@ -3,6 +3,7 @@
 //! first connection is the one opened during detection; later ones are made on demand
 //! when the server closes it.
 
+use super::ClientBody;
 use std::time::Duration;
 
 use hyper::{
@@ -37,8 +38,8 @@ pub enum UpstreamError {
 }
 
 enum Sender {
-    Http1(http1::SendRequest<Incoming>),
-    Http2(http2::SendRequest<Incoming>),
+    Http1(http1::SendRequest<ClientBody>),
+    Http2(http2::SendRequest<ClientBody>),
 }
 
 struct State {
@@ -82,7 +83,10 @@ impl Upstream {
     }
 
     /// Sends `req`, connecting first when there is no open connection.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        req: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let addr = self.addr;
         let map = move |source| UpstreamError::Request { addr, source };
         let mut state = self.state.lock().await;
