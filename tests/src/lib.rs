@@ -37,13 +37,21 @@ pub fn e2e_enabled() -> bool {
              or set REMORA_E2E_SKIP=1 to skip them on a development machine"
         );
     }
-    for tool in ["ip", "iptables-restore", "iptables-save", "setpriv"] {
+    for tool in [
+        "ip",
+        "iptables-restore",
+        "iptables-save",
+        "ip6tables-restore",
+        "ip6tables-save",
+        "setpriv",
+        "curl",
+    ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         assert!(
             found,
-            "end-to-end tests need `{tool}`: apt-get install -y iproute2 iptables util-linux"
+            "end-to-end tests need `{tool}`: apt-get install -y iproute2 iptables util-linux curl"
         );
     }
     true

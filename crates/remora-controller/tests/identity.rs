@@ -207,6 +207,19 @@ fn destination(target: &str) -> api::GetDestination {
 async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_the_rest() {
     let dir = std::env::temp_dir().join(format!("remora-identity-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // A Service in shop, and a consumer route for it that namespace `other` set for
+    // its own clients only.
+    std::fs::create_dir_all(dir.join("objects")).unwrap();
+    std::fs::write(
+        dir.join("objects/objects.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {name: others-only, namespace: other}\n\
+         spec:\n  parentRefs: [{kind: Service, group: \"\", name: api, namespace: shop, port: 80}]\n\
+         \x20 rules: [{backendRefs: [{name: api, namespace: shop, port: 80}]}]\n",
+    )
+    .unwrap();
     let running = controller(&dir, true, &[]).await;
     let anchors = std::fs::read_to_string(dir.join("ca/trust-anchors.pem")).unwrap();
     let anonymous = tls(running.grpc, &anchors, None);
@@ -328,6 +341,58 @@ async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_th
         .chain(rsp.intermediate_certificates)
         .collect();
     let certified = tls(running.grpc, &anchors, Some((chain, &key)));
+
+    // What a workload sees follows what its certificate proves, not what it says.
+    let mut policy = api::policy_client::PolicyClient::new(certified.clone());
+    let err = policy
+        .watch_inbound_workload(api::InboundPolicyRequest {
+            workload: "other:their-pod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    let claimed_other = api::ClientInfo {
+        namespace: "other".into(),
+        ..Default::default()
+    };
+    let outbound = policy
+        .watch_outbound(api::OutboundPolicyRequest {
+            target: "api.shop.svc.cluster.local:80".into(),
+            client: Some(claimed_other),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        outbound.http_routes.is_empty(),
+        "web (in shop) got other's consumer route: {:?}",
+        outbound.http_routes
+    );
+    // (Over plaintext, enabled for local use, the namespace a caller says is all there
+    // is: that route does reach a client in `other`.)
+    let local = controller(&dir, true, &["--grpc-plaintext"]).await;
+    let said = api::policy_client::PolicyClient::new(plaintext(local.grpc).await)
+        .watch_outbound(api::OutboundPolicyRequest {
+            target: "api.shop.svc.cluster.local:80".into(),
+            client: Some(api::ClientInfo {
+                namespace: "other".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(said.http_routes.len(), 1, "the consumer route attaches");
+
     let mut dest = api::destination_client::DestinationClient::new(certified);
     let mut stream = dest
         .get(destination("10.96.0.99:80"))
