@@ -201,6 +201,37 @@ fn destination(target: &str) -> api::GetDestination {
     }
 }
 
+/// `WatchInboundWorkload` for `workload`, which must be refused.
+async fn inbound_refused(channel: Channel, workload: &str) -> tonic::Status {
+    api::policy_client::PolicyClient::new(channel)
+        .watch_inbound_workload(api::InboundPolicyRequest {
+            workload: workload.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+}
+
+/// The first `WatchOutbound` answer for `api.shop`, asked as a client saying it is in
+/// namespace `said`.
+async fn outbound_as(channel: Channel, said: &str) -> api::OutboundPolicy {
+    api::policy_client::PolicyClient::new(channel)
+        .watch_outbound(api::OutboundPolicyRequest {
+            target: "api.shop.svc.cluster.local:80".into(),
+            client: Some(api::ClientInfo {
+                namespace: said.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// Issue 11: without a client certificate (or over plaintext) `Destination.Get` and
 /// the policy watches answered endpoints, pod names, ServiceAccounts and policies.
 #[tokio::test]
@@ -286,13 +317,7 @@ async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_th
         err.message().contains("client certificate is required"),
         "{err}"
     );
-    let err = api::policy_client::PolicyClient::new(tls(running.grpc, &anchors, None))
-        .watch_inbound_workload(api::InboundPolicyRequest {
-            workload: "shop:web-1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = inbound_refused(tls(running.grpc, &anchors, None), "shop:web-1").await;
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     // Plaintext is refused, Certify included: a token must not travel in clear.
     let err = api::identity_client::IdentityClient::new(plaintext(running.grpc).await)
@@ -343,31 +368,9 @@ async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_th
     let certified = tls(running.grpc, &anchors, Some((chain, &key)));
 
     // What a workload sees follows what its certificate proves, not what it says.
-    let mut policy = api::policy_client::PolicyClient::new(certified.clone());
-    let err = policy
-        .watch_inbound_workload(api::InboundPolicyRequest {
-            workload: "other:their-pod".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = inbound_refused(certified.clone(), "other:their-pod").await;
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let claimed_other = api::ClientInfo {
-        namespace: "other".into(),
-        ..Default::default()
-    };
-    let outbound = policy
-        .watch_outbound(api::OutboundPolicyRequest {
-            target: "api.shop.svc.cluster.local:80".into(),
-            client: Some(claimed_other),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap();
+    let outbound = outbound_as(certified.clone(), "other").await;
     assert!(
         outbound.http_routes.is_empty(),
         "web (in shop) got other's consumer route: {:?}",
@@ -376,21 +379,7 @@ async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_th
     // (Over plaintext, enabled for local use, the namespace a caller says is all there
     // is: that route does reach a client in `other`.)
     let local = controller(&dir, true, &["--grpc-plaintext"]).await;
-    let said = api::policy_client::PolicyClient::new(plaintext(local.grpc).await)
-        .watch_outbound(api::OutboundPolicyRequest {
-            target: "api.shop.svc.cluster.local:80".into(),
-            client: Some(api::ClientInfo {
-                namespace: "other".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap();
+    let said = outbound_as(plaintext(local.grpc).await, "other").await;
     assert_eq!(said.http_routes.len(), 1, "the consumer route attaches");
 
     let mut dest = api::destination_client::DestinationClient::new(certified);
