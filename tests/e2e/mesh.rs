@@ -1,5 +1,6 @@
-//! End to end with identity: a controller with a development CA and static tokens, and
-//! three meshed pods (`frontend`, `other`, and `web` serving a Service). Traffic between
+//! End to end with identity, on the harness's mesh (`remora_tests::mesh`): a controller
+//! with a development CA and static tokens, and three meshed pods (`frontend`, `other`,
+//! and `web` serving a Service). Traffic between
 //! them is mTLS with the right identities on both sides, a packet capture on the wire
 //! never shows the response's plaintext, an AuthorizationPolicy in the controller's
 //! folder decides who may call `web` (and changes take effect live), and certificates
@@ -8,160 +9,20 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use http::Request;
 use http_body_util::BodyExt;
 use remora_tests::{
-    Binaries, Cluster, Pod, Proxy, backend,
+    Binaries, Pod, backend,
     client::{self, metrics, sample},
-    e2e_enabled, write_atomically,
+    e2e_enabled,
+    mesh::{CLUSTER_IP, MARKER, Mesh, WEB_IP, allow_only, spiffe},
+    write_atomically,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const CLUSTER_IP: &str = "10.96.0.10:80";
-const WEB_IP: &str = "10.77.0.11";
-const CONTROLLER: &str = "https://10.77.0.100:8086";
-const ROLES: [(&str, &str, &str); 3] = [
-    ("frontend", "10.77.0.1", "frontend"),
-    ("other", "10.77.0.2", "other"),
-    ("web", WEB_IP, "web"),
-];
-/// What `/hello` answers: the plaintext a capture must never show.
-const MARKER: &str = "hello from the backend";
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/shop/sa/{sa}")
-}
-
-/// The Service over `web`, and the three pods, as `kubectl apply` takes them.
-fn objects(cluster: &Cluster) -> String {
-    let web = &cluster.pod("web").name;
-    let mut out = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec: {{clusterIP: 10.96.0.10, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
-         metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n\
-         - {{addresses: [\"{WEB_IP}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {web}}}}}\n"
-    );
-    for (role, ip, sa) in ROLES {
-        let pod = &cluster.pod(role).name;
-        out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: shop, \
-             labels: {{app: {role}, remora.io/meshed: \"true\"}}}}\n\
-             spec: {{serviceAccountName: {sa}, containers: [{{name: app, ports: [{{containerPort: 8080}}, {{containerPort: 7001}}]}}]}}\n\
-             status: {{podIP: {ip}}}\n"
-        ));
-    }
-    out
-}
-
-/// An AuthorizationPolicy letting only `sa` call `web`.
-fn allow_only(sa: &str) -> String {
-    format!(
-        "apiVersion: policy.remora.io/v1alpha1\nkind: AuthorizationPolicy\n\
-         metadata: {{name: web-callers, namespace: shop}}\n\
-         spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n\
-         \x20 from:\n  - identities: [\"{}\"]\n",
-        spiffe(sa)
-    )
-}
-
-struct Mesh {
-    cluster: Cluster,
-    objects: PathBuf,
-    controller: Proxy,
-    _proxies: Vec<Proxy>,
-}
-
-impl Mesh {
-    /// The controller (dev CA, static tokens, certificates living `lifetime`) and the
-    /// three pods, each intercepted, with its proxy certified and ready.
-    async fn start(bins: &Binaries, lifetime: &str) -> Self {
-        let roles: Vec<(&str, &str)> = ROLES
-            .iter()
-            .map(|(r, ip, _)| (*r, *ip))
-            .chain([("ctl", "10.77.0.100")])
-            .collect();
-        let cluster = Cluster::new(&roles);
-        let root = bins.dir().join(format!("mesh-{lifetime}"));
-        let objects = root.join("objects");
-        let ca = root.join("ca");
-        std::fs::create_dir_all(&objects).unwrap();
-        std::fs::create_dir_all(&ca).unwrap();
-        // The controller and proxies run as UID 2102: let them write the CA folder.
-        Command::new("chown")
-            .args(["-R", "2102:2102"])
-            .arg(&root)
-            .status()
-            .unwrap();
-        let mut tokens = String::new();
-        for (_, _, sa) in ROLES {
-            tokens.push_str(&format!(
-                "- {{token: {sa}-token, namespace: shop, serviceAccount: {sa}}}\n"
-            ));
-            std::fs::write(root.join(format!("{sa}.token")), format!("{sa}-token\n")).unwrap();
-        }
-        std::fs::write(root.join("tokens.yaml"), tokens).unwrap();
-        write_atomically(&objects, "shop.yaml", &self::objects(&cluster));
-
-        let source = format!("dir:{}", objects.display());
-        let dev_ca = ca.display().to_string();
-        let token_validator = format!("static:{}", root.join("tokens.yaml").display());
-        let args = [
-            "--source",
-            &source,
-            "--dev-ca",
-            &dev_ca,
-            "--token-validator",
-            &token_validator,
-            "--cert-lifetime",
-            lifetime,
-            "--log",
-            "info,remora_controller=debug",
-        ];
-        let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
-        let controller = Proxy::start_program(
-            cluster.pod("ctl"),
-            bins,
-            &bins.controller,
-            &args,
-            &[],
-            ready,
-        )
-        .await;
-
-        let anchors = ca.join("trust-anchors.pem").display().to_string();
-        let mut proxies = Vec::new();
-        for (role, ip, sa) in ROLES {
-            let pod = cluster.pod(role);
-            pod.intercept(bins);
-            let token = root.join(format!("{sa}.token")).display().to_string();
-            let env = [
-                ("REMORA_CONTROLLER_ADDR", CONTROLLER),
-                ("REMORA_NAMESPACE", "shop"),
-                ("REMORA_POD_NAME", pod.name.as_str()),
-                ("REMORA_POD_IP", ip),
-                ("REMORA_SERVICE_ACCOUNT", sa),
-                ("REMORA_TRUST_ANCHORS", anchors.as_str()),
-                ("REMORA_IDENTITY_TOKEN_FILE", token.as_str()),
-            ];
-            proxies.push(Proxy::start(pod, bins, &env).await);
-        }
-        let web = cluster.pod("web");
-        let _ = backend::http(web, "0.0.0.0:8080".parse().unwrap());
-        backend::echo(web, "0.0.0.0:7001".parse().unwrap());
-        Self {
-            cluster,
-            objects,
-            controller,
-            _proxies: proxies,
-        }
-    }
-}
 
 /// `GET /hello` on the Service: status, the `remora-error` header, and the body.
 async fn hello(pod: &Pod) -> anyhow::Result<(u16, String, String)> {

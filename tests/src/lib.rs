@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod mesh;
 pub mod pod;
 pub mod proc;
 

@@ -115,8 +115,10 @@ where
     let io = TokioIo::new(io);
     let result = match version {
         Version::Http1 => {
+            // A proxy adds no `Date` of its own: the upstream's, if any, passes through.
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .auto_date_header(false)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -129,8 +131,10 @@ where
             }
         }
         Version::Http2 => {
+            // Nor in a trailers-only gRPC answer, where it would read as trailing metadata.
             let conn = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .auto_date_header(false)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
             tokio::select! {

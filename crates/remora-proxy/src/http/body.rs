@@ -126,8 +126,13 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
     /// proxy had written the whole `content-length` and dropped the stream. Each such
     /// stream was reset (`CANCEL`), and under load h2's limit on local resets (1,024)
     /// closed the connection between the proxies, failing its requests with 502.
+    ///
+    /// A response that ended with its headers (a gRPC error's trailers-only response)
+    /// has no trailers to wait for: it is passed on as one HEADERS frame that ends the
+    /// stream. An empty DATA frame after it is, to grpc-core, a broken stream: the
+    /// client lost the status, its message and its metadata.
     fn is_end_stream(&self) -> bool {
-        !self.may_have_trailers && self.inner.is_end_stream()
+        (!self.may_have_trailers || self.empty) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
