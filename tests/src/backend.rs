@@ -241,6 +241,17 @@ pub struct Faults {
     /// Requests being answered now, and the most there ever were at once.
     pub busy: std::sync::atomic::AtomicU64,
     pub most_busy: std::sync::atomic::AtomicU64,
+    /// Send the headers and part of the body, then break the response.
+    pub break_body: std::sync::atomic::AtomicBool,
+    /// Stops listening: new connections are refused.
+    closed: tokio::sync::Notify,
+}
+
+impl Faults {
+    /// Closes the listener: from now on connects are refused, as by a dead process.
+    pub fn close(&self) {
+        self.closed.notify_one();
+    }
 }
 
 /// An HTTP/1 + h2c backend with per-instance fault knobs: it answers `200` with its pod's
@@ -254,7 +265,14 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
     let name: Arc<str> = pod.name.as_str().into();
     let knobs = faults.clone();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => return,
+                },
+                _ = knobs.closed.notified() => return,
+            };
             let _ = stream.set_nodelay(true);
             knobs.connections.fetch_add(1, Relaxed);
             let (knobs, name) = (knobs.clone(), name.clone());
@@ -311,6 +329,17 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                         }
                         knobs.busy.fetch_sub(1, Relaxed);
                         let status = knobs.status.load(Relaxed);
+                        if knobs.break_body.load(Relaxed) {
+                            // 200, a first chunk, then the stream breaks.
+                            let (mut tx, body) =
+                                Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(1);
+                            tokio::spawn(async move {
+                                let _ = tx.send_data(Bytes::from_static(b"partial")).await;
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                tx.abort("the backend breaks its response".into());
+                            });
+                            return Ok::<_, Infallible>(Response::new(body.boxed()));
+                        }
                         let mut rsp = Response::new(full(name.to_string()));
                         rsp.headers_mut().extend(echo);
                         rsp.headers_mut()

@@ -23,43 +23,17 @@ use tokio::time::Instant;
 use crate::{
     connect::Connector,
     discovery::Endpoint,
-    http::pool::EndpointClients,
-    policy::{Algorithm, Breaker, RoutePolicy},
+    policy::{Algorithm, RoutePolicy},
+};
+
+mod endpoint;
+
+pub use endpoint::{
+    DECAY, EndpointState, FAILURE_PENALTY, InFlight, PROBE_TIMEOUT, Settle, SlotError,
 };
 
 /// Latency assumed for an endpoint before it has answered anything (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
-/// How fast a latency observation fades.
-pub const DECAY: Duration = Duration::from_secs(10);
-/// How long a half-open probe may take before another request may probe instead.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Statistics, circuit-breaker state and connection pools of one endpoint.
-#[derive(Debug)]
-pub struct EndpointState {
-    pub addr: SocketAddr,
-    in_flight: AtomicUsize,
-    /// `maxConnections` slots for HTTP/1, made when a limit is first in force.
-    slots: Mutex<Option<(u32, Arc<tokio::sync::Semaphore>)>>,
-    /// Requests waiting for a slot (`maxPendingRequests`).
-    waiting: AtomicUsize,
-    ewma: Mutex<Ewma>,
-    health: Mutex<Health>,
-    pub clients: EndpointClients,
-}
-
-/// The circuit breaker of one endpoint.
-#[derive(Debug, Default, Clone, Copy)]
-struct Health {
-    consecutive_failures: u32,
-    /// Ejected until then; once it has passed, one request probes (half-open).
-    ejected_until: Option<Instant>,
-    /// A half-open probe is in flight, until then: a probe whose request never reports
-    /// back (the client went away) frees the endpoint for another probe afterwards.
-    probing: Option<Instant>,
-    /// Ejections so far: each doubles the next one's length.
-    ejections: u32,
-}
 
 /// Why no endpoint could be picked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,230 +42,6 @@ pub enum NoPick {
     NoEndpoints,
     /// Every endpoint is at its concurrency limit (`maxRequests`).
     AtCapacity,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Ewma {
-    /// Seconds.
-    value: f64,
-    at: Instant,
-}
-
-impl EndpointState {
-    fn new(e: &Endpoint, connector: &Connector, rtt: f64) -> Self {
-        Self {
-            addr: e.addr,
-            in_flight: AtomicUsize::new(0),
-            slots: Mutex::new(None),
-            waiting: AtomicUsize::new(0),
-            ewma: Mutex::new(Ewma {
-                value: rtt,
-                at: Instant::now(),
-            }),
-            health: Mutex::new(Health::default()),
-            clients: EndpointClients::new(e.addr, e.identity.clone(), connector.clone()),
-        }
-    }
-
-    /// The latency estimate now, faded toward zero since the last observation (so an
-    /// endpoint left alone is tried again).
-    fn latency(&self, now: Instant) -> f64 {
-        let e = *self.ewma.lock();
-        e.value * decay_weight(now.saturating_duration_since(e.at))
-    }
-
-    /// Latency × (requests in flight + 1): lower is better.
-    fn cost(&self, now: Instant) -> f64 {
-        self.latency(now) * (self.in_flight.load(Ordering::Relaxed) + 1) as f64
-    }
-
-    /// Records one response's latency: a slower one is taken at once (the peak), a
-    /// faster one is blended in as the old value fades.
-    pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
-        let rtt = rtt.as_secs_f64();
-        let mut e = self.ewma.lock();
-        if rtt > e.value {
-            e.value = rtt;
-        } else {
-            let w = decay_weight(now.saturating_duration_since(e.at));
-            e.value = e.value * w + rtt * (1.0 - w);
-        }
-        e.at = now;
-    }
-
-    fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Whether the breaker lets a request through now: not ejected, or half-open with
-    /// no probe yet in flight.
-    fn available(&self, now: Instant) -> bool {
-        let h = self.health.lock();
-        match h.ejected_until {
-            Some(until) if now < until => false,
-            Some(_) => h.probing.is_none_or(|p| now >= p),
-            None => true,
-        }
-    }
-
-    /// Ejected, or half-open and not yet proven healthy: counts against the ejection cap.
-    fn out(&self) -> bool {
-        self.health.lock().ejected_until.is_some()
-    }
-
-    /// Marks the half-open probe as sent, so no other request goes with it (for at most
-    /// `PROBE_TIMEOUT`).
-    fn claim_probe(&self, now: Instant) {
-        let mut h = self.health.lock();
-        if h.ejected_until.is_some_and(|u| now >= u) {
-            h.probing = Some(now + PROBE_TIMEOUT);
-        }
-    }
-
-    /// Records an attempt's outcome for the circuit breaker. After `consecutive_failures`
-    /// failures the endpoint is ejected for an exponentially growing, jittered time
-    /// (unless `may_eject` says too many are out already); a failed probe ejects it again
-    /// at once, a successful one restores it. Returns whether it was ejected now.
-    pub fn record(&self, ok: bool, breaker: &Breaker, may_eject: impl FnOnce() -> bool) -> bool {
-        let mut h = self.health.lock();
-        if breaker.consecutive_failures == 0 {
-            // Breaking was turned off: nothing stays ejected (a write only then).
-            if h.ejected_until.is_some() || h.consecutive_failures > 0 {
-                *h = Health::default();
-            }
-            return false;
-        }
-        let now = Instant::now();
-        let half_open = h.ejected_until.is_some_and(|u| now >= u);
-        if ok {
-            h.consecutive_failures = 0;
-            if half_open {
-                h.ejected_until = None;
-                h.probing = None;
-                h.ejections = h.ejections.saturating_sub(1);
-            }
-            return false;
-        }
-        h.consecutive_failures += 1;
-        if !half_open {
-            if h.consecutive_failures < breaker.consecutive_failures {
-                return false;
-            }
-            // The cap looks at every endpoint's breaker, this one's included: ask it
-            // without holding this lock.
-            drop(h);
-            let allowed = may_eject();
-            h = self.health.lock();
-            // Another failure may have ejected it meanwhile: once is enough.
-            if !allowed || h.ejected_until.is_some() {
-                return false;
-            }
-        }
-        h.ejections = (h.ejections + 1).min(16);
-        let base = breaker.base_ejection.as_secs_f64() * f64::from(1u32 << (h.ejections - 1));
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(1);
-        let seed = u64::from(nanos) ^ (self.addr.port() as u64) << 32 | 1;
-        let jitter = 0.9 + (crate::discovery::xorshift(seed) % 200) as f64 / 1000.0;
-        let length = Duration::from_secs_f64(base * jitter).min(breaker.max_ejection);
-        h.ejected_until = Some(now + length);
-        h.probing = None;
-        h.consecutive_failures = 0;
-        true
-    }
-
-    /// Counts a request in flight until the guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlight {
-        self.start_with(None)
-    }
-
-    /// A request in flight that holds one of the endpoint's HTTP/1 connection slots.
-    pub fn start_with(
-        self: &Arc<Self>,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            endpoint: self.clone(),
-            _slot: slot,
-        }
-    }
-
-    /// One of the endpoint's `max_connections` HTTP/1 connections for a request: at
-    /// once when one is free; else, when fewer than `max_pending` requests wait, after
-    /// waiting for one (until `deadline`). Nothing queues beyond that.
-    pub async fn connection_slot(
-        &self,
-        max_connections: u32,
-        max_pending: u32,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, SlotError> {
-        let semaphore = {
-            let mut slots = self.slots.lock();
-            match &*slots {
-                Some((n, s)) if *n == max_connections => s.clone(),
-                // A new limit: requests holding the old one's slots finish on them.
-                _ => {
-                    let s = Arc::new(tokio::sync::Semaphore::new(max_connections as usize));
-                    *slots = Some((max_connections, s.clone()));
-                    s
-                }
-            }
-        };
-        if let Ok(permit) = semaphore.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        if self.waiting.fetch_add(1, Ordering::Relaxed) >= max_pending as usize {
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Err(SlotError::Full);
-        }
-        let acquire = semaphore.acquire_owned();
-        let acquired = match deadline {
-            Some(d) => tokio::time::timeout_at(d, acquire).await.ok(),
-            None => Some(acquire.await),
-        };
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        match acquired {
-            Some(Ok(permit)) => Ok(permit),
-            Some(Err(_)) => Err(SlotError::Full),
-            None => Err(SlotError::Deadline),
-        }
-    }
-}
-
-/// Why a request got no connection slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotError {
-    /// Every slot is taken and `maxPendingRequests` requests already wait.
-    Full,
-    /// The request's deadline passed while it waited.
-    Deadline,
-}
-
-fn decay_weight(elapsed: Duration) -> f64 {
-    (-elapsed.as_secs_f64() / DECAY.as_secs_f64()).exp()
-}
-
-/// A request in flight to an endpoint (and the connection slot it holds, if any).
-#[derive(Debug)]
-pub struct InFlight {
-    endpoint: Arc<EndpointState>,
-    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl InFlight {
-    pub fn endpoint(&self) -> &Arc<EndpointState> {
-        &self.endpoint
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// The endpoint set the states were last synced to, and the states.
@@ -383,8 +133,11 @@ impl Balancer {
             return Err(NoPick::NoEndpoints);
         }
         let breaking = policy.breaker.consecutive_failures > 0;
+        // An endpoint whose connects fail is left alone for its backoff, breaker or not.
         let usable = |s: &EndpointState| {
-            (max == 0 || s.in_flight() < max) && (!breaking || s.available(now))
+            (max == 0 || s.in_flight() < max)
+                && (!breaking || s.available(now))
+                && !s.backing_off(now)
         };
         let avoid = avoid.filter(|a| pool.iter().any(|s| s.addr != *a && usable(s)));
         let eligible = |s: &EndpointState| usable(s) && Some(s.addr) != avoid;
@@ -433,8 +186,9 @@ impl Balancer {
             None if pool.iter().all(|s| max != 0 && s.in_flight() >= max) => {
                 Err(NoPick::AtCapacity)
             }
-            // Everything left is ejected or probing: rather than fail, take the least
-            // loaded under the limit (the ejection cap normally keeps this from happening).
+            // Everything left is ejected, probing or backing off: rather than fail, take
+            // the least loaded under the limit (the ejection cap normally keeps this from
+            // happening).
             None => pool
                 .iter()
                 .filter(|s| max == 0 || s.in_flight() < max)

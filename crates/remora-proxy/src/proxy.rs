@@ -256,13 +256,37 @@ async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn,
                 algorithm,
                 ..Default::default()
             };
-            let ep = target
-                .balancer
-                .pick_with(&endpoints, &policy)
-                .map_err(|_| no_endpoints())?;
-            ctx.connector
-                .connect(OrigDst(ep.addr), ep.clients.identity(), Alpn::Opaque)
-                .await
+            // A connect that fails sent nothing: another endpoint is tried at once.
+            let mut avoid = None;
+            let mut tries = 0;
+            loop {
+                let ep = target
+                    .balancer
+                    .pick_avoiding(&endpoints, &policy, avoid)
+                    .map_err(|_| no_endpoints())?;
+                let mut in_flight = ep.start();
+                match ctx
+                    .connector
+                    .connect(OrigDst(ep.addr), ep.clients.identity(), Alpn::Opaque)
+                    .await
+                {
+                    Ok(conn) => {
+                        ep.connected();
+                        in_flight.answered();
+                        return Ok(conn);
+                    }
+                    Err(error) => {
+                        ep.connect_failed();
+                        in_flight.settle(false);
+                        if tries >= crate::http::route::CONNECT_RETRIES {
+                            return Err(error);
+                        }
+                        debug!(%error, endpoint = %ep.addr, "connect failed: trying another endpoint");
+                        tries += 1;
+                        avoid = Some(ep.addr);
+                    }
+                }
+            }
         }
     }
 }

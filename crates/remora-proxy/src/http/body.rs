@@ -32,6 +32,10 @@ pin_project_lite::pin_project! {
     impl<B> PinnedDrop for MeteredBody<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
+            // Nothing left to send: the endpoint's answer was whole.
+            if *this.empty && let Some(f) = this.in_flight.as_mut() {
+                f.settle(true);
+            }
             if let Some(m) = this.metrics.take() {
                 // Dropped before its end: complete only if nothing was left to send.
                 m.response(*this.status, *this.grpc_status, !*this.failed && *this.empty);
@@ -96,15 +100,27 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
                     *this.grpc_status = grpc_status(trailers).or(*this.grpc_status);
                 }
                 // A body of known length may never be polled to its `None`.
-                if this.inner.is_end_stream()
-                    && let Some(m) = this.metrics.take()
-                {
-                    m.response(*this.status, *this.grpc_status, true);
+                if this.inner.is_end_stream() {
+                    if let Some(f) = this.in_flight.as_mut() {
+                        f.settle(true);
+                    }
+                    if let Some(m) = this.metrics.take() {
+                        m.response(*this.status, *this.grpc_status, true);
+                    }
                 }
             }
-            Poll::Ready(Some(Err(_))) => *this.failed = true,
+            Poll::Ready(Some(Err(_))) => {
+                // The endpoint broke its response after the headers: a failure for the
+                // balancer and the breaker, not only for the metrics.
+                *this.failed = true;
+                if let Some(f) = this.in_flight.as_mut() {
+                    f.settle(false);
+                }
+            }
             Poll::Ready(None) => {
-                this.in_flight.take();
+                if let Some(mut f) = this.in_flight.take() {
+                    f.settle(!*this.failed);
+                }
                 if let Some(m) = this.metrics.take() {
                     m.response(*this.status, *this.grpc_status, !*this.failed);
                 }

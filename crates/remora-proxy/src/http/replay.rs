@@ -30,6 +30,9 @@ struct Copy {
     complete: bool,
     /// Too long, or with trailers: cannot be replayed.
     spoiled: bool,
+    /// The most kept: [`MAX_REPLAY`], or 0 to only give back a stream nothing was
+    /// taken from.
+    limit: u64,
     /// The rest of the client's stream, given back by an attempt that let go of it.
     rest: Option<ClientBody>,
 }
@@ -90,9 +93,24 @@ impl Tee {
 
     /// Streams `inner` and keeps what the returned handle needs to replay it.
     pub fn copying(inner: ClientBody) -> (Self, Replay) {
+        Self::keeping(inner, MAX_REPLAY)
+    }
+
+    /// Streams `inner` and copies nothing: the returned handle gives the stream back
+    /// only if the attempt took nothing from it (its connect failed), or the whole
+    /// body if it was empty.
+    pub fn returning(inner: ClientBody) -> (Self, Replay) {
+        Self::keeping(inner, 0)
+    }
+
+    fn keeping(inner: ClientBody, limit: u64) -> (Self, Replay) {
         let replay = Replay::default();
-        if inner.is_end_stream() {
-            replay.0.lock().complete = true;
+        {
+            let mut c = replay.0.lock();
+            c.limit = limit;
+            if inner.is_end_stream() {
+                c.complete = true;
+            }
         }
         (
             Self {
@@ -140,7 +158,7 @@ impl Body for Tee {
                 Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
                     Some(data) if !c.spoiled => {
                         c.len += data.len() as u64;
-                        if c.len > MAX_REPLAY {
+                        if c.len > c.limit {
                             c.spoiled = true;
                             c.chunks = Vec::new();
                         } else {

@@ -1,7 +1,6 @@
 //! Where a request goes: straight to the client's original destination (passthrough),
 //! or to an endpoint of a Service picked per request by the balancer.
 
-use super::ClientBody;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -11,16 +10,16 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::{
-    Upstream, UpstreamError, Version,
+    ClientBody, Upstream, UpstreamError, Version,
     pool::{EndpointClients, ReqBody, restore_orig_proto},
     replay::{MAX_REPLAY, Replay, Tee},
 };
 use crate::{
     addr::OrigDst,
-    balance::{InFlight, NoPick, SlotError},
+    balance::{InFlight, NoPick, Settle, SlotError},
     discovery::{Endpoint, Target, View},
     policy::{
         Retry, RoutePolicy,
@@ -340,12 +339,19 @@ impl Balanced<'_> {
                 first = Some(Either::Left(tee));
                 copy = Some(c);
             }
-            None => first = Some(Either::Left(Tee::plain(body))),
+            // No policy: a connect that fails takes nothing from the body, so the
+            // stream is given back for another endpoint; nothing is copied.
+            None => {
+                let (tee, c) = Tee::returning(body);
+                first = Some(Either::Left(tee));
+                copy = Some(c);
+            }
         }
         if let Some(r) = limits.retry {
             self.target.budget.request(r.budget_window);
         }
         let mut attempt = 0u32;
+        let mut elsewhere = 0u32;
         let mut avoid = None;
         loop {
             let body = match (&replay, first.take()) {
@@ -353,33 +359,30 @@ impl Balanced<'_> {
                 (None, Some(body)) => body,
                 (None, None) => unreachable!("a retry has a replayed or resumed body"),
             };
-            // Without a retry policy there is one attempt: the request goes as it came.
-            let req = match (retry, parts.take()) {
-                (None, Some(parts)) => Request::from_parts(parts, body),
-                (_, taken) => {
-                    let p = taken
-                        .as_ref()
-                        .or(kept.as_ref())
-                        .expect("the request's parts");
-                    let mut req = Request::new(body);
-                    *req.method_mut() = p.method.clone();
-                    *req.uri_mut() = p.uri.clone();
-                    *req.version_mut() = p.version;
-                    *req.headers_mut() = p.headers.clone();
-                    if let Some(taken) = taken {
-                        kept = Some(taken);
-                    }
-                    req
-                }
-            };
-            let (outcome, retriable, tried) = self
+            // Every attempt but the last possible one sends a copy of the request's
+            // head: one whose connect fails may go to another endpoint.
+            let taken = parts.take();
+            let p = taken
+                .as_ref()
+                .or(kept.as_ref())
+                .expect("the request's parts");
+            let mut req = Request::new(body);
+            *req.method_mut() = p.method.clone();
+            *req.uri_mut() = p.uri.clone();
+            *req.version_mut() = p.version;
+            *req.headers_mut() = p.headers.clone();
+            if let Some(taken) = taken {
+                kept = Some(taken);
+            }
+            let tried = self
                 .attempt(req, dest, limits, deadline, is_grpc, avoid)
                 .await;
-            avoid = tried;
-            let retry = match retry {
-                Some(r) if retriable && attempt < r.max_retries => r,
-                _ => return into_result(outcome),
-            };
+            avoid = tried.endpoint;
+            let next = next(&tried, retry.map(|r| r.max_retries), attempt, elsewhere);
+            let outcome = tried.outcome;
+            if next == Next::Answer {
+                return into_result(outcome);
+            }
             // Sent again if the client had sent its whole body, within the limit, or if
             // the attempt gave the client's stream back with all it took copied.
             if replay.is_none() {
@@ -394,6 +397,15 @@ impl Balanced<'_> {
                     }
                 }
             }
+            if next == Next::Elsewhere {
+                // Nothing reached the endpoint: another one at once, outside the budget.
+                elsewhere += 1;
+                self.counters.retries.inc();
+                debug!(service = %dest.service, "connect failed: trying another endpoint");
+                drop(outcome);
+                continue;
+            }
+            let retry = retry.expect("a policy retry has a policy");
             // Full jitter over an exponential ceiling; a Retry-After is honoured.
             let ceiling = retry
                 .backoff_base
@@ -431,15 +443,11 @@ impl Balanced<'_> {
         deadline: Option<Instant>,
         is_grpc: bool,
         avoid: Option<std::net::SocketAddr>,
-    ) -> (Attempt, bool, Option<std::net::SocketAddr>) {
+    ) -> Tried {
         let service = dest.service.clone();
         let policy = &*dest.policy;
         let Some(endpoints) = endpoints(dest.target, self.wait).await else {
-            return (
-                Attempt::Failed(RouteError::NoEndpoints { service }),
-                false,
-                None,
-            );
+            return Tried::failed(RouteError::NoEndpoints { service });
         };
         let ep = match dest
             .target
@@ -448,18 +456,10 @@ impl Balanced<'_> {
         {
             Ok(ep) => ep,
             Err(NoPick::NoEndpoints) => {
-                return (
-                    Attempt::Failed(RouteError::NoEndpoints { service }),
-                    false,
-                    None,
-                );
+                return Tried::failed(RouteError::NoEndpoints { service });
             }
             Err(NoPick::AtCapacity) => {
-                return (
-                    Attempt::Failed(RouteError::AtCapacity { service }),
-                    false,
-                    None,
-                );
+                return Tried::failed(RouteError::AtCapacity { service });
             }
         };
         // `maxConnections` bounds an endpoint's HTTP/1 connections, each busy with one
@@ -477,25 +477,23 @@ impl Balanced<'_> {
             {
                 Ok(slot) => Some(slot),
                 Err(SlotError::Full) => {
-                    return (
-                        Attempt::Failed(RouteError::AtCapacity { service }),
-                        false,
-                        None,
-                    );
+                    return Tried::failed(RouteError::AtCapacity { service });
                 }
                 Err(SlotError::Deadline) => {
                     let after = limits.request_timeout.unwrap_or_default();
-                    return (
-                        Attempt::Failed(RouteError::Timeout { service, after }),
-                        false,
-                        None,
-                    );
+                    return Tried::failed(RouteError::Timeout { service, after });
                 }
             }
         } else {
             None
         };
-        let in_flight = ep.start_with(slot);
+        let mut in_flight = ep.start_with(slot);
+        in_flight.settle_with(Settle {
+            breaker: policy.breaker.clone(),
+            balancer: dest.target.balancer.clone(),
+            ejections: self.counters.ejections.clone(),
+            service: service.clone(),
+        });
         let now = Instant::now();
         let limit = match (limits.per_try_timeout, deadline) {
             (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(now))),
@@ -509,26 +507,35 @@ impl Balanced<'_> {
             None => Some(send.await),
         };
         let on = limits.retry.map(|r| &r.on);
-        let (attempt, ok, retriable) = match result {
-            None if deadline.is_some_and(|d| Instant::now() >= d) => (
-                Attempt::Failed(RouteError::Timeout {
-                    service,
-                    after: limits.request_timeout.unwrap_or_default(),
-                }),
-                false,
-                false,
-            ),
-            None => (
-                Attempt::Failed(RouteError::PerTryTimeout {
+        let mut nothing_sent = false;
+        let (outcome, retriable) = match result {
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
+                in_flight.settle(false);
+                let after = limits.request_timeout.unwrap_or_default();
+                (
+                    Attempt::Failed(RouteError::Timeout { service, after }),
+                    false,
+                )
+            }
+            None => {
+                in_flight.settle(false);
+                let error = RouteError::PerTryTimeout {
                     service,
                     addr: ep.addr,
                     after: limit.unwrap_or_default(),
-                }),
-                false,
-                on.is_some_and(|o| o.per_try_timeout),
-            ),
+                };
+                (
+                    Attempt::Failed(error),
+                    on.is_some_and(|o| o.per_try_timeout),
+                )
+            }
             Some(Err(source)) => {
                 let connect = source.is_connect();
+                if connect {
+                    ep.connect_failed();
+                    nothing_sent = true;
+                }
+                in_flight.settle(false);
                 let retriable = on.is_some_and(|o| {
                     if connect {
                         o.connect_failure
@@ -541,10 +548,10 @@ impl Balanced<'_> {
                     addr: ep.addr,
                     source,
                 };
-                (Attempt::Failed(error), false, retriable)
+                (Attempt::Failed(error), retriable)
             }
             Some(Ok(rsp)) => {
-                ep.observe(now.elapsed());
+                ep.connected();
                 let status = rsp.status();
                 let grpc = super::grpc_status(rsp.headers());
                 let retriable = limits
@@ -554,17 +561,73 @@ impl Balanced<'_> {
                     // The endpoint asked for a pause: the balancer sees it as slow.
                     ep.observe(after.min(Duration::from_secs(10)));
                 }
-                let ok = !status.is_server_error();
-                (Attempt::Response(rsp, in_flight), ok, retriable)
+                if status.is_server_error() {
+                    // A fast 5xx must not look cheap.
+                    in_flight.settle(false);
+                } else {
+                    // Judged when the response ends: one that breaks later fails then.
+                    ep.observe(now.elapsed());
+                    in_flight.answered();
+                }
+                (Attempt::Response(rsp, in_flight), retriable)
             }
         };
-        let balancer = &dest.target.balancer;
-        let percent = policy.breaker.max_ejection_percent;
-        if ep.record(ok, &policy.breaker, || balancer.may_eject(percent)) {
-            self.counters.ejections.inc();
-            info!(service = %dest.service, endpoint = %ep.addr, "endpoint ejected after consecutive failures");
+        Tried {
+            outcome,
+            retriable,
+            nothing_sent,
+            endpoint: Some(ep.addr),
         }
-        (attempt, retriable, Some(ep.addr))
+    }
+}
+
+/// One attempt's result, and what decides whether another follows.
+struct Tried {
+    outcome: Attempt,
+    /// The policy names this failure as retriable.
+    retriable: bool,
+    /// The endpoint's connect failed: it received nothing.
+    nothing_sent: bool,
+    /// Where it went, for the next attempt to avoid.
+    endpoint: Option<std::net::SocketAddr>,
+}
+
+impl Tried {
+    /// Failed before reaching an endpoint.
+    fn failed(error: RouteError) -> Self {
+        Self {
+            outcome: Attempt::Failed(error),
+            retriable: false,
+            nothing_sent: false,
+            endpoint: None,
+        }
+    }
+}
+
+/// How many other endpoints a request whose connect failed may try, policy or not.
+pub const CONNECT_RETRIES: u32 = 2;
+
+/// What follows an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The client gets this attempt's outcome.
+    Answer,
+    /// Nothing reached the endpoint: another at once, with no backoff and no budget,
+    /// whatever the policy (nothing was sent, so it is always safe).
+    Elsewhere,
+    /// The policy retries it, after its backoff and if its budget allows.
+    Retry,
+}
+
+/// The decision after attempt number `attempt` (0 first) of policy retries, when
+/// `elsewhere` connect-failure retries were made already.
+fn next(tried: &Tried, max_retries: Option<u32>, attempt: u32, elsewhere: u32) -> Next {
+    if tried.nothing_sent && elsewhere < CONNECT_RETRIES {
+        return Next::Elsewhere;
+    }
+    match max_retries {
+        Some(max) if tried.retriable && attempt < max => Next::Retry,
+        _ => Next::Answer,
     }
 }
 
@@ -643,4 +706,46 @@ fn absolute<B>(mut req: Request<B>, orig_dst: OrigDst) -> Request<B> {
         *req.uri_mut() = uri;
     }
     req
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+
+    fn tried(retriable: bool, nothing_sent: bool) -> Tried {
+        Tried {
+            outcome: Attempt::Failed(RouteError::NoEndpoints {
+                service: Arc::from("web.shop:80"),
+            }),
+            retriable,
+            nothing_sent,
+            endpoint: None,
+        }
+    }
+
+    /// What follows an attempt: a failed connect goes elsewhere at once (twice), policy
+    /// or not; the policy's retries follow its count.
+    #[test]
+    fn what_follows_an_attempt() {
+        let cases = [
+            // (retriable, nothing sent, max retries, attempt, elsewhere) -> next
+            ((false, false, None, 0, 0), Next::Answer),
+            ((false, true, None, 0, 0), Next::Elsewhere),
+            ((false, true, None, 0, 1), Next::Elsewhere),
+            ((false, true, None, 0, 2), Next::Answer),
+            ((true, true, Some(2), 0, 2), Next::Retry),
+            ((true, false, Some(2), 0, 0), Next::Retry),
+            ((true, false, Some(2), 2, 0), Next::Answer),
+            ((true, false, None, 0, 0), Next::Answer),
+            ((false, false, Some(2), 0, 0), Next::Answer),
+        ];
+        for ((retriable, sent, max, attempt, elsewhere), want) in cases {
+            let t = tried(retriable, sent);
+            assert_eq!(
+                next(&t, max, attempt, elsewhere),
+                want,
+                "{retriable} {sent} {max:?} {attempt} {elsewhere}"
+            );
+        }
+    }
 }

@@ -3,7 +3,6 @@
 //! first connection is the one opened during detection; later ones are made on demand
 //! when the server closes it.
 
-use super::ClientBody;
 use std::time::Duration;
 
 use hyper::{
@@ -14,6 +13,7 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tracing::debug;
 
+use super::ClientBody;
 use crate::{
     addr::OrigDst,
     connect::{Conn, ConnectError, connect},
