@@ -1,7 +1,15 @@
 //! Wiring: binds the listeners, then runs the data path and the admin server until
 //! shutdown, which drains in-flight work within the grace period.
 
-use std::{future::Future, io, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use prometheus_client::registry::Registry;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -162,8 +170,11 @@ impl App {
             idle_inbound: idle(Direction::Inbound),
             idle_outbound: idle(Direction::Outbound),
             metrics,
-            drain: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+            drain_inbound: CancellationToken::new(),
+            drain_outbound: CancellationToken::new(),
+            tracker_inbound: TaskTracker::new(),
+            tracker_outbound: TaskTracker::new(),
+            outbound_accepted: AtomicU64::new(0),
         });
         Ok(Self {
             config,
@@ -269,7 +280,8 @@ impl App {
             (outbound, Direction::Outbound),
         ] {
             for l in listeners {
-                accept_loops.push(tokio::spawn(proxy::accept_loop(l, direction, ctx.clone())));
+                let task = tokio::spawn(proxy::accept_loop(l, direction, ctx.clone()));
+                accept_loops.push((direction, task));
             }
         }
 
@@ -277,27 +289,77 @@ impl App {
             _ = shutdown => info!("shutdown signal received"),
             _ = admin.shutdown.cancelled() => {}
         }
-        admin.readiness.set_draining();
-        ctx.drain.cancel();
-        for l in accept_loops {
-            let _ = l.await;
-        }
-        ctx.tracker.close();
-        let open = ctx.tracker.len();
-        info!(open, grace = ?config.shutdown_grace_period, "stopped accepting; draining connections");
-        if tokio::time::timeout(config.shutdown_grace_period, ctx.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                open = ctx.tracker.len(),
-                "grace period over: closing the remaining connections"
-            );
-        }
+        drain(&ctx, &config, accept_loops).await;
         admin_stop.cancel();
         info!("shut down");
     }
 }
+
+/// The shutdown protocol. Kubernetes removes a terminating pod's endpoint about when it
+/// sends SIGTERM, and clients hear of it a moment later: for the shutdown delay every
+/// connection is still accepted and served. Then the inbound side drains: its
+/// listeners close, HTTP/2 connections get GOAWAY and HTTP/1 ones close after their
+/// request in flight. The outbound side stays open for the app, which may still be
+/// finishing its own work (with a native sidecar it has exited already): the proxy
+/// exits once no connection of either side is left, or when the grace period, counted
+/// from the signal, is over.
+async fn drain(
+    ctx: &Ctx,
+    config: &Config,
+    accept_loops: Vec<(Direction, tokio::task::JoinHandle<()>)>,
+) {
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace_period;
+    info!(delay = ?config.shutdown_delay, grace = ?config.shutdown_grace_period,
+        "draining: still accepting for the shutdown delay");
+    tokio::time::sleep(config.shutdown_delay).await;
+    ctx.drain_inbound.cancel();
+    let mut outbound_loops = Vec::new();
+    for (direction, task) in accept_loops {
+        match direction {
+            Direction::Inbound => drop(task.await),
+            Direction::Outbound => outbound_loops.push(task),
+        }
+    }
+    ctx.tracker_inbound.close();
+    info!(
+        inbound = ctx.tracker_inbound.len(),
+        outbound = ctx.tracker_outbound.len(),
+        "stopped accepting inbound connections; waiting for the open ones"
+    );
+    let drained = async {
+        ctx.tracker_inbound.wait().await;
+        // The app's own connections: once it has had none open, nor opened one, for a
+        // while, it is done (or gone).
+        let mut quiet_since = tokio::time::Instant::now();
+        let mut seen = ctx.outbound_accepted.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(OUTBOUND_POLL).await;
+            let accepted = ctx.outbound_accepted.load(Ordering::Relaxed);
+            if accepted != seen || !ctx.tracker_outbound.is_empty() {
+                (seen, quiet_since) = (accepted, tokio::time::Instant::now());
+            } else if quiet_since.elapsed() >= OUTBOUND_QUIET {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout_at(deadline, drained).await.is_err() {
+        warn!(
+            inbound = ctx.tracker_inbound.len(),
+            outbound = ctx.tracker_outbound.len(),
+            "grace period over: closing the remaining connections"
+        );
+    }
+    ctx.drain_outbound.cancel();
+    for task in outbound_loops {
+        let _ = task.await;
+    }
+}
+
+/// How often a draining proxy looks whether the app still uses its outbound side.
+const OUTBOUND_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long the app's outbound side must go unused before a draining proxy takes the
+/// app to be done: long enough for the calls it makes while it winds down.
+const OUTBOUND_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn local_addrs(listeners: &[TcpListener]) -> Vec<SocketAddr> {
     listeners

@@ -140,6 +140,12 @@ pub const SHUTDOWN_GRACE_PERIOD: Knob = Knob::value(
     Some("25s"),
     "After SIGTERM, how long in-flight work may finish; under Kubernetes' default 30s",
 );
+pub const SHUTDOWN_DELAY: Knob = Knob::value(
+    "shutdown-delay",
+    "REMORA_SHUTDOWN_DELAY",
+    Some("5s"),
+    "After SIGTERM, how long the proxy goes on accepting before it drains: Kubernetes removes a terminating pod's endpoint about when it sends SIGTERM, and clients take a moment to hear of it; within the grace period",
+);
 pub const WORKER_THREADS: Knob = Knob::value(
     "worker-threads",
     "REMORA_WORKER_THREADS",
@@ -181,6 +187,7 @@ pub const KNOBS: &[Knob] = &[
     DETECT_TIMEOUT,
     CONNECT_TIMEOUT,
     SHUTDOWN_GRACE_PERIOD,
+    SHUTDOWN_DELAY,
     DISCOVERY_WAIT,
     PRECONNECT_DELAY,
     WORKER_THREADS,
@@ -215,6 +222,8 @@ pub struct Config {
     pub detect_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_grace_period: Duration,
+    /// After SIGTERM, how long everything goes on as before the inbound side drains.
+    pub shutdown_delay: Duration,
     pub worker_threads: usize,
     pub log: String,
     pub log_format: LogFormat,
@@ -297,6 +306,15 @@ impl Config {
         let detect_timeout = l.get(&DETECT_TIMEOUT, parse_positive_duration);
         let connect_timeout = l.get(&CONNECT_TIMEOUT, parse_positive_duration);
         let shutdown_grace_period = l.get(&SHUTDOWN_GRACE_PERIOD, remora_config::parse_duration);
+        let shutdown_delay = l.get(&SHUTDOWN_DELAY, remora_config::parse_duration);
+        if let (Some(delay), Some(grace)) = (shutdown_delay, shutdown_grace_period)
+            && delay >= grace
+        {
+            l.error(format!(
+                "REMORA_SHUTDOWN_DELAY ({delay:?}) must be shorter than \
+                 REMORA_SHUTDOWN_GRACE_PERIOD ({grace:?}): the delay leaves no time to drain"
+            ));
+        }
         let worker_threads = l.get(&WORKER_THREADS, |s| match s.parse::<usize>() {
             Ok(n @ 1..=64) => Ok(n),
             _ => Err("expected a whole number from 1 to 64".into()),
@@ -349,6 +367,7 @@ impl Config {
             detect_timeout: remora_config::present(detect_timeout)?,
             connect_timeout: remora_config::present(connect_timeout)?,
             shutdown_grace_period: remora_config::present(shutdown_grace_period)?,
+            shutdown_delay: remora_config::present(shutdown_delay)?,
             worker_threads: remora_config::present(worker_threads)?,
             log: remora_config::present(log)?,
             log_format: remora_config::present(log_format)?,

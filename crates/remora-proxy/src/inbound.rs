@@ -175,7 +175,7 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
 fn served(ctx: &Ctx, labels: TrafficLabels, admission: Admission) -> http::Served {
     http::Served {
         metrics: ctx.metrics.http(labels),
-        drain: ctx.drain.clone(),
+        drain: ctx.drain_inbound.clone(),
         admission: Some(admission),
         idle: ctx.idle_inbound.clone(),
     }

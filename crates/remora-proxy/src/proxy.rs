@@ -47,10 +47,15 @@ pub struct Ctx {
     /// When opaque connections count as idle, for each direction.
     pub idle_inbound: tcp::Idle,
     pub idle_outbound: tcp::Idle,
-    /// Cancelled when the proxy starts draining.
-    pub drain: CancellationToken,
-    /// Every connection task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
+    /// Cancelled when the inbound side drains (after the shutdown delay), and when
+    /// the outbound side does (as the proxy exits).
+    pub drain_inbound: CancellationToken,
+    pub drain_outbound: CancellationToken,
+    /// Every connection task of each side, so shutdown can wait for them.
+    pub tracker_inbound: TaskTracker,
+    pub tracker_outbound: TaskTracker,
+    /// Outbound connections accepted so far: a draining proxy watches the app's use.
+    pub outbound_accepted: std::sync::atomic::AtomicU64,
 }
 
 /// An accepted connection and where it was going.
@@ -65,6 +70,22 @@ impl Ctx {
         self.opaque_ports.iter().any(|r| r.contains(port))
     }
 
+    /// What tells `direction`'s connections to finish and its listeners to stop.
+    pub fn drain(&self, direction: Direction) -> &CancellationToken {
+        match direction {
+            Direction::Inbound => &self.drain_inbound,
+            Direction::Outbound => &self.drain_outbound,
+        }
+    }
+
+    /// `direction`'s connection tasks.
+    pub fn tracker(&self, direction: Direction) -> &TaskTracker {
+        match direction {
+            Direction::Inbound => &self.tracker_inbound,
+            Direction::Outbound => &self.tracker_outbound,
+        }
+    }
+
     pub fn idle(&self, direction: Direction) -> &tcp::Idle {
         match direction {
             Direction::Inbound => &self.idle_inbound,
@@ -77,7 +98,7 @@ impl Ctx {
 pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<Ctx>) {
     loop {
         let accepted = tokio::select! {
-            _ = ctx.drain.cancelled() => return,
+            _ = ctx.drain(direction).cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -94,10 +115,14 @@ pub async fn accept_loop(listener: TcpListener, direction: Direction, ctx: Arc<C
                             continue;
                         }
                     },
-                    Direction::Outbound => None,
+                    Direction::Outbound => {
+                        ctx.outbound_accepted
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        None
+                    }
                 };
                 let ctx2 = ctx.clone();
-                ctx.tracker.spawn(async move {
+                ctx.tracker(direction).spawn(async move {
                     serve_connection(ctx2, direction, stream, ClientAddr(client)).await;
                     drop(slot);
                 });
@@ -396,7 +421,7 @@ async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
     };
     let served = http::Served {
         metrics: ctx.metrics.http(labels),
-        drain: ctx.drain.clone(),
+        drain: ctx.drain_outbound.clone(),
         admission: None,
         idle: ctx.idle(accept.direction).clone(),
     };

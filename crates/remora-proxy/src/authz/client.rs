@@ -4,7 +4,14 @@
 //! is away, so what a port scan costs is nothing and what it can widen is nothing. The
 //! configured default applies only until the controller has answered once.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use prometheus_client::metrics::counter::Counter;
 use remora_api::v1 as api;
@@ -77,6 +84,8 @@ pub struct InboundPolicies {
     /// the controller answers.
     declared: Vec<PortRange>,
     wait: Duration,
+    /// A connection waited the whole wait without an answer.
+    waited_in_vain: AtomicBool,
     /// Connections judged by the configured default because the controller had not
     /// answered yet.
     fallbacks: Counter,
@@ -108,6 +117,19 @@ impl InboundPolicies {
     /// port has the configured default.
     pub fn new(channel: Option<Channel>, config: InboundConfig) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
+        // The controller answers about a pod it can name: without the pod's namespace and
+        // name there is nothing to ask, and the configured default is all there is.
+        let channel = channel.filter(|_| {
+            let named = !config.info.namespace.is_empty() && !config.info.pod_name.is_empty();
+            if !named {
+                warn!(
+                    default = config.default.as_str(),
+                    "REMORA_NAMESPACE and REMORA_POD_NAME are not both set: inbound policy \
+                     cannot be asked for, the configured default applies to every port"
+                );
+            }
+            named
+        });
         let has_controller = channel.is_some();
         if let Some(channel) = channel {
             let client = api::policy_client::PolicyClient::new(channel);
@@ -125,18 +147,28 @@ impl InboundPolicies {
             default_policy: Arc::new(config.default.policy(&config.trust_domain)),
             declared: config.declared,
             wait: config.wait,
+            waited_in_vain: AtomicBool::new(false),
             fallbacks: config.fallbacks,
         })
     }
 
     /// The policy of `port`. Until the controller's first answer a connection waits up
     /// to the discovery wait for it, so early clients are judged by the real policy;
-    /// past that the configured default judges it, and is counted.
+    /// past that the configured default judges it, and is counted. Once one connection
+    /// has waited in vain, the next ones do not wait: waiting again would only delay them.
     pub async fn port(&self, port: u16) -> PortPolicy {
         if self.has_controller && self.rx.borrow().is_none() {
-            let mut waiting = self.rx.clone();
-            let answered = tokio::time::timeout(self.wait, waiting.wait_for(Option::is_some));
-            if answered.await.is_err() {
+            let answered = match self.waited_in_vain.load(Ordering::Relaxed) {
+                true => false,
+                false => {
+                    let mut waiting = self.rx.clone();
+                    let wait = waiting.wait_for(Option::is_some);
+                    let answered = tokio::time::timeout(self.wait, wait).await.is_ok();
+                    self.waited_in_vain.store(!answered, Ordering::Relaxed);
+                    answered
+                }
+            };
+            if !answered {
                 self.fallbacks.inc();
                 debug!(
                     port,
@@ -239,7 +271,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn before_any_answer_the_configured_default_applies_and_is_counted() {
         // A controller nobody answers at.
         let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9")
@@ -250,6 +282,13 @@ mod tests {
         let policy = policies.port(8080).await;
         assert!(!policy.current().allows_connection(&peer()));
         assert_eq!(fallbacks.get(), 1);
+        // The next connection does not wait again (paused time moves only by waits),
+        // and is counted too.
+        let started = tokio::time::Instant::now();
+        let policy = policies.port(8081).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(!policy.current().allows_connection(&peer()));
+        assert_eq!(fallbacks.get(), 2);
         // Declared ports are named in metrics from the start; others are not.
         assert!(policies.is_served(8080) && policies.is_served(9001));
         assert!(!policies.is_served(31337));
