@@ -277,3 +277,51 @@ fn tempdir(bins: &Binaries) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Issue 12: after the controller came back, a removed endpoint kept receiving requests
+/// for 3-4 s (381 of them), until each stream's own backoff ended. While streams fail,
+/// the proxy probes the controller's port, and resubscribes them all once it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_the_controller_was_away_applies_as_soon_as_it_is_back()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
+    let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
+    let dir = tempdir(&bins);
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
+    let mut controller = start_controller(&cluster, &bins, &dir).await;
+    for (role, _) in SERVERS {
+        let _ = backend::http(cluster.pod(role), "0.0.0.0:8080".parse()?);
+    }
+    let client_pod = cluster.pod("client");
+    client_pod.intercept(&bins);
+    let _proxy = Proxy::start(client_pod, &bins, &[("REMORA_CONTROLLER_ADDR", CONTROLLER)]).await;
+    let s3 = cluster.pod("s3").name.clone();
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        seen.push(whoami(client_pod).await);
+    }
+    assert!(tally(seen.iter()).contains_key(&s3), "s3 serves: {seen:?}");
+
+    // The controller is away long enough for the streams' backoffs to grow to seconds;
+    // meanwhile s3 leaves the Service.
+    controller.kill();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS[..2]));
+    let _controller = start_controller(&cluster, &bins, &dir).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut after = Vec::new();
+    for _ in 0..100 {
+        after.push(whoami(client_pod).await);
+    }
+    let t = tally(after.iter());
+    assert_eq!(t.values().sum::<usize>(), 100, "{t:?}");
+    assert!(
+        !t.contains_key(&s3),
+        "s3 still served 1.5 s after the controller was back: {t:?}"
+    );
+    Ok(())
+}

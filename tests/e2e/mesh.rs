@@ -232,6 +232,61 @@ async fn a_route_grant_admits_no_path_an_app_could_read_as_another() -> anyhow::
     Ok(())
 }
 
+/// Issue 12: requests that waited for a Service's endpoints were labelled
+/// `tls="false"`, `peer_identity=""` on the client, though they went over mTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waited_for_endpoints_is_labelled_as_it_went() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "24h").await;
+    let late = "apiVersion: v1\nkind: Service\nmetadata: {name: late, namespace: shop}\n\
+                spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 80, targetPort: 8080}]}\n";
+    write_atomically(&mesh.objects, "late.yaml", late);
+    let frontend = mesh.cluster.pod("frontend");
+    let addr: SocketAddr = "10.96.0.20:80".parse()?;
+    // The Service is known before its endpoints: wait until discovery says so (a 503).
+    eventually("the Service is known", async || {
+        match client::get(frontend, addr, "/hello").await {
+            Ok((503, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let pending = {
+        let pod = Pod::borrowed(frontend.name.clone(), frontend.ip);
+        tokio::spawn(async move { client::get(&pod, addr, "/hello").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let web = &mesh.cluster.pod("web").name;
+    write_atomically(
+        &mesh.objects,
+        "late.yaml",
+        &format!(
+            "{late}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: late-1, namespace: shop, labels: {{kubernetes.io/service-name: late}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n\
+             - {{addresses: [\"{WEB_IP}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {web}}}}}\n"
+        ),
+    );
+    let (status, body) = pending.await??;
+    assert_eq!((status, body.as_str()), (200, MARKER));
+    let web_id = spiffe("web");
+    let text = metrics(frontend).await;
+    let mtls = [
+        ("direction", "outbound"),
+        ("target", "late.shop:80"),
+        ("tls", "true"),
+        ("peer_identity", web_id.as_str()),
+    ];
+    assert!(
+        sample(&text, "remora_http_requests_total", &mtls) >= 1.0,
+        "{text}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshed_pods_speak_mtls_and_inbound_policy_decides_who_may_call() -> anyhow::Result<()> {
     if !e2e_enabled() {

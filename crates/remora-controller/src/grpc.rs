@@ -139,6 +139,12 @@ impl api::destination_server::Destination for DestinationService {
             .access
             .streams
             .acquire(req.extensions().get::<Caller>(), &self.access.metrics)?;
+        // Nothing is answered before the source's first sync: a controller that has just
+        // started would otherwise tell reconnecting proxies their Services are unknown.
+        tokio::select! {
+            _ = self.discovery.synced() => {}
+            _ = self.shutdown.cancelled() => return Err(Status::unavailable("shutting down")),
+        }
         let watched = self.discovery.subscribe(target);
         let metrics = self.discovery.metrics().clone();
         metrics.streams_open.inc();

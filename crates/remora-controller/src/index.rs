@@ -51,6 +51,9 @@ pub struct Index {
     pod_ips: HashMap<IpAddr, NsName>,
     /// Pod → the Services whose slices name it (its identity appears in their answers).
     services_of_pod: HashMap<NsName, BTreeSet<NsName>>,
+    /// Endpoint address → the Services whose slices list it: a slice endpoint without
+    /// `targetRef` is the pod at its address.
+    services_of_ip: HashMap<IpAddr, BTreeSet<NsName>>,
 }
 
 impl Index {
@@ -67,6 +70,7 @@ impl Index {
             cluster_ips: HashMap::new(),
             pod_ips: HashMap::new(),
             services_of_pod: HashMap::new(),
+            services_of_ip: HashMap::new(),
         }
     }
 
@@ -220,6 +224,12 @@ impl Index {
                         .or_default()
                         .insert(svc.clone());
                 }
+                for ip in s.endpoints.iter().flat_map(|e| &e.addresses) {
+                    self.services_of_ip
+                        .entry(*ip)
+                        .or_default()
+                        .insert(svc.clone());
+                }
                 self.slices.insert(s.id.clone(), s);
             }
             Object::Pod(p) => {
@@ -290,6 +300,20 @@ impl Index {
                             }
                         }
                     }
+                    for ip in s.endpoints.iter().flat_map(|e| &e.addresses) {
+                        let still = self.slices_of.get(&svc).is_some_and(|slices| {
+                            slices
+                                .iter()
+                                .filter_map(|id| self.slices.get(id))
+                                .any(|sl| sl.endpoints.iter().any(|e| e.addresses.contains(ip)))
+                        });
+                        if !still && let Some(set) = self.services_of_ip.get_mut(ip) {
+                            set.remove(&svc);
+                            if set.is_empty() {
+                                self.services_of_ip.remove(ip);
+                            }
+                        }
+                    }
                 }
             }
             Kind::Authz => {
@@ -329,6 +353,11 @@ impl Index {
         touched.policy_namespaces.insert(p.id.namespace.clone());
         if let Some(services) = self.services_of_pod.get(&p.id) {
             touched.services.extend(services.iter().cloned());
+        }
+        for ip in &p.ips {
+            if let Some(services) = self.services_of_ip.get(ip) {
+                touched.services.extend(services.iter().cloned());
+            }
         }
     }
 
@@ -402,14 +431,17 @@ impl Index {
                     (false, true) => (&mut terminating, false),
                     (false, false) => continue,
                 };
-                let pod = e
+                let named = e
                     .pod
                     .as_ref()
-                    .and_then(|p| self.pods.get(&NsName::new(&id.namespace, p)));
+                    .map(|p| self.pods.get(&NsName::new(&id.namespace, p)));
                 for ip in &e.addresses {
                     if family.is_some_and(|f| f.is_ipv4() != ip.is_ipv4()) {
                         continue;
                     }
+                    // Without `targetRef`, the pod at the address (as when that pod is
+                    // addressed directly); a `targetRef` names the pod it means.
+                    let pod = named.unwrap_or_else(|| self.pod_at(ip));
                     let addr = SocketAddr::new(*ip, target_port);
                     set.insert(
                         addr,
@@ -426,6 +458,11 @@ impl Index {
             headless: svc.headless,
             endpoints,
         }
+    }
+
+    /// The pod whose IP is `ip`, if the index knows it.
+    fn pod_at(&self, ip: &IpAddr) -> Option<&Pod> {
+        self.pod_ips.get(ip).and_then(|id| self.pods.get(id))
     }
 
     fn endpoint(

@@ -315,6 +315,7 @@ async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
         channel,
         ClientInfo::default(),
         prometheus_client::metrics::counter::Counter::default(),
+        remora_proxy::discovery::Reconnected::default(),
         remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
     )
 }

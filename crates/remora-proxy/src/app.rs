@@ -24,7 +24,7 @@ use crate::{
     config::Config,
     connect::Connector,
     control::{self, Channels},
-    discovery::{ClientInfo, Discovery},
+    discovery::{ClientInfo, Discovery, Reconnected},
     identity::{self, Identity},
     metrics::{Direction, Metrics},
     proxy::{self, Ctx},
@@ -132,11 +132,16 @@ impl App {
             ),
             None => None,
         };
+        // While the controller is away its port is probed, so every stream resubscribes
+        // as soon as it is back.
+        let reconnected =
+            Reconnected::new(config.controller_addr.as_ref().map(|a| a.authority.clone()));
         let discovery = channels.as_ref().map(|c| {
             Discovery::new(
                 c.api.clone(),
                 info.clone(),
                 metrics.control_reconnects.clone(),
+                reconnected.clone(),
                 connector.clone(),
             )
         });
@@ -149,6 +154,7 @@ impl App {
                 declared: config.inbound_ports.clone(),
                 wait: config.discovery_wait,
                 reconnects: metrics.control_reconnects.clone(),
+                reconnected,
                 fallbacks: metrics.authz_fallbacks.clone(),
             },
         );

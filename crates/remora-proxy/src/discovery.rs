@@ -120,6 +120,33 @@ struct Entry {
     tasks: [AbortHandle; 2],
 }
 
+/// Destinations watched at most: each costs a stream here and in the controller, and
+/// an app may connect to any number of addresses (a crawler, say).
+pub const MAX_DESTINATIONS: usize = 4096;
+/// How long a destination the controller does not know (passthrough) is kept unused:
+/// such addresses are many and rarely come back.
+pub const PASSTHROUGH_IDLE: Duration = Duration::from_secs(30);
+
+/// Frees a tenth of the destinations, those no connection uses, least recently used
+/// first and passthrough ones before the rest.
+fn make_room(targets: &mut HashMap<Dst, Entry>) {
+    let mut unused: Vec<(bool, Instant, Dst)> = targets
+        .iter()
+        .filter(|(_, e)| Arc::strong_count(&e.target) == 1)
+        .map(|(dst, e)| {
+            let known = !matches!(&*e.target.views.borrow(), View::Passthrough);
+            (known, e.last_used, dst.clone())
+        })
+        .collect();
+    unused.sort_by_key(|(known, used, _)| (*known, *used));
+    for (_, _, dst) in unused.into_iter().take(MAX_DESTINATIONS / 10) {
+        if let Some(e) = targets.remove(&dst) {
+            debug!(%dst, "forgetting a destination to make room");
+            e.tasks.iter().for_each(AbortHandle::abort);
+        }
+    }
+}
+
 /// Who is asking, sent with every request.
 #[derive(Debug, Clone, Default)]
 pub struct ClientInfo {
@@ -141,37 +168,7 @@ impl ClientInfo {
     }
 }
 
-/// Backoff between reconnects: from 100 ms, doubling, to 10 s, with ±50 % jitter.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// The pause before a controller stream is started again (every stream uses one).
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    seed: u64,
-}
-
-impl Backoff {
-    pub fn new(seed: u64) -> Self {
-        Self {
-            next: BACKOFF_MIN,
-            seed: seed | 1,
-        }
-    }
-
-    /// Sleeps before the next attempt of a stream that started at `started`. A stream
-    /// that lived a while was healthy: the backoff starts over.
-    pub async fn pause(&mut self, started: Instant) {
-        if started.elapsed() > BACKOFF_MAX {
-            self.next = BACKOFF_MIN;
-        }
-        self.seed = xorshift(self.seed);
-        let jitter = 0.5 + (self.seed % 1000) as f64 / 1000.0;
-        tokio::time::sleep(self.next.mul_f64(jitter)).await;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-    }
-}
+pub use crate::reconnect::{Backoff, Reconnected};
 
 pub struct Discovery {
     client: api::destination_client::DestinationClient<Channel>,
@@ -179,6 +176,7 @@ pub struct Discovery {
     info: ClientInfo,
     targets: Mutex<HashMap<Dst, Entry>>,
     reconnects: Counter,
+    reconnected: Reconnected,
     connector: Connector,
 }
 
@@ -196,6 +194,7 @@ impl Discovery {
         channel: Channel,
         info: ClientInfo,
         reconnects: Counter,
+        reconnected: Reconnected,
         connector: Connector,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -204,6 +203,7 @@ impl Discovery {
             info,
             targets: Mutex::new(HashMap::new()),
             reconnects,
+            reconnected,
             connector,
         })
     }
@@ -226,6 +226,22 @@ impl Discovery {
         if let Some(e) = targets.get_mut(&dst) {
             e.last_used = now;
             return e.target.clone();
+        }
+        if targets.len() >= MAX_DESTINATIONS {
+            make_room(&mut targets);
+        }
+        if targets.len() >= MAX_DESTINATIONS {
+            // Every destination is in use: this one is not asked about (it costs a stream
+            // here and in the controller) and goes as it came.
+            warn!(%dst, max = MAX_DESTINATIONS, "too many destinations in use: passing this one through");
+            let (_, views) = watch::channel(View::Passthrough);
+            let (_, policy) = watch::channel(Some(Arc::new(RoutePolicy::default())));
+            return Arc::new(Target {
+                views,
+                balancer: Arc::new(Balancer::new(self.connector.clone())),
+                policy,
+                budget: RetryBudget::default(),
+            });
         }
         let (tx, rx) = watch::channel(View::Pending);
         let (policy_tx, policy) = watch::channel(None);
@@ -272,10 +288,15 @@ impl Discovery {
         out.into_iter().map(|(name, (_, c))| (name, c)).collect()
     }
 
-    /// Forgets targets unused for `idle` (their streams end). Returns how many remain.
+    /// Forgets targets unused for `idle` (their streams end), and destinations the
+    /// controller does not know unused for [`PASSTHROUGH_IDLE`]. Returns how many remain.
     pub fn evict_idle(&self, idle: Duration) -> usize {
         let mut targets = self.targets.lock();
         targets.retain(|dst, e| {
+            let idle = match &*e.target.views.borrow() {
+                View::Passthrough => idle.min(PASSTHROUGH_IDLE),
+                _ => idle,
+            };
             // In use by a connection right now, or recently: keep.
             let keep = Arc::strong_count(&e.target) > 1 || e.last_used.elapsed() < idle;
             if !keep {
@@ -289,10 +310,10 @@ impl Discovery {
 
     /// Keeps `tx` up to date for `dst` for as long as the target is in use.
     async fn watch(self: Arc<Self>, dst: Dst, tx: watch::Sender<View>) {
-        let mut backoff = Backoff::new(dst.seed());
+        let mut backoff = self.reconnected.backoff(dst.seed());
         loop {
             let started = Instant::now();
-            match self.stream(&dst, &tx).await {
+            match self.stream(&dst, &tx, &mut backoff).await {
                 Ok(()) => debug!(%dst, "destination stream ended"),
                 Err(status) => debug!(%dst, %status, "destination stream failed"),
             }
@@ -326,7 +347,7 @@ impl Discovery {
             return;
         }
         let mut client = api::policy_client::PolicyClient::new(self.channel.clone());
-        let mut backoff = Backoff::new(dst.seed() ^ 0x5eed);
+        let mut backoff = self.reconnected.backoff(dst.seed() ^ 0x5eed);
         loop {
             let started = Instant::now();
             let req = api::OutboundPolicyRequest {
@@ -336,6 +357,7 @@ impl Discovery {
             let result = async {
                 let mut stream = client.watch_outbound(req).await?.into_inner();
                 while let Some(p) = stream.message().await? {
+                    backoff.answered();
                     let policy = Arc::new(self.resolve(&dst, &p));
                     if tx.borrow().as_deref() != Some(&*policy) {
                         info!(%dst, policy = %policy.name, "outbound policy");
@@ -374,7 +396,12 @@ impl Discovery {
         policy
     }
 
-    async fn stream(&self, dst: &Dst, tx: &watch::Sender<View>) -> Result<(), tonic::Status> {
+    async fn stream(
+        &self,
+        dst: &Dst,
+        tx: &watch::Sender<View>,
+        backoff: &mut Backoff,
+    ) -> Result<(), tonic::Status> {
         let req = api::GetDestination {
             target: dst.to_string(),
             client: Some(self.info.to_api()),
@@ -382,6 +409,7 @@ impl Discovery {
         let mut stream = self.client.clone().get(req).await?.into_inner();
         let mut state = State::default();
         while let Some(update) = stream.message().await? {
+            backoff.answered();
             if let Some(view) = state.apply(update) {
                 tx.send_if_modified(|v| {
                     let changed = *v != view;
@@ -505,6 +533,50 @@ pub fn xorshift(mut x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12: each distinct passthrough destination cost a stream here and in the
+    /// controller for five minutes, with no bound.
+    #[tokio::test]
+    async fn destinations_are_bounded_and_unknown_ones_forgotten_sooner() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let d = Discovery::new(
+            channel,
+            ClientInfo::default(),
+            Counter::default(),
+            Reconnected::default(),
+            Connector::plain(Duration::from_secs(1)),
+        );
+        let addr = |i: usize| {
+            OrigDst(SocketAddr::from((
+                [10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                80,
+            )))
+        };
+        // Many destinations, each used once and let go: the oldest make room.
+        for i in 0..MAX_DESTINATIONS + 500 {
+            drop(d.target(addr(i)));
+        }
+        assert!(d.targets.lock().len() <= MAX_DESTINATIONS);
+        // All in use: one more is not watched, and goes as it came.
+        let held: Vec<Arc<Target>> = (0..MAX_DESTINATIONS).map(|i| d.target(addr(i))).collect();
+        let extra = d.target(addr(MAX_DESTINATIONS + 1000));
+        assert_eq!(*extra.views.borrow(), View::Passthrough);
+        assert_eq!(d.targets.lock().len(), MAX_DESTINATIONS);
+        drop((held, extra));
+        // The controller never answers: each destination goes through as it came, and
+        // one unused for 30 s is forgotten (a known one stays for `idle`).
+        let mut views = d.target(addr(0)).views.clone();
+        let passthrough = views.wait_for(|v| *v == View::Passthrough);
+        tokio::time::timeout(Duration::from_secs(10), passthrough)
+            .await
+            .expect("passthrough once the controller is found unreachable")
+            .unwrap();
+        tokio::time::pause();
+        tokio::time::advance(PASSTHROUGH_IDLE + Duration::from_secs(1)).await;
+        let left = d.evict_idle(Duration::from_secs(300));
+        assert!(left < MAX_DESTINATIONS, "{left} left");
+        assert!(!d.targets.lock().contains_key(&Dst::Addr(addr(0))));
+    }
 
     fn ep(ip: [u8; 4], port: u32, ready: bool) -> api::Endpoint {
         api::Endpoint {

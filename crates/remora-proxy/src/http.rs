@@ -85,7 +85,8 @@ pub struct Served {
     pub drain: CancellationToken,
     /// Inbound: the policy every request must pass.
     pub admission: Option<Admission>,
-    /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established.
+    /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established, and
+    /// inbound, how long an HTTP/1 connection may wait for a request's headers.
     pub idle: crate::tcp::Idle,
 }
 
@@ -101,6 +102,12 @@ where
         admission,
         idle,
     } = served;
+    // The app's own connections stay as long as it keeps them; a client from off the
+    // pod waiting for its next request counts as idle TCP does.
+    let header_timeout = match admission {
+        Some(_) => idle.timeout,
+        None => None,
+    };
     let route = Arc::new(route);
     let admission = admission.map(Arc::new);
     let idle = Arc::new(idle);
@@ -116,9 +123,13 @@ where
     let result = match version {
         Version::Http1 => {
             // A proxy adds no `Date` of its own: the upstream's, if any, passes through.
+            // hyper's default closes a connection that waits 30 s for a request's headers,
+            // idle keep-alive included, which races every client pool that keeps
+            // connections longer (`header_timeout` says how long instead).
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .auto_date_header(false)
+                .header_read_timeout(header_timeout)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -271,4 +282,74 @@ pub fn error_response(status: StatusCode, reason: &str, grpc: bool) -> Response<
     }
     rsp.headers_mut().insert(ERROR_HEADER, reason_value);
     rsp
+}
+
+#[cfg(test)]
+mod keep_alive_tests {
+    use std::{borrow::Cow, time::Duration};
+
+    use http_body_util::BodyExt;
+    use hyper::client::conn::http1 as client;
+
+    use super::*;
+    use crate::{
+        addr::OrigDst,
+        metrics::{Direction, Metrics, TrafficLabels},
+    };
+
+    /// An app answering every request `200 ok`, on a real socket.
+    async fn app() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+            }
+        });
+        addr
+    }
+
+    /// Issue 12: the proxy closed an app's idle keep-alive connection after 30 s
+    /// (hyper's header-read timer), exposing the app to the keep-alive race.
+    #[tokio::test(start_paused = true)]
+    async fn an_apps_idle_keep_alive_connection_stays_open() {
+        let upstream = app().await;
+        let (app_side, proxy_side) = tokio::io::duplex(64 * 1024);
+        let route = Route::Passthrough(Upstream::new(
+            OrigDst(upstream),
+            Version::Http1,
+            None,
+            Duration::from_secs(3600),
+        ));
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let served = Served {
+            metrics: metrics.http(TrafficLabels {
+                direction: Direction::Outbound,
+                target: Cow::Borrowed("passthrough"),
+                tls: false,
+                peer_identity: Cow::Borrowed(""),
+            }),
+            drain: CancellationToken::new(),
+            admission: None,
+            idle: crate::tcp::Idle::default(),
+        };
+        tokio::spawn(serve(proxy_side, route, served));
+        let (mut sender, conn) = client::handshake(TokioIo::new(app_side)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        for _ in 0..3 {
+            sender.ready().await.expect("the connection is still open");
+            let req = Request::get("/")
+                .header("host", "app")
+                .body(Full::new(Bytes::new()));
+            let rsp = sender.send_request(req.unwrap()).await.unwrap();
+            assert_eq!(rsp.status(), 200);
+            rsp.into_body().collect().await.unwrap();
+            // Longer than hyper's 30 s, as client pools keep connections (Go's 90 s).
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        assert!(!conn.is_finished(), "the proxy closed the idle connection");
+    }
 }

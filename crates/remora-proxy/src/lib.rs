@@ -22,6 +22,7 @@ pub mod io;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reconnect;
 pub mod tcp;
 pub mod tls;
 

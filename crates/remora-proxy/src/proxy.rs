@@ -320,6 +320,11 @@ async fn connect_dest(ctx: &Ctx, dest: &Dest, orig_dst: OrigDst) -> Result<Conn,
 /// connecting upstream, then forwards.
 async fn dispatch(ctx: &Ctx, accept: Accept, stream: TcpStream) {
     let dest = resolve(ctx, &accept).await;
+    if let Dest::Service { target, .. } = &dest {
+        // The labels say whether the endpoints are meshed: a Service whose endpoints are
+        // not known yet gets the moment its first request would wait for them anyway.
+        let _ = http::route::endpoints(target, ctx.discovery_wait).await;
+    }
     let (tls, peer_identity) = peer_labels(ctx, &dest);
     let labels = TrafficLabels {
         direction: accept.direction,

@@ -324,3 +324,53 @@ fn malformed_objects_are_refused_with_the_reason() {
     .to_string();
     assert!(err.contains("missing field `spec`"), "{err}");
 }
+
+/// Issue 12: an EndpointSlice endpoint without `targetRef` that is a meshed pod's IP got
+/// plaintext (no identity), while the same pod addressed by IP got mTLS.
+#[test]
+fn an_endpoint_without_target_ref_is_the_pod_at_its_address() {
+    let objects = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: api, namespace: shop }
+spec: { clusterIP: 10.96.0.30, ports: [ { port: 80, targetPort: 8080 } ] }
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: { name: api-1, namespace: shop, labels: { kubernetes.io/service-name: api } }
+addressType: IPv4
+ports: [ { port: 8080 } ]
+endpoints:
+  - addresses: ["10.0.2.1"]
+  - addresses: ["10.0.2.2"]
+"#;
+    let pod = r#"
+apiVersion: v1
+kind: Pod
+metadata: { name: api-1, namespace: shop, labels: { remora.io/meshed: "true" } }
+spec: { serviceAccountName: api, containers: [] }
+status: { podIP: 10.0.2.1 }
+"#;
+    let identities = |index: &Index| match index.resolve(&svc("shop", "api", 80)) {
+        Resolution::Known { endpoints, .. } => endpoints
+            .values()
+            .map(|e| e.identity.as_ref().map(|i| i.spiffe_id.clone()))
+            .collect::<Vec<_>>(),
+        Resolution::Unknown => panic!("unknown"),
+    };
+    let mut index = Index::from_yaml(objects);
+    assert_eq!(identities(&index), [None, None], "no pod known yet");
+    // The pod arriving later touches the Service, and its address gets its identity.
+    let mut touched = Touched::default();
+    for object in yaml::parse("pod.yaml", pod).unwrap() {
+        index.apply(Event::Apply(object), &mut touched);
+    }
+    assert!(index.affects(&svc("shop", "api", 80), &touched));
+    assert_eq!(
+        identities(&index),
+        [
+            Some("spiffe://cluster.local/ns/shop/sa/api".to_string()),
+            None
+        ]
+    );
+}

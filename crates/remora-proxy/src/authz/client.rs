@@ -21,7 +21,7 @@ use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
 use super::{DefaultPolicy, Policy};
-use crate::discovery::{Backoff, ClientInfo};
+use crate::discovery::{ClientInfo, Reconnected};
 
 /// The controller's answer for the pod.
 #[derive(Debug, PartialEq)]
@@ -109,6 +109,8 @@ pub struct InboundConfig {
     pub declared: Vec<PortRange>,
     pub wait: Duration,
     pub reconnects: Counter,
+    /// Shared with the other controller streams, to resubscribe together.
+    pub reconnected: Reconnected,
     pub fallbacks: Counter,
 }
 
@@ -138,7 +140,14 @@ impl InboundPolicies {
                 client: Some(config.info.to_api()),
                 default_policy: config.default.as_str().to_string(),
             };
-            tokio::spawn(watch_workload(client, req, tx, config.reconnects.clone()));
+            let backoff = config.reconnected.backoff(0x9e37_79b9);
+            tokio::spawn(watch_workload(
+                client,
+                req,
+                tx,
+                config.reconnects.clone(),
+                backoff,
+            ));
         }
         Arc::new(Self {
             rx,
@@ -202,8 +211,8 @@ async fn watch_workload(
     req: api::InboundPolicyRequest,
     tx: watch::Sender<Option<Arc<WorkloadPolicy>>>,
     reconnects: Counter,
+    mut backoff: crate::discovery::Backoff,
 ) {
-    let mut backoff = Backoff::new(0x9e37_79b9);
     loop {
         let started = tokio::time::Instant::now();
         let result = async {
@@ -212,6 +221,7 @@ async fn watch_workload(
                 .await?
                 .into_inner();
             while let Some(w) = stream.message().await? {
+                backoff.answered();
                 let policy = Arc::new(WorkloadPolicy::from_api(w));
                 if tx.borrow().as_ref() != Some(&policy) {
                     info!(
@@ -260,6 +270,7 @@ mod tests {
             declared: remora_config::parse_port_ranges("8080,9000-9001").unwrap(),
             wait: Duration::from_millis(200),
             reconnects: Counter::default(),
+            reconnected: Reconnected::default(),
             fallbacks: fallbacks.clone(),
         }
     }
