@@ -49,24 +49,7 @@ fn objects(cluster: &Cluster, servers: &[(&str, &str)]) -> String {
 }
 
 async fn start_controller(cluster: &Cluster, bins: &Binaries, dir: &Path) -> Proxy {
-    let source = format!("dir:{}", dir.display());
-    let args = [
-        "--source",
-        source.as_str(),
-        "--grpc-plaintext",
-        "--log",
-        "info,remora_controller=debug",
-    ];
-    let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
-    Proxy::start_program(
-        cluster.pod("ctl"),
-        bins,
-        &bins.controller,
-        &args,
-        &[],
-        ready,
-    )
-    .await
+    Proxy::plaintext_controller(cluster.pod("ctl"), bins, dir).await
 }
 
 /// One request to the Service: which pod answered, or why it failed.

@@ -81,24 +81,7 @@ impl Setup {
         for (file, text) in files {
             write_atomically(&objects, file, text);
         }
-        let source = format!("dir:{}", objects.display());
-        let args = [
-            "--source",
-            source.as_str(),
-            "--grpc-plaintext",
-            "--log",
-            "info",
-        ];
-        let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
-        let controller = Proxy::start_program(
-            cluster.pod("ctl"),
-            bins,
-            &bins.controller,
-            &args,
-            &[],
-            ready,
-        )
-        .await;
+        let controller = Proxy::plaintext_controller(cluster.pod("ctl"), bins, &objects).await;
         let faults = SERVERS
             .iter()
             .map(|(role, _)| backend::faulty(cluster.pod(role), "0.0.0.0:8080".parse().unwrap()))

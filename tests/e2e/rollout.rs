@@ -76,24 +76,7 @@ async fn a_rolling_restart_under_load_loses_no_request() -> anyhow::Result<()> {
     std::fs::create_dir_all(&objects)?;
     let olds: Vec<&str> = OLD.iter().map(|(_, ip)| *ip).collect();
     write_atomically(&objects, "web.yaml", &service(&olds));
-    let source = format!("dir:{}", objects.display());
-    let args = [
-        "--source",
-        source.as_str(),
-        "--grpc-plaintext",
-        "--log",
-        "info",
-    ];
-    let ready = ("127.0.0.1:9990".parse()?, "/ready");
-    let _controller = Proxy::start_program(
-        cluster.pod("ctl"),
-        &bins,
-        &bins.controller,
-        &args,
-        &[],
-        ready,
-    )
-    .await;
+    let _controller = Proxy::plaintext_controller(cluster.pod("ctl"), &bins, &objects).await;
     let mut proxies = std::collections::HashMap::new();
     let mut faults = std::collections::HashMap::new();
     for (role, _) in OLD.iter().chain(&NEW).chain(&[("client", "")]) {

@@ -110,16 +110,7 @@ impl Mesh {
             "--log",
             "info,remora_controller=debug",
         ];
-        let ready = ("127.0.0.1:9990".parse().unwrap(), "/ready");
-        let controller = Proxy::start_program(
-            cluster.pod("ctl"),
-            bins,
-            &bins.controller,
-            &args,
-            &[],
-            ready,
-        )
-        .await;
+        let controller = Proxy::controller(cluster.pod("ctl"), bins, &args).await;
 
         let anchors = ca.join("trust-anchors.pem").display().to_string();
         let mut proxies = Vec::new();

@@ -125,6 +125,27 @@ impl Proxy {
         Self::start_program(pod, bins, &bins.proxy, &[], &env_all, ready).await
     }
 
+    /// Starts `remora-controller` in `pod` with `args`, and waits until its admin server
+    /// (`127.0.0.1:9990` in the pod) reports ready.
+    pub async fn controller(pod: &Pod, bins: &Binaries, args: &[&str]) -> Self {
+        let ready = ("127.0.0.1:9990".parse().expect("an address"), "/ready");
+        Self::start_program(pod, bins, &bins.controller, args, &[], ready).await
+    }
+
+    /// A controller over the folder `objects` (the `dir:` source), serving plaintext
+    /// gRPC for proxies without an identity.
+    pub async fn plaintext_controller(pod: &Pod, bins: &Binaries, objects: &Path) -> Self {
+        let source = format!("dir:{}", objects.display());
+        let args = [
+            "--source",
+            &source,
+            "--grpc-plaintext",
+            "--log",
+            "info,remora_controller=debug",
+        ];
+        Self::controller(pod, bins, &args).await
+    }
+
     /// Starts any proxy `program` in `pod` as UID 2102 with exactly `env`, and waits
     /// until `GET ready.1` on `ready.0` (inside the pod) answers 200.
     pub async fn start_program(

@@ -269,10 +269,11 @@ impl Balancer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn endpoints(n: u8) -> Arc<[Endpoint]> {
+    /// `n` ready endpoints, 10.0.0.1:80 onwards.
+    pub(crate) fn endpoints(n: u8) -> Arc<[Endpoint]> {
         (1..=n)
             .map(|i| Endpoint {
                 addr: SocketAddr::from(([10, 0, 0, i], 80)),

@@ -424,18 +424,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::RoutePolicy;
-
-    fn endpoints(n: u8) -> Arc<[Endpoint]> {
-        (1..=n)
-            .map(|i| Endpoint {
-                addr: SocketAddr::from(([10, 0, 0, i], 80)),
-                identity: None,
-                ready: true,
-            })
-            .collect::<Vec<_>>()
-            .into()
-    }
+    use crate::{balance::tests::endpoints, policy::RoutePolicy};
 
     fn balancer() -> Arc<Balancer> {
         Arc::new(Balancer::new(Connector::plain(Duration::from_secs(1))))
