@@ -77,9 +77,11 @@ fn balancer(c: &mut Criterion) {
 /// and the retry budget's bookkeeping.
 struct PolicyWork {
     endpoints: std::sync::Arc<[remora_proxy::discovery::Endpoint]>,
-    balancer: remora_proxy::balance::Balancer,
+    balancer: std::sync::Arc<remora_proxy::balance::Balancer>,
     policy: remora_proxy::policy::RoutePolicy,
     budget: remora_proxy::policy::RetryBudget,
+    ejections: prometheus_client::metrics::counter::Counter,
+    service: std::sync::Arc<str>,
 }
 
 impl PolicyWork {
@@ -105,7 +107,7 @@ impl PolicyWork {
         };
         Self {
             endpoints: ten_endpoints(),
-            balancer: Balancer::new(Connector::plain(Duration::from_secs(1))),
+            balancer: std::sync::Arc::new(Balancer::new(Connector::plain(Duration::from_secs(1)))),
             policy: RoutePolicy {
                 retry: Some(retry),
                 breaker: Breaker {
@@ -116,17 +118,30 @@ impl PolicyWork {
                 ..Default::default()
             },
             budget: RetryBudget::default(),
+            ejections: Default::default(),
+            service: std::sync::Arc::from("web.shop:80"),
         }
     }
 
+    /// What an attempt does: pick, count in flight with what settles the outcome,
+    /// observe the answer's latency, count the budget, classify, and settle the
+    /// outcome when the response ends.
     fn run(&self) {
         let (b, policy) = (&self.balancer, &self.policy);
         let retry = policy.retry.as_ref().expect("a retry policy");
         let ep = b.pick_with(black_box(&self.endpoints), policy).unwrap();
-        let guard = ep.start();
-        ep.record(true, &policy.breaker, || b.may_eject(50));
+        let mut guard = ep.start();
+        guard.settle_with(remora_proxy::balance::Settle {
+            breaker: policy.breaker.clone(),
+            balancer: b.clone(),
+            ejections: self.ejections.clone(),
+            service: self.service.clone(),
+        });
         self.budget.request(retry.budget_window);
+        ep.observe(std::time::Duration::from_micros(300));
         black_box(retry.retriable_response(http::StatusCode::OK, None, false));
+        guard.answered();
+        guard.settle(true);
         drop(guard);
     }
 }
@@ -247,13 +262,19 @@ fn route_matching(c: &mut Criterion) {
     });
 }
 
-/// The whole per-request cost the issue names: the route, then a TrafficPolicy's work.
+/// The whole per-request cost the issue names: the route, the copy of the request's
+/// head an attempt keeps (another endpoint may be tried), then a TrafficPolicy's work.
 fn routed_request(c: &mut Criterion) {
     let (routes, parts, mut seed) = (routes(), routed_parts(), 1u64);
     let work = PolicyWork::new();
     c.bench_function("routed_request/route_pick_record_budget", |bench| {
         bench.iter(|| {
             route(&routes, &parts, &mut seed);
+            black_box((
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            ));
             work.run();
         })
     });

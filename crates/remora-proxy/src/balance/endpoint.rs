@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -57,7 +57,10 @@ pub struct EndpointState {
     waiting: AtomicUsize,
     ewma: Mutex<Ewma>,
     health: Mutex<Health>,
-    backoff: Mutex<Backoff>,
+    /// Connect failures in a row, and until when (nanoseconds after `epoch`, 0: not
+    /// at all) the endpoint is left alone: read on every pick, so lock-free.
+    connect_failures: AtomicU32,
+    backoff_until: AtomicU64,
     pub clients: EndpointClients,
 }
 
@@ -72,13 +75,6 @@ struct Health {
     probing: Option<Instant>,
     /// Ejections so far: each doubles the next one's length.
     ejections: u32,
-}
-
-/// Connect failures in a row, and until when the endpoint is left alone.
-#[derive(Debug, Default, Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    until: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +99,8 @@ impl EndpointState {
                 at: now,
             }),
             health: Mutex::new(Health::default()),
-            backoff: Mutex::new(Backoff::default()),
+            connect_failures: AtomicU32::new(0),
+            backoff_until: AtomicU64::new(0),
             clients: EndpointClients::new(e.addr, e.identity.clone(), connector.clone()),
         }
     }
@@ -155,25 +152,26 @@ impl EndpointState {
 
     /// A connect to the endpoint failed: it is left alone for a growing backoff.
     pub fn connect_failed(&self) {
-        let mut b = self.backoff.lock();
-        b.failures = (b.failures + 1).min(16);
+        let failures = (self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1).min(16);
         let length = CONNECT_BACKOFF
-            .saturating_mul(1 << (b.failures - 1))
+            .saturating_mul(1 << (failures - 1))
             .min(CONNECT_BACKOFF_MAX);
-        b.until = Some(Instant::now() + length);
+        let until = nanos((Instant::now() + length).saturating_duration_since(self.epoch));
+        self.backoff_until.store(until.max(1), Ordering::Relaxed);
     }
 
     /// The endpoint answered: any connect backoff is over.
     pub fn connected(&self) {
-        let mut b = self.backoff.lock();
-        if b.failures > 0 {
-            *b = Backoff::default();
+        if self.connect_failures.load(Ordering::Relaxed) > 0 {
+            self.connect_failures.store(0, Ordering::Relaxed);
+            self.backoff_until.store(0, Ordering::Relaxed);
         }
     }
 
     /// Whether a recent connect failure keeps the endpoint out of picks now.
     pub(super) fn backing_off(&self, now: Instant) -> bool {
-        self.backoff.lock().until.is_some_and(|u| now < u)
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        until != 0 && nanos(now.saturating_duration_since(self.epoch)) < until
     }
 
     pub(super) fn in_flight(&self) -> usize {
