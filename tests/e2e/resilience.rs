@@ -164,7 +164,7 @@ fn tally(results: &[(u16, String, String)]) -> BTreeMap<String, usize> {
 }
 
 const RETRY_5XX: &str =
-    "  retries:\n    attempts: 2\n    on: [5xx]\n    backoff: {base: 1ms, max: 5ms}\n";
+    "  retries:\n    attempts: 2\n    retryOn: [5xx]\n    backoff: {base: 1ms, max: 5ms}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_endpoint_is_retried_around_and_ejected() -> anyhow::Result<()> {
@@ -256,7 +256,7 @@ async fn grpc_calls_are_retried_on_the_grpc_codes_named() -> anyhow::Result<()> 
     }
     let bins = Binaries::new();
     let policy =
-        "  retries:\n    attempts: 2\n    on: [grpc-14]\n    backoff: {base: 1ms, max: 5ms}\n";
+        "  retries:\n    attempts: 2\n    retryOn: [grpc-14]\n    backoff: {base: 1ms, max: 5ms}\n";
     let s = Setup::start(&bins, "grpc", Some(policy)).await;
     s.faults[0].grpc_status.store(14, Relaxed);
     let mut h2 = client::http2(s.client(), CLUSTER_IP.parse()?).await?;
@@ -309,7 +309,7 @@ async fn an_unreachable_endpoint_costs_the_policys_connect_timeout_not_the_proxy
     // the neighbour lookup gives up (seconds), unless the connect timeout cuts it short.
     // With the policy's 300 ms a retry elsewhere fits in the 2.5 s request timeout; with
     // the proxy's own 5 s it would not.
-    let policy = "  loadBalancer: {algorithm: RoundRobin}\n  timeouts: {connect: 300ms, request: 2500ms}\n  retries:\n    attempts: 2\n    on: [connect-failure]\n    backoff: {base: 1ms, max: 2ms}\n";
+    let policy = "  loadBalancer: {algorithm: RoundRobin}\n  timeouts: {connect: 300ms, request: 2500ms}\n  retries:\n    attempts: 2\n    retryOn: [connect-failure]\n    backoff: {base: 1ms, max: 2ms}\n";
     let s = Setup::start_with(&bins, "connect", Some(policy), &["10.77.0.99"]).await;
 
     // Streamed (chunked) PUTs first: round robin sends one of the first four to the black
@@ -375,7 +375,7 @@ async fn in_a_total_outage_retries_stay_within_the_budget() -> anyhow::Result<()
         return Ok(());
     }
     let bins = Binaries::new();
-    let policy = "  retries:\n    attempts: 3\n    on: [5xx]\n    backoff: {base: 1ms, max: 2ms}\n    budget: {ratio: 0.2, minPerSecond: 1, window: 10s}\n";
+    let policy = "  retries:\n    attempts: 3\n    retryOn: [5xx]\n    backoff: {base: 1ms, max: 2ms}\n    budget: {ratio: 0.2, minPerSecond: 1, window: 10s}\n";
     let s = Setup::start(&bins, "budget", Some(policy)).await;
     for f in &s.faults {
         f.status.store(503, Relaxed);

@@ -89,7 +89,7 @@ fn traffic(index: &Index, service: Option<(NsName, u16)>) -> api::OutboundPolicy
         api::RetryPolicy {
             max_retries: r.attempts,
             conditions: r
-                .on
+                .retry_on
                 .iter()
                 .filter_map(|c| retry_on(c).ok())
                 .map(|c| api::RetryCondition {
@@ -323,7 +323,7 @@ metadata: { name: web-80, namespace: shop }
 spec:
   targetRef: { name: web, port: 80 }
   timeouts: { request: 2s }
-  retries: { attempts: 2, on: [5xx, grpc-14], budget: { ratio: 0.5 } }
+  retries: { attempts: 2, retryOn: [5xx, grpc-14], budget: { ratio: 0.5 } }
   circuitBreaker: { consecutiveFailures: 3, maxRequests: 10 }
 "#;
 

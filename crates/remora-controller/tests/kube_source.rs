@@ -43,6 +43,9 @@ struct Fake {
     patches: Vec<(&'static str, String, Value)>,
     /// Status patches refused for naming an old resourceVersion.
     conflicts: usize,
+    /// The Gateway API's CRDs are not installed: its group answers as a real API server
+    /// does for a group it does not serve (`404 page not found`, plain text).
+    without_gateway_api: bool,
 }
 
 fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
@@ -174,6 +177,22 @@ async fn serve(
         }));
     }
     let query = req.uri().query().unwrap_or("").to_string();
+    if fake.lock().without_gateway_api
+        && req
+            .uri()
+            .path()
+            .starts_with("/apis/gateway.networking.k8s.io/")
+    {
+        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(
+            b"404 page not found\n",
+        ))));
+        *rsp.status_mut() = http::StatusCode::NOT_FOUND;
+        rsp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return Ok(rsp);
+    }
     let Some((path, api_version, kind)) = collection(req.uri().path()) else {
         // As the API server answers for a kind that is not installed.
         let not_found = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -318,6 +337,58 @@ async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
         remora_proxy::discovery::Reconnected::default(),
         remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
     )
+}
+
+/// Issue 13: without the Gateway API's CRDs, the HTTPRoute watch failed forever and the
+/// controller never became ready. It serves everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_serves_without_the_gateway_api_crds() {
+    let fake = Arc::new(Mutex::new(Fake {
+        without_gateway_api: true,
+        ..Fake::default()
+    }));
+    {
+        let mut f = fake.lock();
+        f.apply(SERVICES, service("web", "10.96.0.10"));
+        f.apply(SLICES, slice(&["10.0.0.1"]));
+    }
+    let discovery = controller_over(fake.clone()).await;
+    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let mut views = target.views.clone();
+    until(&mut views, "the Service's endpoints", |v| {
+        endpoints(v).len() == 1
+    })
+    .await;
+
+    // The CRDs are installed later, with a route, and one whose status cannot be read
+    // (`parents` missing): the good one applies without a restart (once the watch's
+    // backoff ends); the bad one is skipped rather than stopping the kind's watch.
+    {
+        let mut f = fake.lock();
+        f.without_gateway_api = false;
+        f.apply(
+            ROUTES,
+            http_route(
+                "bad",
+                json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
+                json!({}),
+            ),
+        );
+        f.apply(
+            ROUTES,
+            http_route(
+                "split",
+                json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
+                Value::Null,
+            ),
+        );
+    }
+    let mut policies = target.policy.clone();
+    let routed = policies.wait_for(|p| p.as_ref().is_some_and(|p| !p.routes.is_empty()));
+    tokio::time::timeout(Duration::from_secs(60), routed)
+        .await
+        .expect("the HTTPRoute reached the proxy once its CRD was installed")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,6 +354,54 @@ http:
         assert!(schema.contains("PathPrefix"), "{schema}");
     }
 
+    /// Issue 13: kubectl reads keys as YAML 1.1, where these words are booleans: a field
+    /// named `on` arrives as `"true"` (the TrafficPolicy's `retries.on` could not be
+    /// written). No field of any CRD may be one of them.
+    #[test]
+    fn no_crd_field_is_a_yaml_1_1_boolean() {
+        const BOOLEAN_WORDS: &[&str] = &[
+            "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "true", "True", "TRUE",
+            "false", "False", "FALSE", "on", "On", "ON", "off", "Off", "OFF",
+        ];
+        fn fields(v: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(serde_json::Value::Object(props)) = map.get("properties") {
+                        for (name, schema) in props {
+                            let here = format!("{path}.{name}");
+                            out.push(here.clone());
+                            fields(schema, &here, out);
+                        }
+                    }
+                    for (k, child) in map {
+                        if k != "properties" {
+                            fields(child, path, out);
+                        }
+                    }
+                }
+                serde_json::Value::Array(items) => {
+                    for item in items {
+                        fields(item, path, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for crd in [AuthorizationPolicy::crd(), TrafficPolicy::crd()] {
+            let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+            let mut all = Vec::new();
+            fields(&schema, &crd.spec.names.kind, &mut all);
+            assert!(all.iter().any(|f| f.ends_with(".spec")), "{all:?}");
+            for field in &all {
+                let name = field.rsplit('.').next().unwrap();
+                assert!(
+                    !BOOLEAN_WORDS.contains(&name),
+                    "{field} reads as a boolean in kubectl"
+                );
+            }
+        }
+    }
+
     /// Issue 11: the API server must prune or refuse fields a schema does not declare;
     /// a schema that preserved them would let a misspelt field pass silently.
     #[test]

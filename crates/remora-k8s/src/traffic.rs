@@ -93,8 +93,9 @@ pub struct Retries {
     /// What is retried: `connect-failure`, `reset`, `refused-stream`, `unavailable`,
     /// `5xx`, `gateway-error`, `per-try-timeout`, an HTTP status (`"503"`), or a gRPC
     /// status as `grpc-<code>` (`grpc-14`). gRPC calls are retried only on gRPC codes.
+    /// (`retryOn`, not `on`: kubectl reads the key `on` as the boolean `true`.)
     #[serde(default)]
-    pub on: Vec<String>,
+    pub retry_on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -288,12 +289,12 @@ impl TrafficPolicySpec {
                     r.attempts
                 ));
             }
-            if r.attempts > 0 && r.on.is_empty() {
-                errors.push("spec.retries.on: name at least one condition to retry".into());
+            if r.attempts > 0 && r.retry_on.is_empty() {
+                errors.push("spec.retries.retryOn: name at least one condition to retry".into());
             }
-            for c in &r.on {
+            for c in &r.retry_on {
                 if let Err(e) = retry_on(c) {
-                    errors.push(format!("spec.retries.on: {e}"));
+                    errors.push(format!("spec.retries.retryOn: {e}"));
                 }
             }
             if let Some(ratio) = r.budget.as_ref().and_then(|b| b.ratio)
@@ -347,7 +348,7 @@ loadBalancer: {algorithm: LeastRequest}
 timeouts: {request: 2s, perTry: 500ms}
 retries:
   attempts: 2
-  on: [5xx, connect-failure, "503", grpc-14]
+  retryOn: [5xx, connect-failure, "503", grpc-14]
   backoff: {base: 25ms, max: 250ms}
   budget: {ratio: 0.2, minPerSecond: 10, window: 10s}
 circuitBreaker: {consecutiveFailures: 5, baseEjectionTime: 30s, maxRequests: 100}
@@ -360,7 +361,7 @@ circuitBreaker: {consecutiveFailures: 5, baseEjectionTime: 30s, maxRequests: 100
             r#"
 targetRef: {kind: Deployment, name: ""}
 timeouts: {request: soon}
-retries: {attempts: 50, on: [sometimes, grpc-99], budget: {ratio: 2}}
+retries: {attempts: 50, retryOn: [sometimes, grpc-99], budget: {ratio: 2}}
 circuitBreaker: {maxEjectionPercent: 150}
 "#,
         )

@@ -1,7 +1,11 @@
 //! `--source kube`: kube-rs watchers (with backoff) on Services, EndpointSlices, Pods,
 //! AuthorizationPolicies, TrafficPolicies and HTTPRoutes across all namespaces. Objects
-//! are trimmed of managedFields before anything else; one that cannot be converted is
-//! logged and skipped (the last valid version stays in force), and the watch goes on.
+//! are trimmed of managedFields before anything else and read one by one: one that
+//! cannot be read or converted is logged, counted and skipped (the last valid version
+//! stays in force), and the watch goes on (a typed list would fail whole for one bad
+//! object, and the kind would stop being watched). A kind whose CRD is not installed
+//! (the Gateway API's, say) counts as listed, so the controller serves the rest, and is
+//! picked up when it is installed.
 //! Policy objects get a status saying whether they were accepted, and why not. After a
 //! relist, objects that did not come back are deleted.
 
@@ -17,6 +21,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::{core::v1 as core_v1, discovery::v1 as discovery_v1};
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::{ApiResource, DynamicObject},
     core::NamespaceResourceScope,
     runtime::{WatchStreamExt, watcher},
 };
@@ -229,15 +234,18 @@ impl Watch {
             synced,
             metrics,
         } = self;
-        let api: Api<K> = Api::all(client.clone());
+        // Read as untyped objects, each then typed on its own.
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<K>(&()));
         let mut stream = watcher(api, watcher::Config::default())
-            .modify(|o: &mut K| o.managed_fields_mut().clear())
+            .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
             .default_backoff()
             .boxed();
         let mut known: HashSet<NsName> = HashSet::new();
         let mut relisting: Option<HashSet<NsName>> = None;
         let mut listed_once = false;
-        let key = |o: &K| {
+        // The kind's CRD was missing at the last list.
+        let mut missing = false;
+        let key = |o: &DynamicObject| {
             NsName::new(
                 o.namespace().unwrap_or_else(|| "default".into()),
                 o.name_any(),
@@ -250,20 +258,27 @@ impl Watch {
         while let Some(item) = stream.next().await {
             let event = match item {
                 Ok(e) => e,
+                // A group the API server does not serve at all (the Gateway API's CRDs not
+                // installed) answers a plain-text `404 page not found`, which has no
+                // `NotFound` reason: the code says it.
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                    if status.is_not_found() && !listed_once =>
+                    if status.is_not_found() || status.code == 404 =>
                 {
                     // A CRD that is not installed has no objects: the source is synced
-                    // without them, and the watch keeps trying in case it is installed.
-                    warn!(
-                        kind = kind.as_str(),
-                        "the CRD is not installed; install the chart's CRDs"
-                    );
-                    listed_once = true;
-                    if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS
-                        && !send(Event::Synced).await
-                    {
-                        return;
+                    // without them, and the watch keeps trying (with backoff) in case it
+                    // is installed, saying so once.
+                    if !listed_once {
+                        warn!(
+                            kind = kind.as_str(),
+                            "its CRD is not installed: serving without it until it is"
+                        );
+                        listed_once = true;
+                        missing = true;
+                        if synced.fetch_add(1, Ordering::SeqCst) + 1 == KINDS
+                            && !send(Event::Synced).await
+                        {
+                            return;
+                        }
                     }
                     continue;
                 }
@@ -274,8 +289,22 @@ impl Watch {
             };
             match event {
                 watcher::Event::Init => relisting = Some(HashSet::new()),
-                watcher::Event::InitApply(o) | watcher::Event::Apply(o) => {
-                    let id = key(&o);
+                watcher::Event::InitApply(dynamic) | watcher::Event::Apply(dynamic) => {
+                    let id = key(&dynamic);
+                    let typed =
+                        serde_json::to_value(&dynamic).and_then(serde_json::from_value::<K>);
+                    let o = match typed {
+                        Ok(o) => o,
+                        Err(error) => {
+                            if let Some(seen) = relisting.as_mut() {
+                                seen.insert(id.clone());
+                            }
+                            metrics.source_refused(SourceRefusal::Invalid);
+                            warn!(kind = kind.as_str(), object = %id, %error,
+                                "cannot read it; skipping it, the last valid version stays in force");
+                            continue;
+                        }
+                    };
                     let converted = convert(&o);
                     if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
                         // Written from the version seen: if the object changed meanwhile (say,
@@ -314,6 +343,9 @@ impl Watch {
                     }
                 }
                 watcher::Event::InitDone => {
+                    if std::mem::take(&mut missing) {
+                        info!(kind = kind.as_str(), "its CRD is installed now");
+                    }
                     let seen = relisting.take().unwrap_or_default();
                     for id in known.difference(&seen).cloned().collect::<Vec<_>>() {
                         known.remove(&id);
