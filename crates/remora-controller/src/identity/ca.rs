@@ -10,7 +10,7 @@ use std::{
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, SanType,
+    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
 };
 use time::OffsetDateTime;
 
@@ -103,9 +103,18 @@ impl Ca {
                 reason: "no certificate in the bundle".into(),
             });
         }
+        let issuer_der = pem_to_der(&cert_pem, cert)?;
+        check_set(
+            &issuer_der,
+            cert,
+            &issuer.key().subject_public_key_info(),
+            key,
+            &trust_anchors_pem,
+            anchors,
+        )?;
         Ok(Self {
             issuer,
-            issuer_der: pem_to_der(&cert_pem, cert)?,
+            issuer_der,
             trust_anchors_pem,
             trust_domain: trust_domain.into(),
             lifetime,
@@ -200,6 +209,82 @@ impl Ca {
             not_after: SystemTime::now() + self.lifetime,
         })
     }
+}
+
+/// Refuses an issuer set proxies could not use: the key must be the certificate's, the
+/// certificate valid now and signed by one of the anchors (or be one), and the anchors
+/// valid now. Otherwise the controller would start, report ready, and only proxies
+/// would fail, with TLS errors naming no file.
+fn check_set(
+    issuer_der: &[u8],
+    cert: &Path,
+    key_spki: &[u8],
+    key: &Path,
+    anchors_pem: &str,
+    anchors: &Path,
+) -> Result<(), CaError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let bad = |path: &Path, reason: String| CaError::File {
+        path: path.into(),
+        reason,
+    };
+    let (_, issuer) = X509Certificate::from_der(issuer_der)
+        .map_err(|e| bad(cert, format!("cannot read the certificate: {e}")))?;
+    if issuer.public_key().raw != key_spki {
+        return Err(bad(
+            key,
+            format!("is not the key of {} (another key pair's?)", cert.display()),
+        ));
+    }
+    let now = x509_parser::time::ASN1Time::now();
+    let validity = issuer.validity();
+    if !validity.is_valid_at(now) {
+        return Err(bad(
+            cert,
+            format!(
+                "is not valid now (from {} to {}): issue a new issuer certificate",
+                validity.not_before, validity.not_after
+            ),
+        ));
+    }
+    let mut roots = Vec::new();
+    for pem in ::pem::parse_many(anchors_pem)
+        .map_err(|e| bad(anchors, format!("cannot read the bundle: {e}")))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+    {
+        roots.push(pem.into_contents());
+    }
+    let mut chained = false;
+    for der in &roots {
+        let (_, anchor) = X509Certificate::from_der(der)
+            .map_err(|e| bad(anchors, format!("cannot read a certificate: {e}")))?;
+        if !anchor.validity().is_valid_at(now) {
+            return Err(bad(
+                anchors,
+                format!(
+                    "holds a certificate ({}) that is not valid now (until {})",
+                    anchor.subject(),
+                    anchor.validity().not_after
+                ),
+            ));
+        }
+        let signed = issuer.issuer() == anchor.subject()
+            && issuer.verify_signature(Some(anchor.public_key())).is_ok();
+        chained |= signed || der.as_slice() == issuer_der;
+    }
+    if !chained {
+        return Err(bad(
+            cert,
+            format!(
+                "is not signed by any certificate in {} (issuer {}): proxies would trust \
+                 nothing it signs",
+                anchors.display(),
+                issuer.issuer()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates a root (10 years) and an issuer (1 year) under it, and writes the issuer's

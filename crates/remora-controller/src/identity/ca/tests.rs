@@ -152,3 +152,78 @@ fn the_dev_ca_is_made_once_and_reused() {
     assert!(err.contains("issuer.pem"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Issue 13: a mismatched issuer set started, reported ready, and only the proxies
+/// failed, with TLS errors naming no file. Each mistake is refused at start, naming it.
+#[test]
+fn a_mismatched_issuer_set_is_refused_naming_the_file() {
+    let base = std::env::temp_dir().join(format!("remora-ca-set-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (a, b) = (base.join("a"), base.join("b"));
+    generate(&a, "cluster.local").unwrap();
+    generate(&b, "cluster.local").unwrap();
+    let load = |cert: &Path, key: &Path, anchors: &Path| {
+        Ca::from_files(
+            cert,
+            key,
+            anchors,
+            "cluster.local",
+            Duration::from_secs(3600),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let (cert, key, anchors) = (
+        a.join("issuer.pem"),
+        a.join("issuer.key"),
+        a.join("trust-anchors.pem"),
+    );
+    assert_eq!(load(&cert, &key, &anchors), Ok(()));
+    let err = load(&cert, &b.join("issuer.key"), &anchors).unwrap_err();
+    assert!(
+        err.contains("b/issuer.key") && err.contains("is not the key of"),
+        "{err}"
+    );
+    let err = load(&cert, &key, &b.join("trust-anchors.pem")).unwrap_err();
+    assert!(
+        err.contains("a/issuer.pem") && err.contains("is not signed by any certificate"),
+        "{err}"
+    );
+
+    // An issuer that expired yesterday, signed by a valid root.
+    let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root_params = CertificateParams::default();
+    root_params
+        .distinguished_name
+        .push(DnType::CommonName, "root");
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut issuer_params = CertificateParams::default();
+    issuer_params
+        .distinguished_name
+        .push(DnType::CommonName, "issuer");
+    issuer_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let now = OffsetDateTime::now_utc();
+    issuer_params.not_before = now - time::Duration::days(30);
+    issuer_params.not_after = now - time::Duration::days(1);
+    let issuer = issuer_params
+        .signed_by(&issuer_key, &Issuer::new(root_params, &root_key))
+        .unwrap();
+    let expired = base.join("expired");
+    std::fs::create_dir_all(&expired).unwrap();
+    std::fs::write(expired.join("issuer.pem"), issuer.pem()).unwrap();
+    std::fs::write(expired.join("issuer.key"), issuer_key.serialize_pem()).unwrap();
+    std::fs::write(expired.join("trust-anchors.pem"), root.pem()).unwrap();
+    let err = load(
+        &expired.join("issuer.pem"),
+        &expired.join("issuer.key"),
+        &expired.join("trust-anchors.pem"),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("expired/issuer.pem") && err.contains("is not valid now"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
