@@ -5,6 +5,7 @@
 //! checks what a schema cannot (CIDRs, SPIFFE IDs, wildcards), for the controller to
 //! reject an object with a reason rather than guess.
 
+pub mod inject;
 mod route;
 mod traffic;
 

@@ -152,6 +152,7 @@ impl App {
                 default: config.default_inbound_policy,
                 trust_domain: config.trust_domain.clone(),
                 declared: config.inbound_ports.clone(),
+                probe_paths: config.probe_paths.clone(),
                 wait: config.discovery_wait,
                 reconnects: metrics.control_reconnects.clone(),
                 reconnected,

@@ -110,6 +110,12 @@ pub const INBOUND_PORTS: Knob = Knob::value(
     Some(""),
     "The ports the pod serves (its containerPorts; the injector sets them): inbound metrics name these and the ports policies name, and fold every other port into target=\"other\"",
 );
+pub const PROBE_PATHS: Knob = Knob::value(
+    "probe-paths",
+    "REMORA_PROBE_PATHS",
+    Some(""),
+    "The kubelet's probes as port:path pairs (the injector sets them): allowed for GET before the controller's first answer, so a pod whose default is deny stays live while the controller is away",
+);
 pub const INBOUND_MAX_CONNECTIONS: Knob = Knob::value(
     "inbound-max-connections",
     "REMORA_INBOUND_MAX_CONNECTIONS",
@@ -182,6 +188,7 @@ pub const KNOBS: &[Knob] = &[
     ADMIN_ADDR,
     OPAQUE_PORTS,
     INBOUND_PORTS,
+    PROBE_PATHS,
     INBOUND_MAX_CONNECTIONS,
     TCP_IDLE_TIMEOUT,
     DETECT_TIMEOUT,
@@ -216,6 +223,8 @@ pub struct Config {
     pub opaque_ports: Vec<PortRange>,
     /// The ports the pod declares.
     pub inbound_ports: Vec<PortRange>,
+    /// The kubelet's probes, allowed before the controller's first answer.
+    pub probe_paths: Vec<(u16, String)>,
     pub inbound_max_connections: usize,
     /// None: opaque connections are never closed for idleness.
     pub tcp_idle_timeout: Option<Duration>,
@@ -295,6 +304,7 @@ impl Config {
         let admin_addrs = l.get(&ADMIN_ADDR, parse_addrs);
         let opaque_ports = l.get(&OPAQUE_PORTS, remora_config::parse_port_ranges);
         let inbound_ports = l.get(&INBOUND_PORTS, remora_config::parse_port_ranges);
+        let probe_paths = l.get(&PROBE_PATHS, parse_probe_paths);
         let inbound_max_connections =
             l.get(&INBOUND_MAX_CONNECTIONS, |s| match s.parse::<usize>() {
                 Ok(n @ 1..) => Ok(n),
@@ -362,6 +372,7 @@ impl Config {
             admin_addrs: remora_config::present(admin_addrs)?,
             opaque_ports: remora_config::present(opaque_ports)?,
             inbound_ports: remora_config::present(inbound_ports)?,
+            probe_paths: remora_config::present(probe_paths)?,
             inbound_max_connections: remora_config::present(inbound_max_connections)?,
             tcp_idle_timeout: remora_config::present(tcp_idle_timeout)?,
             detect_timeout: remora_config::present(detect_timeout)?,
@@ -396,6 +407,28 @@ fn parse_addrs(s: &str) -> Result<Vec<SocketAddr>, String> {
         return Err("expected at least one IP:port address".into());
     }
     Ok(addrs)
+}
+
+/// `port:path` pairs, comma-separated (`8080:/live,8080:/ready`); empty is none. A path
+/// is what the kubelet sends: absolute, without a query.
+fn parse_probe_paths(s: &str) -> Result<Vec<(u16, String)>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let bad = || format!("{p:?} is not port:/path");
+            let (port, path) = p.split_once(':').ok_or_else(bad)?;
+            let port = port
+                .parse::<u16>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(bad)?;
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
+                return Err(bad());
+            }
+            Ok((port, path.to_string()))
+        })
+        .collect()
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -455,6 +488,23 @@ mod tests {
         assert_eq!(c.detect_timeout, Duration::from_millis(250));
         assert!(c.is_opaque(7001) && !c.is_opaque(25));
         assert_eq!(c.log_format, LogFormat::Json);
+        let c = load(&[], &[("REMORA_PROBE_PATHS", "8080:/live, 9000:/ready")]).unwrap();
+        assert_eq!(
+            c.probe_paths,
+            [(8080, "/live".to_string()), (9000, "/ready".to_string())]
+        );
+        for bad in [
+            "8080",
+            "http:/live",
+            "0:/live",
+            "8080:live",
+            "8080:/ready?full=1",
+        ] {
+            let err = load(&[], &[("REMORA_PROBE_PATHS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("REMORA_PROBE_PATHS"), "{bad}: {err}");
+        }
     }
 
     #[test]

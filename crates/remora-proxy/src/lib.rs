@@ -9,6 +9,7 @@
 pub mod addr;
 pub mod app;
 pub mod authz;
+pub mod await_ready;
 pub mod balance;
 pub mod config;
 pub mod connect;

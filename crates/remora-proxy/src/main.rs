@@ -1,12 +1,17 @@
 //! `remora-proxy`: reads its configuration, starts logging and runs the proxy until
-//! SIGTERM, SIGINT or `POST /shutdown`.
+//! SIGTERM, SIGINT or `POST /shutdown`. `remora-proxy await-ready` waits for the proxy
+//! beside it instead (the injector's `postStart` hook where native sidecars are missing).
 
 use std::process::ExitCode;
 
 use remora_proxy::{App, Config};
 
 fn main() -> ExitCode {
-    let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("await-ready") {
+        return remora_proxy::await_ready::main(&args[2..], &|k| std::env::var(k).ok());
+    }
+    let loaded = Config::load(args, &|k| std::env::var(k).ok());
     let config = match remora_config::or_exit("remora-proxy", loaded) {
         Ok(c) => c,
         Err(code) => return code,

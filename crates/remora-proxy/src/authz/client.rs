@@ -80,6 +80,8 @@ pub struct InboundPolicies {
     has_controller: bool,
     default: DefaultPolicy,
     default_policy: Arc<Policy>,
+    /// The configured default with the kubelet's probe paths, for the ports probed.
+    probed_defaults: HashMap<u16, Arc<Policy>>,
     /// The ports the pod declares (`REMORA_INBOUND_PORTS`), named in metrics even before
     /// the controller answers.
     declared: Vec<PortRange>,
@@ -107,6 +109,9 @@ pub struct InboundConfig {
     pub default: DefaultPolicy,
     pub trust_domain: String,
     pub declared: Vec<PortRange>,
+    /// The kubelet's probes (`REMORA_PROBE_PATHS`): the default allows them too, so a
+    /// pod stays live while the controller has not answered.
+    pub probe_paths: Vec<(u16, String)>,
     pub wait: Duration,
     pub reconnects: Counter,
     /// Shared with the other controller streams, to resubscribe together.
@@ -149,11 +154,18 @@ impl InboundPolicies {
                 backoff,
             ));
         }
+        let default_policy = config.default.policy(&config.trust_domain);
+        let mut probed: HashMap<u16, Policy> = HashMap::new();
+        for (port, path) in config.probe_paths {
+            let p = probed.entry(port).or_insert_with(|| default_policy.clone());
+            p.probe_paths.push(path);
+        }
         Arc::new(Self {
             rx,
             has_controller,
             default: config.default,
-            default_policy: Arc::new(config.default.policy(&config.trust_domain)),
+            default_policy: Arc::new(default_policy),
+            probed_defaults: probed.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
             declared: config.declared,
             wait: config.wait,
             waited_in_vain: AtomicBool::new(false),
@@ -189,7 +201,11 @@ impl InboundPolicies {
         PortPolicy {
             rx: self.rx.clone(),
             port,
-            default: self.default_policy.clone(),
+            default: self
+                .probed_defaults
+                .get(&port)
+                .unwrap_or(&self.default_policy)
+                .clone(),
         }
     }
 
@@ -268,6 +284,7 @@ mod tests {
             default,
             trust_domain: "cluster.local".into(),
             declared: remora_config::parse_port_ranges("8080,9000-9001").unwrap(),
+            probe_paths: vec![(8080, "/live".into())],
             wait: Duration::from_millis(200),
             reconnects: Counter::default(),
             reconnected: Reconnected::default(),
@@ -293,12 +310,34 @@ mod tests {
         let policy = policies.port(8080).await;
         assert!(!policy.current().allows_connection(&peer()));
         assert_eq!(fallbacks.get(), 1);
+        // The kubelet's probe of that port passes the deny default; nothing else does.
+        let get = &http::Method::GET;
+        assert!(
+            policy
+                .current()
+                .allows_request(&peer(), get, "/live", false)
+        );
+        assert!(
+            !policy
+                .current()
+                .allows_request(&peer(), get, "/admin", false)
+        );
+        assert!(
+            !policy
+                .current()
+                .allows_request(&peer(), &http::Method::POST, "/live", false)
+        );
         // The next connection does not wait again (paused time moves only by waits),
         // and is counted too.
         let started = tokio::time::Instant::now();
         let policy = policies.port(8081).await;
         assert_eq!(started.elapsed(), Duration::ZERO);
         assert!(!policy.current().allows_connection(&peer()));
+        assert!(
+            !policy
+                .current()
+                .allows_request(&peer(), get, "/live", false)
+        );
         assert_eq!(fallbacks.get(), 2);
         // Declared ports are named in metrics from the start; others are not.
         assert!(policies.is_served(8080) && policies.is_served(9001));

@@ -1,0 +1,627 @@
+//! Sidecar injection as a pure decision: a pod, its namespace's labels and annotations,
+//! and the install's settings in; the pod to run (or why it is left alone) out. The
+//! admission webhook and `remora inject` both call it, and both send the difference as
+//! a JSON patch computed by a JSON-patch library.
+//!
+//! The proxy runs as a native sidecar by default (an init container that keeps
+//! running, with a startup probe on `/ready`): the app starts only once the proxy is
+//! ready, Jobs complete, and on shutdown the proxy outlives the app. Clusters without
+//! native sidecars (before 1.29) get the proxy as the first container, and the next
+//! containers wait for it through a `postStart` hook.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::{
+        Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
+        ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+        Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    },
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
+};
+use serde::{Deserialize, Serialize};
+
+/// On a namespace (label) or a pod (label or annotation): `enabled` or `disabled`.
+pub const INJECT: &str = "remora.io/inject";
+/// Set on every injected pod; the controller gives identities to its endpoints.
+pub const MESHED: &str = "remora.io/meshed";
+pub const PROXY_CONTAINER: &str = "remora-proxy";
+pub const INIT_CONTAINER: &str = "remora-init";
+
+/// Pod (or namespace) annotations that tune the injected proxy.
+pub mod annotations {
+    /// `REMORA_LOG` of the proxy (`info`, `debug`, or an EnvFilter).
+    pub const LOG_LEVEL: &str = "remora.io/proxy-log-level";
+    /// Ports proxied as TCP without protocol detection.
+    pub const OPAQUE_PORTS: &str = "remora.io/opaque-ports";
+    /// Inbound ports not intercepted (the admin port 4191 always is not).
+    pub const SKIP_INBOUND_PORTS: &str = "remora.io/skip-inbound-ports";
+    /// Destination ports the pod reaches without the proxy.
+    pub const SKIP_OUTBOUND_PORTS: &str = "remora.io/skip-outbound-ports";
+    /// Who may connect where no AuthorizationPolicy selects a port.
+    pub const DEFAULT_INBOUND_POLICY: &str = "remora.io/default-inbound-policy";
+    pub const CPU_REQUEST: &str = "remora.io/proxy-cpu-request";
+    pub const CPU_LIMIT: &str = "remora.io/proxy-cpu-limit";
+    pub const MEMORY_REQUEST: &str = "remora.io/proxy-memory-request";
+    pub const MEMORY_LIMIT: &str = "remora.io/proxy-memory-limit";
+}
+
+/// The proxy's UID: iptables never redirects its own traffic.
+pub const PROXY_UID: i64 = 2102;
+const ADMIN_PORT: i32 = 4191;
+const INBOUND_PORT: i32 = 4143;
+const OUTBOUND_PORT: i32 = 4140;
+const IDENTITY_VOLUME: &str = "remora-identity";
+const IDENTITY_DIR: &str = "/var/run/secrets/remora";
+const ANCHORS_VOLUME: &str = "remora-trust-anchors";
+const ANCHORS_DIR: &str = "/var/run/remora/trust";
+const INIT_RUN_VOLUME: &str = "remora-init-run";
+/// The audience of the projected token the controller's TokenReview asks for.
+pub const TOKEN_AUDIENCE: &str = "identity.remora.io";
+
+/// The install's injection settings (the chart writes them to a ConfigMap; the
+/// controller reads them with `--inject-config`). Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Settings {
+    pub proxy_image: String,
+    pub init_image: String,
+    /// `IfNotPresent`, `Always` or `Never`; unset leaves Kubernetes' default.
+    pub image_pull_policy: Option<String>,
+    /// What proxies dial: the controller's Service.
+    pub controller_addr: String,
+    /// The ConfigMap (in each pod's namespace) holding `trust-anchors.pem`.
+    pub trust_anchors_config_map: String,
+    pub trust_domain: String,
+    /// The mesh's own namespace: never injected.
+    pub mesh_namespace: String,
+    /// The proxy as a native sidecar (Kubernetes 1.29+); else the first container.
+    pub native_sidecar: bool,
+    pub log_level: String,
+    pub default_inbound_policy: String,
+    /// Unset: the proxy's own default.
+    pub opaque_ports: Option<String>,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub cpu_limit: Option<String>,
+    pub memory_limit: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            proxy_image: "remora/proxy:latest".into(),
+            init_image: "remora/init:latest".into(),
+            image_pull_policy: None,
+            controller_addr: "https://remora-controller.remora-system.svc:8086".into(),
+            trust_anchors_config_map: "remora-trust-anchors".into(),
+            trust_domain: "cluster.local".into(),
+            mesh_namespace: "remora-system".into(),
+            native_sidecar: true,
+            log_level: "info".into(),
+            default_inbound_policy: "all-unauthenticated".into(),
+            opaque_ports: None,
+            cpu_request: "10m".into(),
+            memory_request: "20Mi".into(),
+            cpu_limit: None,
+            memory_limit: Some("250Mi".into()),
+        }
+    }
+}
+
+/// What injection needs of a pod's namespace.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What to do with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Left as it is, and why.
+    Skip(String),
+    /// The pod with the proxy.
+    Inject(Box<Pod>),
+}
+
+/// Whether and how to inject `pod`, created in `namespace`.
+pub fn decide(pod: &Pod, namespace: &Namespace, settings: &Settings) -> Decision {
+    let meta = &pod.metadata;
+    let on_pod = get(&meta.annotations, INJECT).or(get(&meta.labels, INJECT));
+    let on_namespace = namespace
+        .labels
+        .get(INJECT)
+        .or(namespace.annotations.get(INJECT))
+        .map(String::as_str);
+    let spec = pod.spec.clone().unwrap_or_default();
+    let skip = |why: &str| Decision::Skip(why.to_string());
+    if namespace.name == settings.mesh_namespace || namespace.name == "kube-system" {
+        return skip("the mesh's own namespace and kube-system are never injected");
+    }
+    match (on_pod, on_namespace) {
+        (Some("disabled"), _) => return skip("the pod opts out (remora.io/inject: disabled)"),
+        (Some("enabled"), _) | (None, Some("enabled")) => {}
+        _ => return skip("neither the pod nor its namespace has remora.io/inject: enabled"),
+    }
+    if spec.host_network == Some(true) {
+        return skip("a hostNetwork pod shares the node's network: it cannot be intercepted");
+    }
+    let all = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    if all.into_iter().any(|c| c.name == PROXY_CONTAINER) {
+        return skip("already injected");
+    }
+    Decision::Inject(Box::new(inject(pod.clone(), namespace, settings)))
+}
+
+/// The value of `key` in an optional map.
+fn get<'a>(map: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    map.as_ref().and_then(|m| m.get(key)).map(String::as_str)
+}
+
+/// A setting: the pod's annotation, else its namespace's.
+fn setting<'a>(pod: &'a Pod, namespace: &'a Namespace, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .or(namespace.annotations.get(key))
+        .map(String::as_str)
+}
+
+fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
+    let value = |key: &str| setting(&pod, namespace, key).map(str::to_string);
+    let log = value(annotations::LOG_LEVEL).unwrap_or_else(|| settings.log_level.clone());
+    let opaque = value(annotations::OPAQUE_PORTS).or(settings.opaque_ports.clone());
+    let skip_in = value(annotations::SKIP_INBOUND_PORTS);
+    let skip_out = value(annotations::SKIP_OUTBOUND_PORTS);
+    let default_policy = value(annotations::DEFAULT_INBOUND_POLICY)
+        .unwrap_or_else(|| settings.default_inbound_policy.clone());
+    let resources = resources(&pod, namespace, settings);
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    // The ports the app serves, and the kubelet's HTTP probes on them (always allowed,
+    // so a `deny` default never fails a probe, even before the controller answers).
+    let ports: Vec<i32> = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
+        .map(|p| p.container_port)
+        .collect();
+    let probes = probe_paths(spec);
+
+    let mut vars = vec![
+        env("REMORA_CONTROLLER_ADDR", &settings.controller_addr),
+        env("REMORA_TRUST_DOMAIN", &settings.trust_domain),
+        env(
+            "REMORA_TRUST_ANCHORS",
+            &format!("{ANCHORS_DIR}/trust-anchors.pem"),
+        ),
+        env(
+            "REMORA_IDENTITY_TOKEN_FILE",
+            &format!("{IDENTITY_DIR}/token"),
+        ),
+        field("REMORA_NAMESPACE", "metadata.namespace"),
+        field("REMORA_POD_NAME", "metadata.name"),
+        field("REMORA_POD_IP", "status.podIP"),
+        field("REMORA_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        env("REMORA_LOG", &log),
+        env("REMORA_DEFAULT_INBOUND_POLICY", &default_policy),
+    ];
+    if !ports.is_empty() {
+        let list: Vec<String> = ports.iter().map(i32::to_string).collect();
+        vars.push(env_var("REMORA_INBOUND_PORTS", list.join(",")));
+    }
+    if !probes.is_empty() {
+        vars.push(env_var("REMORA_PROBE_PATHS", probes.join(",")));
+    }
+    if let Some(opaque) = &opaque {
+        vars.push(env("REMORA_OPAQUE_PORTS", opaque));
+    }
+    let admin = |path: &str| {
+        Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(ADMIN_PORT),
+            ..Default::default()
+        })
+    };
+    let mut proxy = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(settings.proxy_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        env: Some(vars),
+        ports: Some(vec![ContainerPort {
+            name: Some("remora-admin".into()),
+            container_port: ADMIN_PORT,
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: admin("/ready"),
+            period_seconds: Some(10),
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            http_get: admin("/live"),
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            mount(IDENTITY_VOLUME, IDENTITY_DIR),
+            mount(ANCHORS_VOLUME, ANCHORS_DIR),
+        ]),
+        ..Default::default()
+    };
+    let mut init_args = vec![
+        "--proxy-uid".to_string(),
+        PROXY_UID.to_string(),
+        "--inbound-port".into(),
+        INBOUND_PORT.to_string(),
+        "--outbound-port".into(),
+        OUTBOUND_PORT.to_string(),
+        "--skip-inbound-ports".into(),
+        match &skip_in {
+            Some(more) => format!("{ADMIN_PORT},{more}"),
+            None => ADMIN_PORT.to_string(),
+        },
+    ];
+    if let Some(out) = &skip_out {
+        init_args.extend(["--skip-outbound-ports".into(), out.clone()]);
+    }
+    let init = Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(settings.init_image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(init_args),
+        // Only what iptables needs; /run for its lock on an otherwise read-only root.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: INIT_RUN_VOLUME.into(),
+            mount_path: "/run".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    if settings.native_sidecar {
+        // Starts before the app, which waits for its startup probe; keeps running.
+        proxy.restart_policy = Some("Always".into());
+        proxy.startup_probe = Some(Probe {
+            http_get: admin("/ready"),
+            period_seconds: Some(1),
+            failure_threshold: Some(300),
+            ..Default::default()
+        });
+        inits.splice(0..0, [init, proxy]);
+    } else {
+        // The kubelet starts containers in order and runs each postStart hook before
+        // the next container: the app starts once the proxy is ready.
+        proxy.lifecycle = Some(Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["/remora-proxy".into(), "await-ready".into()]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        inits.insert(0, init);
+        spec.containers.insert(0, proxy);
+    }
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.push(Volume {
+        name: IDENTITY_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(TOKEN_AUDIENCE.into()),
+                    expiration_seconds: Some(3600),
+                    path: "token".into(),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: ANCHORS_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: settings.trust_anchors_config_map.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: "trust-anchors.pem".into(),
+                        path: "trust-anchors.pem".into(),
+                        mode: None,
+                    }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: INIT_RUN_VOLUME.into(),
+        empty_dir: Some(Default::default()),
+        ..Default::default()
+    });
+
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert(MESHED.into(), "true".into());
+    // What the controller reads from the pod itself: the namespace's values are copied
+    // onto it, so both sides agree.
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    for key in [
+        annotations::SKIP_INBOUND_PORTS,
+        annotations::DEFAULT_INBOUND_POLICY,
+    ] {
+        if let (false, Some(v)) = (
+            annotations.contains_key(key),
+            namespace.annotations.get(key),
+        ) {
+            annotations.insert(key.into(), v.clone());
+        }
+    }
+    pod
+}
+
+/// The proxy's resources: annotations over the settings.
+fn resources(pod: &Pod, namespace: &Namespace, settings: &Settings) -> ResourceRequirements {
+    let value = |key: &str, fallback: Option<&String>| {
+        setting(pod, namespace, key)
+            .map(str::to_string)
+            .or(fallback.cloned())
+    };
+    let pair = |cpu: Option<String>, memory: Option<String>| {
+        let mut m = BTreeMap::new();
+        if let Some(cpu) = cpu {
+            m.insert("cpu".to_string(), Quantity(cpu));
+        }
+        if let Some(memory) = memory {
+            m.insert("memory".to_string(), Quantity(memory));
+        }
+        (!m.is_empty()).then_some(m)
+    };
+    ResourceRequirements {
+        requests: pair(
+            value(annotations::CPU_REQUEST, Some(&settings.cpu_request)),
+            value(annotations::MEMORY_REQUEST, Some(&settings.memory_request)),
+        ),
+        limits: pair(
+            value(annotations::CPU_LIMIT, settings.cpu_limit.as_ref()),
+            value(annotations::MEMORY_LIMIT, settings.memory_limit.as_ref()),
+        ),
+        ..Default::default()
+    }
+}
+
+/// `port:path` for each HTTP probe of the app's containers (named ports resolved).
+fn probe_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in &spec.containers {
+        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
+        for get in probes
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.http_get.as_ref())
+        {
+            let port = match &get.port {
+                IntOrString::Int(n) => Some(*n),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name))
+                    .map(|p| p.container_port),
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            let path = path.split('?').next().unwrap_or("/");
+            if let Some(port) = port {
+                let entry = format!("{port}:{path}");
+                if !out.contains(&entry) {
+                    out.push(entry);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    env_var(name, value.to_string())
+}
+
+fn env_var(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    }
+}
+
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+/// The JSON patch that turns `before` into `after`.
+pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
+    let before = serde_json::to_value(before).expect("a pod serializes");
+    let after = serde_json::to_value(after).expect("a pod serializes");
+    json_patch::diff(&before, &after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/inject")
+            .join(name)
+    }
+
+    fn pod() -> Pod {
+        serde_yaml_ng::from_str(&std::fs::read_to_string(testdata("pod.yaml")).unwrap()).unwrap()
+    }
+
+    fn namespace(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Namespace {
+        let map = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        Namespace {
+            name: "shop".into(),
+            labels: map(labels),
+            annotations: map(annotations),
+        }
+    }
+
+    /// Compares `pod` with the golden file `name` (`REMORA_BLESS=1` rewrites it).
+    fn golden(name: &str, pod: &Pod) {
+        let text = serde_yaml_ng::to_string(pod).unwrap();
+        let path = testdata(name);
+        if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
+            std::fs::write(&path, &text).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            text,
+            want,
+            "{} differs (REMORA_BLESS=1 rewrites it)",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn a_namespace_that_asks_gets_a_native_sidecar_and_the_patch_makes_it() {
+        let ns = namespace(
+            &[(INJECT, "enabled")],
+            &[(annotations::DEFAULT_INBOUND_POLICY, "deny")],
+        );
+        let before = pod();
+        let Decision::Inject(after) = decide(&before, &ns, &Settings::default()) else {
+            panic!("not injected");
+        };
+        golden("pod.native.yaml", &after);
+        // The JSON patch, applied to the pod as the API server would, gives that pod.
+        let mut applied = serde_json::to_value(&before).unwrap();
+        json_patch::patch(&mut applied, &patch(&before, &after)).unwrap();
+        assert_eq!(applied, serde_json::to_value(&*after).unwrap());
+        // Injecting again changes nothing.
+        assert_eq!(
+            decide(&after, &ns, &Settings::default()),
+            Decision::Skip("already injected".into())
+        );
+    }
+
+    #[test]
+    fn without_native_sidecars_the_proxy_is_the_first_container() {
+        let settings = Settings {
+            native_sidecar: false,
+            ..Settings::default()
+        };
+        let mut before = pod();
+        before
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(INJECT.into(), "enabled".into());
+        let Decision::Inject(after) = decide(&before, &namespace(&[], &[]), &settings) else {
+            panic!("not injected");
+        };
+        golden("pod.legacy.yaml", &after);
+    }
+
+    #[test]
+    fn who_is_left_alone() {
+        let settings = Settings::default();
+        let enabled = namespace(&[(INJECT, "enabled")], &[]);
+        let with = |f: &dyn Fn(&mut Pod)| {
+            let mut p = pod();
+            f(&mut p);
+            p
+        };
+        let opted_out = with(&|p| {
+            p.metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(INJECT.into(), "disabled".into());
+        });
+        let host = with(&|p| p.spec.as_mut().unwrap().host_network = Some(true));
+        let mesh = Namespace {
+            name: "remora-system".into(),
+            ..enabled.clone()
+        };
+        let system = Namespace {
+            name: "kube-system".into(),
+            ..enabled.clone()
+        };
+        let cases = [
+            (pod(), namespace(&[], &[]), "neither"),
+            (opted_out, enabled.clone(), "opts out"),
+            (host, enabled.clone(), "hostNetwork"),
+            (pod(), mesh, "never injected"),
+            (pod(), system, "never injected"),
+        ];
+        for (p, ns, why) in cases {
+            match decide(&p, &ns, &settings) {
+                Decision::Skip(reason) => assert!(reason.contains(why), "{reason}"),
+                Decision::Inject(_) => panic!("{why}: injected"),
+            }
+        }
+    }
+}
