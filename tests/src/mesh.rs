@@ -112,7 +112,8 @@ impl Mesh {
         ];
         let controller = Proxy::controller(cluster.pod("ctl"), bins, &args).await;
 
-        let anchors = ca.join("trust-anchors.pem").display().to_string();
+        // Inline, as the injector sets them (identity.rs covers the file).
+        let anchors = std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap();
         let mut proxies = Vec::new();
         for (role, ip, sa) in ROLES {
             let pod = cluster.pod(role);
@@ -124,7 +125,7 @@ impl Mesh {
                 ("REMORA_POD_NAME", pod.name.as_str()),
                 ("REMORA_POD_IP", ip),
                 ("REMORA_SERVICE_ACCOUNT", sa),
-                ("REMORA_TRUST_ANCHORS", anchors.as_str()),
+                ("REMORA_TRUST_ANCHORS_PEM", anchors.as_str()),
                 ("REMORA_IDENTITY_TOKEN_FILE", token.as_str()),
             ];
             proxies.push(Proxy::start(pod, bins, &env).await);

@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
-        ExecAction, HTTPGetAction, KeyToPath, Lifecycle, LifecycleHandler, ObjectFieldSelector,
-        Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
-        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+        Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
+        Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
+        ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+        VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -54,8 +54,6 @@ const INBOUND_PORT: i32 = 4143;
 const OUTBOUND_PORT: i32 = 4140;
 const IDENTITY_VOLUME: &str = "remora-identity";
 const IDENTITY_DIR: &str = "/var/run/secrets/remora";
-const ANCHORS_VOLUME: &str = "remora-trust-anchors";
-const ANCHORS_DIR: &str = "/var/run/remora/trust";
 const INIT_RUN_VOLUME: &str = "remora-init-run";
 /// The audience of the projected token the controller's TokenReview asks for.
 pub const TOKEN_AUDIENCE: &str = "identity.remora.io";
@@ -71,8 +69,9 @@ pub struct Settings {
     pub image_pull_policy: Option<String>,
     /// What proxies dial: the controller's Service.
     pub controller_addr: String,
-    /// The ConfigMap (in each pod's namespace) holding `trust-anchors.pem`.
-    pub trust_anchors_config_map: String,
+    /// The mesh's trust anchors (PEM), given to each proxy inline: no ConfigMap is
+    /// needed in every namespace. The controller fills them from its own CA.
+    pub trust_anchors: String,
     pub trust_domain: String,
     /// The mesh's own namespace: never injected.
     pub mesh_namespace: String,
@@ -95,7 +94,7 @@ impl Default for Settings {
             init_image: "remora/init:latest".into(),
             image_pull_policy: None,
             controller_addr: "https://remora-controller.remora-system.svc:8086".into(),
-            trust_anchors_config_map: "remora-trust-anchors".into(),
+            trust_anchors: String::new(),
             trust_domain: "cluster.local".into(),
             mesh_namespace: "remora-system".into(),
             native_sidecar: true,
@@ -106,6 +105,65 @@ impl Default for Settings {
             memory_request: "20Mi".into(),
             cpu_limit: None,
             memory_limit: Some("250Mi".into()),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads settings (YAML or JSON), refusing unknown fields and bad values by name.
+    pub fn from_yaml(text: &str) -> Result<Self, String> {
+        let settings: Self = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Every problem, in one message: an injected pod must be able to start.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if !self.trust_anchors.contains("-----BEGIN CERTIFICATE-----") {
+            problems
+                .push("trustAnchors: no PEM certificate: proxies could not verify anyone".into());
+        }
+        for (name, value) in [
+            ("proxyImage", &self.proxy_image),
+            ("initImage", &self.init_image),
+            ("controllerAddr", &self.controller_addr),
+            ("trustDomain", &self.trust_domain),
+            ("meshNamespace", &self.mesh_namespace),
+        ] {
+            if value.trim().is_empty() {
+                problems.push(format!("{name}: must not be empty"));
+            }
+        }
+        if !self.controller_addr.starts_with("https://") {
+            problems.push(format!(
+                "controllerAddr {:?}: injected proxies reach the controller over https://",
+                self.controller_addr
+            ));
+        }
+        const POLICIES: [&str; 4] = [
+            "all-unauthenticated",
+            "all-authenticated",
+            "cluster-authenticated",
+            "deny",
+        ];
+        if !POLICIES.contains(&self.default_inbound_policy.as_str()) {
+            problems.push(format!(
+                "defaultInboundPolicy {:?} is not one of {}",
+                self.default_inbound_policy,
+                POLICIES.join(", ")
+            ));
+        }
+        if let Some(p) = &self.image_pull_policy
+            && !["Always", "IfNotPresent", "Never"].contains(&p.as_str())
+        {
+            problems.push(format!(
+                "imagePullPolicy {p:?} is not Always, IfNotPresent or Never"
+            ));
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems.join("; ")),
         }
     }
 }
@@ -198,10 +256,7 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
     let mut vars = vec![
         env("REMORA_CONTROLLER_ADDR", &settings.controller_addr),
         env("REMORA_TRUST_DOMAIN", &settings.trust_domain),
-        env(
-            "REMORA_TRUST_ANCHORS",
-            &format!("{ANCHORS_DIR}/trust-anchors.pem"),
-        ),
+        env("REMORA_TRUST_ANCHORS_PEM", settings.trust_anchors.trim()),
         env(
             "REMORA_IDENTITY_TOKEN_FILE",
             &format!("{IDENTITY_DIR}/token"),
@@ -264,10 +319,7 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![
-            mount(IDENTITY_VOLUME, IDENTITY_DIR),
-            mount(ANCHORS_VOLUME, ANCHORS_DIR),
-        ]),
+        volume_mounts: Some(vec![mount(IDENTITY_VOLUME, IDENTITY_DIR)]),
         ..Default::default()
     };
     let mut init_args = vec![
@@ -346,25 +398,6 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
                     audience: Some(TOKEN_AUDIENCE.into()),
                     expiration_seconds: Some(3600),
                     path: "token".into(),
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: ANCHORS_VOLUME.into(),
-        projected: Some(ProjectedVolumeSource {
-            sources: Some(vec![VolumeProjection {
-                config_map: Some(ConfigMapProjection {
-                    name: settings.trust_anchors_config_map.clone(),
-                    items: Some(vec![KeyToPath {
-                        key: "trust-anchors.pem".into(),
-                        path: "trust-anchors.pem".into(),
-                        mode: None,
-                    }]),
-                    optional: Some(false),
                 }),
                 ..Default::default()
             }]),
@@ -515,6 +548,11 @@ mod tests {
         serde_yaml_ng::from_str(&std::fs::read_to_string(testdata("pod.yaml")).unwrap()).unwrap()
     }
 
+    fn settings() -> Settings {
+        let text = std::fs::read_to_string(testdata("settings.yaml")).unwrap();
+        Settings::from_yaml(&text).unwrap()
+    }
+
     fn namespace(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Namespace {
         let map = |kv: &[(&str, &str)]| {
             kv.iter()
@@ -551,7 +589,7 @@ mod tests {
             &[(annotations::DEFAULT_INBOUND_POLICY, "deny")],
         );
         let before = pod();
-        let Decision::Inject(after) = decide(&before, &ns, &Settings::default()) else {
+        let Decision::Inject(after) = decide(&before, &ns, &settings()) else {
             panic!("not injected");
         };
         golden("pod.native.yaml", &after);
@@ -561,7 +599,7 @@ mod tests {
         assert_eq!(applied, serde_json::to_value(&*after).unwrap());
         // Injecting again changes nothing.
         assert_eq!(
-            decide(&after, &ns, &Settings::default()),
+            decide(&after, &ns, &settings()),
             Decision::Skip("already injected".into())
         );
     }
@@ -570,7 +608,7 @@ mod tests {
     fn without_native_sidecars_the_proxy_is_the_first_container() {
         let settings = Settings {
             native_sidecar: false,
-            ..Settings::default()
+            ..settings()
         };
         let mut before = pod();
         before
@@ -586,8 +624,23 @@ mod tests {
     }
 
     #[test]
+    fn settings_that_would_break_pods_are_refused_by_name() {
+        let text = std::fs::read_to_string(testdata("settings.yaml")).unwrap();
+        let typo = text.replace("logLevel:", "loglevel:");
+        let err = Settings::from_yaml(&typo).unwrap_err();
+        assert!(err.contains("unknown field `loglevel`"), "{err}");
+        let err =
+            Settings::from_yaml("proxyImage: x\ndefaultInboundPolicy: sometimes\n").unwrap_err();
+        for part in ["trustAnchors", "defaultInboundPolicy \"sometimes\""] {
+            assert!(err.contains(part), "{part}: {err}");
+        }
+        let err = Settings::from_yaml(&text.replace("https://", "http://")).unwrap_err();
+        assert!(err.contains("controllerAddr"), "{err}");
+    }
+
+    #[test]
     fn who_is_left_alone() {
-        let settings = Settings::default();
+        let settings = settings();
         let enabled = namespace(&[(INJECT, "enabled")], &[]);
         let with = |f: &dyn Fn(&mut Pod)| {
             let mut p = pod();

@@ -86,12 +86,9 @@ impl App {
         let (identity, tls, roots) = match &config.identity {
             Some(ic) => {
                 let bad = |e: &dyn std::fmt::Display| {
-                    BuildError::Identity(format!(
-                        "REMORA_TRUST_ANCHORS {}: {e}",
-                        ic.trust_anchors.display()
-                    ))
+                    BuildError::Identity(format!("{}: {e}", ic.trust_anchors.describe()))
                 };
-                let anchors = std::fs::read_to_string(&ic.trust_anchors).map_err(|e| bad(&e))?;
+                let anchors = ic.trust_anchors.read().map_err(BuildError::Identity)?;
                 let roots = tls::roots(&anchors).map_err(|e| bad(&e))?;
                 readiness.hold(identity::READY_REASON);
                 let identity = Arc::new(

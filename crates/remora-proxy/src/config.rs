@@ -54,7 +54,13 @@ pub const TRUST_ANCHORS: Knob = Knob::value(
     "trust-anchors",
     "REMORA_TRUST_ANCHORS",
     None,
-    "The mesh's trust anchors (PEM); with REMORA_IDENTITY_TOKEN_FILE, turns identity on",
+    "The mesh's trust anchors (PEM file); with REMORA_IDENTITY_TOKEN_FILE, turns identity on",
+);
+pub const TRUST_ANCHORS_PEM: Knob = Knob::value(
+    "trust-anchors-pem",
+    "REMORA_TRUST_ANCHORS_PEM",
+    None,
+    "The trust anchors' PEM itself, in place of REMORA_TRUST_ANCHORS (the injector sets it, so no ConfigMap is needed in each namespace)",
 );
 pub const IDENTITY_TOKEN_FILE: Knob = Knob::value(
     "identity-token-file",
@@ -182,6 +188,7 @@ pub const KNOBS: &[Knob] = &[
     SERVICE_ACCOUNT,
     TRUST_DOMAIN,
     TRUST_ANCHORS,
+    TRUST_ANCHORS_PEM,
     IDENTITY_TOKEN_FILE,
     INBOUND_ADDR,
     OUTBOUND_ADDR,
@@ -263,7 +270,20 @@ impl Config {
         let service_account = l.get(&SERVICE_ACCOUNT, text);
         let trust_domain = l.get(&TRUST_DOMAIN, text);
         let path = remora_config::parse_path;
-        let trust_anchors = l.get(&TRUST_ANCHORS, path);
+        let anchors_file = l.get(&TRUST_ANCHORS, path);
+        let anchors_pem = l.get(&TRUST_ANCHORS_PEM, |s| match s.contains("-----BEGIN") {
+            true => Ok(s.to_string()),
+            false => Err("is not PEM (no -----BEGIN line)".to_string()),
+        });
+        let trust_anchors = match (anchors_file, anchors_pem) {
+            (Some(_), Some(_)) => {
+                l.error("REMORA_TRUST_ANCHORS and REMORA_TRUST_ANCHORS_PEM: set one, not both");
+                None
+            }
+            (Some(f), None) => Some(crate::identity::TrustAnchors::File(f)),
+            (None, Some(p)) => Some(crate::identity::TrustAnchors::Inline(p)),
+            (None, None) => None,
+        };
         let token_file = l.get(&IDENTITY_TOKEN_FILE, path);
         let identity = match (trust_anchors, token_file) {
             (None, None) => None,
@@ -287,7 +307,10 @@ impl Config {
                 })
             }
             _ => {
-                l.error("identity needs both REMORA_TRUST_ANCHORS and REMORA_IDENTITY_TOKEN_FILE");
+                l.error(
+                    "identity needs both the trust anchors (REMORA_TRUST_ANCHORS or \
+                     REMORA_TRUST_ANCHORS_PEM) and REMORA_IDENTITY_TOKEN_FILE",
+                );
                 None
             }
         };
@@ -505,6 +528,47 @@ mod tests {
                 .to_string();
             assert!(err.contains("REMORA_PROBE_PATHS"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn trust_anchors_from_a_file_or_inline_never_both() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----";
+        let identity = [
+            ("REMORA_CONTROLLER_ADDR", "https://ctl:8086"),
+            ("REMORA_NAMESPACE", "shop"),
+            ("REMORA_SERVICE_ACCOUNT", "web"),
+            (
+                "REMORA_IDENTITY_TOKEN_FILE",
+                "/var/run/secrets/remora/token",
+            ),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let env: Vec<_> = identity.iter().chain(extra).copied().collect();
+            load(&[], &env)
+        };
+        let c = with(&[("REMORA_TRUST_ANCHORS_PEM", pem)]).unwrap();
+        assert_eq!(
+            c.identity.unwrap().trust_anchors,
+            crate::identity::TrustAnchors::Inline(pem.into())
+        );
+        let c = with(&[("REMORA_TRUST_ANCHORS", "/etc/anchors.pem")]).unwrap();
+        assert_eq!(
+            c.identity.unwrap().trust_anchors,
+            crate::identity::TrustAnchors::File("/etc/anchors.pem".into())
+        );
+        let err = with(&[
+            ("REMORA_TRUST_ANCHORS", "/etc/anchors.pem"),
+            ("REMORA_TRUST_ANCHORS_PEM", pem),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("set one, not both"), "{err}");
+        let err = with(&[("REMORA_TRUST_ANCHORS_PEM", "/etc/anchors.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REMORA_TRUST_ANCHORS_PEM"), "{err}");
+        let err = with(&[]).unwrap_err().to_string();
+        assert!(err.contains("needs both the trust anchors"), "{err}");
     }
 
     #[test]

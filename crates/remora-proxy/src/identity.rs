@@ -33,7 +33,35 @@ pub struct IdentityConfig {
     pub namespace: String,
     pub service_account: String,
     pub token_file: PathBuf,
-    pub trust_anchors: PathBuf,
+    pub trust_anchors: TrustAnchors,
+}
+
+/// Where the mesh's trust anchors come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrustAnchors {
+    /// `REMORA_TRUST_ANCHORS`: a PEM file.
+    File(PathBuf),
+    /// `REMORA_TRUST_ANCHORS_PEM`: the PEM itself (what the injector sets).
+    Inline(String),
+}
+
+impl TrustAnchors {
+    /// The PEM text, or an error that names where it was looked for.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            TrustAnchors::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("REMORA_TRUST_ANCHORS {}: {e}", path.display())),
+            TrustAnchors::Inline(pem) => Ok(pem.clone()),
+        }
+    }
+
+    /// Where they come from, for errors.
+    pub fn describe(&self) -> String {
+        match self {
+            TrustAnchors::File(path) => format!("REMORA_TRUST_ANCHORS {}", path.display()),
+            TrustAnchors::Inline(_) => "REMORA_TRUST_ANCHORS_PEM".into(),
+        }
+    }
 }
 
 impl IdentityConfig {
