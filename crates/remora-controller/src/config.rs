@@ -22,6 +22,30 @@ pub const GRPC_PLAINTEXT: Knob = Knob::switch(
     "REMORA_GRPC_PLAINTEXT",
     "Also serve gRPC without TLS, to anyone who can reach the port, as unauthenticated callers: local use only (needed when no CA is configured)",
 );
+pub const WEBHOOK_ADDR: Knob = Knob::value(
+    "webhook-addr",
+    "REMORA_WEBHOOK_ADDR",
+    Some("0.0.0.0:8443"),
+    "HTTPS listener of the admission webhook (POST /inject); served when --webhook-cert and --webhook-key are given",
+);
+pub const WEBHOOK_CERT: Knob = Knob::value(
+    "webhook-cert",
+    "REMORA_WEBHOOK_CERT",
+    None,
+    "The webhook's serving certificate chain (PEM file), re-read when it changes",
+);
+pub const WEBHOOK_KEY: Knob = Knob::value(
+    "webhook-key",
+    "REMORA_WEBHOOK_KEY",
+    None,
+    "The webhook's serving key (PEM file), re-read when it changes",
+);
+pub const INJECT_CONFIG: Knob = Knob::value(
+    "inject-config",
+    "REMORA_INJECT_CONFIG",
+    None,
+    "The injector's settings (YAML: images, controller address, defaults; the chart writes it); unset: built-in defaults. Its trust anchors default to the controller's",
+);
 pub const MAX_STREAMS_PER_CLIENT: Knob = Knob::value(
     "max-streams-per-client",
     "REMORA_MAX_STREAMS_PER_CLIENT",
@@ -118,6 +142,10 @@ pub const KNOBS: &[Knob] = &[
     GRPC_ADDR,
     GRPC_PLAINTEXT,
     MAX_STREAMS_PER_CLIENT,
+    WEBHOOK_ADDR,
+    WEBHOOK_CERT,
+    WEBHOOK_KEY,
+    INJECT_CONFIG,
     ADMIN_ADDR,
     NAMESPACE,
     SERVICE_ACCOUNT,
@@ -167,6 +195,10 @@ pub struct Config {
     /// Plaintext gRPC callers are served (as unauthenticated).
     pub grpc_plaintext: bool,
     pub max_streams_per_client: u32,
+    pub webhook_addr: SocketAddr,
+    /// The webhook's serving certificate and key; unset: no webhook.
+    pub webhook_tls: Option<(PathBuf, PathBuf)>,
+    pub inject_config: Option<PathBuf>,
     pub admin_addr: SocketAddr,
     pub namespace: String,
     pub service_account: String,
@@ -221,6 +253,18 @@ impl Config {
             Ok(n) => Ok(n),
         });
         let admin_addr = l.get(&ADMIN_ADDR, addr);
+        let webhook_addr = l.get(&WEBHOOK_ADDR, addr);
+        let webhook_cert = l.get(&WEBHOOK_CERT, remora_config::parse_path);
+        let webhook_key = l.get(&WEBHOOK_KEY, remora_config::parse_path);
+        let webhook_tls = match (webhook_cert, webhook_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                l.error("the webhook needs both --webhook-cert and --webhook-key");
+                None
+            }
+        };
+        let inject_config = l.get(&INJECT_CONFIG, remora_config::parse_path);
         let trust_domain = l.get(&TRUST_DOMAIN, domain);
         let cluster_domain = l.get(&CLUSTER_DOMAIN, domain);
         let name = |s: &str| match s {
@@ -285,6 +329,9 @@ impl Config {
             grpc_plaintext,
             max_streams_per_client: remora_config::present(max_streams_per_client)?,
             admin_addr: remora_config::present(admin_addr)?,
+            webhook_addr: remora_config::present(webhook_addr)?,
+            webhook_tls,
+            inject_config,
             namespace: remora_config::present(namespace)?,
             service_account: remora_config::present(service_account)?,
             cluster_networks: remora_config::present(cluster_networks)?,

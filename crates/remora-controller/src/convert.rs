@@ -1,7 +1,7 @@
 //! Kubernetes objects (k8s-openapi types) into the index's domain types. Every source
 //! uses these, so a malformed object is refused the same way whichever way it came.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use k8s_openapi::{
     api::{core::v1 as core_v1, discovery::v1 as discovery_v1},
@@ -13,17 +13,25 @@ use crate::core::{
     SliceEndpoint, SlicePort, TargetPort, Who,
 };
 
-/// The label that marks a pod as meshed.
-pub const MESHED_LABEL: &str = "remora.io/meshed";
-/// The annotation that sets a pod's default inbound policy.
-pub const DEFAULT_INBOUND_POLICY_ANNOTATION: &str = "remora.io/default-inbound-policy";
-/// The annotation listing inbound ports `remora-init` leaves alone (its
-/// `--skip-inbound-ports`, set by the injector).
-pub const SKIP_INBOUND_PORTS_ANNOTATION: &str = "remora.io/skip-inbound-ports";
+use remora_k8s::inject::{
+    MESHED as MESHED_LABEL,
+    annotations::DEFAULT_INBOUND_POLICY as DEFAULT_INBOUND_POLICY_ANNOTATION,
+    annotations::SKIP_INBOUND_PORTS as SKIP_INBOUND_PORTS_ANNOTATION,
+};
 /// The proxy's admin port: never intercepted.
 pub const ADMIN_PORT: u16 = 4191;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A Namespace: what the injector reads of it.
+pub fn namespace(ns: &core_v1::Namespace) -> Result<remora_k8s::inject::Namespace, Invalid> {
+    let name = id("Namespace", &ns.metadata)?.name;
+    Ok(remora_k8s::inject::Namespace {
+        name,
+        labels: ns.metadata.labels.clone().unwrap_or_default(),
+        annotations: ns.metadata.annotations.clone().unwrap_or_default(),
+    })
+}
 
 /// An object that cannot be indexed, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -217,7 +225,7 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
         meshed,
         labels,
         default_inbound_policy,
-        probe_paths: probe_paths(&spec),
+        probe_paths: remora_k8s::inject::probe_paths(&spec),
         container_ports: spec
             .containers
             .iter()
@@ -231,45 +239,6 @@ pub fn pod(pod: &core_v1::Pod) -> Result<Pod, Invalid> {
 }
 
 /// The HTTP paths the kubelet probes, by container port.
-fn probe_paths(spec: &core_v1::PodSpec) -> BTreeMap<u16, Vec<String>> {
-    let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    for c in &spec.containers {
-        let named = |name: &str| {
-            c.ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(name))
-                .and_then(|p| u16::try_from(p.container_port).ok())
-        };
-        let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
-        for get in probes
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.http_get.as_ref())
-        {
-            let port = match &get.port {
-                IntOrString::Int(n) => u16::try_from(*n).ok(),
-                IntOrString::String(name) => named(name),
-            };
-            if let Some(port) = port {
-                // The proxy compares the request's path, without its query.
-                let raw = get.path.as_deref().unwrap_or("/");
-                let raw = raw.split('?').next().unwrap_or("");
-                let path = if raw.starts_with('/') {
-                    raw.to_string()
-                } else {
-                    format!("/{raw}")
-                };
-                let paths = out.entry(port).or_default();
-                if !paths.contains(&path) {
-                    paths.push(path);
-                }
-            }
-        }
-    }
-    out
-}
-
 /// A TrafficPolicy, validated; every problem is named in the error.
 pub fn traffic_policy(
     p: &remora_k8s::TrafficPolicy,

@@ -178,6 +178,8 @@ pub enum Object {
     Authz(AuthzPolicy),
     Traffic(TrafficPolicy),
     Route(HttpRoute),
+    /// What the injector reads: its labels and annotations.
+    Namespace(remora_k8s::inject::Namespace),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -188,6 +190,7 @@ pub enum Kind {
     Authz,
     Traffic,
     Route,
+    Namespace,
 }
 
 impl Kind {
@@ -199,6 +202,7 @@ impl Kind {
             Kind::Authz => "AuthorizationPolicy",
             Kind::Traffic => "TrafficPolicy",
             Kind::Route => "HTTPRoute",
+            Kind::Namespace => "Namespace",
         }
     }
 }
@@ -235,6 +239,11 @@ impl Object {
             Object::Route(r) => ObjectKey {
                 kind: Kind::Route,
                 id: r.id.clone(),
+            },
+            // Namespaces are not namespaced: the key's namespace is empty.
+            Object::Namespace(n) => ObjectKey {
+                kind: Kind::Namespace,
+                id: NsName::new("", &n.name),
             },
         }
     }

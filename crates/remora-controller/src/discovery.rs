@@ -123,6 +123,11 @@ impl Discovery {
         })
     }
 
+    /// A namespace's labels and annotations, for the injector.
+    pub fn namespace(&self, name: &str) -> Option<remora_k8s::inject::Namespace> {
+        self.index.read().namespace(name).cloned()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

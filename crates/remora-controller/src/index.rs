@@ -40,6 +40,8 @@ pub struct Index {
     services: HashMap<NsName, Service>,
     slices: HashMap<NsName, EndpointSlice>,
     pods: HashMap<NsName, Pod>,
+    /// For the injector, by name.
+    namespaces: HashMap<String, remora_k8s::inject::Namespace>,
     authz: HashMap<NsName, AuthzPolicy>,
     traffic: HashMap<NsName, TrafficPolicy>,
     routes: HashMap<NsName, HttpRoute>,
@@ -63,6 +65,7 @@ impl Index {
             services: HashMap::new(),
             slices: HashMap::new(),
             pods: HashMap::new(),
+            namespaces: HashMap::new(),
             authz: HashMap::new(),
             traffic: HashMap::new(),
             routes: HashMap::new(),
@@ -93,7 +96,7 @@ impl Index {
     }
 
     /// Objects indexed, by kind.
-    pub fn counts(&self) -> [(Kind, usize); 6] {
+    pub fn counts(&self) -> [(Kind, usize); 7] {
         [
             (Kind::Service, self.services.len()),
             (Kind::Slice, self.slices.len()),
@@ -101,6 +104,7 @@ impl Index {
             (Kind::Authz, self.authz.len()),
             (Kind::Traffic, self.traffic.len()),
             (Kind::Route, self.routes.len()),
+            (Kind::Namespace, self.namespaces.len()),
         ]
     }
 
@@ -170,6 +174,10 @@ impl Index {
         } else {
             consumer
         }
+    }
+
+    pub fn namespace(&self, name: &str) -> Option<&remora_k8s::inject::Namespace> {
+        self.namespaces.get(name)
     }
 
     pub fn pod(&self, id: &NsName) -> Option<&Pod> {
@@ -255,6 +263,10 @@ impl Index {
                     .extend(r.parents.iter().map(|p| p.service.clone()));
                 self.routes.insert(r.id.clone(), r);
             }
+            // Nothing a proxy is told depends on a namespace's metadata.
+            Object::Namespace(n) => {
+                self.namespaces.insert(n.name.clone(), n);
+            }
         }
     }
 
@@ -334,6 +346,9 @@ impl Index {
                         .services
                         .extend(r.parents.iter().map(|p| p.service.clone()));
                 }
+            }
+            Kind::Namespace => {
+                self.namespaces.remove(&key.id.name);
             }
             Kind::Pod => {
                 if let Some(p) = self.pods.remove(&key.id) {

@@ -15,6 +15,7 @@ pub mod outbound;
 pub mod policy;
 pub mod source;
 pub mod watches;
+pub mod webhook;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc};
 
@@ -64,6 +65,8 @@ pub enum BuildError {
     Tokens(String),
     #[error("the gRPC port's own certificate: {0}")]
     GrpcTls(String),
+    #[error("the webhook: {0}")]
+    Webhook(String),
 }
 
 /// Readiness waits for this until the source's first full sync.
@@ -80,6 +83,14 @@ pub struct App {
     identity: IdentityService,
     /// TLS for the gRPC port, when a CA is configured.
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admission webhook, when its certificate is configured.
+    webhook: Option<WebhookParts>,
+}
+
+struct WebhookParts {
+    listener: TcpListener,
+    cert: Arc<webhook::ServingCert>,
+    injector: Arc<webhook::Injector>,
 }
 
 impl App {
@@ -131,6 +142,22 @@ impl App {
             config.cluster_networks.clone(),
         );
         let (identity, ca) = identity_service(&config, metrics.clone()).await?;
+        let webhook = match &config.webhook_tls {
+            Some((cert, key)) => {
+                let settings = inject_settings(&config, ca.as_deref())?;
+                let cert = webhook::ServingCert::load(cert, key).map_err(BuildError::Webhook)?;
+                Some(WebhookParts {
+                    listener: bind("webhook", config.webhook_addr).await?,
+                    cert,
+                    injector: Arc::new(webhook::Injector {
+                        settings,
+                        discovery: discovery.clone(),
+                        metrics: metrics.clone(),
+                    }),
+                })
+            }
+            None => None,
+        };
         let grpc_tls = match ca {
             Some(ca) => {
                 let anchors = ca.trust_anchors_pem().to_string();
@@ -152,7 +179,15 @@ impl App {
             source,
             identity,
             grpc_tls,
+            webhook,
         })
+    }
+
+    /// The webhook's address, when it is served.
+    pub fn webhook_addr(&self) -> Option<SocketAddr> {
+        self.webhook
+            .as_ref()
+            .and_then(|w| w.listener.local_addr().ok())
     }
 
     pub fn admin_addr(&self) -> io::Result<SocketAddr> {
@@ -174,6 +209,7 @@ impl App {
             source,
             identity,
             grpc_tls,
+            webhook,
         } = self;
         for e in &config.effective {
             info!(target: "remora_controller::config", "{}={} ({})", e.env, e.value, e.source);
@@ -185,6 +221,21 @@ impl App {
             env!("CARGO_PKG_VERSION")
         );
         let stop = CancellationToken::new();
+        let webhook_task = match webhook {
+            Some(w) => {
+                info!(addr = ?w.listener.local_addr().ok(), "admission webhook serving /inject");
+                Some(tokio::spawn(webhook::serve(
+                    w.listener,
+                    w.cert,
+                    w.injector,
+                    stop.clone(),
+                )))
+            }
+            None => {
+                info!("no --webhook-cert/--webhook-key: the admission webhook is off");
+                None
+            }
+        };
         let admin_task = tokio::spawn(remora_admin::serve(
             admin_listener,
             admin.clone(),
@@ -249,9 +300,54 @@ impl App {
         source_task.abort();
         let _ = grpc.await;
         let _ = writer.await;
+        if let Some(task) = webhook_task {
+            let _ = task.await;
+        }
         let _ = admin_task.await;
         info!("shut down");
     }
+}
+
+/// The injector's settings: `--inject-config` (or the defaults), with the controller's
+/// own trust anchors and trust domain, which it must not contradict.
+fn inject_settings(
+    config: &Config,
+    ca: Option<&Ca>,
+) -> Result<remora_k8s::inject::Settings, BuildError> {
+    let mut settings = match &config.inject_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BuildError::Webhook(format!("{}: {e}", path.display())))?;
+            serde_yaml_ng::from_str(&text)
+                .map_err(|e| BuildError::Webhook(format!("{}: {e}", path.display())))?
+        }
+        None => remora_k8s::inject::Settings::default(),
+    };
+    let ours = ca.map(|ca| ca.trust_anchors_pem().trim().to_string());
+    match (settings.trust_anchors.trim(), ours) {
+        ("", Some(anchors)) => settings.trust_anchors = anchors,
+        (theirs, Some(anchors)) if theirs != anchors => {
+            return Err(BuildError::Webhook(
+                "--inject-config's trustAnchors differ from the controller's                  (--trust-anchors): injected proxies could not verify anyone"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    if settings.trust_domain != config.trust_domain {
+        return Err(BuildError::Webhook(format!(
+            "--inject-config's trustDomain {:?} is not the controller's --trust-domain {:?}",
+            settings.trust_domain, config.trust_domain
+        )));
+    }
+    settings.validate().map_err(|e| {
+        let from = config
+            .inject_config
+            .as_ref()
+            .map_or("the built-in settings".into(), |p| p.display().to_string());
+        BuildError::Webhook(format!("{from}: {e}"))
+    })?;
+    Ok(settings)
 }
 
 /// The CA and token validator the configuration asks for; without a CA, `Certify`

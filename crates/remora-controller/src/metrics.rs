@@ -116,6 +116,37 @@ struct SourceRefusalLabels {
     reason: SourceRefusal,
 }
 
+label_values! {
+    /// What the injector did with one admission review.
+    pub enum Injection {
+        /// The pod gets the proxy.
+        Injected => "injected",
+        /// Left alone: not asked for, opted out, hostNetwork, already injected.
+        Skipped => "skipped",
+        /// The review could not be read: allowed unchanged.
+        Malformed => "malformed",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InjectionLabels {
+    result: Injection,
+}
+
+label_values! {
+    /// How re-reading the webhook's serving certificate went.
+    pub enum CertReload {
+        Reloaded => "reloaded",
+        /// Unreadable or mismatched files: the previous certificate stays.
+        Failed => "failed",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertReloadLabels {
+    result: CertReload,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
@@ -128,6 +159,8 @@ pub struct Metrics {
     refused: Family<RefusalLabels, Counter>,
     certify: Family<CertifyLabels, Counter>,
     source_refusals: Family<SourceRefusalLabels, Counter>,
+    injections: Family<InjectionLabels, Counter>,
+    cert_reloads: Family<CertReloadLabels, Counter>,
 }
 
 impl Metrics {
@@ -144,6 +177,8 @@ impl Metrics {
             refused: Family::default(),
             certify: Family::default(),
             source_refusals: Family::default(),
+            injections: Family::default(),
+            cert_reloads: Family::default(),
         };
         r.register("objects", "Objects indexed", m.objects.clone());
         r.register(
@@ -165,6 +200,16 @@ impl Metrics {
             "certify",
             "Identity.Certify calls, by result",
             m.certify.clone(),
+        );
+        r.register(
+            "injections",
+            "Admission reviews the injector answered, by result",
+            m.injections.clone(),
+        );
+        r.register(
+            "webhook_cert_reloads",
+            "Times the webhook's serving certificate files changed, by result",
+            m.cert_reloads.clone(),
         );
         r.register(
             "source_refusals",
@@ -190,7 +235,7 @@ impl Metrics {
         m
     }
 
-    pub fn set_objects(&self, counts: [(Kind, usize); 6]) {
+    pub fn set_objects(&self, counts: [(Kind, usize); 7]) {
         for (kind, n) in counts {
             self.objects
                 .get_or_create(&KindLabels { kind })
@@ -210,6 +255,18 @@ impl Metrics {
 
     pub fn certified(&self, result: CertifyResult) {
         self.certify.get_or_create(&CertifyLabels { result }).inc();
+    }
+
+    pub fn injected(&self, result: Injection) {
+        self.injections
+            .get_or_create(&InjectionLabels { result })
+            .inc();
+    }
+
+    pub fn cert_reloaded(&self, result: CertReload) {
+        self.cert_reloads
+            .get_or_create(&CertReloadLabels { result })
+            .inc();
     }
 
     pub fn source_refused(&self, reason: SourceRefusal) {

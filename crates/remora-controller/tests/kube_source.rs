@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
 const TRAFFIC: &str = "/apis/policy.remora.io/v1alpha1/trafficpolicies";
 const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 
@@ -53,6 +54,7 @@ fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> 
         SERVICES => Some((SERVICES, "v1", "ServiceList")),
         SLICES => Some((SLICES, "discovery.k8s.io/v1", "EndpointSliceList")),
         PODS => Some((PODS, "v1", "PodList")),
+        NAMESPACES => Some((NAMESPACES, "v1", "NamespaceList")),
         TRAFFIC => Some((TRAFFIC, "policy.remora.io/v1alpha1", "TrafficPolicyList")),
         ROUTES => Some((ROUTES, "gateway.networking.k8s.io/v1", "HTTPRouteList")),
         _ => None,

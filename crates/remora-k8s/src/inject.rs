@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, HTTPGetAction,
-        Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource,
-        ResourceRequirements, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-        VolumeProjection,
+        Lifecycle, LifecycleHandler, ObjectFieldSelector, Pod, PodSpec, Probe,
+        ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+        ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -181,8 +181,89 @@ pub struct Namespace {
 pub enum Decision {
     /// Left as it is, and why.
     Skip(String),
-    /// The pod with the proxy.
-    Inject(Box<Pod>),
+    /// What the pod gets.
+    Inject(Box<Injection>),
+}
+
+/// What injection adds to a pod: nothing is changed or removed, so the patch holds only
+/// `add` operations, and every field of the pod as the API server sent it (even those
+/// this build's Kubernetes types do not know) stays as it was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    /// Put first among the init containers, in this order.
+    pub init_containers: Vec<Container>,
+    /// Put first among the containers (the proxy, without native sidecars).
+    pub containers: Vec<Container>,
+    pub volumes: Vec<Volume>,
+    /// Labels and annotations the pod does not have yet.
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Injection {
+    /// The JSON patch that makes `pod` (the object as sent, any fields) meshed.
+    pub fn patch(&self, pod: &serde_json::Value) -> json_patch::Patch {
+        use json_patch::{AddOperation, PatchOperation, jsonptr::PointerBuf};
+        let mut ops = Vec::new();
+        let mut add = |path: &[&str], value: serde_json::Value| {
+            ops.push(PatchOperation::Add(AddOperation {
+                path: PointerBuf::from_tokens(path.iter().copied()),
+                value,
+            }));
+        };
+        let has = |path: &[&str]| path.iter().try_fold(pod, |v, k| v.get(*k)).is_some();
+        for (field, items) in [
+            ("initContainers", json(&self.init_containers)),
+            ("containers", json(&self.containers)),
+        ] {
+            let items = items.as_array().cloned().unwrap_or_default();
+            if items.is_empty() {
+                continue;
+            }
+            if !has(&["spec", field]) {
+                add(&["spec", field], serde_json::Value::Array(items));
+                continue;
+            }
+            for (i, item) in items.into_iter().enumerate() {
+                add(&["spec", field, &i.to_string()], item);
+            }
+        }
+        let volumes = json(&self.volumes).as_array().cloned().unwrap_or_default();
+        if !has(&["spec", "volumes"]) {
+            add(&["spec", "volumes"], serde_json::Value::Array(volumes));
+        } else {
+            for v in volumes {
+                add(&["spec", "volumes", "-"], v);
+            }
+        }
+        for (field, map) in [("labels", &self.labels), ("annotations", &self.annotations)] {
+            if map.is_empty() {
+                continue;
+            }
+            if !has(&["metadata", field]) {
+                add(&["metadata", field], json(map));
+                continue;
+            }
+            for (k, v) in map {
+                add(
+                    &["metadata", field, k],
+                    serde_json::Value::String(v.clone()),
+                );
+            }
+        }
+        json_patch::Patch(ops)
+    }
+
+    /// `pod` meshed: [`Injection::patch`], applied.
+    pub fn apply(&self, pod: &mut serde_json::Value) -> Result<(), json_patch::PatchError> {
+        let patch = self.patch(pod);
+        json_patch::patch(pod, &patch)
+    }
+}
+
+/// What injection adds, as JSON (Kubernetes types always serialize).
+fn json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).expect("Kubernetes types serialize")
 }
 
 /// Whether and how to inject `pod`, created in `namespace`.
@@ -214,7 +295,7 @@ pub fn decide(pod: &Pod, namespace: &Namespace, settings: &Settings) -> Decision
     if all.into_iter().any(|c| c.name == PROXY_CONTAINER) {
         return skip("already injected");
     }
-    Decision::Inject(Box::new(inject(pod.clone(), namespace, settings)))
+    Decision::Inject(Box::new(inject(pod, namespace, settings)))
 }
 
 /// The value of `key` in an optional map.
@@ -232,16 +313,16 @@ fn setting<'a>(pod: &'a Pod, namespace: &'a Namespace, key: &str) -> Option<&'a 
         .map(String::as_str)
 }
 
-fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
-    let value = |key: &str| setting(&pod, namespace, key).map(str::to_string);
+fn inject(pod: &Pod, namespace: &Namespace, settings: &Settings) -> Injection {
+    let value = |key: &str| setting(pod, namespace, key).map(str::to_string);
     let log = value(annotations::LOG_LEVEL).unwrap_or_else(|| settings.log_level.clone());
     let opaque = value(annotations::OPAQUE_PORTS).or(settings.opaque_ports.clone());
     let skip_in = value(annotations::SKIP_INBOUND_PORTS);
     let skip_out = value(annotations::SKIP_OUTBOUND_PORTS);
     let default_policy = value(annotations::DEFAULT_INBOUND_POLICY)
         .unwrap_or_else(|| settings.default_inbound_policy.clone());
-    let resources = resources(&pod, namespace, settings);
-    let spec = pod.spec.get_or_insert_with(Default::default);
+    let resources = resources(pod, namespace, settings);
+    let spec = pod.spec.clone().unwrap_or_default();
     // The ports the app serves, and the kubelet's HTTP probes on them (always allowed,
     // so a `deny` default never fails a probe, even before the controller answers).
     let ports: Vec<i32> = spec
@@ -251,7 +332,10 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
         .filter(|p| p.protocol.as_deref().is_none_or(|p| p == "TCP"))
         .map(|p| p.container_port)
         .collect();
-    let probes = probe_paths(spec);
+    let probes: Vec<String> = probe_paths(&spec)
+        .into_iter()
+        .flat_map(|(port, paths)| paths.into_iter().map(move |p| format!("{port}:{p}")))
+        .collect();
 
     let mut vars = vec![
         env("REMORA_CONTROLLER_ADDR", &settings.controller_addr),
@@ -363,7 +447,13 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
         }]),
         ..Default::default()
     };
-    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    let mut injection = Injection {
+        init_containers: vec![init],
+        containers: Vec::new(),
+        volumes: Vec::new(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
     if settings.native_sidecar {
         // Starts before the app, which waits for its startup probe; keeps running.
         proxy.restart_policy = Some("Always".into());
@@ -373,7 +463,7 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
             failure_threshold: Some(300),
             ..Default::default()
         });
-        inits.splice(0..0, [init, proxy]);
+        injection.init_containers.push(proxy);
     } else {
         // The kubelet starts containers in order and runs each postStart hook before
         // the next container: the app starts once the proxy is ready.
@@ -386,11 +476,9 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
             }),
             ..Default::default()
         });
-        inits.insert(0, init);
-        spec.containers.insert(0, proxy);
+        injection.containers.push(proxy);
     }
-    let volumes = spec.volumes.get_or_insert_with(Vec::new);
-    volumes.push(Volume {
+    injection.volumes.push(Volume {
         name: IDENTITY_VOLUME.into(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![VolumeProjection {
@@ -405,17 +493,19 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
         }),
         ..Default::default()
     });
-    volumes.push(Volume {
+    injection.volumes.push(Volume {
         name: INIT_RUN_VOLUME.into(),
         empty_dir: Some(Default::default()),
         ..Default::default()
     });
 
-    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
-    labels.insert(MESHED.into(), "true".into());
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    if labels.get(MESHED).is_none_or(|v| v != "true") {
+        injection.labels.insert(MESHED.into(), "true".into());
+    }
     // What the controller reads from the pod itself: the namespace's values are copied
     // onto it, so both sides agree.
-    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     for key in [
         annotations::SKIP_INBOUND_PORTS,
         annotations::DEFAULT_INBOUND_POLICY,
@@ -424,10 +514,10 @@ fn inject(mut pod: Pod, namespace: &Namespace, settings: &Settings) -> Pod {
             annotations.contains_key(key),
             namespace.annotations.get(key),
         ) {
-            annotations.insert(key.into(), v.clone());
+            injection.annotations.insert(key.into(), v.clone());
         }
     }
-    pod
+    injection
 }
 
 /// The proxy's resources: annotations over the settings.
@@ -460,10 +550,19 @@ fn resources(pod: &Pod, namespace: &Namespace, settings: &Settings) -> ResourceR
     }
 }
 
-/// `port:path` for each HTTP probe of the app's containers (named ports resolved).
-fn probe_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
-    let mut out = Vec::new();
+/// The kubelet's HTTP probe paths of the app's containers, by port (named ports
+/// resolved), each as the proxy compares it: absolute, without its query. The injector
+/// gives them to the proxy and the controller to its policy answer, so both agree.
+pub fn probe_paths(spec: &PodSpec) -> BTreeMap<u16, Vec<String>> {
+    let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
     for c in &spec.containers {
+        let named = |name: &str| {
+            c.ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        };
         let probes = [&c.liveness_probe, &c.readiness_probe, &c.startup_probe];
         for get in probes
             .into_iter()
@@ -471,20 +570,19 @@ fn probe_paths(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
             .filter_map(|p| p.http_get.as_ref())
         {
             let port = match &get.port {
-                IntOrString::Int(n) => Some(*n),
-                IntOrString::String(name) => c
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(name))
-                    .map(|p| p.container_port),
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => named(name),
             };
-            let path = get.path.as_deref().unwrap_or("/");
-            let path = path.split('?').next().unwrap_or("/");
             if let Some(port) = port {
-                let entry = format!("{port}:{path}");
-                if !out.contains(&entry) {
-                    out.push(entry);
+                let raw = get.path.as_deref().unwrap_or("/");
+                let raw = raw.split('?').next().unwrap_or("");
+                let path = match raw.starts_with('/') {
+                    true => raw.to_string(),
+                    false => format!("/{raw}"),
+                };
+                let paths = out.entry(port).or_default();
+                if !paths.contains(&path) {
+                    paths.push(path);
                 }
             }
         }
@@ -527,16 +625,10 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The JSON patch that turns `before` into `after`.
-pub fn patch(before: &Pod, after: &Pod) -> json_patch::Patch {
-    let before = serde_json::to_value(before).expect("a pod serializes");
-    let after = serde_json::to_value(after).expect("a pod serializes");
-    json_patch::diff(&before, &after)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn testdata(name: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -544,8 +636,13 @@ mod tests {
             .join(name)
     }
 
-    fn pod() -> Pod {
+    /// The pod as sent: every field, known or not.
+    fn raw() -> Value {
         serde_yaml_ng::from_str(&std::fs::read_to_string(testdata("pod.yaml")).unwrap()).unwrap()
+    }
+
+    fn pod() -> Pod {
+        serde_json::from_value(raw()).unwrap()
     }
 
     fn settings() -> Settings {
@@ -566,8 +663,27 @@ mod tests {
         }
     }
 
+    /// `raw`, injected as the webhook would: decided on the typed pod, patched raw.
+    fn injected(raw: &Value, ns: &Namespace, settings: &Settings) -> Value {
+        let pod: Pod = serde_json::from_value(raw.clone()).unwrap();
+        let Decision::Inject(injection) = decide(&pod, ns, settings) else {
+            panic!("not injected");
+        };
+        let patch = injection.patch(raw);
+        assert!(
+            patch
+                .0
+                .iter()
+                .all(|op| matches!(op, json_patch::PatchOperation::Add(_))),
+            "injection only adds: {patch:?}"
+        );
+        let mut after = raw.clone();
+        json_patch::patch(&mut after, &patch).unwrap();
+        after
+    }
+
     /// Compares `pod` with the golden file `name` (`REMORA_BLESS=1` rewrites it).
-    fn golden(name: &str, pod: &Pod) {
+    fn golden(name: &str, pod: &Value) {
         let text = serde_yaml_ng::to_string(pod).unwrap();
         let path = testdata(name);
         if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
@@ -583,23 +699,24 @@ mod tests {
     }
 
     #[test]
-    fn a_namespace_that_asks_gets_a_native_sidecar_and_the_patch_makes_it() {
+    fn a_namespace_that_asks_gets_a_native_sidecar_and_keeps_every_field() {
         let ns = namespace(
             &[(INJECT, "enabled")],
             &[(annotations::DEFAULT_INBOUND_POLICY, "deny")],
         );
-        let before = pod();
-        let Decision::Inject(after) = decide(&before, &ns, &settings()) else {
-            panic!("not injected");
-        };
+        let after = injected(&raw(), &ns, &settings());
         golden("pod.native.yaml", &after);
-        // The JSON patch, applied to the pod as the API server would, gives that pod.
-        let mut applied = serde_json::to_value(&before).unwrap();
-        json_patch::patch(&mut applied, &patch(&before, &after)).unwrap();
-        assert_eq!(applied, serde_json::to_value(&*after).unwrap());
+        let inits = after["spec"]["initContainers"].as_array().unwrap();
+        let names: Vec<_> = inits.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
+        // Fields these types do not know stay with their owners.
+        assert_eq!(inits[2]["futureField"], "kept");
+        assert!(inits[..2].iter().all(|c| c.get("futureField").is_none()));
+        assert_eq!(after["spec"]["futureField"], "kept");
         // Injecting again changes nothing.
+        let again: Pod = serde_json::from_value(after).unwrap();
         assert_eq!(
-            decide(&after, &ns, &settings()),
+            decide(&again, &ns, &settings()),
             Decision::Skip("already injected".into())
         );
     }
@@ -610,17 +727,18 @@ mod tests {
             native_sidecar: false,
             ..settings()
         };
-        let mut before = pod();
-        before
-            .metadata
-            .labels
-            .as_mut()
+        let mut before = raw();
+        before["metadata"]["labels"][INJECT] = "enabled".into();
+        // A pod with no volumes, labels or init containers of its own gets them made.
+        before["spec"]
+            .as_object_mut()
             .unwrap()
-            .insert(INJECT.into(), "enabled".into());
-        let Decision::Inject(after) = decide(&before, &namespace(&[], &[]), &settings) else {
-            panic!("not injected");
-        };
+            .remove("initContainers");
+        let after = injected(&before, &namespace(&[], &[]), &settings);
         golden("pod.legacy.yaml", &after);
+        let first = &after["spec"]["containers"][0];
+        assert_eq!(first["name"], PROXY_CONTAINER);
+        assert_eq!(after["spec"]["initContainers"][0]["name"], INIT_CONTAINER);
     }
 
     #[test]

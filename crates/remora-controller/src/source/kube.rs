@@ -22,7 +22,6 @@ use k8s_openapi::api::{core::v1 as core_v1, discovery::v1 as discovery_v1};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ApiResource, DynamicObject},
-    core::NamespaceResourceScope,
     runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -78,13 +77,16 @@ impl Source for KubeSource {
             let routes = w.run::<remora_k8s::HttpRoute>(Kind::Route, Some(route_status), |r| {
                 convert::http_route(r).map(Object::Route)
             });
-            tokio::join!(services, slices, pods, authz, traffic, routes);
+            let namespaces = w.run::<core_v1::Namespace>(Kind::Namespace, None, |n| {
+                convert::namespace(n).map(Object::Namespace)
+            });
+            tokio::join!(services, slices, pods, authz, traffic, routes, namespaces);
         })
     }
 }
 
 /// The kinds watched (as many as `run` joins); `Synced` goes out when each has listed once.
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 /// The status an object should have, given how its conversion went; None: leave it.
 type StatusOf<K> = fn(&K, &Result<Object, Invalid>) -> Option<serde_json::Value>;
@@ -198,24 +200,12 @@ struct Watch {
 
 /// The kinds the source watches.
 trait Watched:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + Debug
-    + DeserializeOwned
-    + Send
-    + Sync
-    + 'static
+    Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
 {
 }
 
 impl<K> Watched for K where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + Debug
-        + DeserializeOwned
-        + Send
-        + Sync
-        + 'static
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static
 {
 }
 
@@ -245,12 +235,8 @@ impl Watch {
         let mut listed_once = false;
         // The kind's CRD was missing at the last list.
         let mut missing = false;
-        let key = |o: &DynamicObject| {
-            NsName::new(
-                o.namespace().unwrap_or_else(|| "default".into()),
-                o.name_any(),
-            )
-        };
+        // A Namespace has none: its key's namespace is empty.
+        let key = |o: &DynamicObject| NsName::new(o.namespace().unwrap_or_default(), o.name_any());
         let send = |event: Event| {
             let events = events.clone();
             async move { events.send((event, Instant::now())).await.is_ok() }
@@ -372,7 +358,8 @@ impl Watch {
 /// the resourceVersion in `body`), off the watch loop and within 10 s. A failure is
 /// logged and left: the next change to the object tries again.
 async fn write_status<K: Watched>(client: Client, id: NsName, kind: Kind, body: serde_json::Value) {
-    let api: Api<K> = Api::namespaced(client, &id.namespace);
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, &id.namespace, &ApiResource::erase::<K>(&()));
     let patch = kube::api::Patch::Merge(&body);
     let params = kube::api::PatchParams::default();
     let written =

@@ -64,6 +64,10 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
             let slice: k8s_openapi::api::discovery::v1::EndpointSlice = from(value)?;
             Object::Slice(convert::endpoint_slice(&slice).map_err(|e| e.to_string())?)
         }
+        ("v1", "Namespace") => {
+            let ns: k8s_openapi::api::core::v1::Namespace = from(value)?;
+            Object::Namespace(convert::namespace(&ns).map_err(|e| e.to_string())?)
+        }
         ("v1", "Pod") => {
             let pod: k8s_openapi::api::core::v1::Pod = from(value)?;
             Object::Pod(convert::pod(&pod).map_err(|e| e.to_string())?)
