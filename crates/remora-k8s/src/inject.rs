@@ -236,7 +236,18 @@ impl Injection {
                 add(&["spec", "volumes", "-"], v);
             }
         }
-        for (field, map) in [("labels", &self.labels), ("annotations", &self.annotations)] {
+        let maps = [("labels", &self.labels), ("annotations", &self.annotations)];
+        if !has(&["metadata"]) {
+            // A template may have no metadata at all.
+            let metadata: serde_json::Map<_, _> = maps
+                .iter()
+                .filter(|(_, m)| !m.is_empty())
+                .map(|(field, m)| (field.to_string(), json(m)))
+                .collect();
+            add(&["metadata"], serde_json::Value::Object(metadata));
+            return json_patch::Patch(ops);
+        }
+        for (field, map) in maps {
             if map.is_empty() {
                 continue;
             }
@@ -259,6 +270,94 @@ impl Injection {
         let patch = self.patch(pod);
         json_patch::patch(pod, &patch)
     }
+}
+
+/// What became of one manifest object given to [`inject_manifest`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Its pod (template) got the proxy.
+    Injected,
+    /// A workload left alone, and why.
+    Skipped(String),
+    /// Not a kind that makes pods: passed through.
+    NotAWorkload,
+}
+
+/// Where a kind keeps the pod it makes: the pod itself, or a template.
+fn template_path(api_version: &str, kind: &str) -> Option<&'static [&'static str]> {
+    match (api_version, kind) {
+        ("v1", "Pod") => Some(&[]),
+        ("v1", "ReplicationController")
+        | ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet")
+        | ("batch/v1", "Job") => Some(&["spec", "template"]),
+        ("batch/v1", "CronJob") => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+/// Injects the pod a manifest object makes (a Pod, or a workload's template), as the
+/// webhook would once it is applied: the object asks for injection by being given,
+/// unless its pod says `remora.io/inject: disabled`. The pod keeps every field it had;
+/// the template is marked `remora.io/inject: enabled`, so the webhook leaves it as it is.
+pub fn inject_manifest(
+    object: &mut serde_json::Value,
+    settings: &Settings,
+) -> Result<Outcome, String> {
+    let text =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let (api_version, kind) = (
+        text(object, "apiVersion").unwrap_or_default(),
+        text(object, "kind").unwrap_or_default(),
+    );
+    let Some(path) = template_path(&api_version, &kind) else {
+        return Ok(Outcome::NotAWorkload);
+    };
+    let namespace = object
+        .get("metadata")
+        .and_then(|m| text(m, "namespace"))
+        .unwrap_or_else(|| "default".into());
+    let mut template = &mut *object;
+    for key in path {
+        template = template
+            .get_mut(*key)
+            .ok_or_else(|| format!("{kind} has no {}", path.join(".")))?;
+    }
+    if !template.is_object() {
+        return Err(format!("{kind}: {} is not an object", path.join(".")));
+    }
+    // A template is a pod without apiVersion and kind.
+    let mut pod_json = template.clone();
+    pod_json["apiVersion"] = "v1".into();
+    pod_json["kind"] = "Pod".into();
+    let mut pod: Pod =
+        serde_json::from_value(pod_json).map_err(|e| format!("{kind}: {}: {e}", path.join(".")))?;
+    // Asked by being given, unless the pod says otherwise (annotation or label).
+    let said = get(&pod.metadata.annotations, INJECT).or(get(&pod.metadata.labels, INJECT));
+    let asked = said.is_none();
+    if asked {
+        pod.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(INJECT.into(), "enabled".into());
+    }
+    let ns = Namespace {
+        name: namespace,
+        ..Namespace::default()
+    };
+    let injection = match decide(&pod, &ns, settings) {
+        Decision::Skip(why) => return Ok(Outcome::Skipped(why)),
+        Decision::Inject(injection) => injection,
+    };
+    let mut injection = *injection;
+    if asked {
+        injection
+            .annotations
+            .insert(INJECT.into(), "enabled".into());
+    }
+    injection
+        .apply(template)
+        .map_err(|e| format!("{kind}: the patch does not apply: {e}"))?;
+    Ok(Outcome::Injected)
 }
 
 /// What injection adds, as JSON (Kubernetes types always serialize).

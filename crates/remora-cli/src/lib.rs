@@ -1,0 +1,4 @@
+//! The `remora` command's library: what its subcommands do, testable without a
+//! terminal.
+
+pub mod inject;

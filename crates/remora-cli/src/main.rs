@@ -1,0 +1,144 @@
+//! `remora`: the command users run beside kubectl.
+//!
+//! - `remora inject [FILE|-]` — the webhook's injection, offline.
+//! - `remora version`
+
+use std::{
+    io::{Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use remora_cli::inject;
+use remora_k8s::inject::{Outcome, Settings};
+
+/// The ConfigMap the chart writes the injector's settings to, and its key.
+const SETTINGS_CONFIG_MAP: &str = "remora-inject";
+const SETTINGS_KEY: &str = "settings.yaml";
+
+fn cli() -> Command {
+    Command::new("remora")
+        .about("Remora, the service mesh: inject workloads, check an install")
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(
+            Command::new("inject")
+                .about(
+                    "Add the proxy to the Pods and workloads in a YAML stream, as the \
+                     webhook would; other objects pass through unchanged",
+                )
+                .arg(
+                    Arg::new("file")
+                        .value_name("FILE|-")
+                        .default_value("-")
+                        .help("A file of YAML documents, or - for standard input"),
+                )
+                .arg(Arg::new("config").long("config").value_name("FILE").help(
+                    "The injector's settings (the controller's --inject-config); \
+                             default: the remora-inject ConfigMap of the cluster in your \
+                             kubeconfig",
+                ))
+                .arg(
+                    Arg::new("mesh-namespace")
+                        .long("mesh-namespace")
+                        .value_name("NAMESPACE")
+                        .default_value("remora-system")
+                        .help("Where Remora is installed"),
+                )
+                .arg(
+                    Arg::new("quiet")
+                        .long("quiet")
+                        .short('q')
+                        .action(ArgAction::SetTrue)
+                        .help("No report on standard error"),
+                ),
+        )
+        .subcommand(Command::new("version").about("Print the version"))
+}
+
+fn main() -> ExitCode {
+    let matches = cli().get_matches();
+    let result = match matches.subcommand() {
+        Some(("inject", m)) => run_inject(m),
+        Some(("version", _)) => {
+            println!("remora {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => unreachable!("clap requires a subcommand"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("remora: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_inject(m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let file = m.get_one::<String>("file").expect("defaulted");
+    let input = match file.as_str() {
+        "-" => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading standard input")?;
+            s
+        }
+        path => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+    };
+    let settings = match m.get_one::<String>("config") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Settings::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => {
+            let ns = m.get_one::<String>("mesh-namespace").expect("defaulted");
+            settings_from_cluster(ns)?
+        }
+    };
+    let (out, report) =
+        inject::run(&input, &settings).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    std::io::stdout().write_all(out.as_bytes())?;
+    if !m.get_flag("quiet") {
+        let mut err = std::io::stderr().lock();
+        for r in report {
+            let what = match r.outcome {
+                Outcome::Injected => "injected".to_string(),
+                Outcome::Skipped(why) => format!("skipped: {why}"),
+                Outcome::NotAWorkload => continue,
+            };
+            writeln!(err, "{} {what}", r.object)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The settings the installed chart wrote, read with the kubeconfig's credentials.
+fn settings_from_cluster(namespace: &str) -> anyhow::Result<Settings> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let hint = "pass --config FILE (the injector's settings), or point KUBECONFIG at a \
+                    cluster with Remora installed";
+        let client = kube::Client::try_default()
+            .await
+            .with_context(|| format!("no cluster to read the injector's settings from; {hint}"))?;
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(client, namespace);
+        let cm = api.get(SETTINGS_CONFIG_MAP).await.with_context(|| {
+            format!("reading ConfigMap {namespace}/{SETTINGS_CONFIG_MAP}; {hint}")
+        })?;
+        let Some(text) = cm.data.as_ref().and_then(|d| d.get(SETTINGS_KEY)) else {
+            bail!("ConfigMap {namespace}/{SETTINGS_CONFIG_MAP} has no {SETTINGS_KEY}; {hint}");
+        };
+        Settings::from_yaml(text)
+            .map_err(|e| anyhow::anyhow!("ConfigMap {namespace}/{SETTINGS_CONFIG_MAP}: {e}"))
+    })
+}
