@@ -90,8 +90,8 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            proxy_image: "remora/proxy:latest".into(),
-            init_image: "remora/init:latest".into(),
+            proxy_image: concat!("ghcr.io/remora-mesh/proxy:", env!("CARGO_PKG_VERSION")).into(),
+            init_image: concat!("ghcr.io/remora-mesh/init:", env!("CARGO_PKG_VERSION")).into(),
             image_pull_policy: None,
             controller_addr: "https://remora-controller.remora-system.svc:8086".into(),
             trust_anchors: String::new(),
@@ -438,6 +438,15 @@ fn inject(pod: &Pod, namespace: &Namespace, settings: &Settings) -> Injection {
 
     let mut vars = vec![
         env("REMORA_CONTROLLER_ADDR", &settings.controller_addr),
+        // The controller's own identity: ServiceAccount remora-controller of the mesh's
+        // namespace.
+        env_var(
+            "REMORA_CONTROLLER_NAME",
+            format!(
+                "remora-controller.{}.serviceaccount.identity.{}",
+                settings.mesh_namespace, settings.trust_domain
+            ),
+        ),
         env("REMORA_TRUST_DOMAIN", &settings.trust_domain),
         env("REMORA_TRUST_ANCHORS_PEM", settings.trust_anchors.trim()),
         env(

@@ -70,6 +70,44 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
+/// The issuer's key: PKCS#8 (`PRIVATE KEY`), or SEC1 (`EC PRIVATE KEY`, what `openssl
+/// ecparam`, `step` and Helm's `genPrivateKey "ecdsa"` write) for P-256.
+fn key_pair(text: &str) -> Result<KeyPair, String> {
+    let parsed = ::pem::parse(text).map_err(|e| format!("not PEM: {e}"))?;
+    match parsed.tag() {
+        "PRIVATE KEY" => KeyPair::from_pem(text).map_err(|e| format!("unusable PKCS#8 key: {e}")),
+        "EC PRIVATE KEY" => KeyPair::try_from(sec1_p256_to_pkcs8(parsed.contents()).as_slice())
+            .map_err(|e| format!("unusable EC key (P-256 is supported): {e}")),
+        other => Err(format!(
+            "a {other:?} PEM block: expected an ECDSA key as PRIVATE KEY (PKCS#8) or EC PRIVATE KEY"
+        )),
+    }
+}
+
+/// Wraps a SEC1 `ECPrivateKey` in PKCS#8 for P-256 (RFC 5915, RFC 5208): ring reads
+/// only the latter. A key of another curve fails to load afterwards, by name.
+fn sec1_p256_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
+    fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match body.len() {
+            n @ 0..=127 => out.push(n as u8),
+            n @ 128..=255 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    // id-ecPublicKey, prime256v1.
+    const ALGORITHM: &[u8] = &[
+        0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86,
+        0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+    ];
+    let mut body = vec![0x02, 0x01, 0x00];
+    body.extend_from_slice(ALGORITHM);
+    body.extend(der(0x04, sec1));
+    der(0x30, &body)
+}
+
 fn pem_to_der(pem_text: &str, path: &Path) -> Result<Vec<u8>, CaError> {
     let p = pem::parse(pem_text).map_err(|e| CaError::File {
         path: path.into(),
@@ -88,9 +126,9 @@ impl Ca {
         lifetime: Duration,
     ) -> Result<Self, CaError> {
         let cert_pem = read(cert)?;
-        let key_pair = KeyPair::from_pem(&read(key)?).map_err(|e| CaError::File {
+        let key_pair = key_pair(&read(key)?).map_err(|reason| CaError::File {
             path: key.into(),
-            reason: format!("not a PKCS#8 private key: {e}"),
+            reason,
         })?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair).map_err(|e| CaError::File {
             path: cert.into(),

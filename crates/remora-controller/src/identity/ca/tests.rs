@@ -227,3 +227,85 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// The quick start's root (the chart makes it with Helm's `genPrivateKey "ecdsa"`) and
+/// keys users make with openssl or step are SEC1 `EC PRIVATE KEY`s: read them, and say
+/// what is wrong with a key of another curve. The keys come from openssl itself.
+#[test]
+fn an_openssl_ec_key_and_a_root_that_is_its_own_issuer_are_used() {
+    let dir = std::env::temp_dir().join(format!("remora-ca-sec1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (curve, name) in [("prime256v1", "p256"), ("secp384r1", "p384")] {
+        let key = format!("{name}.key");
+        openssl(&["ecparam", "-name", curve, "-genkey", "-noout", "-out", &key]);
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/CN=root.identity.cluster.local",
+            "-days",
+            "365",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+    assert!(
+        std::fs::read_to_string(dir.join("p256.key"))
+            .unwrap()
+            .contains("BEGIN EC PRIVATE KEY")
+    );
+    // The root as its own issuer, and as the anchors.
+    let (cert, key) = (dir.join("p256.pem"), dir.join("p256.key"));
+    let ca = Ca::from_files(
+        &cert,
+        &key,
+        &cert,
+        "cluster.local",
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let out = ca
+        .certify(
+            &sa("shop", "web"),
+            &csr(&names_for("shop", "web"), &PKCS_ECDSA_P256_SHA256),
+        )
+        .unwrap();
+    let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&out.leaf_der).unwrap();
+    let (_, root) =
+        x509_parser::pem::parse_x509_pem(std::fs::read(&cert).unwrap().as_slice()).unwrap();
+    let root = root.parse_x509().unwrap();
+    leaf.verify_signature(Some(root.public_key()))
+        .expect("signed by the openssl root");
+
+    let err = Ca::from_files(
+        &dir.join("p384.pem"),
+        &dir.join("p384.key"),
+        &dir.join("p384.pem"),
+        "cluster.local",
+        Duration::from_secs(3600),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("p384.key") && err.contains("P-256"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
