@@ -46,6 +46,18 @@ pub const INJECT_CONFIG: Knob = Knob::value(
     None,
     "The injector's settings (YAML: images, controller address, defaults; the chart writes it); unset: built-in defaults. Its trust anchors default to the controller's",
 );
+pub const LEASE_DURATION: Knob = Knob::value(
+    "lease-duration",
+    "REMORA_LEASE_DURATION",
+    Some("15s"),
+    "With --source kube: how long the remora-controller Lease (which replica writes statuses) lasts unrenewed; a failed leader is replaced within it",
+);
+pub const POD_NAME: Knob = Knob::value(
+    "pod-name",
+    "REMORA_POD_NAME",
+    None,
+    "This replica's name as the Lease's holder (the chart sets it from the downward API); default: the host name",
+);
 pub const MAX_STREAMS_PER_CLIENT: Knob = Knob::value(
     "max-streams-per-client",
     "REMORA_MAX_STREAMS_PER_CLIENT",
@@ -146,6 +158,8 @@ pub const KNOBS: &[Knob] = &[
     WEBHOOK_CERT,
     WEBHOOK_KEY,
     INJECT_CONFIG,
+    LEASE_DURATION,
+    POD_NAME,
     ADMIN_ADDR,
     NAMESPACE,
     SERVICE_ACCOUNT,
@@ -199,6 +213,9 @@ pub struct Config {
     /// The webhook's serving certificate and key; unset: no webhook.
     pub webhook_tls: Option<(PathBuf, PathBuf)>,
     pub inject_config: Option<PathBuf>,
+    pub lease_duration: std::time::Duration,
+    /// The Lease holder's name.
+    pub pod_name: String,
     pub admin_addr: SocketAddr,
     pub namespace: String,
     pub service_account: String,
@@ -265,6 +282,18 @@ impl Config {
             }
         };
         let inject_config = l.get(&INJECT_CONFIG, remora_config::parse_path);
+        let lease_duration = l.get(&LEASE_DURATION, |s| {
+            match remora_config::parse_duration(s)? {
+                d if d < std::time::Duration::from_secs(3) => Err("must be at least 3s".into()),
+                d => Ok(d),
+            }
+        });
+        let pod_name = l
+            .get(&POD_NAME, |s| Ok::<_, String>(s.to_string()))
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("remora-controller-{}", std::process::id()));
         let trust_domain = l.get(&TRUST_DOMAIN, domain);
         let cluster_domain = l.get(&CLUSTER_DOMAIN, domain);
         let name = |s: &str| match s {
@@ -332,6 +361,8 @@ impl Config {
             webhook_addr: remora_config::present(webhook_addr)?,
             webhook_tls,
             inject_config,
+            lease_duration: remora_config::present(lease_duration)?,
+            pod_name,
             namespace: remora_config::present(namespace)?,
             service_account: remora_config::present(service_account)?,
             cluster_networks: remora_config::present(cluster_networks)?,

@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod grpc;
 pub mod identity;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
@@ -85,6 +86,8 @@ pub struct App {
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
     /// The admission webhook, when its certificate is configured.
     webhook: Option<WebhookParts>,
+    /// Who writes statuses, with the kube source.
+    leader: Option<leader::Leader>,
 }
 
 struct WebhookParts {
@@ -96,16 +99,37 @@ struct WebhookParts {
 impl App {
     /// Binds the listeners and connects the configured source.
     pub async fn build(config: Config, log: LogLevel) -> Result<Self, BuildError> {
-        let source: Box<dyn Source> = match &config.source {
-            SourceKind::Dir(path) => Box::new(source::dir::Dir::new(path.clone())),
+        match &config.source {
+            SourceKind::Dir(path) => {
+                let source = Box::new(source::dir::Dir::new(path.clone()));
+                Self::with_source(config, log, source).await
+            }
             SourceKind::Kube => {
                 let client = ::kube::Client::try_default()
                     .await
                     .map_err(|e| BuildError::Kube(e.to_string()))?;
-                Box::new(source::kube::KubeSource::new(client))
+                Self::with_kube_client(config, log, client).await
             }
-        };
-        Self::with_source(config, log, source).await
+        }
+    }
+
+    /// The kube source over `client`, with leader election for status writes: the
+    /// `remora-controller` Lease in `--namespace`, held as `--pod-name`.
+    pub async fn with_kube_client(
+        config: Config,
+        log: LogLevel,
+        client: ::kube::Client,
+    ) -> Result<Self, BuildError> {
+        let leader = leader::Leader::new(
+            client.clone(),
+            &config.namespace,
+            config.pod_name.clone(),
+            config.lease_duration,
+        );
+        let source = source::kube::KubeSource::new(client).with_leader(leader.leading());
+        let mut app = Self::with_source(config, log, Box::new(source)).await?;
+        app.leader = Some(leader);
+        Ok(app)
     }
 
     /// Binds the listeners, with `source` in place of the configured one.
@@ -180,6 +204,7 @@ impl App {
             identity,
             grpc_tls,
             webhook,
+            leader: None,
         })
     }
 
@@ -210,6 +235,7 @@ impl App {
             identity,
             grpc_tls,
             webhook,
+            leader,
         } = self;
         for e in &config.effective {
             info!(target: "remora_controller::config", "{}={} ({})", e.env, e.value, e.source);
@@ -242,6 +268,8 @@ impl App {
             stop.clone(),
         ));
 
+        let leader_task =
+            leader.map(|l| tokio::spawn(l.run(discovery.metrics().clone(), stop.clone())));
         let (events_tx, events_rx) = mpsc::channel(4096);
         let source_task = tokio::spawn(source.run(events_tx, discovery.metrics().clone()));
         let readiness = admin.readiness.clone();
@@ -301,6 +329,9 @@ impl App {
         let _ = grpc.await;
         let _ = writer.await;
         if let Some(task) = webhook_task {
+            let _ = task.await;
+        }
+        if let Some(task) = leader_task {
             let _ = task.await;
         }
         let _ = admin_task.await;

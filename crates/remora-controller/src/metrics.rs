@@ -152,6 +152,8 @@ pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
     /// Destination targets watched by at least one stream.
     pub targets: Gauge,
+    /// 1 while this replica holds the Lease (writes statuses).
+    pub leader: Gauge,
     policy_watches: Family<DirectionLabels, Gauge>,
     pub streams_open: Gauge,
     pub updates_sent: Counter,
@@ -170,6 +172,7 @@ impl Metrics {
         let m = Self {
             objects: Family::default(),
             targets: Gauge::default(),
+            leader: Gauge::default(),
             policy_watches: Family::default(),
             streams_open: Gauge::default(),
             updates_sent: Counter::default(),
@@ -200,6 +203,11 @@ impl Metrics {
             "certify",
             "Identity.Certify calls, by result",
             m.certify.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the Lease and writes statuses",
+            m.leader.clone(),
         );
         r.register(
             "injections",

@@ -2,256 +2,15 @@
 //! watch, through a real `kube::Client`, with the answers reaching the real proxy-side
 //! discovery client over a real gRPC stream.
 
-use std::{
-    collections::BTreeMap,
-    convert::Infallible,
-    net::SocketAddr,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
-use remora_controller::{App, Config, source::kube::KubeSource};
+use remora_controller::{App, Config};
+use remora_fake_kube::FakeApi;
 use remora_proxy::{
     addr::OrigDst,
     discovery::{ClientInfo, Discovery, View},
 };
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-
-const SERVICES: &str = "/api/v1/services";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const PODS: &str = "/api/v1/pods";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const TRAFFIC: &str = "/apis/policy.remora.io/v1alpha1/trafficpolicies";
-const ROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
-
-/// A fake API server: objects per collection, an event log for watches to resume from.
-#[derive(Default)]
-struct Fake {
-    rv: u64,
-    objects: BTreeMap<(&'static str, String), Value>,
-    log: Vec<(u64, &'static str, Value)>,
-    watchers: Vec<(&'static str, mpsc::UnboundedSender<Bytes>)>,
-    /// Status patches applied: (collection, name, body).
-    patches: Vec<(&'static str, String, Value)>,
-    /// Status patches refused for naming an old resourceVersion.
-    conflicts: usize,
-    /// The Gateway API's CRDs are not installed: its group answers as a real API server
-    /// does for a group it does not serve (`404 page not found`, plain text).
-    without_gateway_api: bool,
-}
-
-fn collection(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
-    match path {
-        SERVICES => Some((SERVICES, "v1", "ServiceList")),
-        SLICES => Some((SLICES, "discovery.k8s.io/v1", "EndpointSliceList")),
-        PODS => Some((PODS, "v1", "PodList")),
-        NAMESPACES => Some((NAMESPACES, "v1", "NamespaceList")),
-        TRAFFIC => Some((TRAFFIC, "policy.remora.io/v1alpha1", "TrafficPolicyList")),
-        ROUTES => Some((ROUTES, "gateway.networking.k8s.io/v1", "HTTPRouteList")),
-        _ => None,
-    }
-}
-
-impl Fake {
-    /// Stores `object` and tells the watchers (`ADDED`/`MODIFIED`).
-    fn apply(&mut self, path: &'static str, mut object: Value) {
-        self.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let name = object["metadata"]["name"].as_str().unwrap().to_string();
-        let kind = if self.objects.insert((path, name), object.clone()).is_some() {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        self.emit(path, json!({"type": kind, "object": object}));
-    }
-
-    /// Removes an object without telling anyone, as if the watch had missed it.
-    fn forget(&mut self, path: &'static str, name: &str) {
-        self.rv += 1;
-        self.objects.remove(&(path, name.to_string()));
-    }
-
-    fn emit(&mut self, path: &'static str, event: Value) {
-        self.log.push((self.rv, path, event.clone()));
-        let line = Bytes::from(format!("{event}\n"));
-        self.watchers
-            .retain(|(p, tx)| *p != path || tx.send(line.clone()).is_ok());
-    }
-
-    /// Ends every watch of `path` with `410 Gone`, as the API server does for an
-    /// expired resource version: the client must list again.
-    fn expire(&mut self, path: &'static str) {
-        let gone = json!({"type": "ERROR", "object": {"apiVersion": "v1", "kind": "Status", "metadata": {},
-            "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410}});
-        let line = Bytes::from(format!("{gone}\n"));
-        for (_, tx) in self.watchers.iter().filter(|(p, _)| *p == path) {
-            let _ = tx.send(line.clone());
-        }
-        self.watchers.retain(|(p, _)| *p != path);
-    }
-
-    fn list(&self, path: &'static str, api_version: &str, kind: &str) -> Value {
-        let items: Vec<Value> = self
-            .objects
-            .iter()
-            .filter(|((p, _), _)| *p == path)
-            .map(|(_, o)| o.clone())
-            .collect();
-        json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
-    }
-}
-
-/// A watch response: event lines as they come, never ending on its own.
-struct WatchBody(mpsc::UnboundedReceiver<Bytes>);
-
-impl http_body::Body for WatchBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
-    }
-}
-
-type Body = http_body_util::Either<Full<Bytes>, WatchBody>;
-
-/// `PATCH .../namespaces/<ns>/<plural>/<name>/status`: the merge patch's status is
-/// stored and announced (`MODIFIED`), as the API server does.
-async fn patch_status(fake: &Mutex<Fake>, req: Request<Incoming>) -> Option<Response<Body>> {
-    let path = req.uri().path().to_string();
-    let rest = path.strip_suffix("/status")?;
-    let (prefix, name) = rest.rsplit_once('/')?;
-    let (prefix, plural) = prefix.rsplit_once('/')?;
-    let (group, _namespace) = prefix.rsplit_once("/namespaces/")?;
-    let collection = [TRAFFIC, ROUTES]
-        .into_iter()
-        .find(|c| *c == format!("{group}/{plural}"))?;
-    let body = http_body_util::BodyExt::collect(req.into_body())
-        .await
-        .ok()?
-        .to_bytes();
-    let patch: Value = serde_json::from_slice(&body).ok()?;
-    let mut f = fake.lock();
-    let mut object = f.objects.get(&(collection, name.to_string()))?.clone();
-    // A patch naming a resourceVersion applies only to that version.
-    let wanted = &patch["metadata"]["resourceVersion"];
-    if !wanted.is_null() && *wanted != object["metadata"]["resourceVersion"] {
-        f.conflicts += 1;
-        let conflict = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "reason": "Conflict", "code": 409,
-            "message": "the object has been modified"});
-        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from(conflict.to_string()))));
-        *rsp.status_mut() = http::StatusCode::CONFLICT;
-        return Some(rsp);
-    }
-    f.patches
-        .push((collection, name.to_string(), patch.clone()));
-    object["status"] = patch["status"].clone();
-    f.apply(collection, object.clone());
-    Some(Response::new(Body::Left(Full::new(Bytes::from(
-        object.to_string(),
-    )))))
-}
-
-async fn serve(
-    fake: Arc<Mutex<Fake>>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    if req.method() == http::Method::PATCH {
-        return Ok(patch_status(&fake, req).await.unwrap_or_else(|| {
-            let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(b"{}"))));
-            *rsp.status_mut() = http::StatusCode::BAD_REQUEST;
-            rsp
-        }));
-    }
-    let query = req.uri().query().unwrap_or("").to_string();
-    if fake.lock().without_gateway_api
-        && req
-            .uri()
-            .path()
-            .starts_with("/apis/gateway.networking.k8s.io/")
-    {
-        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(
-            b"404 page not found\n",
-        ))));
-        *rsp.status_mut() = http::StatusCode::NOT_FOUND;
-        rsp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        return Ok(rsp);
-    }
-    let Some((path, api_version, kind)) = collection(req.uri().path()) else {
-        // As the API server answers for a kind that is not installed.
-        let not_found = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "message": "the server could not find the requested resource",
-            "reason": "NotFound", "code": 404});
-        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from(not_found.to_string()))));
-        *rsp.status_mut() = http::StatusCode::NOT_FOUND;
-        return Ok(rsp);
-    };
-    let param = |k: &str| {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
-    };
-    let mut fake = fake.lock();
-    let body = if param("watch").is_some_and(|w| w == "true" || w == "1") {
-        let from: u64 = param("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let (tx, rx) = mpsc::unbounded_channel();
-        for (rv, p, event) in &fake.log {
-            if *p == path && *rv > from {
-                let _ = tx.send(Bytes::from(format!("{event}\n")));
-            }
-        }
-        fake.watchers.push((path, tx));
-        Body::Right(WatchBody(rx))
-    } else {
-        Body::Left(Full::new(Bytes::from(
-            fake.list(path, api_version, kind).to_string(),
-        )))
-    };
-    let mut rsp = Response::new(body);
-    rsp.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    Ok(rsp)
-}
-
-async fn start_fake(fake: Arc<Mutex<Fake>>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let fake = fake.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |r| serve(fake.clone(), r));
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn service(name: &str, cluster_ip: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
@@ -304,11 +63,8 @@ fn endpoints(v: &View) -> Vec<(String, bool)> {
 
 /// The fake API server for `fake`, a controller with `--source kube` over it, and a
 /// proxy-side discovery client of that controller.
-async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
-    let api = start_fake(fake).await;
-    let mut cfg = kube::Config::new(format!("http://{api}").parse().unwrap());
-    cfg.default_namespace = "default".into();
-    let client = kube::Client::try_from(cfg).unwrap();
+async fn controller_over(fake: &FakeApi) -> Arc<Discovery> {
+    let client = fake.client("controller");
     let args = [
         "remora-controller",
         "--source",
@@ -320,13 +76,9 @@ async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
         "127.0.0.1:0",
     ];
     let config = Config::load(args.map(String::from), &|_| None).unwrap();
-    let app = App::with_source(
-        config,
-        remora_admin::LogLevel::detached("info"),
-        Box::new(KubeSource::new(client)),
-    )
-    .await
-    .unwrap();
+    let app = App::with_kube_client(config, remora_admin::LogLevel::detached("info"), client)
+        .await
+        .unwrap();
     let grpc = app.grpc_addr().unwrap();
     tokio::spawn(app.run(std::future::pending()));
     let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
@@ -345,16 +97,11 @@ async fn controller_over(fake: Arc<Mutex<Fake>>) -> Arc<Discovery> {
 /// controller never became ready. It serves everything else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_serves_without_the_gateway_api_crds() {
-    let fake = Arc::new(Mutex::new(Fake {
-        without_gateway_api: true,
-        ..Fake::default()
-    }));
-    {
-        let mut f = fake.lock();
-        f.apply(SERVICES, service("web", "10.96.0.10"));
-        f.apply(SLICES, slice(&["10.0.0.1"]));
-    }
-    let discovery = controller_over(fake.clone()).await;
+    let fake = FakeApi::start().await;
+    fake.set_missing_group("gateway.networking.k8s.io", true);
+    fake.apply(service("web", "10.96.0.10"));
+    fake.apply(slice(&["10.0.0.1"]));
+    let discovery = controller_over(&fake).await;
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "the Service's endpoints", |v| {
@@ -365,26 +112,17 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
     // The CRDs are installed later, with a route, and one whose status cannot be read
     // (`parents` missing): the good one applies without a restart (once the watch's
     // backoff ends); the bad one is skipped rather than stopping the kind's watch.
-    {
-        let mut f = fake.lock();
-        f.without_gateway_api = false;
-        f.apply(
-            ROUTES,
-            http_route(
-                "bad",
-                json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
-                json!({}),
-            ),
-        );
-        f.apply(
-            ROUTES,
-            http_route(
-                "split",
-                json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
-                Value::Null,
-            ),
-        );
-    }
+    fake.set_missing_group("gateway.networking.k8s.io", false);
+    fake.apply(http_route(
+        "bad",
+        json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
+        json!({}),
+    ));
+    fake.apply(http_route(
+        "split",
+        json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
+        Value::Null,
+    ));
     let mut policies = target.policy.clone();
     let routed = policies.wait_for(|p| p.as_ref().is_some_and(|p| !p.routes.is_empty()));
     tokio::time::timeout(Duration::from_secs(60), routed)
@@ -395,15 +133,12 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_list_watch_relist_reaches_the_proxy() {
-    let fake = Arc::new(Mutex::new(Fake::default()));
-    {
-        let mut f = fake.lock();
-        f.apply(SERVICES, service("web", "10.96.0.10"));
-        f.apply(SLICES, slice(&["10.0.0.1", "10.0.0.2"]));
-        f.apply(PODS, pod("10.0.0.1", true));
-        f.apply(PODS, pod("10.0.0.2", false));
-    }
-    let discovery = controller_over(fake.clone()).await;
+    let fake = FakeApi::start().await;
+    fake.apply(service("web", "10.96.0.10"));
+    fake.apply(slice(&["10.0.0.1", "10.0.0.2"]));
+    fake.apply(pod("10.0.0.1", true));
+    fake.apply(pod("10.0.0.2", false));
+    let discovery = controller_over(&fake).await;
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
 
@@ -418,13 +153,12 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
     .await;
 
     // A watch event adds an endpoint.
-    fake.lock()
-        .apply(SLICES, slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    fake.apply(slice(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
     until(&mut views, "watched change", |v| endpoints(v).len() == 3).await;
 
     // A malformed object is skipped; the watch goes on.
-    fake.lock().apply(SERVICES, service("broken", "999.1.1.1"));
-    fake.lock().apply(SLICES, slice(&["10.0.0.1"]));
+    fake.apply(service("broken", "999.1.1.1"));
+    fake.apply(slice(&["10.0.0.1"]));
     until(&mut views, "change after a malformed object", |v| {
         endpoints(v).len() == 1
     })
@@ -432,11 +166,8 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
 
     // The slice disappears while the watch misses it; 410 Gone forces a relist, and the
     // relist's absence of the slice deletes it.
-    {
-        let mut f = fake.lock();
-        f.forget(SLICES, "web-abc");
-        f.expire(SLICES);
-    }
+    fake.forget("discovery.k8s.io/v1", "EndpointSlice", "shop", "web-abc");
+    fake.expire("discovery.k8s.io/v1", "EndpointSlice");
     until(
         &mut views,
         "relist after 410",
@@ -457,17 +188,29 @@ fn http_route(name: &str, rules: Value, status: Value) -> Value {
         "status": status})
 }
 
+/// The status patches clients made: (object name, body, token).
+fn status_patches(fake: &FakeApi) -> Vec<(String, Value, Option<String>)> {
+    fake.writes()
+        .into_iter()
+        .filter(|w| w.status)
+        .map(|w| (w.name, w.body, w.token))
+        .collect()
+}
+
 /// Waits (bounded) until the fake holds a status patch satisfying `want`.
-async fn patched(fake: &Mutex<Fake>, what: &str, want: impl Fn(&str, &Value) -> bool) -> Value {
+async fn patched(fake: &FakeApi, what: &str, want: impl Fn(&str, &Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some((_, _, p)) = fake.lock().patches.iter().find(|(_, n, p)| want(n, p)) {
-            return p.clone();
+        if let Some((_, p, _)) = status_patches(fake)
+            .into_iter()
+            .find(|(n, p, _)| want(n, p))
+        {
+            return p;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "{what}: patches {:#?}",
-            fake.lock().patches
+            status_patches(fake)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -475,40 +218,28 @@ async fn patched(fake: &Mutex<Fake>, what: &str, want: impl Fn(&str, &Value) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
-    let fake = Arc::new(Mutex::new(Fake::default()));
+    let fake = FakeApi::start().await;
     let other_controller = json!({"parents": [{"controllerName": "example.com/gateway",
         "parentRef": {"name": "public", "kind": "Gateway"},
         "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]});
-    {
-        let mut f = fake.lock();
-        f.apply(SERVICES, service("web", "10.96.0.10"));
-        f.apply(SLICES, slice(&["10.0.0.1"]));
-        f.apply(
-            TRAFFIC,
-            traffic_policy(
-                "web",
-                json!({"targetRef": {"name": "web"}, "timeouts": {"request": "3s"}}),
-            ),
-        );
-        f.apply(
-            TRAFFIC,
-            traffic_policy(
-                "broken",
-                json!({"targetRef": {"name": "web"}, "timeouts": {"request": "soon"}}),
-            ),
-        );
-        f.apply(
-            ROUTES,
-            http_route(
-                "split",
-                json!([{"backendRefs": [{"name": "web", "port": 80, "weight": 9},
-                    {"name": "web-v2", "port": 80, "weight": 1}]}]),
-                other_controller.clone(),
-            ),
-        );
-    }
-    let discovery = controller_over(fake.clone()).await;
+    fake.apply(service("web", "10.96.0.10"));
+    fake.apply(slice(&["10.0.0.1"]));
+    fake.apply(traffic_policy(
+        "web",
+        json!({"targetRef": {"name": "web"}, "timeouts": {"request": "3s"}}),
+    ));
+    fake.apply(traffic_policy(
+        "broken",
+        json!({"targetRef": {"name": "web"}, "timeouts": {"request": "soon"}}),
+    ));
+    fake.apply(http_route(
+        "split",
+        json!([{"backendRefs": [{"name": "web", "port": 80, "weight": 9},
+            {"name": "web-v2", "port": 80, "weight": 1}]}]),
+        other_controller.clone(),
+    ));
+    let discovery = controller_over(&fake).await;
     let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "endpoints", |v| endpoints(v).len() == 1).await;
@@ -559,28 +290,28 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
 
     // Another controller rewrites its own entry: ours is still there, so nothing is
     // written; had ours gone, it would be written back over the new version.
-    {
-        let mut f = fake.lock();
-        let mut object = f.objects[&(ROUTES, "split".to_string())].clone();
-        object["status"]["parents"][0]["conditions"][0]["reason"] = json!("Programmed");
-        f.apply(ROUTES, object);
-    }
+    let route_now = || {
+        fake.get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "split")
+            .unwrap()
+    };
+    let mut object = route_now();
+    object["status"]["parents"][0]["conditions"][0]["reason"] = json!("Programmed");
+    fake.apply(object);
 
     // A status written is not written again when the watch brings it back.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts: Vec<usize> = ["web", "broken", "split"]
         .iter()
         .map(|name| {
-            fake.lock()
-                .patches
+            status_patches(&fake)
                 .iter()
-                .filter(|(_, n, _)| n == name)
+                .filter(|(n, _, _)| n == name)
                 .count()
         })
         .collect();
-    assert_eq!(counts, [1, 1, 1], "{:#?}", fake.lock().patches);
-    let f = fake.lock();
-    let parents = &f.objects[&(ROUTES, "split".to_string())]["status"]["parents"];
+    assert_eq!(counts, [1, 1, 1], "{:#?}", status_patches(&fake));
+    let route = route_now();
+    let parents = &route["status"]["parents"];
     assert_eq!(
         parents[0]["conditions"][0]["reason"], "Programmed",
         "theirs kept"
@@ -591,7 +322,8 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         "ours kept"
     );
     assert_eq!(
-        f.conflicts, 0,
+        fake.conflicts(),
+        0,
         "every write named the version it was computed from"
     );
 }

@@ -31,16 +31,29 @@ use super::{Events, Source};
 use crate::{
     convert::{self, Invalid},
     core::{Event, Kind, NsName, Object, ObjectKey},
+    leader::Leading,
     metrics::{Metrics, SourceRefusal},
 };
 
 pub struct KubeSource {
     client: Client,
+    leading: Option<Leading>,
 }
 
 impl KubeSource {
+    /// A source that writes statuses itself.
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            leading: None,
+        }
+    }
+
+    /// Writes statuses only while `leading` says so, and all of them again (a relist)
+    /// when it starts leading.
+    pub fn with_leader(mut self, leading: Leading) -> Self {
+        self.leading = Some(leading);
+        self
     }
 }
 
@@ -56,6 +69,7 @@ impl Source for KubeSource {
                 events,
                 synced: AtomicUsize::new(0),
                 metrics,
+                leading: self.leading,
             };
             let services = w.run::<core_v1::Service>(Kind::Service, None, |s| {
                 convert::service(s).map(Object::Service)
@@ -196,6 +210,8 @@ struct Watch {
     /// The kinds listed once so far.
     synced: AtomicUsize,
     metrics: Metrics,
+    /// None: statuses are always written.
+    leading: Option<Leading>,
 }
 
 /// The kinds the source watches.
@@ -223,13 +239,20 @@ impl Watch {
             events,
             synced,
             metrics,
+            leading,
         } = self;
         // Read as untyped objects, each then typed on its own.
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<K>(&()));
-        let mut stream = watcher(api, watcher::Config::default())
-            .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
-            .default_backoff()
-            .boxed();
+        let start = || {
+            watcher(api.clone(), watcher::Config::default())
+                .modify(|o: &mut DynamicObject| o.managed_fields_mut().clear())
+                .default_backoff()
+                .boxed()
+        };
+        let mut stream = start();
+        // Kinds with a status follow the leadership.
+        let mut leading = status.and(leading.clone());
+        let may_write = |l: &Option<Leading>| l.as_ref().is_none_or(|l| *l.borrow());
         let mut known: HashSet<NsName> = HashSet::new();
         let mut relisting: Option<HashSet<NsName>> = None;
         let mut listed_once = false;
@@ -241,7 +264,27 @@ impl Watch {
             let events = events.clone();
             async move { events.send((event, Instant::now())).await.is_ok() }
         };
-        while let Some(item) = stream.next().await {
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+                Ok(()) = async {
+                    match leading.as_mut() {
+                        Some(l) => l.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Statuses went unwritten while another replica led: list again,
+                    // and write what differs.
+                    if may_write(&leading) {
+                        info!(kind = kind.as_str(), "leading: listing again to write statuses");
+                        stream = start();
+                    }
+                    continue;
+                }
+            };
             let event = match item {
                 Ok(e) => e,
                 // A group the API server does not serve at all (the Gateway API's CRDs not
@@ -292,6 +335,7 @@ impl Watch {
                         }
                     };
                     let converted = convert(&o);
+                    let status = status.filter(|_| may_write(&leading));
                     if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
                         // Written from the version seen: if the object changed meanwhile (say,
                         // another controller wrote its status), the API server refuses it

@@ -1,0 +1,603 @@
+//! A fake Kubernetes API server for tests, where no real one can run: objects held in
+//! memory, served over real HTTP in the API server's own shapes, so that kube-rs (and
+//! anything else) talks to it unchanged.
+//!
+//! It does what the controller and the CLI rely on, as the API server does it:
+//! - list (cluster-wide or in a namespace) and watch from a resource version, with
+//!   `ADDED`/`MODIFIED`/`DELETED` events, and `410 Gone` when told to expire a watch;
+//! - get, create (`409 AlreadyExists`), merge patch (strategic merge is treated as a
+//!   merge patch), replace, delete, and the `status` subresource;
+//! - a patch or replace naming an old `metadata.resourceVersion` gets `409 Conflict`;
+//! - an unknown kind gets a `NotFound` Status; an API group that is not installed gets
+//!   the plain-text `404 page not found` a real server sends;
+//! - `/version`.
+//!
+//! Each request's bearer token is recorded, so a test can tell its clients apart.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// A kind the fake serves: where it lives and whether it is namespaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resource {
+    /// `/api/v1` or `/apis/<group>/<version>`.
+    prefix: String,
+    plural: String,
+    kind: String,
+    api_version: String,
+    namespaced: bool,
+}
+
+/// The kinds served unless a test adds more.
+const KINDS: &[(&str, &str, &str, bool)] = &[
+    ("v1", "services", "Service", true),
+    ("v1", "pods", "Pod", true),
+    ("v1", "namespaces", "Namespace", false),
+    ("v1", "configmaps", "ConfigMap", true),
+    ("v1", "secrets", "Secret", true),
+    (
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+    ),
+    ("coordination.k8s.io/v1", "leases", "Lease", true),
+    ("apps/v1", "deployments", "Deployment", true),
+    (
+        "apiextensions.k8s.io/v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        false,
+    ),
+    (
+        "admissionregistration.k8s.io/v1",
+        "mutatingwebhookconfigurations",
+        "MutatingWebhookConfiguration",
+        false,
+    ),
+    (
+        "policy.remora.io/v1alpha1",
+        "authorizationpolicies",
+        "AuthorizationPolicy",
+        true,
+    ),
+    (
+        "policy.remora.io/v1alpha1",
+        "trafficpolicies",
+        "TrafficPolicy",
+        true,
+    ),
+    (
+        "gateway.networking.k8s.io/v1",
+        "httproutes",
+        "HTTPRoute",
+        true,
+    ),
+];
+
+/// One write a client made: its method, the object's plural and name, the body, and the
+/// bearer token it came with.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub method: Method,
+    pub plural: String,
+    pub name: String,
+    /// Whether it was to the `status` subresource.
+    pub status: bool,
+    pub body: Value,
+    pub token: Option<String>,
+}
+
+type Key = (String, String, String);
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    resources: Vec<Resource>,
+    /// (plural, namespace, name) → object.
+    objects: BTreeMap<Key, Value>,
+    log: Vec<(u64, String, Value)>,
+    watchers: Vec<(String, Option<String>, mpsc::UnboundedSender<Bytes>)>,
+    writes: Vec<Write>,
+    conflicts: usize,
+    missing_groups: BTreeSet<String>,
+}
+
+/// The fake server; clone it to share.
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+    addr: SocketAddr,
+}
+
+impl FakeApi {
+    /// Starts serving on a loopback port.
+    pub async fn start() -> Self {
+        let mut state = State::default();
+        for (api_version, plural, kind, namespaced) in KINDS {
+            state
+                .resources
+                .push(resource(api_version, plural, kind, *namespaced));
+        }
+        let state = Arc::new(Mutex::new(state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |r| serve(state.clone(), r));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self { state, addr }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A kube client of the fake, sending `token` (recorded with each write).
+    pub fn client(&self, token: &str) -> kube::Client {
+        kube::Client::try_from(self.kube_config(token)).unwrap()
+    }
+
+    pub fn kube_config(&self, token: &str) -> kube::Config {
+        let mut cfg = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        cfg.default_namespace = "default".into();
+        cfg.auth_info.token = Some(token.to_string().into());
+        cfg
+    }
+
+    /// A kubeconfig file's text for the fake, as `kubectl` and `remora` read it.
+    pub fn kubeconfig(&self, token: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             users:\n- name: fake\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    \
+             cluster: fake\n    user: fake\ncurrent-context: fake\n",
+            self.addr
+        )
+    }
+
+    /// Whether the API group answers as not installed (plain-text 404).
+    pub fn set_missing_group(&self, group: &str, missing: bool) {
+        let mut s = self.state.lock();
+        match missing {
+            true => s.missing_groups.insert(group.to_string()),
+            false => s.missing_groups.remove(group),
+        };
+    }
+
+    /// Creates or replaces `object` and tells the watchers.
+    pub fn apply(&self, object: Value) {
+        let mut s = self.state.lock();
+        let r = s
+            .resource_of(&object)
+            .unwrap_or_else(|| panic!("the fake serves no {}", object["kind"]));
+        s.store(&r, object);
+    }
+
+    /// Deletes an object and tells the watchers.
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        let mut s = self.state.lock();
+        let probe = json!({"apiVersion": api_version, "kind": kind});
+        let r = s.resource_of(&probe).expect("a served kind");
+        s.remove(&r, namespace, name);
+    }
+
+    /// Removes an object without telling anyone, as if the watch had missed it.
+    pub fn forget(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        let mut s = self.state.lock();
+        let probe = json!({"apiVersion": api_version, "kind": kind});
+        let r = s.resource_of(&probe).expect("a served kind");
+        s.rv += 1;
+        s.objects.remove(&key(&r, namespace, name));
+    }
+
+    /// Ends every watch of a kind with `410 Gone`: its clients must list again.
+    pub fn expire(&self, api_version: &str, kind: &str) {
+        let mut s = self.state.lock();
+        let probe = json!({"apiVersion": api_version, "kind": kind});
+        let r = s.resource_of(&probe).expect("a served kind");
+        let gone = json!({"type": "ERROR", "object": status_json(410, "Expired", "too old resource version")});
+        let line = Bytes::from(format!("{gone}\n"));
+        for (_, _, tx) in s.watchers.iter().filter(|(p, _, _)| *p == r.plural) {
+            let _ = tx.send(line.clone());
+        }
+        s.watchers.retain(|(p, _, _)| *p != r.plural);
+    }
+
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let s = self.state.lock();
+        let probe = json!({"apiVersion": api_version, "kind": kind});
+        let r = s.resource_of(&probe)?;
+        s.objects.get(&key(&r, namespace, name)).cloned()
+    }
+
+    /// Every write clients made, in order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.state.lock().writes.clone()
+    }
+
+    /// Writes refused for naming an old resourceVersion.
+    pub fn conflicts(&self) -> usize {
+        self.state.lock().conflicts
+    }
+}
+
+fn resource(api_version: &str, plural: &str, kind: &str, namespaced: bool) -> Resource {
+    let prefix = match api_version {
+        "v1" => "/api/v1".to_string(),
+        gv => format!("/apis/{gv}"),
+    };
+    Resource {
+        prefix,
+        plural: plural.into(),
+        kind: kind.into(),
+        api_version: api_version.into(),
+        namespaced,
+    }
+}
+
+fn key(r: &Resource, namespace: &str, name: &str) -> Key {
+    let ns = if r.namespaced { namespace } else { "" };
+    (r.plural.clone(), ns.to_string(), name.to_string())
+}
+
+impl State {
+    fn resource_of(&self, object: &Value) -> Option<Resource> {
+        self.resources
+            .iter()
+            .find(|r| {
+                object["apiVersion"] == r.api_version.as_str() && object["kind"] == r.kind.as_str()
+            })
+            .cloned()
+    }
+
+    fn store(&mut self, r: &Resource, mut object: Value) -> Value {
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let ns = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        if r.namespaced {
+            object["metadata"]["namespace"] = json!(ns);
+        }
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
+        let kind = match self.objects.insert(key(r, &ns, &name), object.clone()) {
+            Some(_) => "MODIFIED",
+            None => "ADDED",
+        };
+        self.emit(r, &ns, json!({"type": kind, "object": object}));
+        object
+    }
+
+    fn remove(&mut self, r: &Resource, namespace: &str, name: &str) -> Option<Value> {
+        let mut object = self.objects.remove(&key(r, namespace, name))?;
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.emit(r, namespace, json!({"type": "DELETED", "object": object}));
+        Some(object)
+    }
+
+    fn emit(&mut self, r: &Resource, namespace: &str, event: Value) {
+        self.log.push((self.rv, r.plural.clone(), event.clone()));
+        let line = Bytes::from(format!("{event}\n"));
+        self.watchers.retain(|(p, ns, tx)| {
+            *p != r.plural
+                || ns.as_deref().is_some_and(|n| n != namespace)
+                || tx.send(line.clone()).is_ok()
+        });
+    }
+
+    fn list(&self, r: &Resource, namespace: Option<&str>) -> Value {
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|((p, ns, _), _)| *p == r.plural && namespace.is_none_or(|n| n == ns))
+            .map(|(_, o)| o.clone())
+            .collect();
+        json!({"apiVersion": r.api_version, "kind": format!("{}List", r.kind),
+            "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
+    }
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code})
+}
+
+/// A watch response: event lines as they come, never ending on its own.
+struct WatchBody(mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+type Body = http_body_util::Either<Full<Bytes>, WatchBody>;
+
+fn reply(code: StatusCode, body: Value) -> Response<Body> {
+    let mut rsp = Response::new(Body::Left(Full::new(Bytes::from(body.to_string()))));
+    *rsp.status_mut() = code;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    reply(code, status_json(code.as_u16(), reason, message))
+}
+
+/// What a path names.
+struct Target {
+    resource: Resource,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_path(state: &State, path: &str) -> Option<Target> {
+    for r in &state.resources {
+        let Some(rest) = path.strip_prefix(&r.prefix) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest
+            .trim_start_matches('/')
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        let (namespace, rest) = match parts.as_slice() {
+            ["namespaces", ns, rest @ ..] if r.namespaced && !rest.is_empty() => {
+                (Some(ns.to_string()), rest)
+            }
+            rest => (None, rest),
+        };
+        let (name, status) = match rest {
+            [p] if *p == r.plural => (None, false),
+            [p, name] if *p == r.plural => (Some(name.to_string()), false),
+            [p, name, "status"] if *p == r.plural => (Some(name.to_string()), true),
+            _ => continue,
+        };
+        return Some(Target {
+            resource: r.clone(),
+            namespace,
+            name,
+            status,
+        });
+    }
+    None
+}
+
+async fn serve(
+    state: Arc<Mutex<State>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/version" {
+        return Ok(reply(
+            StatusCode::OK,
+            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}),
+        ));
+    }
+    let group_missing = {
+        let s = state.lock();
+        s.missing_groups
+            .iter()
+            .any(|g| path.starts_with(&format!("/apis/{g}/")))
+    };
+    if group_missing {
+        let mut rsp = Response::new(Body::Left(Full::new(Bytes::from_static(
+            b"404 page not found\n",
+        ))));
+        *rsp.status_mut() = StatusCode::NOT_FOUND;
+        rsp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        return Ok(rsp);
+    }
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let query = req.uri().query().unwrap_or("").to_string();
+    let param = |k: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+    };
+    let method = req.method().clone();
+    let target = {
+        let s = state.lock();
+        match parse_path(&s, &path) {
+            Some(t) => t,
+            None => {
+                return Ok(failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ));
+            }
+        }
+    };
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = match body.is_empty() {
+        true => Value::Null,
+        false => match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &e.to_string(),
+                ));
+            }
+        },
+    };
+    let mut s = state.lock();
+    let r = target.resource.clone();
+    let ns = target.namespace.clone().unwrap_or_default();
+    let rsp = match (method.clone(), target.name.clone()) {
+        (Method::GET, None) if param("watch").is_some_and(|w| w == "true" || w == "1") => {
+            let from: u64 = param("resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let (tx, rx) = mpsc::unbounded_channel();
+            for (rv, p, event) in &s.log {
+                let in_ns = target
+                    .namespace
+                    .as_deref()
+                    .is_none_or(|n| event["object"]["metadata"]["namespace"] == n);
+                if *p == r.plural && *rv > from && in_ns {
+                    let _ = tx.send(Bytes::from(format!("{event}\n")));
+                }
+            }
+            s.watchers
+                .push((r.plural.clone(), target.namespace.clone(), tx));
+            let mut rsp = Response::new(Body::Right(WatchBody(rx)));
+            rsp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            rsp
+        }
+        (Method::GET, None) => reply(StatusCode::OK, s.list(&r, target.namespace.as_deref())),
+        (Method::GET, Some(name)) => match s.objects.get(&key(&r, &ns, &name)) {
+            Some(o) => reply(StatusCode::OK, o.clone()),
+            None => failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} \"{name}\" not found", r.plural),
+            ),
+        },
+        (Method::POST, None) => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            s.writes.push(Write {
+                method,
+                plural: r.plural.clone(),
+                name: name.clone(),
+                status: false,
+                body: body.clone(),
+                token,
+            });
+            if s.objects.contains_key(&key(&r, &ns, &name)) {
+                failure(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{} \"{name}\" already exists", r.plural),
+                )
+            } else {
+                let mut object = body;
+                if r.namespaced {
+                    object["metadata"]["namespace"] = json!(ns);
+                }
+                object["apiVersion"] = json!(r.api_version);
+                object["kind"] = json!(r.kind);
+                let stored = s.store(&r, object);
+                reply(StatusCode::CREATED, stored)
+            }
+        }
+        (Method::PATCH | Method::PUT, Some(name)) => {
+            s.writes.push(Write {
+                method: method.clone(),
+                plural: r.plural.clone(),
+                name: name.clone(),
+                status: target.status,
+                body: body.clone(),
+                token,
+            });
+            match s.objects.get(&key(&r, &ns, &name)).cloned() {
+                None => failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", r.plural),
+                ),
+                Some(current) => {
+                    // A write naming a resourceVersion applies only to that version.
+                    let wanted = &body["metadata"]["resourceVersion"];
+                    if !wanted.is_null() && *wanted != current["metadata"]["resourceVersion"] {
+                        s.conflicts += 1;
+                        failure(
+                            StatusCode::CONFLICT,
+                            "Conflict",
+                            "the object has been modified; please apply your changes to the latest version and try again",
+                        )
+                    } else {
+                        let mut next = current.clone();
+                        match (method == Method::PUT, target.status) {
+                            (true, false) => next = body,
+                            (true, true) => next["status"] = body["status"].clone(),
+                            (false, false) => json_patch::merge(&mut next, &body),
+                            (false, true) => {
+                                let mut status = next["status"].clone();
+                                json_patch::merge(&mut status, &body["status"]);
+                                next["status"] = status;
+                            }
+                        }
+                        let stored = s.store(&r, next);
+                        reply(StatusCode::OK, stored)
+                    }
+                }
+            }
+        }
+        (Method::DELETE, Some(name)) => match s.remove(&r, &ns, &name) {
+            Some(o) => reply(StatusCode::OK, o),
+            None => failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} \"{name}\" not found", r.plural),
+            ),
+        },
+        _ => failure(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not supported by the fake",
+        ),
+    };
+    Ok(rsp)
+}
