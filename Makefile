@@ -5,7 +5,7 @@ CARGO ?= cargo
 # namespaces and spawn proxies); plain `cargo test` is the fallback.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test")
 
-.PHONY: build test lint fmt codegen
+.PHONY: build test lint fmt codegen static images
 
 build:
 	$(CARGO) build --workspace --bins
@@ -17,7 +17,7 @@ lint:
 
 # Formatting, lints, generated files, then every test: unit, stack, in-process and the
 # end-to-end suite (root, iptables and network namespaces; it fails loudly without them).
-test: lint build
+test: lint build static
 	$(CARGO) $(TEST_RUNNER) --workspace
 
 fmt:
@@ -25,3 +25,23 @@ fmt:
 
 codegen:
 	$(CARGO) xtask codegen
+
+# Static (musl) release binaries, as the images ship them.
+MUSL_TARGET ?= $(shell uname -m)-unknown-linux-musl
+static:
+	$(CARGO) build --release --locked --target $(MUSL_TARGET) \
+		-p remora-proxy -p remora-controller -p remora-init -p remora-cli
+
+# The three images (Dockerfile): <REGISTRY>/{proxy,controller,init}:<TAG>, with docker,
+# podman or buildah, whichever is found first. BINARIES=prebuilt takes `make static`'s
+# binaries instead of building them in a Rust image.
+REGISTRY ?= ghcr.io/remora-mesh
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+ENGINE ?= $(shell command -v docker || command -v podman || command -v buildah)
+BINARIES ?= build
+images:
+	@test -n "$(ENGINE)" || { echo "make images: needs docker, podman or buildah" >&2; exit 1; }
+	for image in proxy controller init; do \
+		$(ENGINE) build --build-arg BINARIES=$(BINARIES) --build-arg TARGET=$(MUSL_TARGET) \
+			--target $$image -t $(REGISTRY)/$$image:$(TAG) . || exit 1; \
+	done

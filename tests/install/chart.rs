@@ -70,53 +70,19 @@ struct ValueSet {
     kube: &'static [&'static str],
 }
 
-/// An issuer made the production way (docs/install.md): a root, and an intermediate it
-/// signs, with openssl.
+/// An issuer made the production way, by the script docs/install.md gives
+/// (`deploy/identity/make-identity.sh`: a root, and an intermediate it signs, with
+/// openssl).
 fn supplied_identity(dir: &Path) -> Vec<String> {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    for step in [
-        "ecparam -name prime256v1 -genkey -noout -out root.key",
-        "req -x509 -new -key root.key -subj /CN=root.identity.cluster.local -days 3650 \
-         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
-         -out root.crt",
-        "ecparam -name prime256v1 -genkey -noout -out issuer.key",
-        "req -new -key issuer.key -subj /CN=issuer.identity.cluster.local -out issuer.csr",
-    ] {
-        openssl(&step.split_whitespace().collect::<Vec<_>>());
-    }
-    std::fs::write(
-        dir.join("issuer.ext"),
-        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "issuer.csr",
-        "-CA",
-        "root.crt",
-        "-CAkey",
-        "root.key",
-        "-CAcreateserial",
-        "-days",
-        "365",
-        "-extfile",
-        "issuer.ext",
-        "-out",
-        "issuer.crt",
-    ]);
+    let out = Command::new(root().join("deploy/identity/make-identity.sh"))
+        .arg(dir)
+        .output()
+        .expect("the script runs");
+    assert!(
+        out.status.success(),
+        "make-identity.sh (needs openssl): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let file = |name: &str| dir.join(name).display().to_string();
     vec![
         "--set-file".into(),

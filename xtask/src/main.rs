@@ -82,12 +82,8 @@ fn codegen(check: bool) -> anyhow::Result<()> {
 
 /// The CRD manifests, as `kubectl apply -f deploy/crds/` takes them.
 fn crds() -> anyhow::Result<Vec<(PathBuf, String)>> {
-    use kube::CustomResourceExt;
     let mut out = Vec::new();
-    for crd in [
-        remora_k8s::AuthorizationPolicy::crd(),
-        remora_k8s::TrafficPolicy::crd(),
-    ] {
+    for crd in remora_k8s::crds() {
         let name = crd.metadata.name.clone().context("the CRD has a name")?;
         let yaml = serde_yaml_ng::to_string(&crd).context("CRD to YAML")?;
         let text = format!(

@@ -1,4 +1,5 @@
 //! The `remora` command's library: what its subcommands do, testable without a
 //! terminal.
 
+pub mod check;
 pub mod inject;

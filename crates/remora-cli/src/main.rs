@@ -1,6 +1,7 @@
 //! `remora`: the command users run beside kubectl.
 //!
 //! - `remora inject [FILE|-]` — the webhook's injection, offline.
+//! - `remora check` — what is wrong with an install, check by check.
 //! - `remora version`
 
 use std::{
@@ -11,12 +12,20 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use remora_cli::inject;
+use remora_cli::{check, inject};
 use remora_k8s::inject::{Outcome, Settings};
 
 /// The ConfigMap the chart writes the injector's settings to, and its key.
 const SETTINGS_CONFIG_MAP: &str = "remora-inject";
 const SETTINGS_KEY: &str = "settings.yaml";
+
+fn mesh_namespace() -> Arg {
+    Arg::new("mesh-namespace")
+        .long("mesh-namespace")
+        .value_name("NAMESPACE")
+        .default_value("remora-system")
+        .help("Where Remora is installed")
+}
 
 fn cli() -> Command {
     Command::new("remora")
@@ -41,19 +50,45 @@ fn cli() -> Command {
                              default: the remora-inject ConfigMap of the cluster in your \
                              kubeconfig",
                 ))
-                .arg(
-                    Arg::new("mesh-namespace")
-                        .long("mesh-namespace")
-                        .value_name("NAMESPACE")
-                        .default_value("remora-system")
-                        .help("Where Remora is installed"),
-                )
+                .arg(mesh_namespace())
                 .arg(
                     Arg::new("quiet")
                         .long("quiet")
                         .short('q')
                         .action(ArgAction::SetTrue)
                         .help("No report on standard error"),
+                ),
+        )
+        .subcommand(
+            Command::new("check")
+                .about(
+                    "Check an install through your kubeconfig: CRDs, controller, leader, \
+                     identity, webhook and meshed pods, each with a hint; exits non-zero \
+                     when a check fails",
+                )
+                .arg(mesh_namespace())
+                .arg(
+                    Arg::new("namespace")
+                        .long("namespace")
+                        .short('n')
+                        .value_name("NAMESPACE")
+                        .help("Check the meshed pods of this namespace only (default: all)"),
+                )
+                .arg(
+                    Arg::new("expiry-warning")
+                        .long("expiry-warning")
+                        .value_name("DAYS")
+                        .default_value("30")
+                        .value_parser(clap::value_parser!(u32))
+                        .help("Warn about certificates that end within this many days"),
+                )
+                .arg(
+                    Arg::new("output")
+                        .long("output")
+                        .short('o')
+                        .value_parser(["text", "json"])
+                        .default_value("text")
+                        .help("text, or json for scripts"),
                 ),
         )
         .subcommand(Command::new("version").about("Print the version"))
@@ -63,6 +98,7 @@ fn main() -> ExitCode {
     let matches = cli().get_matches();
     let result = match matches.subcommand() {
         Some(("inject", m)) => run_inject(m),
+        Some(("check", m)) => run_check(m),
         Some(("version", _)) => {
             println!("remora {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -117,6 +153,36 @@ fn run_inject(m: &ArgMatches) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_check(m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let opts = check::Options {
+        mesh_namespace: m
+            .get_one::<String>("mesh-namespace")
+            .expect("defaulted")
+            .clone(),
+        pods_namespace: m.get_one::<String>("namespace").cloned(),
+        expiry_warning: i64::from(*m.get_one::<u32>("expiry-warning").expect("defaulted")) * 86_400,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let findings = runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("no cluster to check: point KUBECONFIG (or ~/.kube/config) at the cluster")?;
+        anyhow::Ok(check::run(client, &opts).await)
+    })?;
+    match m.get_one::<String>("output").map(String::as_str) {
+        Some("json") => println!("{}", serde_json::to_string_pretty(&findings)?),
+        _ => print!("{}", check::render(&findings)),
+    }
+    let failed = findings.iter().any(|f| f.status == check::Status::Fail);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// The settings the installed chart wrote, read with the kubeconfig's credentials.

@@ -35,17 +35,7 @@ fn remora_inject(args: &[&str], stdin: &[u8]) -> Output {
 }
 
 fn golden(name: &str, text: &str) {
-    let path = testdata(name);
-    if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, text).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(
-        text,
-        want,
-        "{} differs (REMORA_BLESS=1 rewrites it)",
-        path.display()
-    );
+    remora_fake_kube::assert_golden(&testdata(name), text);
 }
 
 #[test]

@@ -170,18 +170,7 @@ fn golden(name: &str, pod: &Value, anchors: &str) {
             }
         }
     }
-    let text = serde_yaml_ng::to_string(&pod).unwrap();
-    let path = testdata(name);
-    if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let want = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(
-        text,
-        want,
-        "{} differs (REMORA_BLESS=1 rewrites it)",
-        path.display()
-    );
+    remora_fake_kube::assert_golden(&testdata(name), &serde_yaml_ng::to_string(&pod).unwrap());
 }
 
 async fn metric(admin: SocketAddr, series: &str) -> f64 {

@@ -116,6 +116,8 @@ struct State {
     writes: Vec<Write>,
     conflicts: usize,
     missing_groups: BTreeSet<String>,
+    /// The minor version `/version` reports (1.x).
+    minor: u32,
 }
 
 /// The fake server; clone it to share.
@@ -128,7 +130,10 @@ pub struct FakeApi {
 impl FakeApi {
     /// Starts serving on a loopback port.
     pub async fn start() -> Self {
-        let mut state = State::default();
+        let mut state = State {
+            minor: 33,
+            ..State::default()
+        };
         for (api_version, plural, kind, namespaced) in KINDS {
             state
                 .resources
@@ -185,6 +190,17 @@ impl FakeApi {
             true => s.missing_groups.insert(group.to_string()),
             false => s.missing_groups.remove(group),
         };
+    }
+
+    /// Whether the fake stores objects of this `apiVersion` and `kind`.
+    pub fn serves(&self, api_version: &str, kind: &str) -> bool {
+        let probe = json!({"apiVersion": api_version, "kind": kind});
+        self.state.lock().resource_of(&probe).is_some()
+    }
+
+    /// The Kubernetes version `/version` reports: 1.`minor` (default 1.33).
+    pub fn set_version(&self, minor: u32) {
+        self.state.lock().minor = minor;
     }
 
     /// Creates or replaces `object` and tells the watchers.
@@ -408,9 +424,10 @@ async fn serve(
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     if path == "/version" {
+        let minor = state.lock().minor;
         return Ok(reply(
             StatusCode::OK,
-            json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0", "platform": "linux/amd64"}),
+            json!({"major": "1", "minor": minor.to_string(), "gitVersion": format!("v1.{minor}.0"), "platform": "linux/amd64"}),
         ));
     }
     let group_missing = {
@@ -600,4 +617,19 @@ async fn serve(
         ),
     };
     Ok(rsp)
+}
+
+/// Test support beside the fake: compares `text` with the golden file at `path`, and
+/// with `REMORA_BLESS=1` rewrites the file first.
+pub fn assert_golden(path: &std::path::Path, text: &str) {
+    if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(path, text).unwrap();
+    }
+    let want = std::fs::read_to_string(path).unwrap_or_default();
+    assert_eq!(
+        text,
+        want,
+        "{} differs (REMORA_BLESS=1 rewrites it)",
+        path.display()
+    );
 }

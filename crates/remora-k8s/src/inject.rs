@@ -792,18 +792,7 @@ mod tests {
 
     /// Compares `pod` with the golden file `name` (`REMORA_BLESS=1` rewrites it).
     fn golden(name: &str, pod: &Value) {
-        let text = serde_yaml_ng::to_string(pod).unwrap();
-        let path = testdata(name);
-        if std::env::var("REMORA_BLESS").is_ok_and(|v| v == "1") {
-            std::fs::write(&path, &text).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_default();
-        assert_eq!(
-            text,
-            want,
-            "{} differs (REMORA_BLESS=1 rewrites it)",
-            path.display()
-        );
+        remora_fake_kube::assert_golden(&testdata(name), &serde_yaml_ng::to_string(pod).unwrap());
     }
 
     #[test]

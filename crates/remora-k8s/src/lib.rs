@@ -6,6 +6,7 @@
 //! reject an object with a reason rather than guess.
 
 pub mod inject;
+pub mod pki;
 mod route;
 mod traffic;
 
@@ -22,6 +23,15 @@ pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 pub const GROUP: &str = "policy.remora.io";
 pub const VERSION: &str = "v1alpha1";
+
+/// Every Remora CRD, as `cargo xtask codegen` writes them and `remora check` expects
+/// them installed.
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    use kube::CustomResourceExt;
+    vec![AuthorizationPolicy::crd(), TrafficPolicy::crd()]
+}
 
 /// What the controller made of a policy object: an `Accepted` condition, `True` when
 /// it is in force, `False` with the reason when it was refused (the last valid version,

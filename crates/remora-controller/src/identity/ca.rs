@@ -261,64 +261,50 @@ fn check_set(
     anchors_pem: &str,
     anchors: &Path,
 ) -> Result<(), CaError> {
-    use x509_parser::prelude::{FromDer, X509Certificate};
+    use remora_k8s::pki::{self, Cert};
     let bad = |path: &Path, reason: String| CaError::File {
         path: path.into(),
         reason,
     };
-    let (_, issuer) = X509Certificate::from_der(issuer_der)
+    let issuer = Cert::from_der(issuer_der)
         .map_err(|e| bad(cert, format!("cannot read the certificate: {e}")))?;
-    if issuer.public_key().raw != key_spki {
+    if issuer.public_key != key_spki {
         return Err(bad(
             key,
             format!("is not the key of {} (another key pair's?)", cert.display()),
         ));
     }
-    let now = x509_parser::time::ASN1Time::now();
-    let validity = issuer.validity();
-    if !validity.is_valid_at(now) {
+    let now = pki::now();
+    if !issuer.valid_at(now) {
         return Err(bad(
             cert,
             format!(
                 "is not valid now (from {} to {}): issue a new issuer certificate",
-                validity.not_before, validity.not_after
+                pki::date(issuer.not_before),
+                pki::date(issuer.not_after)
             ),
         ));
     }
-    let mut roots = Vec::new();
-    for pem in ::pem::parse_many(anchors_pem)
-        .map_err(|e| bad(anchors, format!("cannot read the bundle: {e}")))?
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-    {
-        roots.push(pem.into_contents());
+    let roots = pki::bundle(anchors_pem)
+        .map_err(|e| bad(anchors, format!("cannot read the bundle: {e}")))?;
+    if let Some(stale) = roots.iter().find(|a| !a.valid_at(now)) {
+        return Err(bad(
+            anchors,
+            format!(
+                "holds a certificate ({}) that is not valid now (until {})",
+                stale.subject,
+                pki::date(stale.not_after)
+            ),
+        ));
     }
-    let mut chained = false;
-    for der in &roots {
-        let (_, anchor) = X509Certificate::from_der(der)
-            .map_err(|e| bad(anchors, format!("cannot read a certificate: {e}")))?;
-        if !anchor.validity().is_valid_at(now) {
-            return Err(bad(
-                anchors,
-                format!(
-                    "holds a certificate ({}) that is not valid now (until {})",
-                    anchor.subject(),
-                    anchor.validity().not_after
-                ),
-            ));
-        }
-        let signed = issuer.issuer() == anchor.subject()
-            && issuer.verify_signature(Some(anchor.public_key())).is_ok();
-        chained |= signed || der.as_slice() == issuer_der;
-    }
-    if !chained {
+    if !issuer.chains_to(&roots) {
         return Err(bad(
             cert,
             format!(
                 "is not signed by any certificate in {} (issuer {}): proxies would trust \
                  nothing it signs",
                 anchors.display(),
-                issuer.issuer()
+                issuer.issuer
             ),
         ));
     }
