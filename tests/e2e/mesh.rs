@@ -327,6 +327,12 @@ async fn meshed_pods_speak_mtls_and_inbound_policy_decides_who_may_call() -> any
         "the response crossed the wire in plaintext"
     );
     assert!(!contains(&pcap, b"\x00opaque bytes over mTLS"));
+    // The ServerHello's key_share (extension 0x0033, 1,124 bytes) chose the hybrid
+    // X25519MLKEM768 (0x11ec, a 1,120-byte share: ML-KEM-768 ciphertext + X25519).
+    assert!(
+        contains(&pcap, &[0x00, 0x33, 0x04, 0x64, 0x11, 0xec, 0x04, 0x60]),
+        "no ServerHello with a post-quantum (X25519MLKEM768) key share on the wire"
+    );
 
     // Both sides label the traffic with TLS and the peer's identity.
     let out = metrics(frontend).await;

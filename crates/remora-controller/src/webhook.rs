@@ -197,7 +197,7 @@ impl ServingCert {
     }
 
     fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("the provider supports TLS 1.2 and 1.3")
@@ -220,7 +220,7 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>), St
     }
     let der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| format!("{}: no PEM private key: {e}", key.display()))?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signer = provider
         .key_provider
         .load_private_key(der)

@@ -112,7 +112,7 @@ fn tls(addr: SocketAddr, anchors: &str, client: Option<(Vec<Vec<u8>>, &KeyPair)>
     for cert in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()

@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the proxy's per-connection and per-request hot paths. Figures
 //! go to BENCHMARKS.md by hand; nothing here is asserted.
 
-use std::hint::black_box;
+use std::{hint::black_box, sync::Arc};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
@@ -280,8 +280,122 @@ fn routed_request(c: &mut Criterion) {
     });
 }
 
+/// A CA and a mesh leaf for `sa`, as the controller issues them.
+fn mesh_credentials(
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    sa: &str,
+) -> remora_proxy::identity::Credentials {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![
+        SanType::URI(
+            format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+        SanType::DnsName(
+            format!("{sa}.shop.serviceaccount.identity.cluster.local")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = p.signed_by(&key, ca).unwrap();
+    remora_proxy::identity::Credentials {
+        leaf_der: cert.der().to_vec(),
+        chain_der: vec![],
+        key_der: key.serialize_der(),
+        not_before: std::time::SystemTime::now(),
+        not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+    }
+}
+
+/// One whole mTLS handshake between two proxies' configurations, in memory: the CPU
+/// cost of a new connection between meshed pods (both sides, with certificate checks).
+fn handshake_once(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
+    use std::io::Cursor;
+    let name =
+        rustls::pki_types::ServerName::try_from("api.shop.serviceaccount.identity.cluster.local")
+            .unwrap();
+    let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
+    let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut buf = Vec::with_capacity(8192);
+    while c.is_handshaking() || s.is_handshaking() {
+        buf.clear();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = Cursor::new(&buf[..]);
+        while (rd.position() as usize) < buf.len() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        buf.clear();
+        while s.wants_write() {
+            s.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = Cursor::new(&buf[..]);
+        while (rd.position() as usize) < buf.len() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+    }
+    black_box((c, s));
+}
+
+fn handshake(c: &mut Criterion) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use remora_proxy::tls::{ALPN_H2, client_config, roots, server_config};
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let ca = rcgen::Issuer::new(ca_params, ca_key);
+    let anchors = roots(&ca_cert.pem()).unwrap();
+    let server = server_config(
+        &mesh_credentials(&ca, "api"),
+        anchors.clone(),
+        "api.shop.serviceaccount.identity.cluster.local",
+    )
+    .unwrap();
+    let web = mesh_credentials(&ca, "web");
+    let hybrid = client_config(&web, anchors.clone(), ALPN_H2).unwrap();
+    // The same client offering only X25519: what the hybrid costs on top.
+    let classical = {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(anchors)
+            .with_client_auth_cert(
+                vec![CertificateDer::from(web.leaf_der.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(web.key_der.clone())),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        Arc::new(config)
+    };
+    let mut g = c.benchmark_group("mtls_handshake");
+    g.bench_function("x25519mlkem768", |b| {
+        b.iter(|| handshake_once(&hybrid, &server))
+    });
+    g.bench_function("x25519", |b| b.iter(|| handshake_once(&classical, &server)));
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    handshake,
     detection,
     headers,
     balancer,

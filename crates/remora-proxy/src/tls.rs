@@ -186,10 +186,11 @@ pub enum TlsError {
     },
 }
 
-/// The crypto provider: ring. (Its key exchanges are classical; the post-quantum hybrid
-/// X25519MLKEM768 needs the aws-lc-rs provider, a C build this project avoids for now.)
+/// The crypto provider: aws-lc-rs, whose key exchanges put the post-quantum hybrid
+/// X25519MLKEM768 first (rustls' `prefer-post-quantum`), then X25519, P-256 and P-384
+/// for peers without it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The trust anchors from a PEM bundle.

@@ -34,7 +34,7 @@ use super::{Ca, ServiceAccount, server_name, spiffe_id};
 use crate::access::Caller;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The controller's current certificate.

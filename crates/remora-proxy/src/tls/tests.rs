@@ -7,6 +7,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
+use rustls::NamedGroup;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -239,4 +240,67 @@ fn client_hello_sni_is_read_across_records() {
             "{cut}"
         );
     }
+}
+
+/// Handshakes `client` with `server` and returns the key exchange both agreed on.
+async fn key_exchange(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> NamedGroup {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let want = spiffe("api");
+    let client = tokio::spawn(async move {
+        let tls = connect(a, client, &name("api"), &want).await.unwrap();
+        tls.get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map(|g| g.name())
+    });
+    let (tls, _) = accept(b, server).await.unwrap();
+    let server_saw = tls
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .map(|g| g.name());
+    let client_saw = client.await.unwrap();
+    assert_eq!(client_saw, server_saw, "both sides agree");
+    client_saw.expect("a key exchange")
+}
+
+#[tokio::test]
+async fn proxies_agree_on_post_quantum_key_exchange_and_classical_peers_still_connect() {
+    let pki = Pki::new("mesh");
+    let roots = roots(&pki.root_pem).unwrap();
+    let server = server_config(&pki.fresh("api"), roots.clone(), &name("api")).unwrap();
+
+    // Proxy to proxy: the hybrid X25519 + ML-KEM-768, in the first flight (no
+    // HelloRetryRequest: it is the client's first key share).
+    let client = client_config(&pki.fresh("web"), roots.clone(), ALPN_H2).unwrap();
+    assert_eq!(
+        client.crypto_provider().kx_groups[0].name(),
+        NamedGroup::X25519MLKEM768,
+        "offered first"
+    );
+    assert_eq!(
+        key_exchange(client, server.clone()).await,
+        NamedGroup::X25519MLKEM768
+    );
+
+    // A peer without post-quantum support (an older proxy, another TLS stack) still
+    // connects, classically.
+    let classical = rustls::crypto::CryptoProvider {
+        kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let creds = pki.fresh("web");
+    let mut chain = vec![CertificateDer::from(creds.leaf_der.clone())];
+    chain.extend(creds.chain_der.iter().cloned().map(CertificateDer::from));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(creds.key_der.clone()));
+    let old = ClientConfig::builder_with_provider(Arc::new(classical))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    assert_eq!(
+        key_exchange(Arc::new(old), server).await,
+        NamedGroup::X25519
+    );
 }
