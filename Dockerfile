@@ -10,10 +10,10 @@
 #   buildah bud --target proxy -t remora/proxy .
 #
 # The binaries come from the `build` stage (Rust on musl, in the container) unless
-# `--build-arg BINARIES=prebuilt` is given: then they are taken from
-# target/<arch>-unknown-linux-musl/release/ in the build context, as built by
-# `make static` (CI builds them that way to check the images without pulling a Rust
-# image).
+# `--build-arg BINARIES=prebuilt` is given: then they are taken from dist/<arch>/ in
+# the build context (amd64, arm64: the platform being built), where `make static`
+# puts them (CI builds them that way to check the images without pulling a Rust
+# image). Needs a builder that skips unused stages (BuildKit, buildah 1.27+).
 
 ARG BINARIES=build
 ARG RUST_IMAGE=docker.io/library/rust:1-slim-bookworm
@@ -38,8 +38,8 @@ RUN set -eu; \
 
 # --- or built beforehand (make static) ----------------------------------------------
 FROM scratch AS prebuilt
-ARG TARGET=x86_64-unknown-linux-musl
-COPY target/${TARGET}/release/remora-proxy target/${TARGET}/release/remora-controller target/${TARGET}/release/remora-init target/${TARGET}/release/remora /out/
+ARG TARGETARCH
+COPY dist/${TARGETARCH}/remora-proxy dist/${TARGETARCH}/remora-controller dist/${TARGETARCH}/remora-init dist/${TARGETARCH}/remora /out/
 
 FROM ${BINARIES} AS binaries
 

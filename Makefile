@@ -26,11 +26,16 @@ fmt:
 codegen:
 	$(CARGO) xtask codegen
 
-# Static (musl) release binaries, as the images ship them.
+# Static (musl) release binaries, as the images ship them, copied to dist/<arch>/ for
+# the Dockerfile's prebuilt stage.
 MUSL_TARGET ?= $(shell uname -m)-unknown-linux-musl
+DIST_ARCH := $(shell uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/')
+STATIC_BINS := remora-proxy remora-controller remora-init remora
 static:
 	$(CARGO) build --release --locked --target $(MUSL_TARGET) \
 		-p remora-proxy -p remora-controller -p remora-init -p remora-cli
+	mkdir -p dist/$(DIST_ARCH)
+	for b in $(STATIC_BINS); do cp -p target/$(MUSL_TARGET)/release/$$b dist/$(DIST_ARCH)/; done
 
 # The three images (Dockerfile): <REGISTRY>/{proxy,controller,init}:<TAG>, with docker,
 # podman or buildah, whichever is found first. BINARIES=prebuilt takes `make static`'s
@@ -39,9 +44,12 @@ REGISTRY ?= ghcr.io/remora-mesh
 TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 ENGINE ?= $(shell command -v docker || command -v podman || command -v buildah)
 BINARIES ?= build
+# buildah and podman cache stages only with --layers (docker's BuildKit always does):
+# without it the Rust stage would be built once per image.
+LAYERS := $(if $(findstring docker,$(notdir $(ENGINE))),,--layers)
 images:
 	@test -n "$(ENGINE)" || { echo "make images: needs docker, podman or buildah" >&2; exit 1; }
 	for image in proxy controller init; do \
-		$(ENGINE) build --build-arg BINARIES=$(BINARIES) --build-arg TARGET=$(MUSL_TARGET) \
+		$(ENGINE) build $(LAYERS) --build-arg BINARIES=$(BINARIES) \
 			--target $$image -t $(REGISTRY)/$$image:$(TAG) . || exit 1; \
 	done

@@ -115,6 +115,7 @@ fn value_sets() -> &'static [ValueSet] {
                     "webhook.certManager.enabled=true",
                     "monitoring.podMonitor.enabled=true",
                     "monitoring.serviceMonitor.enabled=true",
+                    "image.pullSecrets[0].name=regcred",
                 ]),
                 kube: &["1.29.0", "1.33.0"],
             },
@@ -231,6 +232,23 @@ fn the_chart_lints_renders_and_validates_for_every_value_set() {
             );
         }
     }
+}
+
+/// A private registry's pull secret reaches the controller and, through the injector's
+/// settings, every meshed pod.
+#[test]
+fn image_pull_secrets_reach_the_controller_and_the_injector() {
+    let docs = documents(&template(&value_sets()[1], "1.33.0"));
+    let deploy = find(&docs, "Deployment", "remora-controller");
+    assert_eq!(
+        deploy["spec"]["template"]["spec"]["imagePullSecrets"],
+        serde_json::json!([{"name": "regcred"}])
+    );
+    let settings = find(&docs, "ConfigMap", "remora-inject")["data"]["settings.yaml"]
+        .as_str()
+        .unwrap();
+    let settings = remora_k8s::inject::Settings::from_yaml(settings).expect("valid settings");
+    assert_eq!(settings.image_pull_secrets, ["regcred"]);
 }
 
 #[test]

@@ -272,6 +272,13 @@ async fn a_healthy_install_passes_every_check() {
         "",
         "httproutes.gateway.networking.k8s.io",
     );
+    // A pod still being scheduled, and a Lease just given up by a replica that stopped.
+    let mut pending = meshed_pod("web-new", json!({}));
+    pending["status"] = json!({"phase": "Pending"});
+    install.api.apply(pending);
+    let mut lease = install.get("coordination.k8s.io/v1", "Lease", NS, "remora-controller");
+    lease["spec"]["holderIdentity"] = json!("");
+    install.api.apply(lease);
     let (out, findings) = install.check(&["--expiry-warning", "36500"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "warnings exit 0:\n{text}");
@@ -279,9 +286,11 @@ async fn a_healthy_install_passes_every_check() {
         with_status(&findings, "warn"),
         [
             "gateway-api",
+            "controller-leader",
             "trust-anchors",
             "issuer",
-            "webhook-certificate"
+            "webhook-certificate",
+            "meshed-pods"
         ],
         "{text}"
     );
@@ -330,6 +339,14 @@ fn openssl(args: &[&str]) {
 
 /// A self-signed P-256 certificate nobody in the install knows.
 fn stranger(name: &str) -> String {
+    stranger_with(
+        name,
+        "subjectAltName=DNS:remora-controller.remora-system.svc",
+    )
+}
+
+/// The same, with an extension of the caller's.
+fn stranger_with(name: &str, ext: &str) -> String {
     let dir = std::env::temp_dir().join(format!("remora-check-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (key, crt) = (dir.join("key.pem"), dir.join("crt.pem"));
@@ -350,7 +367,7 @@ fn stranger(name: &str) -> String {
         "-days",
         "365",
         "-addext",
-        "subjectAltName=DNS:remora-controller.remora-system.svc",
+        ext,
     ]);
     let pem = std::fs::read_to_string(&crt).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -453,10 +470,33 @@ async fn each_broken_piece_fails_its_own_check() {
         i.api.apply(e);
     })
     .await;
+    broken("init", "meshed-pods", "shop/web-3: remora-init terminated: Error (exit 1)", |i| {
+        let mut pod = meshed_pod(
+            "web-3",
+            json!({"ready": false, "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}),
+        );
+        pod["status"]["phase"] = json!("Pending");
+        pod["status"]["initContainerStatuses"]
+            .as_array_mut()
+            .unwrap()
+            .insert(0, json!({"name": "remora-init", "image": "init", "imageID": "", "ready": false,
+                "restartCount": 2, "state": {"terminated": {"reason": "Error", "exitCode": 1}}}));
+        i.api.apply(pod)
+    })
+    .await;
+    broken("issuer-not-ca", "issuer", "is not a CA", |i| {
+        let mut s = i.get("v1", "Secret", NS, "remora-identity-issuer");
+        s["data"]["tls.crt"] = json!(b64(&stranger_with(
+            "leaf",
+            "basicConstraints=critical,CA:FALSE"
+        )));
+        i.api.apply(s);
+    })
+    .await;
     broken(
         "pod",
         "meshed-pods",
-        "shop/web-2: proxy waiting: CrashLoopBackOff",
+        "shop/web-2: remora-proxy waiting: CrashLoopBackOff",
         |i| {
             i.api.apply(meshed_pod(
                 "web-2",

@@ -35,14 +35,21 @@ fn ok(out: Output, what: &str) -> String {
     stdout
 }
 
-/// `make static`, as cargo: a no-op when `make test` already built them.
+/// The Docker name of this machine's architecture (dist/<arch>/).
+fn dist_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no image architecture for {other}"),
+    }
+}
+
+/// `make static`: a no-op when `make test` already built them. Returns dist/<arch>/.
 fn static_binaries() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let target = musl_target();
-    let mut build = Command::new(cargo);
+    let mut make = Command::new("make");
     // The variables cargo sets for this test (CARGO_PKG_NAME=remora-tests, …) would
-    // look like a changed environment to build scripts that watch them (ring's does)
-    // and rebuild everything `make static` built.
+    // look like a changed environment to build scripts that watch them (aws-lc-sys's
+    // do) and rebuild everything; an outer make's jobserver is not ours to use.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         if [
@@ -52,28 +59,30 @@ fn static_binaries() -> PathBuf {
             "CARGO_BIN_",
             "CARGO_PRIMARY_",
             "CARGO_TARGET_TMPDIR",
+            "MAKEFLAGS",
+            "MFLAGS",
+            "MAKELEVEL",
         ]
         .iter()
         .any(|p| key.starts_with(p))
         {
-            build.env_remove(key.as_ref());
+            make.env_remove(key.as_ref());
         }
     }
-    let out = build
+    let out = make
         .current_dir(root())
-        .args(["build", "--release", "--locked", "--target", &target])
-        .args(["-p", "remora-proxy", "-p", "remora-controller"])
-        .args(["-p", "remora-init", "-p", "remora-cli"])
+        .arg("static")
         .output()
-        .expect("cargo runs");
+        .expect("make runs");
     ok(
         out,
         &format!(
-            "building the static binaries (needs `rustup target add {target}` and Debian's \
-             musl-tools; .ci/run installs both)"
+            "make static (needs `rustup target add {}` and Debian's musl-tools; .ci/run \
+             installs both)",
+            musl_target()
         ),
     );
-    root().join("target").join(target).join("release")
+    root().join("dist").join(dist_arch())
 }
 
 /// The ELF program header types of a 64-bit little-endian executable.
@@ -163,7 +172,6 @@ impl Buildah {
     /// Builds one stage of the Dockerfile from the prebuilt static binaries.
     fn build(&self, stage: &str) -> Value {
         let tag = format!("localhost/remora-test/{stage}:test");
-        let target = format!("TARGET={}", musl_target());
         let context = root();
         let out = self.run(&[
             "build",
@@ -171,8 +179,6 @@ impl Buildah {
             "chroot",
             "--build-arg",
             "BINARIES=prebuilt",
-            "--build-arg",
-            &target,
             "--target",
             stage,
             "-t",

@@ -1,7 +1,8 @@
 //! `remora check`: what is wrong with an install, as a list of named checks, each with
 //! a hint. It reads what the chart installed (through the kubeconfig's credentials) and
-//! follows the controller Deployment to the Secrets and ConfigMaps it mounts, so it
-//! checks what is in force, whatever the values named them.
+//! follows the controller Deployment to the Secrets and ConfigMaps it mounts, whatever
+//! the values named them. The controller reads its identity and the injector's
+//! settings at start: what is checked is what a restarted controller would use.
 //!
 //! Names are stable (scripts match on them): `kubernetes-api`, `kubernetes-version`,
 //! `crds`, `gateway-api`, `controller`, `controller-leader`, `injector-settings`,
@@ -354,13 +355,24 @@ async fn leader(client: &Client, ns: &str, r: &mut Report) {
             let holder = spec.holder_identity.unwrap_or_default();
             let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
             let renewed = spec.renew_time.map(|t| t.0.as_second());
+            // Renewed every third of the lease; the reader's clock may be off a little.
+            let fresh = |t: i64| pki::now() - t <= 2 * duration;
             match renewed {
+                Some(t) if holder.is_empty() && fresh(t) => r.warn(
+                    "controller-leader",
+                    format!(
+                        "Lease {ns}/{LEASE} was just given up ({}s ago): a replica takes it \
+                         within {duration}s",
+                        (pki::now() - t).max(0)
+                    ),
+                    "run remora check again in a few seconds",
+                ),
                 _ if holder.is_empty() => r.fail(
                     "controller-leader",
                     format!("Lease {ns}/{LEASE} has no holder"),
                     &hint,
                 ),
-                Some(t) if pki::now() - t <= duration => r.ok(
+                Some(t) if fresh(t) => r.ok(
                     "controller-leader",
                     format!("{holder} leads (renewed {}s ago)", (pki::now() - t).max(0)),
                 ),
@@ -409,11 +421,22 @@ async fn config_map_key(
         .ok_or_else(|| format!("ConfigMap {ns}/{name} has no {}", key.unwrap_or("data")))
 }
 
+/// Reading a Secret may be forbidden to whoever runs the check: that is no failure of
+/// the install.
+const FORBIDDEN: &str = "forbidden: ";
+const SECRETS_HINT: &str =
+    "run remora check with a role that may get Secrets in the mesh's namespace";
+
 async fn secret_key(client: &Client, ns: &str, name: &str, key: &str) -> Result<String, String> {
     let s = Api::<Secret>::namespaced(client.clone(), ns)
         .get(name)
         .await
-        .map_err(|e| format!("Secret {ns}/{name}: {}", api_error(&e)))?;
+        .map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 403 => {
+                format!("{FORBIDDEN}you may not read Secret {ns}/{name}, so it was not checked")
+            }
+            e => format!("Secret {ns}/{name}: {}", api_error(e)),
+        })?;
     let bytes = s
         .data
         .as_ref()
@@ -569,6 +592,10 @@ async fn issuer(
                 the Secret; the controller reads it at start";
     let text = match secret_key(client, ns, name, "tls.crt").await {
         Ok(t) => t,
+        Err(e) if e.starts_with(FORBIDDEN) => {
+            r.warn("issuer", e, SECRETS_HINT);
+            return;
+        }
         Err(e) => {
             r.fail("issuer", e, hint);
             return;
@@ -581,6 +608,17 @@ async fn issuer(
             return;
         }
     };
+    if let Some(why) = certs[0].not_a_ca() {
+        r.fail(
+            "issuer",
+            format!(
+                "the issuer ({}) {why}: proxies would refuse every certificate it signs",
+                certs[0].subject
+            ),
+            hint,
+        );
+        return;
+    }
     if let Some(anchors) = anchors
         && !certs[0].chains_to(anchors)
     {
@@ -709,6 +747,7 @@ async fn webhook(client: &Client, ns: &str, mounts: &Mounts, opts: &Options, r: 
             format!("Secret {ns}/{secret} is vouched for by the caBundle"),
         ),
         Ok(Some(w)) => r.warn("webhook-certificate", w, cert_hint),
+        Err(e) if e.starts_with(FORBIDDEN) => r.warn("webhook-certificate", e, SECRETS_HINT),
         Err(e) => r.fail("webhook-certificate", e, cert_hint),
     }
 
@@ -753,27 +792,10 @@ async fn webhook(client: &Client, ns: &str, mounts: &Mounts, opts: &Options, r: 
     }
 }
 
-/// A meshed pod's proxy: a native sidecar (an init container) or the first container.
-fn proxy_ready(pod: &Pod) -> Result<(), String> {
-    let status = pod.status.as_ref();
-    let statuses = status
-        .and_then(|s| s.init_container_statuses.as_ref())
-        .into_iter()
-        .flatten()
-        .chain(
-            status
-                .and_then(|s| s.container_statuses.as_ref())
-                .into_iter()
-                .flatten(),
-        );
-    let Some(proxy) = statuses.into_iter().find(|c| c.name == "remora-proxy") else {
-        return Err("no remora-proxy container status (not started yet?)".into());
-    };
-    if proxy.ready {
-        return Ok(());
-    }
-    let state = proxy.state.as_ref();
-    let why = state
+/// What a container's state says, when it is not running.
+fn container_state(c: &k8s_openapi::api::core::v1::ContainerStatus) -> String {
+    let state = c.state.as_ref();
+    state
         .and_then(|s| s.waiting.as_ref())
         .map(|w| {
             format!(
@@ -786,12 +808,83 @@ fn proxy_ready(pod: &Pod) -> Result<(), String> {
             )
         })
         .or_else(|| {
-            state
-                .and_then(|s| s.terminated.as_ref())
-                .map(|t| format!("terminated: {}", t.reason.as_deref().unwrap_or("?")))
+            state.and_then(|s| s.terminated.as_ref()).map(|t| {
+                format!(
+                    "terminated: {} (exit {})",
+                    t.reason.as_deref().unwrap_or("?"),
+                    t.exit_code
+                )
+            })
         })
-        .unwrap_or_else(|| "running, not ready".into());
-    Err(format!("proxy {why}, {} restart(s)", proxy.restart_count))
+        .unwrap_or_else(|| "running, not ready".into())
+}
+
+/// How a meshed pod's mesh containers stand.
+enum PodState {
+    Ready,
+    /// Scheduled or being deleted: not a fault yet.
+    Settling(String),
+    /// Which container is at fault, and why.
+    Broken(&'static str, String),
+}
+
+/// A meshed pod: `remora-init` must have exited 0, then `remora-proxy` (a native
+/// sidecar, or the first container) must be ready.
+fn mesh_containers(pod: &Pod) -> PodState {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return PodState::Settling("terminating".into());
+    }
+    let status = pod.status.as_ref();
+    let inits = status
+        .and_then(|s| s.init_container_statuses.as_deref())
+        .unwrap_or_default();
+    let containers = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default();
+    if let Some(init) = inits.iter().find(|c| c.name == "remora-init") {
+        let done = init
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0);
+        if !done
+            && init
+                .state
+                .as_ref()
+                .and_then(|s| s.running.as_ref())
+                .is_none()
+        {
+            return PodState::Broken(
+                "remora-init",
+                format!(
+                    "{}, {} restart(s)",
+                    container_state(init),
+                    init.restart_count
+                ),
+            );
+        }
+        if !done {
+            return PodState::Settling("remora-init running".into());
+        }
+    }
+    let Some(proxy) = inits
+        .iter()
+        .chain(containers)
+        .find(|c| c.name == "remora-proxy")
+    else {
+        return PodState::Settling("not started yet".into());
+    };
+    if proxy.ready {
+        return PodState::Ready;
+    }
+    PodState::Broken(
+        "remora-proxy",
+        format!(
+            "{}, {} restart(s)",
+            container_state(proxy),
+            proxy.restart_count
+        ),
+    )
 }
 
 async fn meshed_pods(client: &Client, opts: &Options, r: &mut Report) {
@@ -813,7 +906,8 @@ async fn meshed_pods(client: &Client, opts: &Options, r: &mut Report) {
             return;
         }
     };
-    let mut bad = Vec::new();
+    let mut broken = Vec::new();
+    let mut settling = Vec::new();
     let mut checked = 0;
     for pod in &pods {
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -821,31 +915,59 @@ async fn meshed_pods(client: &Client, opts: &Options, r: &mut Report) {
             continue; // finished Jobs: the proxy stopped with them
         }
         checked += 1;
-        if let Err(why) = proxy_ready(pod) {
-            bad.push(format!(
-                "{}/{}: {why}",
-                pod.metadata.namespace.as_deref().unwrap_or(""),
-                pod.metadata.name.as_deref().unwrap_or("")
-            ));
+        let name = format!(
+            "{}/{}",
+            pod.metadata.namespace.as_deref().unwrap_or(""),
+            pod.metadata.name.as_deref().unwrap_or("")
+        );
+        match mesh_containers(pod) {
+            PodState::Ready => {}
+            PodState::Settling(why) => settling.push(format!("{name}: {why}")),
+            PodState::Broken(container, why) => {
+                broken.push((container, format!("{name}: {container} {why}")))
+            }
         }
     }
-    if bad.is_empty() {
-        r.ok(
-            "meshed-pods",
-            format!("{checked} meshed pod(s), every proxy ready"),
-        );
-    } else {
-        let shown = bad.len().min(10);
+    let list = |items: &[String]| {
+        let shown = items.len().min(10);
+        format!(
+            "{}{}",
+            items[..shown].join("; "),
+            if items.len() > shown { "; …" } else { "" }
+        )
+    };
+    if !broken.is_empty() {
+        let lines: Vec<String> = broken.iter().map(|(_, l)| l.clone()).collect();
+        let hint = if broken.iter().any(|(c, _)| *c == "remora-init") {
+            "kubectl logs <pod> -c remora-init (iptables: the init image needs NET_ADMIN \
+             and NET_RAW, which Pod Security 'baseline' forbids); then -c remora-proxy"
+        } else {
+            "kubectl logs <pod> -c remora-proxy; remora-proxy names the setting or the \
+             controller it is waiting for"
+        };
         r.fail(
             "meshed-pods",
             format!(
-                "{} of {checked} meshed pods have a proxy that is not ready: {}{}",
-                bad.len(),
-                bad[..shown].join("; "),
-                if bad.len() > shown { "; …" } else { "" }
+                "{} of {checked} meshed pods are not ready: {}",
+                broken.len(),
+                list(&lines)
             ),
-            "kubectl logs <pod> -c remora-proxy; remora-proxy names the setting or the \
-             controller it is waiting for",
+            hint,
+        );
+    } else if !settling.is_empty() {
+        r.warn(
+            "meshed-pods",
+            format!(
+                "{} of {checked} meshed pods are starting or stopping: {}",
+                settling.len(),
+                list(&settling)
+            ),
+            "run remora check again once they have settled",
+        );
+    } else {
+        r.ok(
+            "meshed-pods",
+            format!("{checked} meshed pod(s), every proxy ready"),
         );
     }
 }

@@ -67,6 +67,9 @@ pub struct Settings {
     pub init_image: String,
     /// `IfNotPresent`, `Always` or `Never`; unset leaves Kubernetes' default.
     pub image_pull_policy: Option<String>,
+    /// Secrets (by name) for pulling the proxy and init images, added to each meshed
+    /// pod that lacks them: they must exist in the pod's namespace.
+    pub image_pull_secrets: Vec<String>,
     /// What proxies dial: the controller's Service.
     pub controller_addr: String,
     /// The mesh's trust anchors (PEM), given to each proxy inline: no ConfigMap is
@@ -93,6 +96,7 @@ impl Default for Settings {
             proxy_image: concat!("ghcr.io/remora-mesh/proxy:", env!("CARGO_PKG_VERSION")).into(),
             init_image: concat!("ghcr.io/remora-mesh/init:", env!("CARGO_PKG_VERSION")).into(),
             image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
             controller_addr: "https://remora-controller.remora-system.svc:8086".into(),
             trust_anchors: String::new(),
             trust_domain: "cluster.local".into(),
@@ -134,6 +138,9 @@ impl Settings {
             if value.trim().is_empty() {
                 problems.push(format!("{name}: must not be empty"));
             }
+        }
+        if self.image_pull_secrets.iter().any(|n| n.trim().is_empty()) {
+            problems.push("imagePullSecrets: a name is empty".into());
         }
         if !self.controller_addr.starts_with("https://") {
             problems.push(format!(
@@ -195,6 +202,8 @@ pub struct Injection {
     /// Put first among the containers (the proxy, without native sidecars).
     pub containers: Vec<Container>,
     pub volumes: Vec<Volume>,
+    /// Image pull secrets, by name, added where the pod does not list them.
+    pub image_pull_secrets: Vec<String>,
     /// Labels and annotations the pod does not have yet.
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
@@ -234,6 +243,29 @@ impl Injection {
         } else {
             for v in volumes {
                 add(&["spec", "volumes", "-"], v);
+            }
+        }
+        let listed = |name: &str| {
+            pod.pointer("/spec/imagePullSecrets")
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| a.iter().any(|s| s["name"] == name))
+        };
+        let secrets: Vec<serde_json::Value> = self
+            .image_pull_secrets
+            .iter()
+            .filter(|n| !listed(n))
+            .map(|n| serde_json::json!({ "name": n }))
+            .collect();
+        if !secrets.is_empty() {
+            if !has(&["spec", "imagePullSecrets"]) {
+                add(
+                    &["spec", "imagePullSecrets"],
+                    serde_json::Value::Array(secrets),
+                );
+            } else {
+                for s in secrets {
+                    add(&["spec", "imagePullSecrets", "-"], s);
+                }
             }
         }
         let maps = [("labels", &self.labels), ("annotations", &self.annotations)];
@@ -559,6 +591,7 @@ fn inject(pod: &Pod, namespace: &Namespace, settings: &Settings) -> Injection {
         init_containers: vec![init],
         containers: Vec::new(),
         volumes: Vec::new(),
+        image_pull_secrets: settings.image_pull_secrets.clone(),
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
     };
@@ -836,6 +869,30 @@ mod tests {
         let first = &after["spec"]["containers"][0];
         assert_eq!(first["name"], PROXY_CONTAINER);
         assert_eq!(after["spec"]["initContainers"][0]["name"], INIT_CONTAINER);
+    }
+
+    #[test]
+    fn image_pull_secrets_are_added_where_the_pod_lacks_them() {
+        let settings = Settings {
+            image_pull_secrets: vec!["regcred".into(), "mirror".into()],
+            ..settings()
+        };
+        let ns = namespace(&[(INJECT, "enabled")], &[]);
+        // A pod without any: the list is made.
+        let after = injected(&raw(), &ns, &settings);
+        assert_eq!(
+            after["spec"]["imagePullSecrets"],
+            serde_json::json!([{"name": "regcred"}, {"name": "mirror"}])
+        );
+        // A pod with one of them, and its own: only the missing one is added, last.
+        let mut before = raw();
+        before["spec"]["imagePullSecrets"] =
+            serde_json::json!([{"name": "own"}, {"name": "mirror"}]);
+        let after = injected(&before, &ns, &settings);
+        assert_eq!(
+            after["spec"]["imagePullSecrets"],
+            serde_json::json!([{"name": "own"}, {"name": "mirror"}, {"name": "regcred"}])
+        );
     }
 
     #[test]

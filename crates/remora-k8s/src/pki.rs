@@ -17,6 +17,10 @@ pub struct Cert {
     pub dns_names: Vec<String>,
     /// The raw SubjectPublicKeyInfo's key bits, to match a key pair against.
     pub public_key: Vec<u8>,
+    /// basicConstraints CA:TRUE.
+    pub is_ca: bool,
+    /// keyUsage keyCertSign (or no keyUsage extension, which allows every use).
+    pub signs_certificates: bool,
 }
 
 impl Cert {
@@ -37,6 +41,12 @@ impl Cert {
                     .collect()
             })
             .unwrap_or_default();
+        let is_ca = x.is_ca();
+        let signs_certificates = match x.key_usage() {
+            Ok(Some(ku)) => ku.value.key_cert_sign(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
         Ok(Self {
             der: der.to_vec(),
             subject: x.subject().to_string(),
@@ -45,7 +55,19 @@ impl Cert {
             not_after: x.validity().not_after.timestamp(),
             dns_names,
             public_key: x.public_key().raw.to_vec(),
+            is_ca,
+            signs_certificates,
         })
+    }
+
+    /// Why this certificate cannot sign others (a CA for the mesh), if it cannot:
+    /// webpki refuses chains through a certificate without CA:TRUE and keyCertSign.
+    pub fn not_a_ca(&self) -> Option<&'static str> {
+        match (self.is_ca, self.signs_certificates) {
+            (false, _) => Some("is not a CA (basicConstraints CA:TRUE is missing)"),
+            (true, false) => Some("may not sign certificates (keyUsage lacks keyCertSign)"),
+            (true, true) => None,
+        }
     }
 
     /// Valid at `now` (seconds since the epoch).

@@ -274,6 +274,12 @@ fn check_set(
             format!("is not the key of {} (another key pair's?)", cert.display()),
         ));
     }
+    if let Some(why) = issuer.not_a_ca() {
+        return Err(bad(
+            cert,
+            format!("{why}: proxies would refuse every certificate it signs"),
+        ));
+    }
     let now = pki::now();
     if !issuer.valid_at(now) {
         return Err(bad(

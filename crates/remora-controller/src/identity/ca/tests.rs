@@ -225,6 +225,37 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
         err.contains("expired/issuer.pem") && err.contains("is not valid now"),
         "{err}"
     );
+
+    // An issuer that is not a CA: webpki would refuse every leaf it signs.
+    let leafish_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leafish = CertificateParams::default();
+    leafish
+        .distinguished_name
+        .push(DnType::CommonName, "not-a-ca");
+    leafish.is_ca = IsCa::ExplicitNoCa;
+    let mut root_params = CertificateParams::default();
+    root_params
+        .distinguished_name
+        .push(DnType::CommonName, "root");
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let leafish = leafish
+        .signed_by(&leafish_key, &Issuer::new(root_params, &root_key))
+        .unwrap();
+    let not_ca = base.join("not-ca");
+    std::fs::create_dir_all(&not_ca).unwrap();
+    std::fs::write(not_ca.join("issuer.pem"), leafish.pem()).unwrap();
+    std::fs::write(not_ca.join("issuer.key"), leafish_key.serialize_pem()).unwrap();
+    std::fs::write(not_ca.join("trust-anchors.pem"), root.pem()).unwrap();
+    let err = load(
+        &not_ca.join("issuer.pem"),
+        &not_ca.join("issuer.key"),
+        &not_ca.join("trust-anchors.pem"),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("not-ca/issuer.pem") && err.contains("is not a CA"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&base);
 }
 
