@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, channel::Channel};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use remora_tests::{
     Binaries, PodPair, Proxy,
@@ -103,7 +103,7 @@ async fn http1_bodies_streams_and_chunking_arrive_intact() -> anyhow::Result<()>
     assert!(got == body, "10 MiB echo differs: {} bytes back", got.len());
 
     // A chunked request body, streamed in 64 pieces on the same connection.
-    let (mut tx, chunked) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+    let (mut tx, chunked) = remora_tests::body::channel(2);
     let sent = pattern(64 * 16 * 1024);
     let pieces = sent.clone();
     tokio::spawn(async move {

@@ -265,14 +265,15 @@ async fn grpc_calls_are_retried_on_the_grpc_codes_named() -> anyhow::Result<()> 
         // A streamed body of unknown length, as gRPC sends it: replayed from the copy
         // kept while the first attempt streamed it.
         let message = bytes::Bytes::from(format!("\0\0\0\0\x08call {i:03}"));
-        let (mut tx, body) =
-            http_body_util::channel::Channel::<bytes::Bytes, std::convert::Infallible>::new(1);
-        tx.send_data(message.clone()).await?;
+        let (mut tx, body) = remora_tests::body::channel(1);
+        tx.send_data(message.clone())
+            .await
+            .map_err(|_| anyhow::anyhow!("body closed"))?;
         drop(tx);
         let req = Request::post("http://web.shop.svc.cluster.local/greeter.Greeter/Hello")
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(body.map_err(|n| match n {}).boxed())?;
+            .body(body.boxed())?;
         let rsp = h2.send_request(req).await?;
         let status = rsp.headers().get("grpc-status").cloned();
         let body = rsp.into_body().collect().await?;
@@ -345,8 +346,7 @@ async fn an_unreachable_endpoint_costs_the_policys_connect_timeout_not_the_proxy
 /// A PUT whose body streams in two chunks (no length known in advance).
 async fn streamed_put(pod: &Pod) -> anyhow::Result<(u16, String, String)> {
     let mut sender = client::http1(pod, CLUSTER_IP.parse()?).await?;
-    let (mut tx, body) =
-        http_body_util::channel::Channel::<bytes::Bytes, std::convert::Infallible>::new(2);
+    let (mut tx, body) = remora_tests::body::channel(2);
     tokio::spawn(async move {
         let _ = tx.send_data(bytes::Bytes::from_static(b"hel")).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -356,7 +356,7 @@ async fn streamed_put(pod: &Pod) -> anyhow::Result<(u16, String, String)> {
         .method(http::Method::PUT)
         .uri("/upload")
         .header("host", "web.shop.svc.cluster.local")
-        .body(body.map_err(|n| match n {}).boxed())?;
+        .body(body.boxed())?;
     let rsp = sender.send_request(req).await?;
     let status = rsp.status().as_u16();
     let received = rsp

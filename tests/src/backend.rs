@@ -6,7 +6,7 @@ use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, channel::Channel, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -81,7 +81,7 @@ async fn handle(
                 .strip_prefix("n=")
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(10);
-            let (mut tx, body) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(1);
+            let (mut tx, body) = crate::body::channel(1);
             tokio::spawn(async move {
                 for i in 0..n {
                     if tx
@@ -101,7 +101,7 @@ async fn handle(
                 Ok(c) => c.to_bytes(),
                 Err(_) => return Ok(status(StatusCode::BAD_REQUEST)),
             };
-            let (mut tx, body) = Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+            let (mut tx, body) = crate::body::channel(2);
             tokio::spawn(async move {
                 let len = data.len();
                 let _ = tx.send_data(data).await;
@@ -331,12 +331,11 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                         let status = knobs.status.load(Relaxed);
                         if knobs.break_body.load(Relaxed) {
                             // 200, a first chunk, then the stream breaks.
-                            let (mut tx, body) =
-                                Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(1);
+                            let (mut tx, body) = crate::body::channel(1);
                             tokio::spawn(async move {
                                 let _ = tx.send_data(Bytes::from_static(b"partial")).await;
                                 tokio::time::sleep(Duration::from_millis(5)).await;
-                                tx.abort("the backend breaks its response".into());
+                                tx.abort("the backend breaks its response".into()).await;
                             });
                             return Ok::<_, Infallible>(Response::new(body.boxed()));
                         }

@@ -7,6 +7,7 @@
 //! and say why; `REMORA_E2E_SKIP=1` skips them loudly on a laptop (CI never sets it).
 
 pub mod backend;
+pub mod body;
 pub mod client;
 pub mod cluster;
 pub mod mesh;
