@@ -247,7 +247,7 @@ fn route(
     parts: &http::request::Parts,
     seed: &mut u64,
 ) {
-    *seed = remora_proxy::discovery::xorshift(*seed);
+    *seed = remora_proxy::rng::xorshift(*seed);
     let rule = routes.find(black_box(parts)).unwrap();
     black_box(matches!(
         rule.pick(*seed),

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -58,7 +58,6 @@ struct States {
 pub struct Balancer {
     connector: Connector,
     states: Mutex<States>,
-    seed: AtomicU64,
     /// Round-robin's position.
     next: AtomicUsize,
 }
@@ -68,11 +67,6 @@ impl Balancer {
         // Every endpoint's pool of this destination dials with the limits its policy
         // sets (see `set_limits`).
         connector.limits = Some(Arc::default());
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9e37_79b9)
-            | 1;
         Self {
             connector,
             states: Mutex::new(States {
@@ -80,15 +74,12 @@ impl Balancer {
                 by_addr: HashMap::new(),
                 candidates: Vec::new(),
             }),
-            seed: AtomicU64::new(seed),
             next: AtomicUsize::new(0),
         }
     }
 
     fn random(&self) -> u64 {
-        let x = crate::discovery::xorshift(self.seed.load(Ordering::Relaxed));
-        self.seed.store(x, Ordering::Relaxed);
-        x
+        crate::rng::random()
     }
 
     /// Picks an endpoint from `endpoints` (the current view) with the default policy.

@@ -102,18 +102,6 @@ impl std::fmt::Display for Dst {
     }
 }
 
-impl Dst {
-    fn seed(&self) -> u64 {
-        match self {
-            Dst::Addr(a) => jitter_seed(a.0),
-            Dst::Name(n) => {
-                use std::hash::{BuildHasher, RandomState};
-                RandomState::new().hash_one(n) | 1
-            }
-        }
-    }
-}
-
 struct Entry {
     target: Arc<Target>,
     last_used: Instant,
@@ -310,7 +298,7 @@ impl Discovery {
 
     /// Keeps `tx` up to date for `dst` for as long as the target is in use.
     async fn watch(self: Arc<Self>, dst: Dst, tx: watch::Sender<View>) {
-        let mut backoff = self.reconnected.backoff(dst.seed());
+        let mut backoff = self.reconnected.backoff(crate::rng::random());
         loop {
             let started = Instant::now();
             match self.stream(&dst, &tx, &mut backoff).await {
@@ -347,7 +335,7 @@ impl Discovery {
             return;
         }
         let mut client = api::policy_client::PolicyClient::new(self.channel.clone());
-        let mut backoff = self.reconnected.backoff(dst.seed() ^ 0x5eed);
+        let mut backoff = self.reconnected.backoff(crate::rng::random());
         loop {
             let started = Instant::now();
             let req = api::OutboundPolicyRequest {
@@ -508,26 +496,6 @@ fn socket_addr(a: &api::SocketAddress) -> Option<SocketAddr> {
         _ => return None,
     };
     Some(SocketAddr::new(ip, u16::try_from(a.port).ok()?))
-}
-
-fn jitter_seed(addr: SocketAddr) -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(1);
-    let a = match addr.ip() {
-        IpAddr::V4(v4) => u32::from(v4) as u64,
-        IpAddr::V6(v6) => u128::from(v6) as u64,
-    };
-    (t ^ (a << 16) ^ addr.port() as u64) | 1
-}
-
-/// A xorshift step: enough randomness for jitter and balancer picks.
-pub fn xorshift(mut x: u64) -> u64 {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    x
 }
 
 #[cfg(test)]

@@ -242,9 +242,5 @@ impl Identity {
 }
 
 fn jitter() -> f64 {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (crate::discovery::xorshift(nanos as u64 | 1) % 1000) as f64 / 1000.0
+    crate::rng::fraction()
 }

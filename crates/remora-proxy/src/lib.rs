@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reconnect;
+pub mod rng;
 pub mod tcp;
 pub mod tls;
 

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info};
 
-use crate::discovery::xorshift;
+use crate::rng::xorshift;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);

@@ -244,12 +244,7 @@ impl EndpointState {
         }
         h.ejections = (h.ejections + 1).min(16);
         let base = breaker.base_ejection.as_secs_f64() * f64::from(1u32 << (h.ejections - 1));
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(1);
-        let seed = u64::from(nanos) ^ (self.addr.port() as u64) << 32 | 1;
-        let jitter = 0.9 + (crate::discovery::xorshift(seed) % 200) as f64 / 1000.0;
+        let jitter = 0.9 + crate::rng::fraction() * 0.2;
         let length = Duration::from_secs_f64(base * jitter).min(breaker.max_ejection);
         h.ejected_until = Some(now + length);
         h.probing = None;

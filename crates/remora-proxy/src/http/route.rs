@@ -197,24 +197,6 @@ enum Attempt {
     Failed(RouteError),
 }
 
-thread_local! {
-    static SEED: std::cell::Cell<u64> = std::cell::Cell::new(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1,
-    );
-}
-
-/// A cheap random number for weighted picks and jitter.
-fn random() -> u64 {
-    SEED.with(|s| {
-        let x = crate::discovery::xorshift(s.get());
-        s.set(x);
-        x
-    })
-}
-
 impl Balanced<'_> {
     async fn send(
         &self,
@@ -230,7 +212,7 @@ impl Balanced<'_> {
             policy: policy.clone(),
         };
         if let Some(rule) = rule {
-            match rule.pick(random()) {
+            match rule.pick(crate::rng::random()) {
                 Pick::Parent => {}
                 Pick::Nothing => return Err(no_backend(rule, "every backend has weight 0")),
                 Pick::Backend(b) => dest = self.backend(rule, b).await?,
@@ -411,7 +393,7 @@ impl Balanced<'_> {
                 .backoff_base
                 .saturating_mul(1 << attempt.min(16))
                 .min(retry.backoff_max);
-            let mut pause = ceiling.mul_f64((random() % 1000) as f64 / 1000.0);
+            let mut pause = ceiling.mul_f64(crate::rng::fraction());
             if let Attempt::Response(rsp, _) = &outcome
                 && let Some(after) = retry_after(rsp)
             {
