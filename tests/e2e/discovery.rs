@@ -52,6 +52,17 @@ async fn start_controller(cluster: &Cluster, bins: &Binaries, dir: &Path) -> Pro
     Proxy::plaintext_controller(cluster.pod("ctl"), bins, dir).await
 }
 
+/// A client pod, a controller pod serving the Service `web` over the three servers'
+/// pods from a `dir:` folder, and the servers: the cluster, the folder, the controller.
+async fn client_controller_and_servers(bins: &Binaries) -> (Cluster, std::path::PathBuf, Proxy) {
+    let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
+    let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
+    let dir = tempdir(bins);
+    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
+    let controller = start_controller(&cluster, bins, &dir).await;
+    (cluster, dir, controller)
+}
+
 /// One request to the Service: which pod answered, or why it failed.
 async fn whoami(client_pod: &Pod) -> Result<String, String> {
     match client::get(client_pod, CLUSTER_IP.parse().unwrap(), "/whoami").await {
@@ -119,11 +130,7 @@ async fn a_service_is_balanced_follows_changes_and_outlives_the_controller() -> 
         return Ok(());
     }
     let bins = Binaries::new();
-    let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
-    let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
-    let dir = tempdir(&bins);
-    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
-    let mut controller = start_controller(&cluster, &bins, &dir).await;
+    let (cluster, dir, mut controller) = client_controller_and_servers(&bins).await;
 
     let mut proxies = Vec::new();
     for (role, _) in SERVERS {
@@ -271,11 +278,7 @@ async fn a_change_made_while_the_controller_was_away_applies_as_soon_as_it_is_ba
         return Ok(());
     }
     let bins = Binaries::new();
-    let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
-    let cluster = Cluster::new(&[&roles[..], &SERVERS[..]].concat());
-    let dir = tempdir(&bins);
-    write_atomically(&dir, "web.yaml", &objects(&cluster, &SERVERS));
-    let mut controller = start_controller(&cluster, &bins, &dir).await;
+    let (cluster, dir, mut controller) = client_controller_and_servers(&bins).await;
     for (role, _) in SERVERS {
         let _ = backend::http(cluster.pod(role), "0.0.0.0:8080".parse()?);
     }

@@ -190,14 +190,31 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
         "{err}"
     );
 
-    // An issuer that expired yesterday, signed by a valid root.
+    // A set written to `dir` and loaded: the error.
+    let refused =
+        |dir: &str, issuer: &rcgen::Certificate, key: &KeyPair, root: &rcgen::Certificate| {
+            let dir = base.join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("issuer.pem"), issuer.pem()).unwrap();
+            std::fs::write(dir.join("issuer.key"), key.serialize_pem()).unwrap();
+            std::fs::write(dir.join("trust-anchors.pem"), root.pem()).unwrap();
+            load(
+                &dir.join("issuer.pem"),
+                &dir.join("issuer.key"),
+                &dir.join("trust-anchors.pem"),
+            )
+            .unwrap_err()
+        };
+    let root_params = || {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "root");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p
+    };
     let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut root_params = CertificateParams::default();
-    root_params
-        .distinguished_name
-        .push(DnType::CommonName, "root");
-    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let root = root_params.self_signed(&root_key).unwrap();
+    let root = root_params().self_signed(&root_key).unwrap();
+
+    // An issuer that expired yesterday, signed by a valid root.
     let issuer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut issuer_params = CertificateParams::default();
     issuer_params
@@ -208,19 +225,9 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
     issuer_params.not_before = now - time::Duration::days(30);
     issuer_params.not_after = now - time::Duration::days(1);
     let issuer = issuer_params
-        .signed_by(&issuer_key, &Issuer::new(root_params, &root_key))
+        .signed_by(&issuer_key, &Issuer::new(root_params(), &root_key))
         .unwrap();
-    let expired = base.join("expired");
-    std::fs::create_dir_all(&expired).unwrap();
-    std::fs::write(expired.join("issuer.pem"), issuer.pem()).unwrap();
-    std::fs::write(expired.join("issuer.key"), issuer_key.serialize_pem()).unwrap();
-    std::fs::write(expired.join("trust-anchors.pem"), root.pem()).unwrap();
-    let err = load(
-        &expired.join("issuer.pem"),
-        &expired.join("issuer.key"),
-        &expired.join("trust-anchors.pem"),
-    )
-    .unwrap_err();
+    let err = refused("expired", &issuer, &issuer_key, &root);
     assert!(
         err.contains("expired/issuer.pem") && err.contains("is not valid now"),
         "{err}"
@@ -233,25 +240,10 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
         .distinguished_name
         .push(DnType::CommonName, "not-a-ca");
     leafish.is_ca = IsCa::ExplicitNoCa;
-    let mut root_params = CertificateParams::default();
-    root_params
-        .distinguished_name
-        .push(DnType::CommonName, "root");
-    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let leafish = leafish
-        .signed_by(&leafish_key, &Issuer::new(root_params, &root_key))
+        .signed_by(&leafish_key, &Issuer::new(root_params(), &root_key))
         .unwrap();
-    let not_ca = base.join("not-ca");
-    std::fs::create_dir_all(&not_ca).unwrap();
-    std::fs::write(not_ca.join("issuer.pem"), leafish.pem()).unwrap();
-    std::fs::write(not_ca.join("issuer.key"), leafish_key.serialize_pem()).unwrap();
-    std::fs::write(not_ca.join("trust-anchors.pem"), root.pem()).unwrap();
-    let err = load(
-        &not_ca.join("issuer.pem"),
-        &not_ca.join("issuer.key"),
-        &not_ca.join("trust-anchors.pem"),
-    )
-    .unwrap_err();
+    let err = refused("not-ca", &leafish, &leafish_key, &root);
     assert!(
         err.contains("not-ca/issuer.pem") && err.contains("is not a CA"),
         "{err}"
