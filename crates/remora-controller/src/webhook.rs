@@ -171,17 +171,21 @@ impl ServingCert {
 
     /// Re-reads the files; a changed, good pair replaces the served one.
     fn reload(&self, metrics: &Metrics) {
-        let raw = match (std::fs::read(&self.cert), std::fs::read(&self.key)) {
-            (Ok(mut c), Ok(k)) => {
-                c.extend_from_slice(&k);
-                c
-            }
+        // Read once: what is compared is what is parsed. A failure is said once per
+        // change (an unreadable pair reads as nothing).
+        let files = (read_file(&self.cert), read_file(&self.key));
+        let raw = match &files {
+            (Ok(c), Ok(k)) => [&c[..], &k[..]].concat(),
             _ => Vec::new(),
         };
-        if raw == self.current.read().0 {
+        if self.current.read().0 == raw {
             return;
         }
-        match read_pair(&self.cert, &self.key) {
+        let pair = match files {
+            (Ok(c), Ok(k)) => parse_pair(&self.cert, c, &self.key, k),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        match pair {
             Ok(pair) => {
                 info!(cert = %self.cert.display(), "webhook certificate reloaded");
                 metrics.cert_reloaded(CertReload::Reloaded);
@@ -197,8 +201,7 @@ impl ServingCert {
     }
 
     fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(crate::identity::serving::provider())
             .with_safe_default_protocol_versions()
             .expect("the provider supports TLS 1.2 and 1.3")
             .with_no_client_auth()
@@ -210,8 +213,20 @@ impl ServingCert {
 
 /// The files' bytes and the key they make, checked to belong together.
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>), String> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    parse_pair(cert, read_file(cert)?, key, read_file(key)?)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// [`read_pair`] on bytes already read (named by their files in errors).
+fn parse_pair(
+    cert: &Path,
+    cert_pem: Vec<u8>,
+    key: &Path,
+    key_pem: Vec<u8>,
+) -> Result<(Vec<u8>, Arc<CertifiedKey>), String> {
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -220,8 +235,7 @@ fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Arc<CertifiedKey>), St
     }
     let der = PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| format!("{}: no PEM private key: {e}", key.display()))?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let signer = provider
+    let signer = crate::identity::serving::provider()
         .key_provider
         .load_private_key(der)
         .map_err(|e| format!("{}: {e}", key.display()))?;

@@ -33,7 +33,9 @@ use tracing::{debug, info, warn};
 use super::{Ca, ServiceAccount, server_name, spiffe_id};
 use crate::access::Caller;
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// The crypto provider of every TLS endpoint the controller serves (aws-lc-rs: the
+/// post-quantum hybrid key exchange first).
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
