@@ -33,6 +33,11 @@ pub const CONTROLLER: &str = "remora-controller";
 pub const WEBHOOK_CONFIG: &str = "remora-injector";
 pub const LEASE: &str = "remora-controller";
 pub const HTTPROUTE_CRD: &str = "httproutes.gateway.networking.k8s.io";
+/// The ConfigMap the chart writes the injector's settings to, and its key (the
+/// controller's `--inject-config` file); the trust anchors' key.
+pub const SETTINGS_CONFIG_MAP: &str = "remora-inject";
+pub const SETTINGS_KEY: &str = "settings.yaml";
+pub const ANCHORS_KEY: &str = "trust-anchors.pem";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -260,7 +265,8 @@ async fn crds(client: &Client, r: &mut Report) {
     let mut missing = Vec::new();
     let mut stale = Vec::new();
     let mut errors = Vec::new();
-    for want in remora_k8s::crds() {
+    let wanted = remora_k8s::crds();
+    for want in &wanted {
         let name = want.metadata.name.clone().unwrap_or_default();
         match api.get(&name).await {
             Ok(have) => {
@@ -277,7 +283,7 @@ async fn crds(client: &Client, r: &mut Report) {
                         })
                         .collect::<BTreeMap<_, _>>()
                 };
-                let (w, h) = (schemas(&want), schemas(&have));
+                let (w, h) = (schemas(want), schemas(&have));
                 if w.iter().any(|(v, s)| h.get(v) != Some(s)) {
                     stale.push(name);
                 }
@@ -317,10 +323,7 @@ async fn crds(client: &Client, r: &mut Report) {
     } else {
         r.ok(
             "crds",
-            format!(
-                "{} Remora CRDs installed and current",
-                remora_k8s::crds().len()
-            ),
+            format!("{} Remora CRDs installed and current", wanted.len()),
         );
     }
     match api.get(HTTPROUTE_CRD).await {
@@ -400,25 +403,20 @@ async fn leader(client: &Client, ns: &str, r: &mut Report) {
     }
 }
 
-async fn config_map_key(
+/// One key of a ConfigMap, or what is wrong (named).
+pub async fn config_map_key(
     client: &Client,
     ns: &str,
     name: &str,
-    key: Option<&str>,
+    key: &str,
 ) -> Result<String, String> {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
         .get(name)
         .await
         .map_err(|e| format!("ConfigMap {ns}/{name}: {}", api_error(&e)))?;
-    let data = cm.data.unwrap_or_default();
-    let value = match key {
-        Some(k) => data.get(k),
-        // The one key a single-file ConfigMap holds.
-        None => data.values().next(),
-    };
-    value
-        .cloned()
-        .ok_or_else(|| format!("ConfigMap {ns}/{name} has no {}", key.unwrap_or("data")))
+    cm.data
+        .and_then(|mut d| d.remove(key))
+        .ok_or_else(|| format!("ConfigMap {ns}/{name} has no {key}"))
 }
 
 /// Reading a Secret may be forbidden to whoever runs the check: that is no failure of
@@ -454,9 +452,9 @@ async fn injector_settings(
     let name = mounts
         .inject_config_map
         .as_deref()
-        .unwrap_or("remora-inject");
+        .unwrap_or(SETTINGS_CONFIG_MAP);
     let hint = "the chart writes it from values; helm upgrade to restore it";
-    match config_map_key(client, ns, name, Some("settings.yaml")).await {
+    match config_map_key(client, ns, name, SETTINGS_KEY).await {
         Ok(text) => match Settings::from_yaml(&text) {
             Ok(s) => {
                 r.ok(
@@ -531,7 +529,7 @@ async fn trust_anchors(
         .unwrap_or("remora-trust-anchors");
     let hint = "make a new root and rotate it in (docs/install.md, \"Rotating the trust \
                 anchors\"): old and new in one bundle, then restart meshed pods";
-    let text = match config_map_key(client, ns, name, None).await {
+    let text = match config_map_key(client, ns, name, ANCHORS_KEY).await {
         Ok(t) => t,
         Err(e) => {
             r.fail("trust-anchors", e, hint);

@@ -10,14 +10,10 @@ use std::{
     process::ExitCode,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use remora_cli::{check, inject};
 use remora_k8s::inject::{Outcome, Settings};
-
-/// The ConfigMap the chart writes the injector's settings to, and its key.
-const SETTINGS_CONFIG_MAP: &str = "remora-inject";
-const SETTINGS_KEY: &str = "settings.yaml";
 
 fn mesh_namespace() -> Arg {
     Arg::new("mesh-namespace")
@@ -196,15 +192,16 @@ fn settings_from_cluster(namespace: &str) -> anyhow::Result<Settings> {
         let client = kube::Client::try_default()
             .await
             .with_context(|| format!("no cluster to read the injector's settings from; {hint}"))?;
-        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-            kube::Api::namespaced(client, namespace);
-        let cm = api.get(SETTINGS_CONFIG_MAP).await.with_context(|| {
-            format!("reading ConfigMap {namespace}/{SETTINGS_CONFIG_MAP}; {hint}")
-        })?;
-        let Some(text) = cm.data.as_ref().and_then(|d| d.get(SETTINGS_KEY)) else {
-            bail!("ConfigMap {namespace}/{SETTINGS_CONFIG_MAP} has no {SETTINGS_KEY}; {hint}");
-        };
-        Settings::from_yaml(text)
-            .map_err(|e| anyhow::anyhow!("ConfigMap {namespace}/{SETTINGS_CONFIG_MAP}: {e}"))
+        let text = check::config_map_key(
+            &client,
+            namespace,
+            check::SETTINGS_CONFIG_MAP,
+            check::SETTINGS_KEY,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; {hint}"))?;
+        Settings::from_yaml(&text).map_err(|e| {
+            anyhow::anyhow!("ConfigMap {namespace}/{}: {e}", check::SETTINGS_CONFIG_MAP)
+        })
     })
 }

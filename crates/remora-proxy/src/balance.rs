@@ -78,10 +78,6 @@ impl Balancer {
         }
     }
 
-    fn random(&self) -> u64 {
-        crate::rng::random()
-    }
-
     /// Picks an endpoint from `endpoints` (the current view) with the default policy.
     pub fn pick(&self, endpoints: &Arc<[Endpoint]>) -> Option<Arc<EndpointState>> {
         self.pick_with(endpoints, &RoutePolicy::default()).ok()
@@ -108,7 +104,7 @@ impl Balancer {
     ) -> Result<Arc<EndpointState>, NoPick> {
         // The candidate list is rebuilt only when the endpoint set changes, so a pick
         // allocates nothing.
-        let r = self.random();
+        let r = crate::rng::random();
         let now = Instant::now();
         let max = policy.breaker.max_requests as usize;
         let guard = {

@@ -233,14 +233,10 @@ impl Identity {
                 }
                 Err(error) => {
                     warn!(%error, retry_in = ?retry, "certification failed");
-                    tokio::time::sleep(retry.mul_f64(0.5 + jitter())).await;
+                    tokio::time::sleep(retry.mul_f64(0.5 + crate::rng::fraction())).await;
                     retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
     }
-}
-
-fn jitter() -> f64 {
-    crate::rng::fraction()
 }
