@@ -267,6 +267,40 @@ pub enum Target {
     Addr(SocketAddr),
 }
 
+impl Target {
+    /// Parses a `GetDestination.target`.
+    pub fn parse(target: &str, cluster_domain: &str) -> Result<Target, String> {
+        if let Ok(addr) = target.parse::<SocketAddr>() {
+            return Ok(Target::Addr(addr));
+        }
+        let (host, port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| format!("target {target:?} has no port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("target {target:?} has a bad port"))?;
+        if host.parse::<IpAddr>().is_ok() {
+            return Err(format!("target {target:?}: put IPv6 addresses in brackets"));
+        }
+        let suffix = format!(".svc.{cluster_domain}");
+        let rest = host
+            .trim_end_matches('.')
+            .strip_suffix(&suffix)
+            .ok_or_else(|| format!("target {target:?} is not <name>.<namespace>{suffix}:<port>"))?;
+        match rest.split_once('.') {
+            Some((name, ns)) if !name.is_empty() && !ns.is_empty() && !ns.contains('.') => {
+                Ok(Target::Service {
+                    id: NsName::new(ns, name),
+                    port,
+                })
+            }
+            _ => Err(format!(
+                "target {target:?} is not <name>.<namespace>{suffix}:<port>"
+            )),
+        }
+    }
+}
+
 /// How to speak to a port, when known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Protocol {
@@ -320,3 +354,41 @@ pub struct Published {
 }
 
 pub type Shared = Arc<Published>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let svc = |ns: &str, name: &str, port| Target::Service {
+            id: NsName::new(ns, name),
+            port,
+        };
+        assert_eq!(
+            Target::parse("web.shop.svc.cluster.local:80", "cluster.local"),
+            Ok(svc("shop", "web", 80))
+        );
+        assert_eq!(
+            Target::parse("web.shop.svc.cluster.local.:80", "cluster.local"),
+            Ok(svc("shop", "web", 80))
+        );
+        assert_eq!(
+            Target::parse("10.96.0.10:80", "cluster.local"),
+            Ok(Target::Addr("10.96.0.10:80".parse().unwrap()))
+        );
+        assert_eq!(
+            Target::parse("[fd00::1]:443", "cluster.local"),
+            Ok(Target::Addr("[fd00::1]:443".parse().unwrap()))
+        );
+        for bad in [
+            "web:80",
+            "web.shop.svc.other.local:80",
+            "fd00::1:80",
+            "web.shop.svc.cluster.local",
+            "a.b.c.svc.cluster.local:1",
+        ] {
+            assert!(Target::parse(bad, "cluster.local").is_err(), "{bad}");
+        }
+    }
+}

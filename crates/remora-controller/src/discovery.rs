@@ -12,9 +12,9 @@ use remora_api::v1 as api;
 
 use crate::{
     core::{Event, Published, Shared, Target},
+    inbound::{self, WorkloadKey},
     index::{Index, Touched},
     metrics::Metrics,
-    policy::{self, WorkloadKey},
     watches::{Watched, Watches},
 };
 
@@ -115,7 +115,7 @@ impl Discovery {
     /// The current inbound policy of every port of `key`'s pod, and every later one.
     pub fn subscribe_inbound(&self, key: WorkloadKey) -> InboundWatch {
         self.inbound.subscribe(key, |key| {
-            Arc::new(policy::workload(
+            Arc::new(inbound::workload(
                 &self.index.read(),
                 key,
                 &self.cluster_networks,
@@ -190,7 +190,7 @@ impl Discovery {
                     return;
                 }
                 let index = self.index.read();
-                send_if_changed(tx, policy::workload(&index, key, &self.cluster_networks));
+                send_if_changed(tx, inbound::workload(&index, key, &self.cluster_networks));
             });
         }
         self.subs.each(|target, tx| {

@@ -16,21 +16,21 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     access::{Access, Caller, StreamPermit},
-    core::{EndpointView, NsName, Protocol, Resolution, Shared, Target},
+    core::{EndpointView, Protocol, Resolution, Shared, Target},
     discovery::{Discovery, TargetWatch},
 };
 
 /// The controller's gRPC services behind one listener, routed by path (what tonic's
 /// router would do, without its axum dependency), each call checked by `access` first.
 #[derive(Clone)]
-pub struct Routes {
+pub struct Router {
     pub destination: api::destination_server::DestinationServer<DestinationService>,
     pub identity: api::identity_server::IdentityServer<crate::identity::grpc::IdentityService>,
     pub policy: api::policy_server::PolicyServer<crate::policy::PolicyService>,
     pub access: Arc<Access>,
 }
 
-impl<B> tower_service::Service<http::Request<B>> for Routes
+impl<B> tower_service::Service<http::Request<B>> for Router
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
@@ -68,38 +68,6 @@ where
     }
 }
 
-/// Parses a `GetDestination.target`.
-pub fn parse_target(target: &str, cluster_domain: &str) -> Result<Target, String> {
-    if let Ok(addr) = target.parse::<SocketAddr>() {
-        return Ok(Target::Addr(addr));
-    }
-    let (host, port) = target
-        .rsplit_once(':')
-        .ok_or_else(|| format!("target {target:?} has no port"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("target {target:?} has a bad port"))?;
-    if host.parse::<IpAddr>().is_ok() {
-        return Err(format!("target {target:?}: put IPv6 addresses in brackets"));
-    }
-    let suffix = format!(".svc.{cluster_domain}");
-    let rest = host
-        .trim_end_matches('.')
-        .strip_suffix(&suffix)
-        .ok_or_else(|| format!("target {target:?} is not <name>.<namespace>{suffix}:<port>"))?;
-    match rest.split_once('.') {
-        Some((name, ns)) if !name.is_empty() && !ns.is_empty() && !ns.contains('.') => {
-            Ok(Target::Service {
-                id: NsName::new(ns, name),
-                port,
-            })
-        }
-        _ => Err(format!(
-            "target {target:?} is not <name>.<namespace>{suffix}:<port>"
-        )),
-    }
-}
-
 pub struct DestinationService {
     discovery: Arc<Discovery>,
     cluster_domain: String,
@@ -133,7 +101,7 @@ impl api::destination_server::Destination for DestinationService {
         &self,
         req: Request<api::GetDestination>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let target = parse_target(&req.get_ref().target, &self.cluster_domain)
+        let target = Target::parse(&req.get_ref().target, &self.cluster_domain)
             .map_err(Status::invalid_argument)?;
         let permit = self
             .access
@@ -330,44 +298,6 @@ fn endpoint(e: &EndpointView) -> api::Endpoint {
         zone: e.zone.clone().unwrap_or_default(),
         labels: e.labels.clone().into_iter().collect(),
         ready: e.ready,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets() {
-        let svc = |ns: &str, name: &str, port| Target::Service {
-            id: NsName::new(ns, name),
-            port,
-        };
-        assert_eq!(
-            parse_target("web.shop.svc.cluster.local:80", "cluster.local"),
-            Ok(svc("shop", "web", 80))
-        );
-        assert_eq!(
-            parse_target("web.shop.svc.cluster.local.:80", "cluster.local"),
-            Ok(svc("shop", "web", 80))
-        );
-        assert_eq!(
-            parse_target("10.96.0.10:80", "cluster.local"),
-            Ok(Target::Addr("10.96.0.10:80".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_target("[fd00::1]:443", "cluster.local"),
-            Ok(Target::Addr("[fd00::1]:443".parse().unwrap()))
-        );
-        for bad in [
-            "web:80",
-            "web.shop.svc.other.local:80",
-            "fd00::1:80",
-            "web.shop.svc.cluster.local",
-            "a.b.c.svc.cluster.local:1",
-        ] {
-            assert!(parse_target(bad, "cluster.local").is_err(), "{bad}");
-        }
     }
 }
 

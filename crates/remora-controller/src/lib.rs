@@ -9,6 +9,7 @@ pub mod core;
 pub mod discovery;
 pub mod grpc;
 pub mod identity;
+pub mod inbound;
 pub mod index;
 pub mod leader;
 pub mod metrics;
@@ -289,7 +290,7 @@ impl App {
                  the port; use it only locally"
             );
         }
-        let routes = grpc::Routes {
+        let routes = grpc::Router {
             destination: DestinationServer::new(DestinationService::new(
                 discovery.clone(),
                 config.cluster_domain.clone(),

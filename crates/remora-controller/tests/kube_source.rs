@@ -8,7 +8,11 @@ use remora_controller::{App, Config};
 use remora_fake_kube::FakeApi;
 use remora_proxy::{
     addr::OrigDst,
-    discovery::{ClientInfo, Discovery, View},
+    control::ClientInfo,
+    outbound::{
+        Destinations,
+        discovery::{Discovery, View},
+    },
 };
 use serde_json::{Value, json};
 
@@ -63,7 +67,7 @@ fn endpoints(v: &View) -> Vec<(String, bool)> {
 
 /// The fake API server for `fake`, a controller with `--source kube` over it, and a
 /// proxy-side discovery client of that controller.
-async fn controller_over(fake: &FakeApi) -> Arc<Discovery> {
+async fn controller_over(fake: &FakeApi) -> Arc<Destinations> {
     let client = fake.client("controller");
     let args = [
         "remora-controller",
@@ -84,11 +88,14 @@ async fn controller_over(fake: &FakeApi) -> Arc<Discovery> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect_lazy();
-    Discovery::new(
+    let discovery = Discovery::new(
         channel,
         ClientInfo::default(),
         prometheus_client::metrics::counter::Counter::default(),
-        remora_proxy::discovery::Reconnected::default(),
+        remora_proxy::reconnect::Reconnected::default(),
+    );
+    Destinations::new(
+        discovery,
         remora_proxy::connect::Connector::plain(Duration::from_secs(1)),
     )
 }
@@ -102,7 +109,7 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
     fake.apply(service("web", "10.96.0.10"));
     fake.apply(slice(&["10.0.0.1"]));
     let discovery = controller_over(&fake).await;
-    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "the Service's endpoints", |v| {
         endpoints(v).len() == 1
@@ -139,7 +146,7 @@ async fn kube_source_list_watch_relist_reaches_the_proxy() {
     fake.apply(pod("10.0.0.1", true));
     fake.apply(pod("10.0.0.2", false));
     let discovery = controller_over(&fake).await;
-    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
 
     // The initial list: two endpoints, the meshed one with its identity.
@@ -240,7 +247,7 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         other_controller.clone(),
     ));
     let discovery = controller_over(&fake).await;
-    let target = discovery.target(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "endpoints", |v| endpoints(v).len() == 1).await;
     let policy = target.policy(Duration::from_secs(15)).await;

@@ -51,9 +51,9 @@ fn headers(c: &mut Criterion) {
 }
 
 /// Ten ready, unmeshed endpoints.
-fn ten_endpoints() -> std::sync::Arc<[remora_proxy::discovery::Endpoint]> {
+fn ten_endpoints() -> std::sync::Arc<[remora_proxy::outbound::discovery::Endpoint]> {
     (1..=10u8)
-        .map(|i| remora_proxy::discovery::Endpoint {
+        .map(|i| remora_proxy::outbound::discovery::Endpoint {
             addr: std::net::SocketAddr::from(([10, 0, 0, i], 8080)),
             identity: None,
             ready: true,
@@ -63,10 +63,9 @@ fn ten_endpoints() -> std::sync::Arc<[remora_proxy::discovery::Endpoint]> {
 }
 
 fn balancer(c: &mut Criterion) {
-    use remora_proxy::{balance::Balancer, connect::Connector};
-    use std::time::Duration;
+    use remora_proxy::outbound::balance::Balancer;
     let endpoints = ten_endpoints();
-    let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+    let b = Balancer::new(|_: &remora_proxy::outbound::discovery::Endpoint| ());
     c.bench_function("balancer_pick/10_endpoints", |bench| {
         bench.iter(|| black_box(b.pick(black_box(&endpoints))))
     });
@@ -76,20 +75,21 @@ fn balancer(c: &mut Criterion) {
 /// breaker and a concurrency limit in force, the in-flight guard, the outcome recorded,
 /// and the retry budget's bookkeeping.
 struct PolicyWork {
-    endpoints: std::sync::Arc<[remora_proxy::discovery::Endpoint]>,
-    balancer: std::sync::Arc<remora_proxy::balance::Balancer>,
-    policy: remora_proxy::policy::RoutePolicy,
-    budget: remora_proxy::policy::RetryBudget,
+    endpoints: std::sync::Arc<[remora_proxy::outbound::discovery::Endpoint]>,
+    balancer: std::sync::Arc<remora_proxy::outbound::balance::Balancer<()>>,
+    policy: remora_proxy::outbound::policy::ServicePolicy,
+    budget: remora_proxy::outbound::resilience::RetryBudget,
     ejections: prometheus_client::metrics::counter::Counter,
     service: std::sync::Arc<str>,
 }
 
 impl PolicyWork {
     fn new() -> Self {
-        use remora_proxy::{
+        use remora_proxy::outbound::{
             balance::Balancer,
-            connect::Connector,
-            policy::{Breaker, Conditions, Retry, RetryBudget, RoutePolicy},
+            discovery::Endpoint,
+            policy::{Breaker, Conditions, Retry, ServicePolicy},
+            resilience::RetryBudget,
         };
         use std::time::Duration;
         let retry = Retry {
@@ -107,8 +107,8 @@ impl PolicyWork {
         };
         Self {
             endpoints: ten_endpoints(),
-            balancer: std::sync::Arc::new(Balancer::new(Connector::plain(Duration::from_secs(1)))),
-            policy: RoutePolicy {
+            balancer: std::sync::Arc::new(Balancer::new(|_: &Endpoint| ())),
+            policy: ServicePolicy {
                 retry: Some(retry),
                 breaker: Breaker {
                     consecutive_failures: 5,
@@ -131,7 +131,7 @@ impl PolicyWork {
         let retry = policy.retry.as_ref().expect("a retry policy");
         let ep = b.pick_with(black_box(&self.endpoints), policy).unwrap();
         let mut guard = ep.start();
-        guard.settle_with(remora_proxy::balance::Settle {
+        guard.settle_with(remora_proxy::outbound::balance::Settle {
             breaker: policy.breaker.clone(),
             balancer: b.clone(),
             ejections: self.ejections.clone(),
@@ -139,7 +139,15 @@ impl PolicyWork {
         });
         self.budget.request(retry.budget_window);
         ep.observe(std::time::Duration::from_micros(300));
-        black_box(retry.retriable_response(http::StatusCode::OK, None, false));
+        let outcome = remora_proxy::outbound::resilience::Outcome::Answered {
+            status: http::StatusCode::OK,
+            grpc: None,
+        };
+        black_box(remora_proxy::outbound::resilience::retriable(
+            outcome,
+            Some(retry),
+            false,
+        ));
         guard.answered();
         guard.settle(true);
         drop(guard);
@@ -156,7 +164,7 @@ fn policy(c: &mut Criterion) {
 /// Routes as a Service with a canary and a migration might have them: eight rules over
 /// three HTTPRoutes (exact paths, prefixes, a regular expression, a header match, a
 /// method, a query match, a 90/10 split).
-fn routes() -> remora_proxy::policy::routes::Routes {
+fn routes() -> remora_proxy::outbound::routes::Routes {
     use api::path_match::Kind::{Exact, Prefix, Regex};
     use remora_api::v1 as api;
     let m = |path: api::path_match::Kind, method: &str| api::HttpRouteMatch {
@@ -193,7 +201,7 @@ fn routes() -> remora_proxy::policy::routes::Routes {
         }),
         rules,
     };
-    remora_proxy::policy::routes::Routes::from_api(&[
+    remora_proxy::outbound::routes::Routes::from_api(&[
         route(
             "health",
             vec![
@@ -243,7 +251,7 @@ fn routed_parts() -> http::request::Parts {
 
 /// A request's route: matching across eight rules, then a weighted backend pick.
 fn route(
-    routes: &remora_proxy::policy::routes::Routes,
+    routes: &remora_proxy::outbound::routes::Routes,
     parts: &http::request::Parts,
     seed: &mut u64,
 ) {
@@ -251,7 +259,7 @@ fn route(
     let rule = routes.find(black_box(parts)).unwrap();
     black_box(matches!(
         rule.pick(*seed),
-        remora_proxy::policy::routes::Pick::Backend(_)
+        remora_proxy::outbound::routes::Pick::Backend(_)
     ));
 }
 

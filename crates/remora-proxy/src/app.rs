@@ -20,14 +20,15 @@ use tracing::{info, warn};
 use remora_admin::{Admin, LogLevel, Readiness};
 
 use crate::{
-    authz::{InboundConfig, InboundPolicies},
+    accept::{Detect, accept_loop},
     config::Config,
     connect::Connector,
-    control::{self, Channels},
-    discovery::{ClientInfo, Discovery, Reconnected},
+    control::{self, Channels, ClientInfo},
     identity::{self, Identity},
+    inbound::{Inbound, InboundConfig, InboundPolicies},
     metrics::{Direction, Metrics},
-    proxy::{self, Ctx},
+    outbound::{Destinations, Outbound, discovery::Discovery},
+    reconnect::Reconnected,
     tcp,
     tls::{self, TlsContext},
 };
@@ -62,6 +63,13 @@ pub enum BuildError {
     },
 }
 
+/// The two sides of the proxy, each with its own context.
+struct Sides {
+    inbound: Arc<Inbound>,
+    outbound: Arc<Outbound>,
+    metrics: Metrics,
+}
+
 /// A bound, not yet running proxy.
 pub struct App {
     config: Config,
@@ -69,7 +77,7 @@ pub struct App {
     outbound: Vec<TcpListener>,
     admin_listeners: Vec<TcpListener>,
     admin: Arc<Admin>,
-    ctx: Arc<Ctx>,
+    sides: Sides,
     identity: Option<Arc<Identity>>,
     channels: Option<Channels>,
 }
@@ -133,14 +141,14 @@ impl App {
         // as soon as it is back.
         let reconnected =
             Reconnected::new(config.controller_addr.as_ref().map(|a| a.authority.clone()));
-        let discovery = channels.as_ref().map(|c| {
-            Discovery::new(
+        let destinations = channels.as_ref().map(|c| {
+            let discovery = Discovery::new(
                 c.api.clone(),
                 info.clone(),
                 metrics.control_reconnects.clone(),
                 reconnected.clone(),
-                connector.clone(),
-            )
+            );
+            Destinations::new(discovery, connector.clone())
         });
         let policies = InboundPolicies::new(
             channels.as_ref().map(|c| c.api.clone()),
@@ -160,33 +168,50 @@ impl App {
             timeout: config.tcp_idle_timeout,
             closed: metrics.tcp_idle_closed(direction),
         };
-        let ctx = Arc::new(Ctx {
-            discovery,
-            discovery_wait: config.discovery_wait,
-            preconnect_delay: config.preconnect_delay,
+        let detect = |direction| Detect {
+            timeout: config.detect_timeout,
+            metrics: metrics.clone(),
+            direction,
+        };
+        let inbound_side = Arc::new(Inbound {
             opaque_ports: config.opaque_ports.clone(),
-            detect_timeout: config.detect_timeout,
+            detect: detect(Direction::Inbound),
             connect_timeout: config.connect_timeout,
-            connector,
+            preconnect_delay: config.preconnect_delay,
             tls,
             policies,
-            inbound_slots: Arc::new(Semaphore::new(config.inbound_max_connections)),
-            idle_inbound: idle(Direction::Inbound),
-            idle_outbound: idle(Direction::Outbound),
-            metrics,
-            drain_inbound: CancellationToken::new(),
-            drain_outbound: CancellationToken::new(),
-            tracker_inbound: TaskTracker::new(),
-            tracker_outbound: TaskTracker::new(),
-            outbound_accepted: AtomicU64::new(0),
+            metrics: metrics.clone(),
+            slots: Arc::new(Semaphore::new(config.inbound_max_connections)),
+            idle: idle(Direction::Inbound),
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
         });
+        let outbound_side = Arc::new(Outbound {
+            opaque_ports: config.opaque_ports.clone(),
+            detect: detect(Direction::Outbound),
+            connect_timeout: config.connect_timeout,
+            connector,
+            metrics: metrics.clone(),
+            destinations,
+            discovery_wait: config.discovery_wait,
+            preconnect_delay: config.preconnect_delay,
+            idle: idle(Direction::Outbound),
+            drain: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            accepted: AtomicU64::new(0),
+        });
+        let sides = Sides {
+            inbound: inbound_side,
+            outbound: outbound_side,
+            metrics,
+        };
         Ok(Self {
             config,
             inbound,
             outbound,
             admin_listeners,
             admin,
-            ctx,
+            sides,
             identity,
             channels,
         })
@@ -213,12 +238,12 @@ impl App {
             outbound,
             admin_listeners,
             admin,
-            ctx,
+            sides,
             identity,
             channels,
         } = self;
         if let (Some(identity), Some(channels)) = (identity, &channels) {
-            let expiry = ctx.metrics.cert_expiry.clone();
+            let expiry = sides.metrics.cert_expiry.clone();
             tokio::spawn(identity.run(channels.identity.clone(), admin.readiness.clone(), expiry));
         }
         for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
@@ -234,7 +259,7 @@ impl App {
                 default_inbound_policy = config.default_inbound_policy.as_str(),
                 "remora-proxy {} running{}",
                 env!("CARGO_PKG_VERSION"),
-                if ctx.tls.is_some() {
+                if sides.inbound.tls.is_some() {
                     ""
                 } else {
                     " WITHOUT an identity: traffic is NOT encrypted"
@@ -249,27 +274,27 @@ impl App {
                 env!("CARGO_PKG_VERSION"),
             ),
         }
-        let metrics = ctx.metrics.clone();
+        let metrics = sides.metrics.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SERIES_SWEEP).await;
                 metrics.expire_idle(crate::metrics::SERIES_IDLE);
             }
         });
-        if let Some(discovery) = ctx.discovery.clone() {
+        if let Some(destinations) = sides.outbound.destinations.clone() {
+            let sweep = destinations.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(DISCOVERY_SWEEP).await;
-                    discovery.evict_idle(DISCOVERY_IDLE);
+                    sweep.evict_idle(DISCOVERY_IDLE);
                 }
             });
             // `remora_endpoints{target, state}`, sampled: cheap, and never stale by more
             // than a few seconds.
-            let (discovery, metrics) = (ctx.discovery.clone(), ctx.metrics.clone());
+            let metrics = sides.metrics.clone();
             tokio::spawn(async move {
-                let Some(discovery) = discovery else { return };
                 loop {
-                    metrics.set_endpoints(&discovery.census());
+                    metrics.set_endpoints(&destinations.census());
                     tokio::time::sleep(ENDPOINTS_SAMPLE).await;
                 }
             });
@@ -278,22 +303,20 @@ impl App {
         for l in admin_listeners {
             tokio::spawn(remora_admin::serve(l, admin.clone(), admin_stop.clone()));
         }
-        let mut accept_loops = Vec::new();
-        for (listeners, direction) in [
-            (inbound, Direction::Inbound),
-            (outbound, Direction::Outbound),
-        ] {
-            for l in listeners {
-                let task = tokio::spawn(proxy::accept_loop(l, direction, ctx.clone()));
-                accept_loops.push((direction, task));
-            }
-        }
+        let inbound_loops: Vec<_> = inbound
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(l, sides.inbound.clone())))
+            .collect();
+        let outbound_loops: Vec<_> = outbound
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(l, sides.outbound.clone())))
+            .collect();
 
         tokio::select! {
             _ = shutdown => info!("shutdown signal received"),
             _ = admin.shutdown.cancelled() => {}
         }
-        drain(&ctx, &config, accept_loops).await;
+        drain(&sides, &config, inbound_loops, outbound_loops).await;
         admin_stop.cancel();
         info!("shut down");
     }
@@ -308,38 +331,36 @@ impl App {
 /// exits once no connection of either side is left, or when the grace period, counted
 /// from the signal, is over.
 async fn drain(
-    ctx: &Ctx,
+    sides: &Sides,
     config: &Config,
-    accept_loops: Vec<(Direction, tokio::task::JoinHandle<()>)>,
+    inbound_loops: Vec<tokio::task::JoinHandle<()>>,
+    outbound_loops: Vec<tokio::task::JoinHandle<()>>,
 ) {
+    let (inbound, outbound) = (&sides.inbound, &sides.outbound);
     let deadline = tokio::time::Instant::now() + config.shutdown_grace_period;
     info!(delay = ?config.shutdown_delay, grace = ?config.shutdown_grace_period,
         "draining: still accepting for the shutdown delay");
     tokio::time::sleep(config.shutdown_delay).await;
-    ctx.drain_inbound.cancel();
-    let mut outbound_loops = Vec::new();
-    for (direction, task) in accept_loops {
-        match direction {
-            Direction::Inbound => drop(task.await),
-            Direction::Outbound => outbound_loops.push(task),
-        }
+    inbound.drain.cancel();
+    for task in inbound_loops {
+        let _ = task.await;
     }
-    ctx.tracker_inbound.close();
+    inbound.tracker.close();
     info!(
-        inbound = ctx.tracker_inbound.len(),
-        outbound = ctx.tracker_outbound.len(),
+        inbound = inbound.tracker.len(),
+        outbound = outbound.tracker.len(),
         "stopped accepting inbound connections; waiting for the open ones"
     );
     let drained = async {
-        ctx.tracker_inbound.wait().await;
+        inbound.tracker.wait().await;
         // The app's own connections: once it has had none open, nor opened one, for a
         // while, it is done (or gone).
         let mut quiet_since = tokio::time::Instant::now();
-        let mut seen = ctx.outbound_accepted.load(Ordering::Relaxed);
+        let mut seen = outbound.accepted.load(Ordering::Relaxed);
         loop {
             tokio::time::sleep(OUTBOUND_POLL).await;
-            let accepted = ctx.outbound_accepted.load(Ordering::Relaxed);
-            if accepted != seen || !ctx.tracker_outbound.is_empty() {
+            let accepted = outbound.accepted.load(Ordering::Relaxed);
+            if accepted != seen || !outbound.tracker.is_empty() {
                 (seen, quiet_since) = (accepted, tokio::time::Instant::now());
             } else if quiet_since.elapsed() >= OUTBOUND_QUIET {
                 break;
@@ -348,12 +369,12 @@ async fn drain(
     };
     if tokio::time::timeout_at(deadline, drained).await.is_err() {
         warn!(
-            inbound = ctx.tracker_inbound.len(),
-            outbound = ctx.tracker_outbound.len(),
+            inbound = inbound.tracker.len(),
+            outbound = outbound.tracker.len(),
             "grace period over: closing the remaining connections"
         );
     }
-    ctx.drain_outbound.cancel();
+    outbound.drain.cancel();
     for task in outbound_loops {
         let _ = task.await;
     }

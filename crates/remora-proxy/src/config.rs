@@ -215,7 +215,7 @@ pub struct Config {
     pub controller_addr: Option<crate::control::ControllerAddr>,
     /// The name the controller proves over TLS.
     pub controller_name: String,
-    pub default_inbound_policy: crate::authz::DefaultPolicy,
+    pub default_inbound_policy: crate::inbound::authz::DefaultPolicy,
     pub trust_domain: String,
     pub namespace: String,
     pub pod_name: String,

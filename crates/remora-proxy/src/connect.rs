@@ -126,12 +126,12 @@ impl Connection for Conn {
 
 /// A destination's limits from its policy, in milliseconds; 0 means unset.
 #[derive(Debug, Default)]
-pub struct DestLimits {
+pub struct DialLimits {
     pub connect_ms: std::sync::atomic::AtomicU64,
     pub idle_ms: std::sync::atomic::AtomicU64,
 }
 
-impl DestLimits {
+impl DialLimits {
     fn get(ms: &std::sync::atomic::AtomicU64) -> Option<Duration> {
         match ms.load(std::sync::atomic::Ordering::Relaxed) {
             0 => None,
@@ -154,7 +154,7 @@ impl DestLimits {
 pub struct Connector {
     pub timeout: Duration,
     /// A destination's own limits (its TrafficPolicy's); None for the proxy's own.
-    pub limits: Option<Arc<DestLimits>>,
+    pub limits: Option<Arc<DialLimits>>,
     pub tls: Option<Arc<TlsContext>>,
     /// Handshakes with endpoints that failed.
     pub tls_failures: Counter,
@@ -174,7 +174,7 @@ impl Connector {
     pub fn timeout(&self) -> Duration {
         self.limits
             .as_ref()
-            .and_then(|l| DestLimits::get(&l.connect_ms))
+            .and_then(|l| DialLimits::get(&l.connect_ms))
             .unwrap_or(self.timeout)
     }
 
@@ -182,7 +182,7 @@ impl Connector {
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.limits
             .as_ref()
-            .and_then(|l| DestLimits::get(&l.idle_ms))
+            .and_then(|l| DialLimits::get(&l.idle_ms))
     }
 
     /// Whether a connection to an endpoint with identity `peer` is encrypted.

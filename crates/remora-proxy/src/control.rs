@@ -13,6 +13,7 @@ use std::{
 };
 
 use hyper_util::rt::TokioIo;
+use remora_api::v1 as api;
 use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -178,6 +179,26 @@ mod tests {
         assert_eq!(a.to_string(), "http://10.0.0.1:8086");
         for bad in ["10.0.0.1:8086", "https://host", "ftp://h:1", "https://"] {
             assert!(ControllerAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
+/// Who is asking, sent with every request.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub namespace: String,
+    pub pod_name: String,
+    pub pod_ip: String,
+}
+
+impl ClientInfo {
+    /// As every request to the controller carries it.
+    pub fn to_api(&self) -> api::ClientInfo {
+        api::ClientInfo {
+            namespace: self.namespace.clone(),
+            pod_name: self.pod_name.clone(),
+            pod_ip: self.pod_ip.clone(),
+            zone: String::new(),
+            proxy_version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
 }

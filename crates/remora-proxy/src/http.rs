@@ -4,13 +4,13 @@
 
 mod body;
 mod client_body;
+mod forward;
 mod headers;
 pub mod pool;
 pub mod replay;
-pub mod route;
 mod upstream;
 
-use std::{convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
+use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -23,58 +23,21 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::debug;
 
 pub use body::{MeteredBody, grpc_status};
 pub use client_body::{BodyFailed, ClientBody};
-pub use headers::{strip_hop_by_hop, wants_upgrade};
-pub use route::{Route, RouteError};
+pub use forward::{Forward, ForwardError, Guard, NoGuard, absolute};
+pub use headers::{strip_hop_by_hop, upgrade_requested, wants_upgrade};
 pub use upstream::{Upstream, UpstreamError, Version};
 
-use crate::{
-    authz::{Peer, PortPolicy},
-    metrics::HttpMetrics,
-};
-
-/// Who sends the requests of an inbound connection, and the policy that judges each.
-#[derive(Debug)]
-pub struct Admission {
-    pub policy: PortPolicy,
-    pub ip: IpAddr,
-    /// The client's mesh identity, when it connected over mTLS.
-    pub identity: Option<String>,
-}
-
-impl Admission {
-    /// None when allowed; otherwise why not, for the `remora-error` header.
-    fn check<B>(&self, req: &Request<B>) -> Option<String> {
-        let policy = self.policy.current();
-        let peer = Peer {
-            ip: self.ip,
-            identity: self.identity.as_deref(),
-        };
-        let tunnel = wants_upgrade(req);
-        if policy.allows_request(&peer, req.method(), req.uri().path(), tunnel) {
-            return None;
-        }
-        let who = self
-            .identity
-            .as_deref()
-            .unwrap_or("an unauthenticated client");
-        info!(client = %self.ip, %who, policy = %policy.name, method = %req.method(),
-            path = req.uri().path(), "request denied by inbound policy");
-        Some(format!(
-            "unauthorized: {who} is not allowed by {}",
-            policy.name
-        ))
-    }
-}
+use crate::metrics::HttpMetrics;
 
 /// The header that says why the proxy, not the application, produced a response.
 pub const ERROR_HEADER: &str = "remora-error";
 
 /// What a proxied response's body is: the upstream's stream, or the proxy's own message.
-pub type ProxyBody = MeteredBody<Either<Incoming, Full<Bytes>>>;
+pub type ProxyBody<G> = MeteredBody<Either<Incoming, Full<Bytes>>, G>;
 
 /// How one client connection is served.
 #[derive(Debug)]
@@ -83,41 +46,33 @@ pub struct Served {
     /// Cancelled when the proxy drains: in-flight requests finish, then the connection
     /// closes.
     pub drain: CancellationToken,
-    /// Inbound: the policy every request must pass.
-    pub admission: Option<Admission>,
-    /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established, and
-    /// inbound, how long an HTTP/1 connection may wait for a request's headers.
+    /// How long an HTTP/1 connection may wait for a request's headers (None: as long as
+    /// the client keeps it). The app's own connections stay as long as it keeps them; a
+    /// client from off the pod waiting for its next request counts as idle TCP does.
+    pub header_timeout: Option<std::time::Duration>,
+    /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established.
     pub idle: crate::tcp::Idle,
 }
 
 /// Serves one client connection until it closes, or until the drain asks it to finish
 /// its in-flight requests and close.
-pub async fn serve<I>(io: I, route: Route, served: Served)
+pub async fn serve<I, F>(io: I, fwd: F, served: Served)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Forward,
 {
     let Served {
         metrics,
         drain,
-        admission,
+        header_timeout,
         idle,
     } = served;
-    // The app's own connections stay as long as it keeps them; a client from off the
-    // pod waiting for its next request counts as idle TCP does.
-    let header_timeout = match admission {
-        Some(_) => idle.timeout,
-        None => None,
-    };
-    let route = Arc::new(route);
-    let admission = admission.map(Arc::new);
+    let fwd = Arc::new(fwd);
     let idle = Arc::new(idle);
-    let version = route.version();
+    let version = fwd.version();
     let svc = service_fn(move |req| {
-        let (route, metrics, admission) = (route.clone(), metrics.clone(), admission.clone());
-        let idle = idle.clone();
-        async move {
-            Ok::<_, Infallible>(forward(req, &route, metrics, admission.as_deref(), idle).await)
-        }
+        let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
+        async move { Ok::<_, Infallible>(forward(req, &*fwd, metrics, idle).await) }
     });
     let io = TokioIo::new(io);
     let result = match version {
@@ -163,21 +118,19 @@ where
 }
 
 /// Forwards one request and returns what the client should see.
-async fn forward(
+async fn forward<F: Forward>(
     mut req: Request<Incoming>,
-    route: &Route,
+    fwd: &F,
     metrics: HttpMetrics,
-    admission: Option<&Admission>,
     idle: Arc<crate::tcp::Idle>,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody<F::Guard>> {
     metrics.requests.inc();
     let start = Instant::now();
     let grpc = is_grpc(req.headers());
-    // Only a peer proxy's request, arriving over mTLS, may say what version it was.
-    if !matches!(route, Route::Local { .. }) {
+    if !fwd.trusts_orig_proto() {
         req.headers_mut().remove(pool::ORIG_PROTO);
     }
-    if let Some(reason) = admission.and_then(|a| a.check(&req)) {
+    if let Some(reason) = fwd.admit(&req) {
         metrics.denied.inc();
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
         metrics.duration.observe(start.elapsed().as_secs_f64());
@@ -193,7 +146,7 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let (body, client_failed) = ClientBody::new(body);
     let req = Request::from_parts(parts, body);
-    let (response, in_flight) = match route.send(req).await {
+    let (response, in_flight) = match fwd.send(req).await {
         Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (connect && rsp.status().is_success());
@@ -318,12 +271,12 @@ mod keep_alive_tests {
     async fn an_apps_idle_keep_alive_connection_stays_open() {
         let upstream = app().await;
         let (app_side, proxy_side) = tokio::io::duplex(64 * 1024);
-        let route = Route::Passthrough(Upstream::new(
+        let fwd = Upstream::new(
             OrigDst(upstream),
             Version::Http1,
             None,
             Duration::from_secs(3600),
-        ));
+        );
         let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
         let served = Served {
             metrics: metrics.http(TrafficLabels {
@@ -333,10 +286,10 @@ mod keep_alive_tests {
                 peer_identity: Cow::Borrowed(""),
             }),
             drain: CancellationToken::new(),
-            admission: None,
+            header_timeout: None,
             idle: crate::tcp::Idle::default(),
         };
-        tokio::spawn(serve(proxy_side, route, served));
+        tokio::spawn(serve(proxy_side, fwd, served));
         let (mut sender, conn) = client::handshake(TokioIo::new(app_side)).await.unwrap();
         let conn = tokio::spawn(conn);
         for _ in 0..3 {

@@ -3,32 +3,199 @@
 //! the client's identity learnt from its certificate); any other TLS passes through
 //! untouched; plaintext is detected as before. Then the port's policy decides, and the
 //! traffic goes to the application at the original destination (the pod's own IP).
+//!
+//! The rooms: [`authz`] judges a peer and a request against a port's policy;
+//! [`policies`] keeps every port's policy from the controller, never widening.
 
-use std::{borrow::Cow, future::Future, sync::Arc, time::Duration};
+pub mod authz;
+pub mod policies;
 
+use std::{borrow::Cow, future::Future, net::IpAddr, sync::Arc, time::Duration};
+
+use ::http::{Request, Response};
+use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
+    sync::Semaphore,
     time::Instant,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info};
 
+use authz::Peer;
+pub use policies::{InboundConfig, InboundPolicies, PortPolicy};
+
 use crate::{
+    accept::{Admit, Detect, Side},
     addr::{ClientAddr, OrigDst},
-    authz::{Peer, PortPolicy},
     connect::{Conn, ConnectError, Connector, connect, reset},
     detect::Detection,
-    http::{self, Admission, Route, Upstream, Version, pool::EndpointClients},
+    http::{
+        self, ClientBody, Forward, ForwardError, NoGuard, Upstream, Version, absolute,
+        pool::{EndpointClients, restore_orig_proto},
+        replay::Tee,
+        wants_upgrade,
+    },
     io::{CountingIo, PrefixedIo},
-    metrics::{DetectResult, Direction, TrafficLabels},
-    proxy::{Ctx, detect},
+    metrics::{DetectResult, Direction, Metrics, TrafficLabels},
     tcp,
-    tls::{self, Alpn},
+    tls::{self, Alpn, TlsContext},
 };
 
+/// What every inbound connection shares.
+#[derive(Debug)]
+pub struct Inbound {
+    pub opaque_ports: Vec<remora_config::PortRange>,
+    pub detect: Detect,
+    pub connect_timeout: Duration,
+    pub preconnect_delay: Duration,
+    /// Present when the proxy has an identity.
+    pub tls: Option<Arc<TlsContext>>,
+    /// Authorization, per port.
+    pub policies: Arc<InboundPolicies>,
+    pub metrics: Metrics,
+    /// Connections open at once, at most (`REMORA_INBOUND_MAX_CONNECTIONS`).
+    pub slots: Arc<Semaphore>,
+    /// When opaque connections (and HTTP/1 ones waiting for a request) count as idle.
+    pub idle: tcp::Idle,
+    /// Cancelled when the side drains, after the shutdown delay.
+    pub drain: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Side for Inbound {
+    const DIRECTION: Direction = Direction::Inbound;
+
+    fn drain(&self) -> &CancellationToken {
+        &self.drain
+    }
+
+    fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Any client can open inbound connections: past the limit they are reset at once,
+    /// so none can exhaust memory or file descriptors.
+    fn admit(&self, client: ClientAddr) -> Admit {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => Admit::Serve(Some(slot)),
+            Err(_) => {
+                self.metrics.tcp_refused(Direction::Inbound).inc();
+                debug!(%client, "inbound connection limit reached: connection reset");
+                Admit::Refuse
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, stream: TcpStream, client: ClientAddr, orig_dst: OrigDst) {
+        dispatch(&self, orig_dst, client, stream).await
+    }
+}
+
+impl Inbound {
+    fn is_opaque_port(&self, port: u16) -> bool {
+        self.opaque_ports.iter().any(|r| r.contains(port))
+    }
+}
+
+/// Who sends the requests of an inbound connection, and the policy that judges each.
+#[derive(Debug)]
+pub struct Admission {
+    pub policy: PortPolicy,
+    pub ip: IpAddr,
+    /// The client's mesh identity, when it connected over mTLS.
+    pub identity: Option<String>,
+}
+
+impl Admission {
+    /// None when allowed; otherwise why not, for the `remora-error` header.
+    fn check<B>(&self, req: &Request<B>) -> Option<String> {
+        let policy = self.policy.current();
+        let peer = Peer {
+            ip: self.ip,
+            identity: self.identity.as_deref(),
+        };
+        let tunnel = wants_upgrade(req);
+        if policy.allows_request(&peer, req.method(), req.uri().path(), tunnel) {
+            return None;
+        }
+        let who = self
+            .identity
+            .as_deref()
+            .unwrap_or("an unauthenticated client");
+        info!(client = %self.ip, %who, policy = %policy.name, method = %req.method(),
+            path = req.uri().path(), "request denied by inbound policy");
+        Some(format!(
+            "unauthorized: {who} is not allowed by {}",
+            policy.name
+        ))
+    }
+}
+
+/// Where an inbound HTTP connection's requests go, each admitted by the port's policy.
+pub struct Forwarder {
+    admission: Admission,
+    to: ToApp,
+}
+
+enum ToApp {
+    /// The client's own connection, to the application at the original destination.
+    Passthrough(Upstream),
+    /// Another proxy's requests over HTTP/2: each to the application as the HTTP
+    /// version its client spoke.
+    Local {
+        clients: Box<EndpointClients>,
+        orig_dst: OrigDst,
+    },
+}
+
+impl Forward for Forwarder {
+    type Guard = NoGuard;
+
+    fn version(&self) -> Version {
+        match &self.to {
+            ToApp::Passthrough(u) => u.version(),
+            ToApp::Local { .. } => Version::Http2,
+        }
+    }
+
+    fn trusts_orig_proto(&self) -> bool {
+        matches!(self.to, ToApp::Local { .. })
+    }
+
+    fn admit(&self, req: &Request<Incoming>) -> Option<String> {
+        self.admission.check(req)
+    }
+
+    async fn send(
+        &self,
+        req: Request<ClientBody>,
+    ) -> Result<(Response<Incoming>, Option<NoGuard>), ForwardError> {
+        match &self.to {
+            ToApp::Passthrough(u) => Ok((u.send(req).await?, None)),
+            ToApp::Local { clients, orig_dst } => {
+                let mut req = req;
+                let version = restore_orig_proto(&mut req);
+                let req =
+                    absolute(req, *orig_dst).map(|b| http_body_util::Either::Left(Tee::plain(b)));
+                let rsp =
+                    clients
+                        .send(req, version)
+                        .await
+                        .map_err(|source| ForwardError::Local {
+                            addr: *orig_dst,
+                            source,
+                        })?;
+                Ok((rsp, None))
+            }
+        }
+    }
+}
+
 /// Serves one inbound connection.
-pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: TcpStream) {
+async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: TcpStream) {
     let port = orig_dst.0.port();
     let policy = ctx.policies.port(port).await;
     // Counted into the connection's own series once its labels (TLS, peer) are known.
@@ -49,7 +216,7 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         result,
         prefix,
         upstream,
-    }) = detect(ctx, &mut io, connecting.as_mut(), Direction::Inbound, start).await
+    }) = ctx.detect.run(&mut io, connecting.as_mut(), start).await
     else {
         return;
     };
@@ -102,8 +269,9 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         };
         // The connection made during detection, if any; otherwise one on demand.
         let fresh = upstream.map(Ok);
-        let route = Route::Passthrough(Upstream::new(orig_dst, version, fresh, timeout));
-        return http::serve(io, route, served(ctx, labels, admission)).await;
+        let to = ToApp::Passthrough(Upstream::new(orig_dst, version, fresh, timeout));
+        let fwd = Forwarder { admission, to };
+        return http::serve(io, fwd, served(ctx, labels)).await;
     }
 
     let Some(configs) = ctx.tls.as_ref().and_then(|t| t.current()) else {
@@ -144,10 +312,10 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
         ip: client.0.ip(),
         identity: identity.clone(),
     };
-    let route = match alpn {
+    let to = match alpn {
         // Requests from another proxy, HTTP/1 ones marked with their version: each to
         // the application as the version its client spoke.
-        Some(Alpn::H2) if !opaque_port => Route::Local {
+        Some(Alpn::H2) if !opaque_port => ToApp::Local {
             clients: Box::new(EndpointClients::new(
                 orig_dst.0,
                 None,
@@ -156,7 +324,7 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
             orig_dst,
         },
         // Upgrades and CONNECT, which HTTP/2 between proxies cannot carry.
-        Some(Alpn::Http1) if !opaque_port => Route::Passthrough(Upstream::new(
+        Some(Alpn::Http1) if !opaque_port => ToApp::Passthrough(Upstream::new(
             orig_dst,
             Version::Http1,
             upstream.map(Ok),
@@ -168,16 +336,18 @@ pub async fn dispatch(ctx: &Ctx, orig_dst: OrigDst, client: ClientAddr, stream: 
             return opaque(ctx, stream, app, &policy, client, peer, &labels).await;
         }
     };
-    http::serve(stream, route, served(ctx, labels, admission)).await;
+    let fwd = Forwarder { admission, to };
+    http::serve(stream, fwd, served(ctx, labels)).await;
 }
 
-/// How an inbound HTTP connection is served: every request admitted by the policy.
-fn served(ctx: &Ctx, labels: TrafficLabels, admission: Admission) -> http::Served {
+/// How an inbound HTTP connection is served: a client from off the pod waiting for its
+/// next request counts as idle TCP does.
+fn served(ctx: &Inbound, labels: TrafficLabels) -> http::Served {
     http::Served {
         metrics: ctx.metrics.http(labels),
-        drain: ctx.drain_inbound.clone(),
-        admission: Some(admission),
-        idle: ctx.idle_inbound.clone(),
+        drain: ctx.drain.clone(),
+        header_timeout: ctx.idle.timeout,
+        idle: ctx.idle.clone(),
     }
 }
 
@@ -195,7 +365,7 @@ async fn app(
 
 /// Forwards a connection that is not HTTP, if the port's policy allows the client.
 async fn opaque<I>(
-    ctx: &Ctx,
+    ctx: &Inbound,
     io: I,
     upstream: impl Future<Output = Result<Conn, ConnectError>>,
     policy: &PortPolicy,
@@ -217,7 +387,7 @@ async fn opaque<I>(
         return;
     }
     match upstream.await {
-        Ok(upstream) => tcp::forward(io, upstream, &ctx.idle_inbound).await,
+        Ok(upstream) => tcp::forward(io, upstream, &ctx.idle).await,
         Err(error) => {
             info!(%error, "closing the client connection: the application is unreachable")
         }

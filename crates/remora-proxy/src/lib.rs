@@ -6,23 +6,20 @@
 //! request with hyper, everything else as a byte stream. [`App`] is the whole proxy;
 //! `main.rs` only reads the configuration and calls it.
 
+pub mod accept;
 pub mod addr;
 pub mod app;
-pub mod authz;
 pub mod await_ready;
-pub mod balance;
 pub mod config;
 pub mod connect;
 pub mod control;
 pub mod detect;
-pub mod discovery;
 pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod io;
 pub mod metrics;
-pub mod policy;
-pub mod proxy;
+pub mod outbound;
 pub mod reconnect;
 pub mod rng;
 pub mod tcp;

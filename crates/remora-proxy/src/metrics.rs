@@ -395,8 +395,8 @@ impl Metrics {
     }
 
     /// The resilience counters of one client connection's requests to a Service.
-    pub fn counters(&self, labels: &TrafficLabels) -> crate::http::route::Counters {
-        crate::http::route::Counters {
+    pub fn resilience(&self, labels: &TrafficLabels) -> ResilienceCounters {
+        ResilienceCounters {
             retries: self.http_retries.get_or_create_owned(labels),
             budget_exhausted: self.budget_exhausted.get_or_create_owned(labels),
             ejections: self.ejections.get_or_create_owned(labels),
@@ -460,6 +460,14 @@ impl Metrics {
 }
 
 pub use series::SERIES_IDLE;
+
+/// Counters of the resilience a Service's policy adds.
+#[derive(Debug, Clone, Default)]
+pub struct ResilienceCounters {
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+    pub ejections: Counter,
+}
 
 /// One connection's counters. Dropping it counts the close.
 #[derive(Debug)]

@@ -9,12 +9,13 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::{balance::InFlight, metrics::HttpMetrics};
+use super::Guard;
+use crate::metrics::HttpMetrics;
 
 pin_project_lite::pin_project! {
     /// Wraps a response body; counts the response in `remora_http_responses_total` once,
     /// when the stream ends or is dropped, with the gRPC status from its trailers.
-    pub struct MeteredBody<B> {
+    pub struct MeteredBody<B, G: Guard> {
         #[pin]
         inner: B,
         metrics: Option<HttpMetrics>,
@@ -23,18 +24,19 @@ pin_project_lite::pin_project! {
         failed: bool,
         // Had nothing to send from the start (HEAD, 204, 304): never polled, yet complete.
         empty: bool,
-        // The balancer counts the request in flight until its response has ended.
-        in_flight: Option<InFlight>,
+        // The forwarder's guard (the balancer's request in flight), told how the
+        // response ended.
+        in_flight: Option<G>,
         // An HTTP/2 upstream response: trailers may follow its last DATA frame.
         may_have_trailers: bool,
     }
 
-    impl<B> PinnedDrop for MeteredBody<B> {
+    impl<B, G: Guard> PinnedDrop for MeteredBody<B, G> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             // Nothing left to send: the endpoint's answer was whole.
             if *this.empty && let Some(f) = this.in_flight.as_mut() {
-                f.settle(true);
+                f.finish(true);
             }
             if let Some(m) = this.metrics.take() {
                 // Dropped before its end: complete only if nothing was left to send.
@@ -44,13 +46,13 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B: Body> MeteredBody<B> {
+impl<B: Body, G: Guard> MeteredBody<B, G> {
     pub fn new(
         inner: B,
         metrics: HttpMetrics,
         status: u16,
         headers: &HeaderMap,
-        in_flight: Option<InFlight>,
+        in_flight: Option<G>,
         may_have_trailers: bool,
     ) -> Self {
         let empty = inner.is_end_stream();
@@ -84,7 +86,7 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
 /// gRPC's UNKNOWN status code.
 const GRPC_UNKNOWN: u32 = 2;
 
-impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
+impl<B: Body<Data = Bytes>, G: Guard> Body for MeteredBody<B, G> {
     type Data = Bytes;
     type Error = B::Error;
 
@@ -102,7 +104,7 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
                 // A body of known length may never be polled to its `None`.
                 if this.inner.is_end_stream() {
                     if let Some(f) = this.in_flight.as_mut() {
-                        f.settle(true);
+                        f.finish(true);
                     }
                     if let Some(m) = this.metrics.take() {
                         m.response(*this.status, *this.grpc_status, true);
@@ -114,12 +116,12 @@ impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
                 // balancer and the breaker, not only for the metrics.
                 *this.failed = true;
                 if let Some(f) = this.in_flight.as_mut() {
-                    f.settle(false);
+                    f.finish(false);
                 }
             }
             Poll::Ready(None) => {
                 if let Some(mut f) = this.in_flight.take() {
-                    f.settle(!*this.failed);
+                    f.finish(!*this.failed);
                 }
                 if let Some(m) = this.metrics.take() {
                     m.response(*this.status, *this.grpc_status, !*this.failed);

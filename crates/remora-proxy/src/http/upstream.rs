@@ -150,3 +150,18 @@ impl Upstream {
         }
     }
 }
+
+impl super::Forward for Upstream {
+    type Guard = super::NoGuard;
+
+    fn version(&self) -> Version {
+        self.version
+    }
+
+    async fn send(
+        &self,
+        req: Request<ClientBody>,
+    ) -> Result<(Response<Incoming>, Option<super::NoGuard>), super::ForwardError> {
+        Ok((Upstream::send(self, req).await?, None))
+    }
+}

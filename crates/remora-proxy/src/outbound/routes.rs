@@ -9,8 +9,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, request::Parts};
 use remora_api::v1 as api;
 use tracing::warn;
 
-use super::optional_override;
-use crate::discovery::Target;
+use super::policy::optional_override;
 
 /// The routes of one Service, as one list of matches in precedence order.
 #[derive(Debug, Default)]
@@ -42,14 +41,13 @@ pub struct Rule {
     pub per_try_timeout: Option<Option<Duration>>,
 }
 
-/// A backend Service and its share.
+/// A backend Service, by name (looked up per request among the destinations in use),
+/// and its share.
 #[derive(Debug)]
 pub struct Backend {
     /// `name.namespace.svc.cluster-domain:port`; empty: a backend the controller refused.
     pub name: Arc<str>,
     pub weight: u32,
-    /// Resolved by discovery once the policy arrives; None for a refused backend.
-    pub target: Option<Arc<Target>>,
 }
 
 /// Where a rule sends one request.
@@ -290,7 +288,6 @@ impl Routes {
                     .map(|b| Backend {
                         name: Arc::from(b.target.as_str()),
                         weight: b.weight,
-                        target: None,
                     })
                     .collect();
                 rules.push(Rule {
@@ -338,11 +335,6 @@ impl Routes {
             .iter()
             .find(|e| e.m.matches(parts))
             .map(|e| &self.rules[e.rule])
-    }
-
-    /// Every backend Service named, for discovery to resolve.
-    pub fn backends_mut(&mut self) -> impl Iterator<Item = &mut Backend> {
-        self.rules.iter_mut().flat_map(|r| r.backends.iter_mut())
     }
 }
 
@@ -556,7 +548,6 @@ mod tests {
             .map(|w| Backend {
                 name: Arc::from("b"),
                 weight: *w,
-                target: None,
             })
             .collect();
         Rule {

@@ -1,19 +1,13 @@
 //! Outbound policy: what the controller's `Policy.WatchOutbound` says about a Service
 //! (its HTTP routes, timeouts, retries and their budget, the balancing algorithm,
-//! circuit breaking), in the form the data path uses, and the retry budget every
-//! connection to the Service shares.
+//! circuit breaking), in the form the data path uses.
 
-pub mod routes;
-
-use std::{
-    collections::VecDeque,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use http::{Method, StatusCode};
-use parking_lot::Mutex;
 use remora_api::v1 as api;
+
+use super::routes::Routes;
 
 /// The balancing algorithm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -84,7 +78,7 @@ impl Default for Breaker {
 
 /// One Service's outbound policy.
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct RoutePolicy {
+pub struct ServicePolicy {
     /// Where it came from, for logs: `default` or `namespace/name`.
     pub name: Arc<str>,
     pub request_timeout: Option<Duration>,
@@ -97,7 +91,7 @@ pub struct RoutePolicy {
     pub algorithm: Algorithm,
     pub breaker: Breaker,
     /// The Service's HTTP routes; empty: every request goes to the Service itself.
-    pub routes: Arc<routes::Routes>,
+    pub routes: Arc<Routes>,
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
@@ -110,11 +104,11 @@ fn optional(d: Option<&api::OptionalDuration>) -> Option<Duration> {
 }
 
 /// A route's override of a limit: unset keeps the policy's; zero means no limit.
-fn optional_override(d: Option<&api::OptionalDuration>) -> Option<Option<Duration>> {
+pub(super) fn optional_override(d: Option<&api::OptionalDuration>) -> Option<Option<Duration>> {
     d.map(|d| optional(Some(d)))
 }
 
-impl RoutePolicy {
+impl ServicePolicy {
     /// The controller's answer; anything unreadable falls back to the default.
     pub fn from_api(p: &api::OutboundPolicy) -> Self {
         let name = match &p.metadata {
@@ -188,7 +182,7 @@ impl RoutePolicy {
             retry,
             algorithm,
             breaker,
-            routes: Arc::new(routes::Routes::from_api(&p.http_routes)),
+            routes: Arc::new(Routes::from_api(&p.http_routes)),
         }
     }
 }
@@ -222,58 +216,6 @@ impl Retry {
     }
 }
 
-/// Caps retries to `ratio` of the requests over a sliding window, plus a floor of
-/// `min_per_second`: when a Service fails, retries add a bounded load, never a storm.
-#[derive(Debug, Default)]
-pub struct RetryBudget {
-    /// (second, requests, retries), oldest first.
-    buckets: Mutex<VecDeque<(u64, u64, u64)>>,
-}
-
-impl RetryBudget {
-    fn bucket(
-        buckets: &mut VecDeque<(u64, u64, u64)>,
-        now: u64,
-        window: u64,
-    ) -> &mut (u64, u64, u64) {
-        while buckets.front().is_some_and(|b| b.0 + window <= now) {
-            buckets.pop_front();
-        }
-        if buckets.back().is_none_or(|b| b.0 != now) {
-            buckets.push_back((now, 0, 0));
-        }
-        buckets.back_mut().expect("just pushed")
-    }
-
-    fn now() -> u64 {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        START.get_or_init(Instant::now).elapsed().as_secs()
-    }
-
-    /// Counts an original request.
-    pub fn request(&self, window: Duration) {
-        let mut b = self.buckets.lock();
-        Self::bucket(&mut b, Self::now(), window.as_secs().max(1)).1 += 1;
-    }
-
-    /// Takes one retry from the budget, if there is one left.
-    pub fn try_retry(&self, r: &Retry) -> bool {
-        let window = r.budget_window.as_secs().max(1);
-        let mut b = self.buckets.lock();
-        Self::bucket(&mut b, Self::now(), window);
-        let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
-        // Whole retries only: 20 % of 5 requests is one retry, not two.
-        let allowed = (r.budget_ratio * requests as f64 + 1e-9).floor() as u64
-            + r.budget_min_per_second as u64 * window;
-        if retries < allowed {
-            b.back_mut().expect("a bucket").2 += 1;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,18 +237,6 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_caps_retries_at_the_ratio_plus_the_floor() {
-        let r = retry(0.2, 1);
-        let budget = RetryBudget::default();
-        for _ in 0..100 {
-            budget.request(r.budget_window);
-        }
-        let granted = (0..1000).filter(|_| budget.try_retry(&r)).count();
-        // 20 % of 100 requests, plus 1 per second over the 10-second window.
-        assert_eq!(granted, 30);
-    }
-
-    #[test]
     fn methods_and_responses() {
         let r = retry(0.2, 10);
         assert!(r.method_allowed(&Method::GET) && r.method_allowed(&Method::PUT));
@@ -323,7 +253,7 @@ mod tests {
 
     #[test]
     fn the_controllers_answer_is_read_with_defaults() {
-        let p = RoutePolicy::from_api(&api::OutboundPolicy {
+        let p = ServicePolicy::from_api(&api::OutboundPolicy {
             retry: Some(api::RetryPolicy {
                 max_retries: 2,
                 conditions: vec![api::RetryCondition {

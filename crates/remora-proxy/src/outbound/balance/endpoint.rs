@@ -25,7 +25,12 @@ use tracing::info;
 
 use super::Balancer;
 use crate::{
-    connect::Connector, discovery::Endpoint, http::pool::EndpointClients, policy::Breaker,
+    outbound::{
+        discovery::Endpoint,
+        policy::Breaker,
+        resilience::{BreakerState, Verdict, connect_backoff},
+    },
+    tls::PeerId,
 };
 
 /// How fast a latency observation fades.
@@ -36,15 +41,13 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// that refuses, resets or answers 5xx loses every comparison for a while (its fading
 /// takes about a minute to reach a healthy peer's milliseconds).
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
-/// After a failed connect an endpoint is left alone this long, doubling with each
-/// further failure up to [`CONNECT_BACKOFF_MAX`]; a connect that succeeds resets it.
-pub const CONNECT_BACKOFF: Duration = Duration::from_millis(500);
-pub const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Statistics, circuit-breaker state and connection pools of one endpoint.
+/// Statistics, circuit-breaker state and what one endpoint carries.
 #[derive(Debug)]
-pub struct EndpointState {
+pub struct EndpointState<C> {
     pub addr: SocketAddr,
+    /// The identity its proxy proves: a new pod at an old address may be someone else.
+    pub identity: Option<PeerId>,
     in_flight: AtomicUsize,
     /// Where the endpoint's clock starts: pending requests' start times count from it.
     epoch: Instant,
@@ -56,25 +59,13 @@ pub struct EndpointState {
     /// Requests waiting for a slot (`maxPendingRequests`).
     waiting: AtomicUsize,
     ewma: Mutex<Ewma>,
-    health: Mutex<Health>,
+    health: Mutex<BreakerState>,
     /// Connect failures in a row, and until when (nanoseconds after `epoch`, 0: not
     /// at all) the endpoint is left alone: read on every pick, so lock-free.
     connect_failures: AtomicU32,
     backoff_until: AtomicU64,
-    pub clients: EndpointClients,
-}
-
-/// The circuit breaker of one endpoint.
-#[derive(Debug, Default, Clone, Copy)]
-struct Health {
-    consecutive_failures: u32,
-    /// Ejected until then; once it has passed, one request probes (half-open).
-    ejected_until: Option<Instant>,
-    /// A half-open probe is in flight, until then: a probe whose request never reports
-    /// back (the client went away) frees the endpoint for another probe afterwards.
-    probing: Option<Instant>,
-    /// Ejections so far: each doubles the next one's length.
-    ejections: u32,
+    /// What the endpoint carries (its connection pools).
+    pub conn: C,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,11 +75,12 @@ struct Ewma {
     at: Instant,
 }
 
-impl EndpointState {
-    pub(super) fn new(e: &Endpoint, connector: &Connector, rtt: f64) -> Self {
+impl<C> EndpointState<C> {
+    pub(super) fn new(e: &Endpoint, conn: C, rtt: f64) -> Self {
         let now = Instant::now();
         Self {
             addr: e.addr,
+            identity: e.identity.clone(),
             in_flight: AtomicUsize::new(0),
             epoch: now,
             pending_starts: AtomicU64::new(0),
@@ -98,10 +90,10 @@ impl EndpointState {
                 value: rtt,
                 at: now,
             }),
-            health: Mutex::new(Health::default()),
+            health: Mutex::new(BreakerState::default()),
             connect_failures: AtomicU32::new(0),
             backoff_until: AtomicU64::new(0),
-            clients: EndpointClients::new(e.addr, e.identity.clone(), connector.clone()),
+            conn,
         }
     }
 
@@ -152,10 +144,8 @@ impl EndpointState {
 
     /// A connect to the endpoint failed: it is left alone for a growing backoff.
     pub fn connect_failed(&self) {
-        let failures = (self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1).min(16);
-        let length = CONNECT_BACKOFF
-            .saturating_mul(1 << (failures - 1))
-            .min(CONNECT_BACKOFF_MAX);
+        let failures = self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = connect_backoff(failures);
         let until = nanos((Instant::now() + length).saturating_duration_since(self.epoch));
         self.backoff_until.store(until.max(1), Ordering::Relaxed);
     }
@@ -181,12 +171,7 @@ impl EndpointState {
     /// Whether the breaker lets a request through now: not ejected, or half-open with
     /// no probe yet in flight.
     pub(super) fn available(&self, now: Instant) -> bool {
-        let h = self.health.lock();
-        match h.ejected_until {
-            Some(until) if now < until => false,
-            Some(_) => h.probing.is_none_or(|p| now >= p),
-            None => true,
-        }
+        self.health.lock().available(now)
     }
 
     /// Ejected, or half-open and not yet proven healthy: counts against the ejection cap.
@@ -208,52 +193,29 @@ impl EndpointState {
     /// (unless `may_eject` says too many are out already); a failed probe ejects it again
     /// at once, a successful one restores it. Returns whether it was ejected now.
     pub fn record(&self, ok: bool, breaker: &Breaker, may_eject: impl FnOnce() -> bool) -> bool {
-        let mut h = self.health.lock();
-        if breaker.consecutive_failures == 0 {
-            // Breaking was turned off: nothing stays ejected (a write only then).
-            if h.ejected_until.is_some() || h.consecutive_failures > 0 {
-                *h = Health::default();
-            }
-            return false;
-        }
         let now = Instant::now();
-        let half_open = h.ejected_until.is_some_and(|u| now >= u);
-        if ok {
-            h.consecutive_failures = 0;
-            if half_open {
-                h.ejected_until = None;
-                h.probing = None;
-                h.ejections = h.ejections.saturating_sub(1);
-            }
-            return false;
-        }
-        h.consecutive_failures += 1;
-        if !half_open {
-            if h.consecutive_failures < breaker.consecutive_failures {
-                return false;
-            }
-            // The cap looks at every endpoint's breaker, this one's included: ask it
-            // without holding this lock.
-            drop(h);
-            let allowed = may_eject();
-            h = self.health.lock();
-            // Another failure may have ejected it meanwhile: once is enough.
-            if !allowed || h.ejected_until.is_some() {
-                return false;
+        let mut h = self.health.lock();
+        match h.record(ok, breaker, now) {
+            Verdict::Keep => return false,
+            Verdict::Eject => {}
+            Verdict::EjectIfAllowed => {
+                // The cap looks at every endpoint's breaker, this one's included: ask it
+                // without holding this lock.
+                drop(h);
+                let allowed = may_eject();
+                h = self.health.lock();
+                // Another failure may have ejected it meanwhile: once is enough.
+                if !allowed || h.ejected_until.is_some() {
+                    return false;
+                }
             }
         }
-        h.ejections = (h.ejections + 1).min(16);
-        let base = breaker.base_ejection.as_secs_f64() * f64::from(1u32 << (h.ejections - 1));
-        let jitter = 0.9 + crate::rng::fraction() * 0.2;
-        let length = Duration::from_secs_f64(base * jitter).min(breaker.max_ejection);
-        h.ejected_until = Some(now + length);
-        h.probing = None;
-        h.consecutive_failures = 0;
+        h.eject(breaker, now, crate::rng::fraction());
         true
     }
 
     /// Counts a request in flight until the guard drops.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub fn start(self: &Arc<Self>) -> InFlight<C> {
         self.start_with(None)
     }
 
@@ -261,7 +223,7 @@ impl EndpointState {
     pub fn start_with(
         self: &Arc<Self>,
         slot: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> InFlight {
+    ) -> InFlight<C> {
         let started = Instant::now();
         let start = nanos(started.saturating_duration_since(self.epoch));
         self.pending_starts.fetch_add(start, Ordering::Relaxed);
@@ -338,10 +300,10 @@ fn nanos(d: Duration) -> u64 {
 
 /// What settling a request's outcome needs: the breaker in force, the balancer (for
 /// the ejection cap) and the counter of ejections.
-#[derive(Debug, Clone)]
-pub struct Settle {
+#[derive(Debug)]
+pub struct Settle<C> {
     pub breaker: Breaker,
-    pub balancer: Arc<Balancer>,
+    pub balancer: Arc<Balancer<C>>,
     pub ejections: Counter,
     pub service: Arc<str>,
 }
@@ -351,24 +313,24 @@ pub struct Settle {
 /// client went away), it judges nothing, but an answer never received costs the time
 /// waited for it.
 #[derive(Debug)]
-pub struct InFlight {
-    endpoint: Arc<EndpointState>,
+pub struct InFlight<C> {
+    endpoint: Arc<EndpointState<C>>,
     started: Instant,
     /// `started`, in nanoseconds after the endpoint's epoch.
     start: u64,
     answered: bool,
     settled: bool,
-    settle: Option<Settle>,
+    settle: Option<Settle<C>>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl InFlight {
-    pub fn endpoint(&self) -> &Arc<EndpointState> {
+impl<C> InFlight<C> {
+    pub fn endpoint(&self) -> &Arc<EndpointState<C>> {
         &self.endpoint
     }
 
     /// What settling this request's outcome reports to the breaker.
-    pub fn settle_with(&mut self, settle: Settle) {
+    pub fn settle_with(&mut self, settle: Settle<C>) {
         self.settle = Some(settle);
     }
 
@@ -401,7 +363,7 @@ impl InFlight {
     }
 }
 
-impl Drop for InFlight {
+impl<C> Drop for InFlight<C> {
     fn drop(&mut self) {
         let ep = &self.endpoint;
         ep.pending_starts.fetch_sub(self.start, Ordering::Relaxed);
@@ -417,14 +379,18 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{balance::tests::endpoints, policy::RoutePolicy};
+    use crate::outbound::{
+        balance::tests::{self, endpoints},
+        policy::ServicePolicy,
+        resilience::CONNECT_BACKOFF,
+    };
 
-    fn balancer() -> Arc<Balancer> {
-        Arc::new(Balancer::new(Connector::plain(Duration::from_secs(1))))
+    fn balancer() -> Arc<Balancer<()>> {
+        Arc::new(tests::balancer())
     }
 
     /// How many of `n` picks land on `addr`, each answered at once with `rtt`.
-    fn share(b: &Balancer, eps: &Arc<[Endpoint]>, addr: SocketAddr, n: usize) -> usize {
+    fn share(b: &Balancer<()>, eps: &Arc<[Endpoint]>, addr: SocketAddr, n: usize) -> usize {
         (0..n)
             .filter(|_| {
                 let ep = b.pick(eps).unwrap();
@@ -472,7 +438,7 @@ mod tests {
         let (b, eps) = (balancer(), endpoints(3));
         let hung = b.pick(&eps).unwrap();
         hung.observe(Duration::from_micros(100));
-        let waiting: Vec<InFlight> = (0..2).map(|_| hung.start()).collect();
+        let waiting: Vec<InFlight<()>> = (0..2).map(|_| hung.start()).collect();
         tokio::time::advance(Duration::from_millis(200)).await;
         assert!(hung.latency(Instant::now()) >= 0.2);
         assert_eq!(share(&b, &eps, hung.addr, 300), 0);
@@ -487,7 +453,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_response_that_breaks_after_its_headers_counts_as_a_failure() {
         let (b, eps) = (balancer(), endpoints(3));
-        let mut p = RoutePolicy::default();
+        let mut p = ServicePolicy::default();
         p.breaker.consecutive_failures = 3;
         let flaky = b.pick(&eps).unwrap();
         let ejections = Counter::default();

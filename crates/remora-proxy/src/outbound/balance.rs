@@ -1,6 +1,10 @@
 //! Load balancing across a Service's endpoints: power of two choices over peak-EWMA
 //! latency weighted by requests in flight (the algorithm of Finagle and Linkerd).
 //!
+//! The balancer knows endpoints, not protocols: each endpoint carries a `C` made for it
+//! when it first appears (the outbound side's HTTP pools), which the balancer only
+//! keeps.
+//!
 //! One `Balancer` per destination is shared by every connection to it, so its
 //! statistics see all of the pod's traffic. It is a plain shared structure rather than
 //! tower's `p2c::Balance`: that service needs a single owner (a `Buffer` task in front
@@ -20,10 +24,9 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::{
-    connect::Connector,
+use super::{
     discovery::Endpoint,
-    policy::{Algorithm, RoutePolicy},
+    policy::{Algorithm, ServicePolicy},
 };
 
 mod endpoint;
@@ -45,30 +48,37 @@ pub enum NoPick {
 }
 
 /// The endpoint set the states were last synced to, and the states.
-#[derive(Debug)]
-struct States {
+struct States<C> {
     synced_to: Arc<[Endpoint]>,
-    by_addr: HashMap<SocketAddr, Arc<EndpointState>>,
+    by_addr: HashMap<SocketAddr, Arc<EndpointState<C>>>,
     /// What a pick chooses from.
-    candidates: Vec<Arc<EndpointState>>,
+    candidates: Vec<Arc<EndpointState<C>>>,
 }
 
+/// Makes what an endpoint carries.
+type Make<C> = Box<dyn Fn(&Endpoint) -> C + Send + Sync>;
+
 /// The endpoints of one destination and their state.
-#[derive(Debug)]
-pub struct Balancer {
-    connector: Connector,
-    states: Mutex<States>,
+pub struct Balancer<C> {
+    make: Make<C>,
+    states: Mutex<States<C>>,
     /// Round-robin's position.
     next: AtomicUsize,
 }
 
-impl Balancer {
-    pub fn new(mut connector: Connector) -> Self {
-        // Every endpoint's pool of this destination dials with the limits its policy
-        // sets (see `set_limits`).
-        connector.limits = Some(Arc::default());
+impl<C> std::fmt::Debug for Balancer<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("endpoints", &self.states.lock().by_addr.len())
+            .finish()
+    }
+}
+
+impl<C> Balancer<C> {
+    /// A balancer whose endpoints each carry what `make` makes for them.
+    pub fn new(make: impl Fn(&Endpoint) -> C + Send + Sync + 'static) -> Self {
         Self {
-            connector,
+            make: Box::new(make),
             states: Mutex::new(States {
                 synced_to: Arc::from(Vec::new()),
                 by_addr: HashMap::new(),
@@ -79,8 +89,8 @@ impl Balancer {
     }
 
     /// Picks an endpoint from `endpoints` (the current view) with the default policy.
-    pub fn pick(&self, endpoints: &Arc<[Endpoint]>) -> Option<Arc<EndpointState>> {
-        self.pick_with(endpoints, &RoutePolicy::default()).ok()
+    pub fn pick(&self, endpoints: &Arc<[Endpoint]>) -> Option<Arc<EndpointState<C>>> {
+        self.pick_with(endpoints, &ServicePolicy::default()).ok()
     }
 
     /// Picks an endpoint from `endpoints` (the current view): ready ones first; among
@@ -89,8 +99,8 @@ impl Balancer {
     pub fn pick_with(
         &self,
         endpoints: &Arc<[Endpoint]>,
-        policy: &RoutePolicy,
-    ) -> Result<Arc<EndpointState>, NoPick> {
+        policy: &ServicePolicy,
+    ) -> Result<Arc<EndpointState<C>>, NoPick> {
         self.pick_avoiding(endpoints, policy, None)
     }
 
@@ -99,9 +109,9 @@ impl Balancer {
     pub fn pick_avoiding(
         &self,
         endpoints: &Arc<[Endpoint]>,
-        policy: &RoutePolicy,
+        policy: &ServicePolicy,
         avoid: Option<SocketAddr>,
-    ) -> Result<Arc<EndpointState>, NoPick> {
+    ) -> Result<Arc<EndpointState<C>>, NoPick> {
         // The candidate list is rebuilt only when the endpoint set changes, so a pick
         // allocates nothing.
         let r = crate::rng::random();
@@ -121,13 +131,13 @@ impl Balancer {
         }
         let breaking = policy.breaker.consecutive_failures > 0;
         // An endpoint whose connects fail is left alone for its backoff, breaker or not.
-        let usable = |s: &EndpointState| {
+        let usable = |s: &EndpointState<C>| {
             (max == 0 || s.in_flight() < max)
                 && (!breaking || s.available(now))
                 && !s.backing_off(now)
         };
         let avoid = avoid.filter(|a| pool.iter().any(|s| s.addr != *a && usable(s)));
-        let eligible = |s: &EndpointState| usable(s) && Some(s.addr) != avoid;
+        let eligible = |s: &EndpointState<C>| usable(s) && Some(s.addr) != avoid;
         // The first eligible candidate at or after `from`, wrapping, other than `not`.
         let find = |from: usize, not: Option<usize>| {
             (0..n)
@@ -145,7 +155,7 @@ impl Balancer {
                     a.and_then(|a| find((a + 1 + ((r >> 32) as usize % n.max(2))) % n, Some(a)));
                 match (a, b) {
                     (Some(a), Some(b)) => {
-                        let cost = |s: &EndpointState| match policy.algorithm {
+                        let cost = |s: &EndpointState<C>| match policy.algorithm {
                             Algorithm::LeastRequest => s.in_flight() as f64,
                             _ => s.cost(now),
                         };
@@ -201,14 +211,6 @@ impl Balancer {
         counts
     }
 
-    /// The destination's connect timeout from now on, and the idle timeout of the
-    /// endpoint pools made from now on (None: the proxy's own).
-    pub fn set_limits(&self, connect: Option<Duration>, idle: Option<Duration>) {
-        if let Some(l) = &self.connector.limits {
-            l.set(connect, idle);
-        }
-    }
-
     /// Whether one more endpoint may be ejected without exceeding `max_percent` of them.
     pub fn may_eject(&self, max_percent: u32) -> bool {
         let guard = self.states.lock();
@@ -221,7 +223,7 @@ impl Balancer {
     /// rest dropped (in-flight requests hold their own reference and finish). A new
     /// endpoint starts at the others' average latency: a pessimistic default would
     /// starve it behind fast peers, an optimistic one would stampede it.
-    fn sync(&self, old: &States, endpoints: &Arc<[Endpoint]>) -> States {
+    fn sync(&self, old: &States<C>, endpoints: &Arc<[Endpoint]>) -> States<C> {
         let now = Instant::now();
         let known: Vec<f64> = old.by_addr.values().map(|s| s.latency(now)).collect();
         let initial = if known.is_empty() {
@@ -235,9 +237,9 @@ impl Balancer {
             let state = old
                 .by_addr
                 .get(&e.addr)
-                .filter(|s| s.clients.identity() == e.identity.as_ref())
+                .filter(|s| s.identity == e.identity)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(EndpointState::new(e, &self.connector, initial)));
+                .unwrap_or_else(|| Arc::new(EndpointState::new(e, (self.make)(e), initial)));
             by_addr.insert(e.addr, state);
         }
         // Ready endpoints; terminating ones only when nothing is ready.
@@ -259,6 +261,11 @@ impl Balancer {
 pub(crate) mod tests {
     use super::*;
 
+    /// A balancer whose endpoints carry nothing: picking needs no connections.
+    pub(crate) fn balancer() -> Balancer<()> {
+        Balancer::new(|_: &Endpoint| ())
+    }
+
     /// `n` ready endpoints, 10.0.0.1:80 onwards.
     pub(crate) fn endpoints(n: u8) -> Arc<[Endpoint]> {
         (1..=n)
@@ -273,7 +280,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn spreads_over_equal_endpoints() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(3);
         let mut counts = HashMap::new();
         for _ in 0..3000 {
@@ -285,7 +292,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn avoids_the_slow_and_the_busy() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(2);
         let slow = b.pick(&eps).unwrap();
         slow.observe(Duration::from_millis(500));
@@ -297,9 +304,9 @@ pub(crate) mod tests {
             "with two endpoints P2C compares both: the slow one never wins"
         );
         // Requests in flight weigh on an endpoint's cost too.
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let busy = b.pick(&eps).unwrap();
-        let _held: Vec<InFlight> = (0..5).map(|_| busy.start()).collect();
+        let _held: Vec<InFlight<()>> = (0..5).map(|_| busy.start()).collect();
         let picks = (0..1000)
             .filter(|_| b.pick(&eps).unwrap().addr == busy.addr)
             .count();
@@ -308,7 +315,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn removed_endpoints_are_not_picked_and_terminating_ones_only_as_a_last_resort() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let all = endpoints(3);
         let held = b.pick(&all).unwrap().start();
         let fewer: Arc<[Endpoint]> = all
@@ -322,7 +329,7 @@ pub(crate) mod tests {
         }
         drop(held);
         // An endpoint that joins later is tried, though its peers are fast.
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let two = endpoints(2);
         for _ in 0..10 {
             b.pick(&two).unwrap().observe(Duration::from_micros(300));
@@ -343,15 +350,15 @@ pub(crate) mod tests {
         assert!(b.pick(&none).is_none());
     }
 
-    fn policy(f: impl FnOnce(&mut RoutePolicy)) -> RoutePolicy {
-        let mut p = RoutePolicy::default();
+    fn policy(f: impl FnOnce(&mut ServicePolicy)) -> ServicePolicy {
+        let mut p = ServicePolicy::default();
         f(&mut p);
         p
     }
 
     #[tokio::test]
     async fn round_robin_and_least_request() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(3);
         let rr = policy(|p| p.algorithm = Algorithm::RoundRobin);
         let order: Vec<SocketAddr> = (0..6)
@@ -367,7 +374,7 @@ pub(crate) mod tests {
         );
         let lr = policy(|p| p.algorithm = Algorithm::LeastRequest);
         let busy = b.pick_with(&eps, &lr).unwrap();
-        let _held: Vec<InFlight> = (0..3).map(|_| busy.start()).collect();
+        let _held: Vec<InFlight<()>> = (0..3).map(|_| busy.start()).collect();
         // The slow estimate is ignored: only requests in flight count.
         let picks = (0..300)
             .filter(|_| b.pick_with(&eps, &lr).unwrap().addr == busy.addr)
@@ -377,10 +384,10 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_concurrency_limit_fails_fast_when_every_endpoint_is_full() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(2);
         let limited = policy(|p| p.breaker.max_requests = 2);
-        let held: Vec<InFlight> = (0..4)
+        let held: Vec<InFlight<()>> = (0..4)
             .map(|_| b.pick_with(&eps, &limited).unwrap().start())
             .collect();
         assert_eq!(b.pick_with(&eps, &limited).unwrap_err(), NoPick::AtCapacity);
@@ -390,7 +397,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn consecutive_failures_eject_within_the_cap_and_a_probe_restores() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(3);
         let p = policy(|p| {
             p.algorithm = Algorithm::RoundRobin;
@@ -427,7 +434,7 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_probe_that_never_reports_back_frees_the_endpoint_later() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(2);
         let p = policy(|p| {
             p.algorithm = Algorithm::RoundRobin;
@@ -438,7 +445,7 @@ pub(crate) mod tests {
         let first = b.pick_with(&eps, &p).unwrap();
         assert!(first.record(false, &p.breaker, || b.may_eject(50)));
         tokio::time::advance(Duration::from_millis(1200)).await;
-        let probes = |b: &Balancer| {
+        let probes = |b: &Balancer<()>| {
             (0..10)
                 .filter(|_| b.pick_with(&eps, &p).unwrap().addr == first.addr)
                 .count()
@@ -451,7 +458,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn least_request_shares_ties_between_two() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(2);
         let lr = policy(|p| p.algorithm = Algorithm::LeastRequest);
         let first = (0..1000)
@@ -462,7 +469,7 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connection_slots_let_a_few_wait_and_refuse_the_rest() {
-        let b = Balancer::new(Connector::plain(Duration::from_secs(1)));
+        let b = balancer();
         let eps = endpoints(1);
         let ep = b.pick(&eps).unwrap();
         let held = ep.connection_slot(1, 1, None).await.unwrap();

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
-use super::{DefaultPolicy, Policy};
-use crate::discovery::{ClientInfo, Reconnected};
+use super::authz::{DefaultPolicy, Policy};
+use crate::{control::ClientInfo, reconnect::Reconnected};
 
 /// The controller's answer for the pod.
 #[derive(Debug, PartialEq)]
@@ -227,7 +227,7 @@ async fn watch_workload(
     req: api::InboundPolicyRequest,
     tx: watch::Sender<Option<Arc<WorkloadPolicy>>>,
     reconnects: Counter,
-    mut backoff: crate::discovery::Backoff,
+    mut backoff: crate::reconnect::Backoff,
 ) {
     loop {
         let started = tokio::time::Instant::now();
@@ -292,8 +292,8 @@ mod tests {
         }
     }
 
-    fn peer() -> super::super::Peer<'static> {
-        super::super::Peer {
+    fn peer() -> super::super::authz::Peer<'static> {
+        super::super::authz::Peer {
             ip: "10.0.0.9".parse().unwrap(),
             identity: None,
         }

@@ -3,15 +3,11 @@
 //! the checks a connection or request must pass. Until the controller first answers (or
 //! without one), the proxy's own default (`REMORA_DEFAULT_INBOUND_POLICY`) applies.
 
-mod client;
-
 use std::{net::IpAddr, str::FromStr, sync::Arc};
 
 use http::Method;
 use ipnet::IpNet;
 use remora_api::v1 as api;
-
-pub use client::{InboundConfig, InboundPolicies, PortPolicy, WorkloadPolicy};
 
 /// The networks `cluster-authenticated` trusts when the controller has not said: the
 /// private ranges pod networks are carved from.
@@ -245,7 +241,7 @@ pub struct Policy {
     pub name: Arc<str>,
     port: Vec<Authz>,
     routes: Vec<RouteAuthz>,
-    probe_paths: Vec<String>,
+    pub(super) probe_paths: Vec<String>,
 }
 
 impl Policy {

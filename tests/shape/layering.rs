@@ -1,0 +1,170 @@
+//! The proxy's and the controller's top-level modules import each other without a
+//! cycle, so each can be read (and changed) standing only on those below it. Test code
+//! (`tests.rs` files, and everything from a file's first `#[cfg(test)]` on) may reach
+//! anywhere.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file belongs to (`outbound/forward.rs` → `outbound`); None
+/// for the crate root.
+fn top_module(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).unwrap();
+    let first = rel.components().next()?.as_os_str().to_str()?.to_string();
+    let name = first.strip_suffix(".rs").unwrap_or(&first).to_string();
+    (!matches!(name.as_str(), "lib" | "main")).then_some(name)
+}
+
+/// The code of a file without its tests or comments.
+fn production_code(text: &str) -> String {
+    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+    text.lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The first path segment of every `crate::` path in `code`, including each item of a
+/// `crate::{a::X, b}` group.
+fn crate_paths(code: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = code[i + "crate::".len()..].trim_start();
+        if let Some(group) = rest.strip_prefix('{') {
+            let mut depth = 1;
+            let mut at_item = true;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    ',' if depth == 1 => at_item = true,
+                    c if c.is_whitespace() => {}
+                    _ if at_item && depth == 1 => {
+                        out.insert(ident(&group[j..]));
+                        at_item = false;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out.remove("");
+    out
+}
+
+fn graph(crate_dir: &str) -> Graph {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crate_dir)
+        .join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(files.len() > 10, "no sources found under {}", src.display());
+    let tops: BTreeSet<String> = files.iter().filter_map(|f| top_module(&src, f)).collect();
+    let mut g = Graph::new();
+    for file in &files {
+        let Some(from) = top_module(&src, file) else {
+            continue;
+        };
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let code = production_code(&fs::read_to_string(file).unwrap());
+        let edges = g.entry(from.clone()).or_default();
+        for to in crate_paths(&code) {
+            if to != from && tops.contains(&to) {
+                edges.insert(to);
+            }
+        }
+    }
+    g
+}
+
+/// A cycle through the graph, if there is one, as the modules on it.
+fn find_cycle(g: &Graph) -> Option<Vec<String>> {
+    fn visit(
+        g: &Graph,
+        node: &str,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in g.get(node).into_iter().flatten() {
+            if let Some(c) = visit(g, next, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    g.keys()
+        .find_map(|n| visit(g, n, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_parser_sees_groups_and_paths() {
+    let code = "use crate::{\n    addr::{A, B},\n    http::{self, X},\n    tcp,\n};\nlet x = crate::rng::random();";
+    let got: Vec<_> = crate_paths(code).into_iter().collect();
+    assert_eq!(got, ["addr", "http", "rng", "tcp"]);
+    let g: Graph = [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"])]
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into_iter().map(String::from).collect()))
+        .collect();
+    assert_eq!(find_cycle(&g).unwrap(), ["a", "b", "c", "a"]);
+}
+
+#[test]
+fn no_import_cycles_between_the_proxys_modules() {
+    let g = graph("crates/remora-proxy");
+    // The rooms exist and are where the layering says.
+    for (from, to) in [("outbound", "http"), ("inbound", "http"), ("app", "accept")] {
+        assert!(g[from].contains(to), "{from} no longer uses {to}: {g:?}");
+    }
+    assert_eq!(find_cycle(&g), None, "{g:#?}");
+}
+
+#[test]
+fn no_import_cycles_between_the_controllers_modules() {
+    let g = graph("crates/remora-controller");
+    assert!(g["policy"].contains("core"), "{g:?}");
+    assert_eq!(find_cycle(&g), None, "{g:#?}");
+}
