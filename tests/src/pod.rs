@@ -91,6 +91,22 @@ impl Default for PodPair {
 }
 
 impl Pod {
+    /// A pod of its own, with only loopback (up): for tests that put a whole path
+    /// inside one namespace.
+    pub fn alone() -> Self {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        Self::create(format!("remora-a-{id}"), "127.0.0.1".parse().unwrap())
+    }
+
+    /// `ip -n <pod> args…`, failing the test if it fails.
+    pub fn ip(&self, args: &[&str]) {
+        self.ip_cmd(args)
+    }
+
     pub(crate) fn create(name: String, ip: IpAddr) -> Self {
         // A namespace left behind by a crashed run with the same name is replaced.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
