@@ -259,6 +259,7 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
             DetectResult::Http2 if !opaque_port => Version::Http2,
             _ => {
                 let app = app(upstream, orig_dst, timeout);
+                let io = Opaque::<NoTls>::Plain(io);
                 return opaque(ctx, io, app, &policy, client, None, &labels).await;
             }
         };
@@ -333,7 +334,8 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
         _ => {
             let peer = identity.as_deref();
             let app = app(upstream, orig_dst, timeout);
-            return opaque(ctx, stream, app, &policy, client, peer, &labels).await;
+            let io = Opaque::Tls(stream);
+            return opaque(ctx, io, app, &policy, client, peer, &labels).await;
         }
     };
     let fwd = Forwarder { admission, to };
@@ -363,17 +365,27 @@ async fn app(
     }
 }
 
+/// A client connection that is not HTTP: plaintext (forwarded inside the kernel when
+/// it can be), or mTLS terminated here.
+enum Opaque<T> {
+    Plain(PrefixedIo<CountingIo<TcpStream>>),
+    Tls(T),
+}
+
+/// The TLS side of [`Opaque`] where there is none.
+type NoTls = tokio::io::Empty;
+
 /// Forwards a connection that is not HTTP, if the port's policy allows the client.
-async fn opaque<I>(
+async fn opaque<T>(
     ctx: &Inbound,
-    io: I,
+    io: Opaque<T>,
     upstream: impl Future<Output = Result<Conn, ConnectError>>,
     policy: &PortPolicy,
     client: ClientAddr,
     identity: Option<&str>,
     labels: &TrafficLabels,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
 {
     let current: Arc<_> = policy.current();
     let peer = Peer {
@@ -386,9 +398,10 @@ async fn opaque<I>(
             policy = %current.name, "connection denied by inbound policy");
         return;
     }
-    match upstream.await {
-        Ok(upstream) => tcp::forward(io, upstream, &ctx.idle).await,
-        Err(error) => {
+    match (upstream.await, io) {
+        (Ok(upstream), Opaque::Plain(io)) => tcp::forward_client(io, upstream, &ctx.idle).await,
+        (Ok(upstream), Opaque::Tls(io)) => tcp::forward(io, upstream, &ctx.idle).await,
+        (Err(error), _) => {
             info!(%error, "closing the client connection: the application is unreachable")
         }
     }

@@ -95,6 +95,11 @@ impl<I> CountingIo<I> {
         &self.io
     }
 
+    /// The stream, and its counters of bytes read and written.
+    pub fn into_parts(self) -> (I, Counter, Counter) {
+        (self.io, self.read, self.written)
+    }
+
     /// Counts into `read` and `written` from now on, carrying over what was counted so
     /// far (bytes read before the connection's labels were known).
     pub fn retarget(&mut self, read: Counter, written: Counter) {

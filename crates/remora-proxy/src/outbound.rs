@@ -264,7 +264,10 @@ impl Outbound {
                 start.elapsed(),
             );
             match self.connect(&resolved, orig_dst).await {
-                Ok(upstream) => tcp::forward(io, upstream, &self.idle).await,
+                Ok(upstream) => {
+                    let io = PrefixedIo::new(bytes::Bytes::new(), io);
+                    tcp::forward_client(io, upstream, &self.idle).await
+                }
                 Err(error) => refuse(io.get_ref(), &error),
             }
             return;
@@ -309,7 +312,7 @@ impl Outbound {
                         Err(error) => return refuse(io.into_parts().1.get_ref(), &error),
                     },
                 };
-                return tcp::forward(io, upstream, &self.idle).await;
+                return tcp::forward_client(io, upstream, &self.idle).await;
             }
         };
         let fwd = match &resolved {
