@@ -327,6 +327,14 @@ fn mesh_credentials(
 /// One whole mTLS handshake between two proxies' configurations, in memory: the CPU
 /// cost of a new connection between meshed pods (both sides, with certificate checks).
 fn handshake_once(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::ServerConfig>) {
+    black_box(connected(client, server));
+}
+
+/// Two connected ends, in memory.
+fn connected(
+    client: &Arc<rustls::ClientConfig>,
+    server: &Arc<rustls::ServerConfig>,
+) -> (rustls::ClientConnection, rustls::ServerConnection) {
     use std::io::Cursor;
     let name =
         rustls::pki_types::ServerName::try_from("api.shop.serviceaccount.identity.cluster.local")
@@ -354,10 +362,54 @@ fn handshake_once(client: &Arc<rustls::ClientConfig>, server: &Arc<rustls::Serve
             c.process_new_packets().unwrap();
         }
     }
-    black_box((c, s));
+    (c, s)
 }
 
-fn handshake(c: &mut Criterion) {
+/// Bulk data over an established mTLS connection, in memory: what encrypting and
+/// decrypting costs per byte (one side each), in writes of `chunk` bytes.
+fn records(c: &mut Criterion) {
+    use std::io::{Cursor, Read, Write};
+    let (client, server) = mtls_configs();
+    let (mut tx, mut rx) = connected(&client.0, &server);
+    const TOTAL: usize = 1 << 20;
+    let mut g = c.benchmark_group("mtls_records");
+    g.throughput(criterion::Throughput::Bytes(TOTAL as u64));
+    for chunk in [8 << 10, 64 << 10] {
+        let data = vec![0x5au8; chunk];
+        let mut wire = Vec::with_capacity(chunk + 1024);
+        let mut out = vec![0u8; 64 << 10];
+        g.bench_function(format!("{}KiB_writes", chunk >> 10), |bench| {
+            bench.iter(|| {
+                for _ in 0..TOTAL / chunk {
+                    tx.writer().write_all(&data).unwrap();
+                    wire.clear();
+                    while tx.wants_write() {
+                        tx.write_tls(&mut wire).unwrap();
+                    }
+                    let mut rd = Cursor::new(&wire[..]);
+                    while (rd.position() as usize) < wire.len() {
+                        rx.read_tls(&mut rd).unwrap();
+                        rx.process_new_packets().unwrap();
+                        while let Ok(n) = rx.reader().read(&mut out) {
+                            if n == 0 {
+                                break;
+                            }
+                            black_box(&out[..n]);
+                        }
+                    }
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A hybrid (post-quantum) client, a classical one, and a server, as two proxies have
+/// them.
+fn mtls_configs() -> (
+    (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>),
+    Arc<rustls::ServerConfig>,
+) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     use remora_proxy::tls::{ALPN_H2, client_config, roots, server_config};
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -393,6 +445,11 @@ fn handshake(c: &mut Criterion) {
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Arc::new(config)
     };
+    ((hybrid, classical), server)
+}
+
+fn handshake(c: &mut Criterion) {
+    let ((hybrid, classical), server) = mtls_configs();
     let mut g = c.benchmark_group("mtls_handshake");
     g.bench_function("x25519mlkem768", |b| {
         b.iter(|| handshake_once(&hybrid, &server))
@@ -404,6 +461,7 @@ fn handshake(c: &mut Criterion) {
 criterion_group!(
     benches,
     handshake,
+    records,
     detection,
     headers,
     balancer,
