@@ -44,7 +44,7 @@ where
 {
     let Some(timeout) = idle.timeout else {
         let (mut client, mut upstream) = (client, upstream);
-        return report(tokio::io::copy_bidirectional(&mut client, &mut upstream).await);
+        return report(copy_both(&mut client, &mut upstream).await);
     };
     let clock = Clock {
         base: Instant::now(),
@@ -58,7 +58,7 @@ where
         io: upstream,
         clock: clock.clone(),
     };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let copy = copy_both(&mut client, &mut upstream);
     tokio::pin!(copy);
     loop {
         let deadline = clock.last_activity() + timeout;
@@ -184,6 +184,124 @@ pub async fn forward_client(
         return debug!(%error, "TCP stream failed");
     }
     report(splice(&client, &upstream, &read, &written, idle).await)
+}
+
+/// The buffer each direction of a copied connection starts with, and the most it grows
+/// to. A connection that moves little keeps the small one; one whose reads fill it (a
+/// bulk transfer) gets a buffer that holds four TLS records, so each write to a TLS side
+/// makes full records and each syscall moves more.
+const BUF_START: usize = 8 * 1024;
+const BUF_MAX: usize = 64 * 1024;
+
+/// One direction of a copied connection.
+struct OneWay {
+    buf: Box<[u8]>,
+    /// What is read and not yet written: `buf[pos..end]`.
+    pos: usize,
+    end: usize,
+    /// The last read filled the buffer: it grows once what it holds is written.
+    grow: bool,
+    read_done: bool,
+    need_flush: bool,
+    moved: u64,
+}
+
+impl OneWay {
+    fn new() -> Self {
+        Self {
+            buf: vec![0; BUF_START].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            grow: false,
+            read_done: false,
+            need_flush: false,
+            moved: 0,
+        }
+    }
+
+    /// Copies from `r` to `w` until `r` ends (then `w` is shut down, passing the
+    /// half-close on); the bytes moved.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<u64>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.end && !self.read_done {
+                if self.grow {
+                    self.buf = vec![0; (self.buf.len() * 2).min(BUF_MAX)].into_boxed_slice();
+                    self.grow = false;
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match r.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        (self.pos, self.end) = (0, n);
+                        self.read_done = n == 0;
+                        self.grow = n == self.buf.len() && n < BUF_MAX;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing more to read now: what was written must not wait in
+                        // the writer's buffer (a TLS stream's) for more.
+                        if self.need_flush {
+                            std::task::ready!(w.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.end {
+                let n =
+                    std::task::ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.moved += n as u64;
+                self.need_flush = true;
+            }
+            if self.read_done {
+                std::task::ready!(w.as_mut().poll_shutdown(cx))?;
+                return Poll::Ready(Ok(self.moved));
+            }
+        }
+    }
+}
+
+/// Copies both ways until both directions have ended, or one fails: the bytes moved
+/// from `a` to `b` and from `b` to `a`. As `tokio::io::copy_bidirectional`, with
+/// buffers that grow for bulk transfers.
+async fn copy_both<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut a_to_b, mut b_to_a) = (OneWay::new(), OneWay::new());
+    let (mut sent, mut received) = (None, None);
+    std::future::poll_fn(|cx| {
+        if sent.is_none()
+            && let Poll::Ready(r) = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))
+        {
+            sent = Some(r?);
+        }
+        if received.is_none()
+            && let Poll::Ready(r) = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))
+        {
+            received = Some(r?);
+        }
+        match (sent, received) {
+            (Some(s), Some(r)) => Poll::Ready(Ok((s, r))),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 fn report(r: io::Result<(u64, u64)>) {
@@ -312,6 +430,42 @@ mod tests {
         assert!(to_client == down, "the answer arrived whole and in order");
         assert_eq!(read.get(), up.len() as u64);
         assert_eq!(written.get(), down.len() as u64);
+    }
+
+    /// Copied (a TLS side): megabytes both ways arrive whole and in order, and the
+    /// buffer of a direction that moves bulk grows while a chatty one stays small.
+    #[tokio::test]
+    async fn copied_streams_arrive_whole_and_bulk_grows_the_buffer() {
+        let up: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let mut reader: &[u8] = &up;
+        let mut sink = Vec::new();
+        let mut one = OneWay::new();
+        let moved =
+            std::future::poll_fn(|cx| one.poll(cx, Pin::new(&mut reader), Pin::new(&mut sink)))
+                .await
+                .unwrap();
+        assert_eq!(moved, up.len() as u64);
+        assert!(sink == up);
+        assert_eq!(one.buf.len(), BUF_MAX, "bulk grew the buffer");
+
+        // Small messages never fill the buffer: it stays as it started.
+        let (mut client, proxy_client) = tokio::io::duplex(1 << 20);
+        let (proxy_upstream, mut server) = tokio::io::duplex(1 << 20);
+        let task = tokio::spawn(async move {
+            let (mut c, mut u) = (proxy_client, proxy_upstream);
+            let mut a_to_b = OneWay::new();
+            std::future::poll_fn(|cx| a_to_b.poll(cx, Pin::new(&mut c), Pin::new(&mut u)))
+                .await
+                .unwrap();
+            a_to_b.buf.len()
+        });
+        for _ in 0..100 {
+            client.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            server.read_exact(&mut b).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+        assert_eq!(task.await.unwrap(), BUF_START);
     }
 
     /// A spliced connection that carries nothing for the idle timeout is closed.
