@@ -152,6 +152,17 @@ pub struct Scenario {
     pub wall_s: f64,
 }
 
+/// What 1,000 connections cost one proxy: its resident memory with none, with them all
+/// idle, and at most while all are busy.
+#[derive(Debug, Clone)]
+pub struct PerConnection {
+    pub side: &'static str,
+    pub connections: usize,
+    pub base_mib: f64,
+    pub idle_mib: f64,
+    pub active_mib: f64,
+}
+
 /// Memory of one proxy after its path's load.
 #[derive(Debug, Clone)]
 pub struct Memory {
@@ -166,6 +177,7 @@ pub struct PathRun {
     pub scenarios: Vec<Scenario>,
     pub throughput_mib_s: f64,
     pub memory: Vec<Memory>,
+    pub per_connection: Vec<PerConnection>,
 }
 
 pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
@@ -353,6 +365,50 @@ async fn mtls_setup(
     Ok((controller, [client, server]))
 }
 
+/// Connections opened at once to measure what each costs a proxy.
+const CONNECTIONS: usize = 1000;
+
+/// Each proxy's resident memory with [`CONNECTIONS`] idle HTTP/1.1 connections through
+/// the path, and at most while all of them make requests back to back for two seconds.
+async fn connection_memory(
+    pods: &PodPair,
+    app: SocketAddr,
+    proxies: &[(&'static str, Proxy)],
+) -> anyhow::Result<Vec<PerConnection>> {
+    let rss = || -> Vec<f64> {
+        proxies
+            .iter()
+            .map(|(_, p)| procstat::rss_mib(p.pid()))
+            .collect()
+    };
+    let base = rss();
+    let senders = load::open_connections(&pods.client, app, CONNECTIONS).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let idle = rss();
+    let mut active = idle.clone();
+    let (senders, done) = load::keep_busy(senders, std::time::Duration::from_secs(2), || {
+        for (a, now) in active.iter_mut().zip(rss()) {
+            *a = a.max(now);
+        }
+    })
+    .await?;
+    drop(senders);
+    eprintln!(
+        "   {CONNECTIONS} connections: idle {idle:.1?} MiB, busy {active:.1?} MiB ({done} requests)"
+    );
+    Ok(proxies
+        .iter()
+        .enumerate()
+        .map(|(i, (side, _))| PerConnection {
+            side,
+            connections: CONNECTIONS,
+            base_mib: base[i],
+            idle_mib: idle[i],
+            active_mib: active[i],
+        })
+        .collect())
+}
+
 async fn run_path(
     root: &Path,
     kind: PathKind,
@@ -508,10 +564,16 @@ async fn run_path(
             private_mib: procstat::private_mib(p.pid()),
         })
         .collect();
+    let per_connection = if proxies.is_empty() {
+        Vec::new()
+    } else {
+        connection_memory(&pods, app, &proxies).await?
+    };
     Ok(PathRun {
         kind,
         scenarios,
         throughput_mib_s,
         memory,
+        per_connection,
     })
 }

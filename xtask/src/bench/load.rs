@@ -317,3 +317,54 @@ pub async fn throughput(pod: &Pod, target: SocketAddr, bytes: u64) -> anyhow::Re
     anyhow::ensure!(got == bytes, "received {got} of {bytes} bytes");
     Ok(bytes as f64 / (1024.0 * 1024.0) / started.elapsed().as_secs_f64())
 }
+
+/// `n` HTTP/1.1 keep-alive connections from `pod` to `target`, each having made one
+/// request: what a pod with many idle clients (or pooled callers) holds open.
+pub async fn open_connections(
+    pod: &Pod,
+    target: SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<http1::SendRequest<Body>>> {
+    let mut senders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut sender = client::http1(pod, target).await?;
+        http1_call(&mut sender).await.map_err(anyhow::Error::msg)?;
+        senders.push(sender);
+    }
+    Ok(senders)
+}
+
+/// Every connection sends requests back to back for `duration`, all at once, while
+/// `sample` runs every 100 ms; the number of requests completed.
+pub async fn keep_busy(
+    senders: Vec<http1::SendRequest<Body>>,
+    duration: Duration,
+    mut sample: impl FnMut(),
+) -> anyhow::Result<(Vec<http1::SendRequest<Body>>, u64)> {
+    let until = Instant::now() + duration;
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while Instant::now() < until {
+                    http1_call(&mut sender).await?;
+                    done += 1;
+                }
+                Ok::<_, String>((sender, done))
+            })
+        })
+        .collect();
+    while Instant::now() < until {
+        sample();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut senders = Vec::with_capacity(tasks.len());
+    let mut total = 0;
+    for t in tasks {
+        let (sender, done) = t.await?.map_err(anyhow::Error::msg)?;
+        senders.push(sender);
+        total += done;
+    }
+    Ok((senders, total))
+}

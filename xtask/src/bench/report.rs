@@ -313,6 +313,32 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
 
     let _ = writeln!(
         w,
+        "\n## Memory per connection (1,000 HTTP/1.1 connections through the path)\n"
+    );
+    let _ = writeln!(
+        w,
+        "| path | proxy | RSS before MiB | idle MiB | busy MiB (peak) | KiB per idle connection | KiB per busy connection |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for p in paths {
+        for c in &p.per_connection {
+            let per = |mib: f64| (mib - c.base_mib) * 1024.0 / c.connections as f64;
+            let _ = writeln!(
+                w,
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                p.kind.name(),
+                c.side,
+                c.base_mib,
+                c.idle_mib,
+                c.active_mib,
+                per(c.idle_mib),
+                per(c.active_mib)
+            );
+        }
+    }
+
+    let _ = writeln!(
+        w,
         "\n## Opaque TCP throughput ({} MiB, one connection)\n",
         opts.throughput_mib
     );
@@ -392,6 +418,21 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
                 json_str(m.side),
                 m.peak_rss_mib,
                 m.private_mib
+            );
+        }
+        j.push_str("],\"per_connection\":[");
+        for (k, c) in p.per_connection.iter().enumerate() {
+            if k > 0 {
+                j.push(',');
+            }
+            let _ = write!(
+                j,
+                "{{\"proxy\":{},\"connections\":{},\"base_mib\":{:.2},\"idle_mib\":{:.2},\"active_mib\":{:.2}}}",
+                json_str(c.side),
+                c.connections,
+                c.base_mib,
+                c.idle_mib,
+                c.active_mib
             );
         }
         j.push_str("]}");
