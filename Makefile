@@ -7,17 +7,22 @@ TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nexte
 
 .PHONY: build test lint fmt codegen static images
 
+# The binaries and every test target in one invocation, so they share one compile set:
+# built apart, the binaries would get the dependencies' features without the tests'
+# (tokio's `test-util`), and tokio and all above it would be compiled twice. The tests
+# then reuse it all, and so does `xtask codegen --check` (`cargo xtask` would resolve
+# xtask's features alone: a third set).
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --tests
 
-lint:
+lint: build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) xtask codegen --check
+	target/debug/xtask codegen --check
 
 # Formatting, lints, generated files, then every test: unit, stack, in-process and the
 # end-to-end suite (root, iptables and network namespaces; it fails loudly without them).
-test: lint build static
+test: build lint static
 	$(CARGO) $(TEST_RUNNER) --workspace
 
 fmt:

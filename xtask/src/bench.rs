@@ -161,6 +161,8 @@ pub struct PerConnection {
     pub base_mib: f64,
     pub idle_mib: f64,
     pub active_mib: f64,
+    /// Requests that failed while the connections were opened or busy.
+    pub errors: u64,
 }
 
 /// Memory of one proxy after its path's load.
@@ -382,19 +384,19 @@ async fn connection_memory(
             .collect()
     };
     let base = rss();
-    let senders = load::open_connections(&pods.client, app, CONNECTIONS).await?;
+    let (senders, refused) = load::open_connections(&pods.client, app, CONNECTIONS).await?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let idle = rss();
     let mut active = idle.clone();
-    let (senders, done) = load::keep_busy(senders, std::time::Duration::from_secs(2), || {
+    let (done, failed) = load::keep_busy(senders, std::time::Duration::from_secs(2), || {
         for (a, now) in active.iter_mut().zip(rss()) {
             *a = a.max(now);
         }
     })
     .await?;
-    drop(senders);
+    let errors = refused + failed;
     eprintln!(
-        "   {CONNECTIONS} connections: idle {idle:.1?} MiB, busy {active:.1?} MiB ({done} requests)"
+        "   {CONNECTIONS} connections: idle {idle:.1?} MiB, busy {active:.1?} MiB ({done} requests, {errors} errors)"
     );
     Ok(proxies
         .iter()
@@ -405,6 +407,7 @@ async fn connection_memory(
             base_mib: base[i],
             idle_mib: idle[i],
             active_mib: active[i],
+            errors,
         })
         .collect())
 }

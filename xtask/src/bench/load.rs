@@ -319,28 +319,33 @@ pub async fn throughput(pod: &Pod, target: SocketAddr, bytes: u64) -> anyhow::Re
 }
 
 /// `n` HTTP/1.1 keep-alive connections from `pod` to `target`, each having made one
-/// request: what a pod with many idle clients (or pooled callers) holds open.
+/// request: what a pod with many idle clients (or pooled callers) holds open. A
+/// connection whose request fails is counted and not kept.
 pub async fn open_connections(
     pod: &Pod,
     target: SocketAddr,
     n: usize,
-) -> anyhow::Result<Vec<http1::SendRequest<Body>>> {
+) -> anyhow::Result<(Vec<http1::SendRequest<Body>>, u64)> {
     let mut senders = Vec::with_capacity(n);
+    let mut failed = 0;
     for _ in 0..n {
         let mut sender = client::http1(pod, target).await?;
-        http1_call(&mut sender).await.map_err(anyhow::Error::msg)?;
-        senders.push(sender);
+        match http1_call(&mut sender).await {
+            Ok(()) => senders.push(sender),
+            Err(_) => failed += 1,
+        }
     }
-    Ok(senders)
+    Ok((senders, failed))
 }
 
 /// Every connection sends requests back to back for `duration`, all at once, while
-/// `sample` runs every 100 ms; the number of requests completed.
+/// `sample` runs every 100 ms; the requests completed and failed (a connection stops
+/// at its first failure).
 pub async fn keep_busy(
     senders: Vec<http1::SendRequest<Body>>,
     duration: Duration,
     mut sample: impl FnMut(),
-) -> anyhow::Result<(Vec<http1::SendRequest<Body>>, u64)> {
+) -> anyhow::Result<(u64, u64)> {
     let until = Instant::now() + duration;
     let tasks: Vec<_> = senders
         .into_iter()
@@ -348,10 +353,12 @@ pub async fn keep_busy(
             tokio::spawn(async move {
                 let mut done = 0u64;
                 while Instant::now() < until {
-                    http1_call(&mut sender).await?;
+                    if http1_call(&mut sender).await.is_err() {
+                        return (done, 1u64);
+                    }
                     done += 1;
                 }
-                Ok::<_, String>((sender, done))
+                (done, 0)
             })
         })
         .collect();
@@ -359,12 +366,11 @@ pub async fn keep_busy(
         sample();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut senders = Vec::with_capacity(tasks.len());
-    let mut total = 0;
+    let (mut done, mut failed) = (0, 0);
     for t in tasks {
-        let (sender, done) = t.await?.map_err(anyhow::Error::msg)?;
-        senders.push(sender);
-        total += done;
+        let (d, f) = t.await?;
+        done += d;
+        failed += f;
     }
-    Ok((senders, total))
+    Ok((done, failed))
 }

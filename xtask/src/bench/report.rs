@@ -317,22 +317,23 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
     );
     let _ = writeln!(
         w,
-        "| path | proxy | RSS before MiB | idle MiB | busy MiB (peak) | KiB per idle connection | KiB per busy connection |\n\
-         | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+        "| path | proxy | RSS before MiB | idle MiB | busy MiB (peak) | KiB per idle connection | KiB per busy connection | errors |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for p in paths {
         for c in &p.per_connection {
             let per = |mib: f64| (mib - c.base_mib) * 1024.0 / c.connections as f64;
             let _ = writeln!(
                 w,
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
                 p.kind.name(),
                 c.side,
                 c.base_mib,
                 c.idle_mib,
                 c.active_mib,
                 per(c.idle_mib),
-                per(c.active_mib)
+                per(c.active_mib),
+                c.errors
             );
         }
     }
@@ -427,12 +428,13 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
             }
             let _ = write!(
                 j,
-                "{{\"proxy\":{},\"connections\":{},\"base_mib\":{:.2},\"idle_mib\":{:.2},\"active_mib\":{:.2}}}",
+                "{{\"proxy\":{},\"connections\":{},\"base_mib\":{:.2},\"idle_mib\":{:.2},\"active_mib\":{:.2},\"errors\":{}}}",
                 json_str(c.side),
                 c.connections,
                 c.base_mib,
                 c.idle_mib,
-                c.active_mib
+                c.active_mib,
+                c.errors
             );
         }
         j.push_str("]}");
