@@ -40,7 +40,12 @@ static:
 	$(CARGO) build --release --locked --target $(MUSL_TARGET) \
 		-p remora-proxy -p remora-controller -p remora-init -p remora-cli
 	mkdir -p dist/$(DIST_ARCH)
-	for b in $(STATIC_BINS); do cp -p target/$(MUSL_TARGET)/release/$$b dist/$(DIST_ARCH)/; done
+	# Replaced only when changed, and atomically (a rename): a build reading dist/ at the
+	# same time (the images suite runs this beside itself) never sees half a binary.
+	for b in $(STATIC_BINS); do \
+		src=target/$(MUSL_TARGET)/release/$$b; dst=dist/$(DIST_ARCH)/$$b; \
+		cmp -s $$src $$dst || { cp -p $$src $$dst.tmp && mv $$dst.tmp $$dst; } || exit 1; \
+	done
 
 # The three images (Dockerfile): <REGISTRY>/{proxy,controller,init}:<TAG>, with docker,
 # podman or buildah, whichever is found first. BINARIES=prebuilt takes `make static`'s

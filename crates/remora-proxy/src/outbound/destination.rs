@@ -131,8 +131,8 @@ impl Destinations {
     /// The shared destination for a backend Service an HTTP route names. Its own routes
     /// do not apply again (a route's backend is that Service's endpoints); its
     /// TrafficPolicy's balancing, circuit breaking and connect timeout do.
-    pub fn backend(&self, name: &str) -> Arc<Destination> {
-        self.lookup(Key::Name(Arc::from(name)))
+    pub fn backend(&self, name: &Arc<str>) -> Arc<Destination> {
+        self.lookup(Key::Name(name.clone()))
     }
 
     fn lookup(&self, key: Key) -> Arc<Destination> {
