@@ -335,7 +335,6 @@ fn connected(
     client: &Arc<rustls::ClientConfig>,
     server: &Arc<rustls::ServerConfig>,
 ) -> (rustls::ClientConnection, rustls::ServerConnection) {
-    use std::io::Cursor;
     let name =
         rustls::pki_types::ServerName::try_from("api.shop.serviceaccount.identity.cluster.local")
             .unwrap();
@@ -343,32 +342,34 @@ fn connected(
     let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
     let mut buf = Vec::with_capacity(8192);
     while c.is_handshaking() || s.is_handshaking() {
-        buf.clear();
-        while c.wants_write() {
-            c.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = Cursor::new(&buf[..]);
-        while (rd.position() as usize) < buf.len() {
-            s.read_tls(&mut rd).unwrap();
-            s.process_new_packets().unwrap();
-        }
-        buf.clear();
-        while s.wants_write() {
-            s.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = Cursor::new(&buf[..]);
-        while (rd.position() as usize) < buf.len() {
-            c.read_tls(&mut rd).unwrap();
-            c.process_new_packets().unwrap();
-        }
+        pump(&mut c, &mut s, &mut buf);
+        pump(&mut s, &mut c, &mut buf);
     }
     (c, s)
+}
+
+/// Moves every TLS record `from` has to send into `to`, through `buf`, and has `to`
+/// process them.
+fn pump<A, B, DA, DB>(from: &mut A, to: &mut B, buf: &mut Vec<u8>)
+where
+    A: std::ops::DerefMut<Target = rustls::ConnectionCommon<DA>>,
+    B: std::ops::DerefMut<Target = rustls::ConnectionCommon<DB>>,
+{
+    buf.clear();
+    while from.wants_write() {
+        from.write_tls(buf).unwrap();
+    }
+    let mut rd = std::io::Cursor::new(&buf[..]);
+    while (rd.position() as usize) < buf.len() {
+        to.read_tls(&mut rd).unwrap();
+        to.process_new_packets().unwrap();
+    }
 }
 
 /// Bulk data over an established mTLS connection, in memory: what encrypting and
 /// decrypting costs per byte (one side each), in writes of `chunk` bytes.
 fn records(c: &mut Criterion) {
-    use std::io::{Cursor, Read, Write};
+    use std::io::{Read, Write};
     let (client, server) = mtls_configs();
     let (mut tx, mut rx) = connected(&client.0, &server);
     const TOTAL: usize = 1 << 20;
@@ -386,7 +387,9 @@ fn records(c: &mut Criterion) {
                     while tx.wants_write() {
                         tx.write_tls(&mut wire).unwrap();
                     }
-                    let mut rd = Cursor::new(&wire[..]);
+                    // Read as each record is processed: rustls holds at most 16 KiB of
+                    // received plaintext.
+                    let mut rd = std::io::Cursor::new(&wire[..]);
                     while (rd.position() as usize) < wire.len() {
                         rx.read_tls(&mut rd).unwrap();
                         rx.process_new_packets().unwrap();
