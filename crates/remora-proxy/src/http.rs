@@ -135,7 +135,7 @@ async fn forward<F: Forward>(
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
         metrics.duration.observe(start.elapsed().as_secs_f64());
         let (parts, body) = rsp.into_parts();
-        let body = MeteredBody::new(body, metrics, 403, &parts.headers, None, false);
+        let body = MeteredBody::new(body, metrics, 403, &parts.headers, None);
         return Response::from_parts(parts, body);
     }
     let upgrade = wants_upgrade(&req);
@@ -174,15 +174,7 @@ async fn forward<F: Forward>(
     metrics.duration.observe(start.elapsed().as_secs_f64());
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
-    let may_have_trailers = parts.version == http::Version::HTTP_2;
-    let body = MeteredBody::new(
-        body,
-        metrics,
-        status,
-        &parts.headers,
-        in_flight,
-        may_have_trailers,
-    );
+    let body = MeteredBody::new(body, metrics, status, &parts.headers, in_flight);
     Response::from_parts(parts, body)
 }
 
