@@ -42,14 +42,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(timeout) = idle.timeout else {
-        let (mut client, mut upstream) = (client, upstream);
-        return report(copy_both(&mut client, &mut upstream).await);
-    };
-    let clock = Clock {
-        base: Instant::now(),
-        last: Arc::new(AtomicU64::new(0)),
-    };
+    let clock = Clock::new();
     let mut client = Active {
         io: client,
         clock: clock.clone(),
@@ -58,12 +51,25 @@ where
         io: upstream,
         clock: clock.clone(),
     };
-    let copy = copy_both(&mut client, &mut upstream);
-    tokio::pin!(copy);
+    until_idle(copy_both(&mut client, &mut upstream), &clock, idle).await
+}
+
+/// Runs `moving` (both directions of one connection, noting activity on `clock`) to
+/// its end, unless nothing moves for the idle timeout: then it is dropped, which closes
+/// the connection, and counted.
+async fn until_idle(
+    moving: impl Future<Output = io::Result<(u64, u64)>>,
+    clock: &Clock,
+    idle: &Idle,
+) {
+    tokio::pin!(moving);
+    let Some(timeout) = idle.timeout else {
+        return report(moving.await);
+    };
     loop {
         let deadline = clock.last_activity() + timeout;
         tokio::select! {
-            r = &mut copy => return report(r),
+            r = &mut moving => return report(r),
             _ = tokio::time::sleep_until(deadline) => {
                 if clock.last_activity() + timeout <= Instant::now() {
                     idle.closed.inc();
@@ -74,8 +80,8 @@ where
     }
 }
 
-/// Copies between two plain TCP sockets with `splice(2)`: each direction moves bytes
-/// from one socket into a pipe and from the pipe into the other socket, inside the
+/// Moves bytes between two plain TCP sockets with `splice(2)`: each direction moves
+/// them from one socket into a pipe and from the pipe into the other socket, inside the
 /// kernel, with no copy through the proxy's memory and no user-space buffer. Used when
 /// neither side is TLS (passthrough, and plaintext inbound); the rest of [`forward`]'s
 /// contract holds: half-close passed on, idle timeout, byte counts.
@@ -85,31 +91,11 @@ async fn splice(
     read: &Counter,
     written: &Counter,
     idle: &Idle,
-) -> io::Result<(u64, u64)> {
-    let clock = Clock {
-        base: Instant::now(),
-        last: Arc::new(AtomicU64::new(0)),
-    };
+) {
+    let clock = Clock::new();
     let up = splice_one_way(client, upstream, read, &clock);
     let down = splice_one_way(upstream, client, written, &clock);
-    let both = async { tokio::try_join!(up, down) };
-    tokio::pin!(both);
-    let Some(timeout) = idle.timeout else {
-        return both.await;
-    };
-    loop {
-        let deadline = clock.last_activity() + timeout;
-        tokio::select! {
-            r = &mut both => return r,
-            _ = tokio::time::sleep_until(deadline) => {
-                if clock.last_activity() + timeout <= Instant::now() {
-                    idle.closed.inc();
-                    debug!(?timeout, "TCP stream idle: closed");
-                    return Ok((read.get(), written.get()));
-                }
-            }
-        }
-    }
+    until_idle(async { tokio::try_join!(up, down) }, &clock, idle).await
 }
 
 /// What a pipe holds at most per move: Linux's default pipe size.
@@ -125,6 +111,9 @@ async fn splice_one_way(
 ) -> io::Result<u64> {
     use nix::fcntl::{OFlag, SpliceFFlags, splice};
     use tokio::io::Interest;
+    // The pipe (two descriptors) is made once there is something to move: an idle
+    // direction holds none.
+    from.readable().await?;
     let (pipe_out, pipe_in) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     let mut moved = 0u64;
@@ -183,7 +172,7 @@ pub async fn forward_client(
     if let Err(error) = upstream.write_all(&prefix).await {
         return debug!(%error, "TCP stream failed");
     }
-    report(splice(&client, &upstream, &read, &written, idle).await)
+    splice(&client, &upstream, &read, &written, idle).await
 }
 
 /// The buffer each direction of a copied connection starts with, and the most it grows
@@ -320,6 +309,13 @@ struct Clock {
 }
 
 impl Clock {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     fn touch(&self) {
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(nanos, Ordering::Relaxed);
