@@ -15,12 +15,7 @@ use std::{borrow::Cow, future::Future, net::IpAddr, sync::Arc, time::Duration};
 use ::http::{Request, Response};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
-    sync::Semaphore,
-    time::Instant,
-};
+use tokio::{net::TcpStream, sync::Semaphore, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info};
 
@@ -259,8 +254,11 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
             DetectResult::Http2 if !opaque_port => Version::Http2,
             _ => {
                 let app = app(upstream, orig_dst, timeout);
-                let io = Opaque::<NoTls>::Plain(io);
-                return opaque(ctx, io, app, &policy, client, None, &labels).await;
+                if let Some(app) = opaque(ctx, app, &policy, client, None, &labels).await {
+                    // Plaintext both ways: spliced inside the kernel.
+                    tcp::forward_client(io, app, &ctx.idle).await;
+                }
+                return;
             }
         };
         let admission = Admission {
@@ -334,8 +332,10 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
         _ => {
             let peer = identity.as_deref();
             let app = app(upstream, orig_dst, timeout);
-            let io = Opaque::Tls(stream);
-            return opaque(ctx, io, app, &policy, client, peer, &labels).await;
+            if let Some(app) = opaque(ctx, app, &policy, client, peer, &labels).await {
+                tcp::forward(stream, app, &ctx.idle).await;
+            }
+            return;
         }
     };
     let fwd = Forwarder { admission, to };
@@ -365,28 +365,17 @@ async fn app(
     }
 }
 
-/// A client connection that is not HTTP: plaintext (forwarded inside the kernel when
-/// it can be), or mTLS terminated here.
-enum Opaque<T> {
-    Plain(PrefixedIo<CountingIo<TcpStream>>),
-    Tls(T),
-}
-
-/// The TLS side of [`Opaque`] where there is none.
-type NoTls = tokio::io::Empty;
-
-/// Forwards a connection that is not HTTP, if the port's policy allows the client.
-async fn opaque<T>(
+/// The application's connection for a client that is not HTTP, once the port's policy
+/// allows the client; None (logged, counted) when it does not or the app cannot be
+/// reached. The caller forwards.
+async fn opaque(
     ctx: &Inbound,
-    io: Opaque<T>,
     upstream: impl Future<Output = Result<Conn, ConnectError>>,
     policy: &PortPolicy,
     client: ClientAddr,
     identity: Option<&str>,
     labels: &TrafficLabels,
-) where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Option<Conn> {
     let current: Arc<_> = policy.current();
     let peer = Peer {
         ip: client.0.ip(),
@@ -396,13 +385,12 @@ async fn opaque<T>(
         ctx.metrics.denied(labels);
         info!(%client, who = identity.unwrap_or("an unauthenticated client"),
             policy = %current.name, "connection denied by inbound policy");
-        return;
+        return None;
     }
-    match (upstream.await, io) {
-        (Ok(upstream), Opaque::Plain(io)) => tcp::forward_client(io, upstream, &ctx.idle).await,
-        (Ok(upstream), Opaque::Tls(io)) => tcp::forward(io, upstream, &ctx.idle).await,
-        (Err(error), _) => {
-            info!(%error, "closing the client connection: the application is unreachable")
-        }
-    }
+    upstream
+        .await
+        .inspect_err(
+            |error| info!(%error, "closing the client connection: the application is unreachable"),
+        )
+        .ok()
 }
