@@ -281,10 +281,10 @@ impl Balanced {
             }
             let tried = self.attempt(req, chosen, limits, deadline, avoid).await;
             avoid = tried.endpoint;
-            let retriable = resilience::retriable(tried.outcome, limits.retry, is_grpc);
+            let retriable = resilience::retriable(tried.outcome, retry, is_grpc);
             let next = resilience::next(
                 tried.outcome,
-                retriable && retry.is_some(),
+                retriable,
                 retry.map(|r| r.max_retries),
                 attempt,
                 elsewhere,
