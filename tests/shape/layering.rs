@@ -1,7 +1,6 @@
 //! The proxy's and the controller's top-level modules import each other without a
 //! cycle, so each can be read (and changed) standing only on those below it. Test code
-//! (`tests.rs` files, and everything from a file's first `#[cfg(test)]` on) may reach
-//! anywhere.
+//! (`tests.rs` files, and items marked `#[cfg(test)]`) may reach anywhere.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,13 +30,44 @@ fn top_module(src: &Path, file: &Path) -> Option<String> {
     (!matches!(name.as_str(), "lib" | "main")).then_some(name)
 }
 
-/// The code of a file without its tests or comments.
+/// The code of a file without comments and without the items marked `#[cfg(test)]`
+/// (a test module, inline or in its own file, or a test-only function): each is cut
+/// from its attribute to its end, the first `;` before any brace or the brace that
+/// closes its body.
 fn production_code(text: &str) -> String {
-    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
-    text.lines()
+    let text: String = text
+        .lines()
         .map(|l| l.split("//").next().unwrap_or_default())
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..at]);
+        let item = &rest[at + "#[cfg(test)]".len()..];
+        let mut depth = 0usize;
+        let mut end = item.len();
+        for (i, c) in item.char_indices() {
+            match c {
+                ';' if depth == 0 => {
+                    end = i + 1;
+                    break;
+                }
+                '{' => depth += 1,
+                '}' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn ident(s: &str) -> String {
@@ -145,6 +175,12 @@ fn the_parser_sees_groups_and_paths() {
     let code = "use crate::{\n    addr::{A, B},\n    http::{self, X},\n    tcp,\n};\nlet x = crate::rng::random();";
     let got: Vec<_> = crate_paths(code).into_iter().collect();
     assert_eq!(got, ["addr", "http", "rng", "tcp"]);
+    // Test-only items are cut, and only them: code after one still counts.
+    let code = "use crate::a;\n#[cfg(test)]\nfn helper() { crate::b::x(); }\n\
+                fn after() { crate::c::y(); }\n#[cfg(test)]\nmod tests;\n\
+                #[cfg(test)]\nmod inline { use crate::d; }\n";
+    let got: Vec<_> = crate_paths(&production_code(code)).into_iter().collect();
+    assert_eq!(got, ["a", "c"]);
     let g: Graph = [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"])]
         .into_iter()
         .map(|(k, v)| (k.into(), v.into_iter().map(String::from).collect()))
