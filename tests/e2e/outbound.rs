@@ -193,9 +193,9 @@ fn the_whole_outbound_path_in_one_process() {
         return;
     }
     let pod = Arc::new(Pod::alone());
-    pod.ip(&["route", "add", "default", "dev", "lo"]);
+    pod.ip_cmd(&["route", "add", "default", "dev", "lo"]);
     for ip in ENDPOINTS {
-        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        pod.ip_cmd(&["addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     }
     let dir = std::env::temp_dir().join(format!("remora-outbound-{}", pod.name));
     std::fs::create_dir_all(&dir).unwrap();

@@ -3,11 +3,11 @@
 //! ClusterIP (which exists only in discovery, there is no kube-proxy) is routable
 //! until iptables redirects it to the proxy.
 
-use std::{net::IpAddr, process::Command, sync::atomic::Ordering};
+use std::{net::IpAddr, process::Command};
 
 use crate::{
     Pod,
-    pod::{NEXT, run},
+    pod::{run, unique_id},
 };
 
 #[derive(Debug)]
@@ -19,11 +19,7 @@ pub struct Cluster {
 impl Cluster {
     /// One pod per `(role, ip)`, all on one bridge, addresses in a /24.
     pub fn new(pods: &[(&str, &str)]) -> Self {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let bridge = format!("remora-br-{id}");
         let _ = Command::new("ip").args(["netns", "del", &bridge]).output();
         run(Command::new("ip").args(["netns", "add", &bridge]));

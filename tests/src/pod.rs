@@ -27,15 +27,20 @@ pub struct PodPair {
     pub server: Pod,
 }
 
-pub(crate) static NEXT: AtomicU32 = AtomicU32::new(0);
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// `<pid>-<n>`: names no other test process (nor this one before) has used.
+pub(crate) fn unique_id() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 impl PodPair {
     pub fn new() -> Self {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let client = Pod::create(format!("remora-c-{id}"), "10.77.0.1".parse().unwrap());
         let server = Pod::create(format!("remora-s-{id}"), "10.77.0.2".parse().unwrap());
         run(Command::new("ip").args([
@@ -94,17 +99,10 @@ impl Pod {
     /// A pod of its own, with only loopback (up): for tests that put a whole path
     /// inside one namespace.
     pub fn alone() -> Self {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        Self::create(format!("remora-a-{id}"), "127.0.0.1".parse().unwrap())
-    }
-
-    /// `ip -n <pod> args…`, failing the test if it fails.
-    pub fn ip(&self, args: &[&str]) {
-        self.ip_cmd(args)
+        Self::create(
+            format!("remora-a-{}", unique_id()),
+            "127.0.0.1".parse().unwrap(),
+        )
     }
 
     pub(crate) fn create(name: String, ip: IpAddr) -> Self {
@@ -120,7 +118,8 @@ impl Pod {
         pod
     }
 
-    pub(crate) fn ip_cmd(&self, args: &[&str]) {
+    /// `ip -n <pod> args…`, failing the test if it fails.
+    pub fn ip_cmd(&self, args: &[&str]) {
         run(Command::new("ip").args(["-n", &self.name]).args(args));
     }
 
