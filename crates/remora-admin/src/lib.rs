@@ -33,8 +33,11 @@ pub fn register_common(registry: &mut Registry, prefix: &str) {
 }
 
 /// What a binary's `main` does before its app runs: start logging with `filter` and
-/// `format`, and build a multi-threaded runtime (`threads` workers, or one per core).
-/// On failure the reason is printed and the exit code returned.
+/// `format`, and build the runtime: one thread (`threads` = 1) runs everything on the
+/// main thread with no hand-offs between workers — a sidecar's usual size, as Linkerd's
+/// proxy defaults to one core — more builds a multi-threaded runtime with that many
+/// workers (`None`: one per core). On failure the reason is printed and the exit code
+/// returned.
 pub fn start(
     binary: &str,
     filter: &str,
@@ -45,10 +48,15 @@ pub fn start(
         eprintln!("{binary}: cannot start logging: {e}");
         ExitCode::from(2)
     })?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n);
-    }
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = builder
         .thread_name(binary)
         .enable_all()

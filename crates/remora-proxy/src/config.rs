@@ -161,8 +161,8 @@ pub const SHUTDOWN_DELAY: Knob = Knob::value(
 pub const WORKER_THREADS: Knob = Knob::value(
     "worker-threads",
     "REMORA_WORKER_THREADS",
-    Some("2"),
-    "Runtime worker threads; a sidecar should stay small, raise it for very busy pods",
+    Some("1"),
+    "Runtime threads: 1 runs everything on one thread, as a sidecar should; raise it for very busy pods",
 );
 pub const LOG: Knob = Knob::value(
     "log",
