@@ -12,10 +12,12 @@
 # The binaries come from the `build` stage (Rust on musl, in the container) unless
 # `--build-arg BINARIES=prebuilt` is given: then they are taken from dist/<arch>/ in
 # the build context (amd64, arm64: the platform being built), where `make static`
-# puts them (CI builds them that way to check the images without pulling a Rust
-# image). Needs a builder that skips unused stages (BuildKit, buildah 1.27+).
+# puts them. CI checks the images that way without pulling a Rust image, from the
+# test build's static binaries (`--build-arg DIST=dist/test`, where `make static-test`
+# puts them). Needs a builder that skips unused stages (BuildKit, buildah 1.27+).
 
 ARG BINARIES=build
+ARG DIST=dist
 ARG RUST_IMAGE=docker.io/library/rust:1-slim-bookworm
 ARG DEBIAN_IMAGE=docker.io/library/debian:bookworm-slim
 
@@ -39,7 +41,8 @@ RUN set -eu; \
 # --- or built beforehand (make static) ----------------------------------------------
 FROM scratch AS prebuilt
 ARG TARGETARCH
-COPY dist/${TARGETARCH}/remora-proxy dist/${TARGETARCH}/remora-controller dist/${TARGETARCH}/remora-init dist/${TARGETARCH}/remora /out/
+ARG DIST
+COPY ${DIST}/${TARGETARCH}/remora-proxy ${DIST}/${TARGETARCH}/remora-controller ${DIST}/${TARGETARCH}/remora-init ${DIST}/${TARGETARCH}/remora /out/
 
 FROM ${BINARIES} AS binaries
 

@@ -5,7 +5,14 @@ CARGO ?= cargo
 # namespaces and spawn proxies); plain `cargo test` is the fallback.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test")
 
-.PHONY: build test lint fmt codegen static images
+.PHONY: build test lint fmt codegen static static-test images
+
+# Everything `make test` runs is built for the machine's musl target: the libc the images
+# ship, and one compile set shared by the binaries, the tests and the images suite's static
+# binaries (a glibc build beside it would compile every dependency twice).
+MUSL_TARGET ?= $(shell uname -m)-unknown-linux-musl
+DIST_ARCH := $(shell uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/')
+STATIC_BINS := remora-proxy remora-controller remora-init remora
 
 # The binaries and every test target in one invocation, so they share one compile set:
 # built apart, the binaries would get the dependencies' features without the tests'
@@ -13,17 +20,17 @@ TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nexte
 # then reuse it all, and so does `xtask codegen --check` (`cargo xtask` would resolve
 # xtask's features alone: a third set).
 build:
-	$(CARGO) build --workspace --bins --tests
+	$(CARGO) build --workspace --bins --tests --target $(MUSL_TARGET)
 
 lint: build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	target/debug/xtask codegen --check
+	target/$(MUSL_TARGET)/debug/xtask codegen --check
 
 # Formatting, lints, generated files, then every test: unit, stack, in-process and the
 # end-to-end suite (root, iptables and network namespaces; it fails loudly without them).
-test: build lint static
-	$(CARGO) $(TEST_RUNNER) --workspace
+test: build lint static-test
+	$(CARGO) $(TEST_RUNNER) --workspace --target $(MUSL_TARGET)
 
 fmt:
 	$(CARGO) fmt --all
@@ -33,19 +40,26 @@ codegen:
 
 # Static (musl) release binaries, as the images ship them, copied to dist/<arch>/ for
 # the Dockerfile's prebuilt stage.
-MUSL_TARGET ?= $(shell uname -m)-unknown-linux-musl
-DIST_ARCH := $(shell uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/')
-STATIC_BINS := remora-proxy remora-controller remora-init remora
 static:
 	$(CARGO) build --release --locked --target $(MUSL_TARGET) \
 		-p remora-proxy -p remora-controller -p remora-init -p remora-cli
-	mkdir -p dist/$(DIST_ARCH)
-	# Replaced only when changed, and atomically (a rename): a build reading dist/ at the
-	# same time (the images suite runs this beside itself) never sees half a binary.
+	$(call publish,target/$(MUSL_TARGET)/release,dist/$(DIST_ARCH))
+
+# The images suite's binaries: the static dev build `make build` made, in dist/test/<arch>/
+# (`--build-arg DIST=dist/test`), so the suite builds nothing of its own and never puts
+# unoptimised binaries where `make images BINARIES=prebuilt` looks.
+static-test: build
+	$(call publish,target/$(MUSL_TARGET)/debug,dist/test/$(DIST_ARCH))
+
+# $(call publish,FROM,TO): the binaries copied from FROM to TO, replaced only when changed
+# and atomically (a rename): a build reading TO at the same time (the images suite runs
+# this beside itself) never sees half a binary.
+define publish
+	mkdir -p $(2)
 	for b in $(STATIC_BINS); do \
-		src=target/$(MUSL_TARGET)/release/$$b; dst=dist/$(DIST_ARCH)/$$b; \
-		cmp -s $$src $$dst || { cp -p $$src $$dst.tmp && mv $$dst.tmp $$dst; } || exit 1; \
+		cmp -s $(1)/$$b $(2)/$$b || { cp -p $(1)/$$b $(2)/$$b.tmp && mv $(2)/$$b.tmp $(2)/$$b; } || exit 1; \
 	done
+endef
 
 # The three images (Dockerfile): <REGISTRY>/{proxy,controller,init}:<TAG>, with docker,
 # podman or buildah, whichever is found first. BINARIES=prebuilt takes `make static`'s

@@ -3,8 +3,10 @@
 //! controller images build from the real `Dockerfile` with Debian's `buildah`, with the
 //! entrypoint, user and ports the chart and the injector rely on.
 //!
-//! `make test` builds the static binaries first (`make static`); run alone, this suite
-//! builds them itself. Without buildah it fails and says what to install.
+//! The binaries checked are `make test`'s own static dev build (`make static-test`, which
+//! puts them in dist/test/<arch>/); run alone, this suite builds them itself. The
+//! release binaries `make static` makes are built the same way, with the release
+//! profile. Without buildah it fails and says what to install.
 
 use std::{
     path::{Path, PathBuf},
@@ -44,7 +46,8 @@ fn dist_arch() -> &'static str {
     }
 }
 
-/// `make static`: a no-op when `make test` already built them. Returns dist/<arch>/.
+/// `make static-test`: a no-op when `make test` already built them. Returns
+/// dist/test/<arch>/.
 fn static_binaries() -> PathBuf {
     let mut make = Command::new("make");
     // The variables cargo sets for this test (CARGO_PKG_NAME=remora-tests, …) would
@@ -71,18 +74,18 @@ fn static_binaries() -> PathBuf {
     }
     let out = make
         .current_dir(root())
-        .arg("static")
+        .arg("static-test")
         .output()
         .expect("make runs");
     ok(
         out,
         &format!(
-            "make static (needs `rustup target add {}` and Debian's musl-tools; .ci/run \
+            "make static-test (needs `rustup target add {}` and Debian's musl-tools; .ci/run \
              installs both)",
             musl_target()
         ),
     );
-    root().join("dist").join(dist_arch())
+    root().join("dist").join("test").join(dist_arch())
 }
 
 /// The ELF program header types of a 64-bit little-endian executable.
@@ -179,6 +182,8 @@ impl Buildah {
             "chroot",
             "--build-arg",
             "BINARIES=prebuilt",
+            "--build-arg",
+            "DIST=dist/test",
             "--target",
             stage,
             "-t",
