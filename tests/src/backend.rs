@@ -134,6 +134,15 @@ async fn handle(
             );
             rsp
         }
+        // `?code=NNN`: answers with that status (a failure to count, say).
+        "/status" => {
+            let code = query
+                .strip_prefix("code=")
+                .and_then(|c| c.parse::<u16>().ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            status(code)
+        }
         "/slow" => {
             let ms: u64 = query
                 .strip_prefix("ms=")

@@ -2,6 +2,7 @@
 //! `/metrics` and `/config` (plus loopback-only `/shutdown` and `/log-level`), readiness
 //! guards, a reloadable log filter and the `process_*` metrics.
 
+pub mod exposition;
 pub mod log;
 mod process;
 pub mod server;

@@ -15,10 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use crate::log::LogLevel;
-
-/// The content type of Prometheus' OpenMetrics text format.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+use crate::{exposition, log::LogLevel};
 
 /// What must happen before the proxy is ready. Each guard names its reason; the proxy is
 /// ready when every guard has been released and it is not draining.
@@ -122,10 +119,20 @@ pub async fn handle(
                     "metrics encoding failed\n",
                 );
             }
+            let accept = req.headers().get(header::ACCEPT);
+            let (body, content_type) =
+                if exposition::wants_openmetrics(accept.and_then(|a| a.to_str().ok())) {
+                    (body, exposition::OPENMETRICS)
+                } else {
+                    (
+                        exposition::prometheus_text(&body),
+                        exposition::PROMETHEUS_TEXT,
+                    )
+                };
             let mut rsp = text(StatusCode::OK, body);
             rsp.headers_mut().insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static(OPENMETRICS),
+                http::HeaderValue::from_static(content_type),
             );
             rsp
         }

@@ -1,0 +1,324 @@
+//! Issue 15: the metrics as tools nobody here wrote read them, on the harness's mesh
+//! (`remora_tests::mesh`: a controller and three meshed pods, mTLS between them).
+//!
+//! After known traffic — successes, failures, slow requests and requests the policy
+//! refuses — both proxies' and the controller's expositions parse with a strict
+//! OpenMetrics parser (PyPI `prometheus-client`) and pass `promtool check metrics`, and
+//! a real Prometheus server (Debian's `prometheus`) scraping the pods answers PromQL for
+//! the request count, the success rate and latency quantiles with what the traffic
+//! implies.
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use http::Request;
+use remora_tests::{
+    Binaries, Pod, client, e2e_enabled,
+    mesh::{CLUSTER_IP, Mesh, ROLES, WEB_IP, allow_only, spiffe},
+    write_atomically,
+};
+
+const FRONTEND_IP: &str = ROLES[0].1;
+const CONTROLLER_ADMIN: &str = "10.77.0.100:9990";
+/// Where Prometheus listens, inside the controller's pod (unmeshed).
+const PROMETHEUS: &str = "127.0.0.1:9091";
+
+/// `GET path` on the Service from `pod`: the status.
+async fn call(pod: &Pod, path: &str) -> anyhow::Result<u16> {
+    let addr: SocketAddr = CLUSTER_IP.parse()?;
+    let mut sender = client::http1(pod, addr).await?;
+    let req = Request::get(path)
+        .header("host", "web.shop.svc.cluster.local")
+        .body(client::empty())?;
+    Ok(sender.send_request(req).await?.status().as_u16())
+}
+
+/// What Prometheus' scrapes send.
+const OPENMETRICS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+    application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `GET /metrics` on an admin address from `pod`, with `accept` if given: the content
+/// type and the body.
+async fn scrape(
+    pod: &Pod,
+    addr: SocketAddr,
+    accept: Option<&str>,
+) -> anyhow::Result<(String, String)> {
+    let mut sender = client::http1(pod, addr).await?;
+    let mut req = Request::get("/metrics").header("host", addr.to_string());
+    if let Some(accept) = accept {
+        req = req.header("accept", accept);
+    }
+    let rsp = sender.send_request(req.body(client::empty())?).await?;
+    anyhow::ensure!(rsp.status() == 200, "{addr}: {}", rsp.status());
+    let content_type = rsp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = http_body_util::BodyExt::collect(rsp.into_body())
+        .await?
+        .to_bytes();
+    Ok((content_type, String::from_utf8(body.to_vec())?))
+}
+
+/// Runs `program args` with `input` on stdin: (succeeded, stdout + stderr).
+fn pipe(program: &str, args: &[&str], input: &str, install: &str) -> (bool, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("`{program}` cannot run ({e}): {install}"));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The families the strict OpenMetrics parser read from `text`; panics with its error.
+fn openmetrics_families(what: &str, text: &str) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("metrics/openmetrics.py");
+    let (ok, out) = pipe(
+        "python3",
+        &[script.to_str().expect("utf-8 path")],
+        text,
+        "pip install prometheus-client (.ci/run does)",
+    );
+    assert!(
+        ok,
+        "{what}: the strict OpenMetrics parser refused it:\n{out}\n{text}"
+    );
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// `promtool check metrics`: no error and no lint warning.
+fn promtool_check(what: &str, text: &str) {
+    let (ok, out) = pipe(
+        "promtool",
+        &["check", "metrics"],
+        text,
+        "apt-get install prometheus (.ci/run does)",
+    );
+    assert!(
+        ok && out.trim().is_empty(),
+        "{what}: promtool check metrics found problems:\n{out}"
+    );
+}
+
+/// A Prometheus server in `pod`, scraping every second, stopped on drop.
+struct Prometheus {
+    child: Child,
+}
+
+impl Prometheus {
+    fn start(pod: &Pod, dir: &Path, targets: &[(&str, &[&str])]) -> Self {
+        std::fs::create_dir_all(dir).expect("prometheus folder");
+        let mut config =
+            String::from("global: {scrape_interval: 1s, scrape_timeout: 900ms}\nscrape_configs:\n");
+        for (job, addrs) in targets {
+            let list = addrs
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            config.push_str(&format!(
+                "- {{job_name: {job}, static_configs: [{{targets: [{list}]}}]}}\n"
+            ));
+        }
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config).expect("write prometheus.yml");
+        let child = pod
+            .command("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={PROMETHEUS}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
+            .spawn()
+            .expect("prometheus: apt-get install prometheus (.ci/run does)");
+        Self { child }
+    }
+
+    /// The value of an instant PromQL query returning one sample; None while it
+    /// returns none.
+    fn query(pod: &Pod, promql: &str) -> Option<f64> {
+        let out = pod
+            .command("curl")
+            .args(["-s", "--max-time", "5", "--data-urlencode"])
+            .arg(format!("query={promql}"))
+            .arg(format!("http://{PROMETHEUS}/api/v1/query"))
+            .output()
+            .expect("curl: apt-get install curl");
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        assert_eq!(body["status"], "success", "{promql}: {body}");
+        let result = body["data"]["result"].as_array()?;
+        assert!(result.len() <= 1, "{promql}: more than one series: {body}");
+        result.first()?["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Polls `promql` for up to 20 s until `want` accepts its value; panics with the
+    /// last value otherwise.
+    fn eventually(pod: &Pod, promql: &str, want: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = Self::query(pod, promql);
+            if let Some(v) = got.filter(|v| want(*v)) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{promql}: got {got:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "24h").await;
+    write_atomically(&mesh.objects, "policy.yaml", &allow_only("frontend"));
+    let (frontend, other, ctl) = (
+        mesh.cluster.pod("frontend"),
+        mesh.cluster.pod("other"),
+        mesh.cluster.pod("ctl"),
+    );
+    let frontend_admin = format!("{FRONTEND_IP}:4191");
+    let web_admin = format!("{WEB_IP}:4191");
+    let prometheus = Prometheus::start(
+        ctl,
+        &bins.dir().join("prometheus"),
+        &[
+            ("remora-proxy", &[&frontend_admin, &web_admin]),
+            ("remora-controller", &[CONTROLLER_ADMIN]),
+        ],
+    );
+    Prometheus::eventually(ctl, "count(up == 1)", |v| v == 3.0);
+
+    // The policy is in force once `other` is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(other, "/hello").await? != 403 {
+        assert!(Instant::now() < deadline, "the policy never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The traffic: 30 successes, 10 failures and 5 slow successes from frontend; 5
+    // more refusals for other.
+    for _ in 0..30 {
+        assert_eq!(call(frontend, "/hello").await?, 200);
+    }
+    for _ in 0..10 {
+        assert_eq!(call(frontend, "/status?code=500").await?, 500);
+    }
+    for _ in 0..5 {
+        assert_eq!(call(frontend, "/slow?ms=300").await?, 200);
+    }
+    for _ in 0..5 {
+        assert_eq!(call(other, "/hello").await?, 403);
+    }
+
+    // Every exposition, in both formats: OpenMetrics as a strict parser reads it, the
+    // text format as promtool does, with the same families.
+    for (what, admin) in [
+        ("frontend's proxy", frontend_admin.as_str()),
+        ("web's proxy", web_admin.as_str()),
+        ("the controller", CONTROLLER_ADMIN),
+    ] {
+        let addr: SocketAddr = admin.parse()?;
+        let (content_type, openmetrics) = scrape(ctl, addr, Some(OPENMETRICS_ACCEPT)).await?;
+        assert!(
+            content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+            "{what}: {content_type}"
+        );
+        let families = openmetrics_families(what, &openmetrics);
+        assert!(families.len() >= 10, "{what}: only {families:?} were read");
+        let (content_type, text) = scrape(ctl, addr, None).await?;
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{what}: {content_type}"
+        );
+        promtool_check(what, &text);
+        for family in &families {
+            assert!(
+                text.contains(&format!("\n# TYPE {family}")),
+                "{what}: {family} is missing from the text format:\n{text}"
+            );
+        }
+    }
+
+    // What Prometheus answers, from the two proxies' own counts.
+    let out = format!("instance=\"{frontend_admin}\", direction=\"outbound\"");
+    let requests = format!("sum(remora_http_requests_total{{{out}}})");
+    Prometheus::eventually(ctl, &requests, |v| v == 45.0);
+    let success = format!(
+        "sum(remora_http_responses_total{{{out}, classification=\"success\"}}) \
+         / sum(remora_http_responses_total{{{out}}})"
+    );
+    Prometheus::eventually(ctl, &success, |v| (v - 35.0 / 45.0).abs() < 1e-9);
+    let quantile = |q: f64| {
+        format!(
+            "histogram_quantile({q}, sum by (le) \
+             (remora_http_response_duration_seconds_bucket{{{out}}}))"
+        )
+    };
+    // 40 of 45 answered at once, 5 after 300 ms: the median is fast, p99 is slow.
+    let p50 = Prometheus::eventually(ctl, &quantile(0.5), |v| v > 0.0);
+    assert!(p50 < 0.1, "p50 {p50}");
+    let p99 = Prometheus::eventually(ctl, &quantile(0.99), |v| v > 0.0);
+    assert!(
+        (0.25..=0.5).contains(&p99),
+        "p99 {p99}: the slow calls' bucket"
+    );
+    // web saw frontend's 45 by its identity, and refused other's.
+    let inbound = format!(
+        "instance=\"{web_admin}\", direction=\"inbound\", peer_identity=\"{}\"",
+        spiffe("frontend")
+    );
+    Prometheus::eventually(
+        ctl,
+        &format!("sum(remora_http_responses_total{{{inbound}, classification=\"failure\"}})"),
+        |v| v == 10.0,
+    );
+    Prometheus::eventually(
+        ctl,
+        &format!("sum(remora_authz_denied_total{{instance=\"{web_admin}\"}})"),
+        |v| v >= 5.0,
+    );
+    Prometheus::eventually(
+        ctl,
+        "sum(remora_controller_certify_total{result=\"issued\"})",
+        |v| v >= 3.0,
+    );
+    drop(prometheus);
+    Ok(())
+}
