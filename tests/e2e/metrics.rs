@@ -28,6 +28,36 @@ const CONTROLLER_ADMIN: &str = "10.77.0.100:9990";
 /// Where Prometheus listens, inside the controller's pod (unmeshed).
 const PROMETHEUS: &str = "127.0.0.1:9091";
 
+/// A second Service over `web`'s pod, and an HTTPRoute splitting `web`'s requests
+/// marked `x-split: yes` 1:3 between the two, marking their responses.
+const SPLIT: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web-v2, namespace: shop}\n\
+spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+metadata: {name: web-v2-1, namespace: shop, labels: {kubernetes.io/service-name: web-v2}}\n\
+addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+endpoints: [{addresses: [\"10.77.0.11\"], conditions: {ready: true}}]\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+metadata: {name: web-split, namespace: shop}\n\
+spec:\n\
+\x20 parentRefs: [{kind: Service, group: \"\", name: web, port: 80}]\n\
+\x20 rules:\n\
+\x20 - matches: [{headers: [{name: x-split, value: \"yes\"}]}]\n\
+\x20   filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-routed, value: split}]}}]\n\
+\x20   backendRefs: [{name: web, port: 80, weight: 1}, {name: web-v2, port: 80, weight: 3}]\n";
+
+/// `GET /hello` marked for the split, from `pod`: whether the route took it.
+async fn routed(pod: &Pod) -> anyhow::Result<bool> {
+    let addr: SocketAddr = CLUSTER_IP.parse()?;
+    let mut sender = client::http1(pod, addr).await?;
+    let req = Request::get("/hello")
+        .header("host", "web.shop.svc.cluster.local")
+        .header("x-split", "yes")
+        .body(client::empty())?;
+    let rsp = sender.send_request(req).await?;
+    anyhow::ensure!(rsp.status() == 200, "{}", rsp.status());
+    Ok(rsp.headers().get("x-routed").is_some_and(|v| v == "split"))
+}
+
 /// `GET path` on the Service from `pod`: the status.
 async fn call(pod: &Pod, path: &str) -> anyhow::Result<u16> {
     let addr: SocketAddr = CLUSTER_IP.parse()?;
@@ -318,6 +348,48 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
         ctl,
         "sum(remora_controller_certify_total{result=\"issued\"})",
         |v| v >= 3.0,
+    );
+    // Requests no route matched went to web, and say so.
+    let unrouted = format!("{out}, route_name=\"\", route_namespace=\"\"");
+    Prometheus::eventually(
+        ctl,
+        &format!("sum(remora_http_responses_total{{{unrouted}, backend=\"web.shop:80\"}})"),
+        |v| v == 45.0,
+    );
+
+    // A weighted HTTPRoute (1:3 between web and web-v2, a second Service over the same
+    // pod) for requests marked `x-split: yes`: the per-backend split is one query.
+    write_atomically(&mesh.objects, "split.yaml", SPLIT);
+    // Every request the route took counts, the probes that found it in force included:
+    // each was split like the rest.
+    let mut taken = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while taken == 0 {
+        assert!(Instant::now() < deadline, "the HTTPRoute never applied");
+        taken += u32::from(routed(frontend).await?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..200 {
+        assert!(routed(frontend).await?, "a request the route did not take");
+        taken += 1;
+    }
+    let n = f64::from(taken);
+    let split = |backend: &str| {
+        format!(
+            "sum(remora_http_responses_total{{{out}, route_name=\"web-split\", \
+             route_namespace=\"shop\", backend=\"{backend}\"}})"
+        )
+    };
+    let total = format!("sum(remora_http_responses_total{{{out}, route_name=\"web-split\"}})");
+    Prometheus::eventually(ctl, &total, |v| v == n);
+    let to_web = Prometheus::query(ctl, &split("web.shop:80")).unwrap_or(0.0);
+    let to_v2 = Prometheus::query(ctl, &split("web-v2.shop:80")).unwrap_or(0.0);
+    assert_eq!(to_web + to_v2, n, "web {to_web}, web-v2 {to_v2}");
+    // A quarter to web: the bounds are more than 5 standard deviations wide.
+    let (expected, sd) = (n / 4.0, (n * 0.25 * 0.75).sqrt());
+    assert!(
+        (to_web - expected).abs() <= 5.0 * sd + 1.0,
+        "web {to_web}, web-v2 {to_v2} of {n}"
     );
     drop(prometheus);
     Ok(())

@@ -31,7 +31,7 @@ pub use forward::{Forward, ForwardError, Guard, NoGuard, absolute};
 pub use headers::{strip_hop_by_hop, upgrade_requested, wants_upgrade};
 pub use upstream::{Upstream, UpstreamError, Version};
 
-use crate::metrics::HttpMetrics;
+use crate::metrics::{HttpMetrics, RouteLabels};
 
 /// The header that says why the proxy, not the application, produced a response.
 pub const ERROR_HEADER: &str = "remora-error";
@@ -133,7 +133,8 @@ async fn forward<F: Forward>(
     if let Some(reason) = fwd.admit(&req) {
         metrics.denied.inc();
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
-        metrics.duration.observe(start.elapsed().as_secs_f64());
+        let metrics = metrics.routed(RouteLabels::default());
+        metrics.answered_after(start.elapsed());
         let (parts, body) = rsp.into_parts();
         let body = MeteredBody::new(body, metrics, 403, &parts.headers, None);
         return Response::from_parts(parts, body);
@@ -146,7 +147,10 @@ async fn forward<F: Forward>(
     let (parts, body) = req.into_parts();
     let (body, client_failed) = ClientBody::new(body);
     let req = Request::from_parts(parts, body);
-    let (response, in_flight) = match fwd.send(req).await {
+    let mut route = RouteLabels::default();
+    let sent = fwd.send(req, &mut route).await;
+    let metrics = metrics.routed(route);
+    let (response, in_flight) = match sent {
         Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (connect && rsp.status().is_success());
@@ -171,7 +175,7 @@ async fn forward<F: Forward>(
             (rsp.map(Either::Right), None)
         }
     };
-    metrics.duration.observe(start.elapsed().as_secs_f64());
+    metrics.answered_after(start.elapsed());
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
     let body = MeteredBody::new(body, metrics, status, &parts.headers, in_flight);

@@ -75,10 +75,34 @@ impl EncodeLabelValue for Classification {
     }
 }
 
+/// Which route and backend an outbound HTTP request took, so a canary's success rate
+/// and latency are one query. Empty inbound and for passthrough; a request no HTTPRoute
+/// matched has empty route labels and its Service as the backend.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The HTTPRoute's name.
+    pub route_name: Arc<str>,
+    /// The HTTPRoute's namespace.
+    pub route_namespace: Arc<str>,
+    /// The Service the request went to, as `name.namespace:port` (a weighted rule's pick).
+    pub backend: Arc<str>,
+}
+
+/// The labels of a request's latency: its connection's and its route's.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     #[prometheus(flatten)]
     pub traffic: TrafficLabels,
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
     /// The HTTP status; 0 when no response headers arrived (the stream failed).
     pub status_code: u16,
     pub classification: Classification,
@@ -176,7 +200,7 @@ pub struct Metrics {
     tcp_written: Family<TrafficLabels, Counter>,
     http_requests: Family<TrafficLabels, Counter>,
     http_responses: Family<ResponseLabels, Counter>,
-    http_duration: HistogramFamily<TrafficLabels>,
+    http_duration: HistogramFamily<DurationLabels>,
     detect_total: Family<DetectLabels, Counter>,
     detect_duration: HistogramFamily<DetectLabels>,
     authz_denied: Family<TrafficLabels, Counter>,
@@ -358,24 +382,30 @@ impl Metrics {
 
     /// Drops every series unused (no connection open, none opened) for `idle`.
     pub fn expire_idle(&self, idle: std::time::Duration) {
-        self.series.sweep(idle, |labels, responses| {
+        self.series.sweep(idle, |labels, routes, responses| {
             self.tcp_opened.remove(labels);
             self.tcp_closed.remove(labels);
             self.tcp_open.remove(labels);
             self.tcp_read.remove(labels);
             self.tcp_written.remove(labels);
             self.http_requests.remove(labels);
-            self.http_duration.remove(labels);
             self.authz_denied.remove(labels);
             self.http_retries.remove(labels);
             self.budget_exhausted.remove(labels);
             self.ejections.remove(labels);
-            for &(status_code, classification, grpc_status) in responses {
+            for route in routes {
+                self.http_duration.remove(&DurationLabels {
+                    traffic: labels.clone(),
+                    route: route.clone(),
+                });
+            }
+            for (route, status_code, classification, grpc_status) in responses {
                 self.http_responses.remove(&ResponseLabels {
                     traffic: labels.clone(),
-                    status_code,
-                    classification,
-                    grpc_status,
+                    route: route.clone(),
+                    status_code: *status_code,
+                    classification: *classification,
+                    grpc_status: *grpc_status,
                 });
             }
         });
@@ -450,7 +480,8 @@ impl Metrics {
         HttpMetrics {
             denied: self.authz_denied.get_or_create_owned(&labels),
             requests: self.http_requests.get_or_create_owned(&labels),
-            duration: self.http_duration.get_or_create_owned(&labels),
+            durations: self.http_duration.clone(),
+            routes: Arc::default(),
             responses: self.http_responses.clone(),
             seen: Arc::default(),
             series: self.series.clone(),
@@ -494,7 +525,10 @@ pub struct HttpMetrics {
     pub requests: Counter,
     /// Requests refused by inbound policy.
     pub denied: Counter,
-    pub duration: Histogram,
+    durations: HistogramFamily<DurationLabels>,
+    /// The routes this connection's requests took, with their latency histograms: few
+    /// per connection, so a request finds its own without touching the family.
+    routes: Arc<Mutex<Vec<(RouteLabels, Histogram)>>>,
     responses: Family<ResponseLabels, Counter>,
     /// The kinds of response this connection has sent, told to `series` once each.
     seen: Arc<Mutex<Vec<series::ResponseKey>>>,
@@ -503,6 +537,46 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
+    /// The handles for one request that took `route`.
+    pub fn routed(&self, route: RouteLabels) -> RequestMetrics {
+        let duration = {
+            let mut routes = self.routes.lock();
+            match routes.iter().find(|(r, _)| *r == route) {
+                Some((_, h)) => h.clone(),
+                None => {
+                    self.series.routed(&self.labels, &route);
+                    let h = self.durations.get_or_create_owned(&DurationLabels {
+                        traffic: self.labels.clone(),
+                        route: route.clone(),
+                    });
+                    routes.push((route.clone(), h.clone()));
+                    h
+                }
+            }
+        };
+        RequestMetrics {
+            http: self.clone(),
+            route,
+            duration,
+        }
+    }
+}
+
+/// One request's metric handles, its route known.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    http: HttpMetrics,
+    route: RouteLabels,
+    duration: Histogram,
+}
+
+impl RequestMetrics {
+    /// Records the time from the request's arrival to its response headers.
+    pub fn answered_after(&self, elapsed: std::time::Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts the response once its stream ended (`complete`) or broke.
     pub fn response(&self, status_code: u16, grpc_status: Option<u32>, complete: bool) {
         let failed = !complete || status_code >= 500 || grpc_status.is_some_and(|c| c != 0);
         let classification = if failed {
@@ -510,21 +584,26 @@ impl HttpMetrics {
         } else {
             Classification::Success
         };
-        let key = (status_code, classification, grpc_status);
+        let http = &self.http;
         {
-            let mut seen = self.seen.lock();
-            if !seen.contains(&key) {
+            let mut seen = http.seen.lock();
+            let known = seen.iter().any(|(r, s, c, g)| {
+                (*s, *c, *g) == (status_code, classification, grpc_status) && *r == self.route
+            });
+            if !known {
+                let key = (self.route.clone(), status_code, classification, grpc_status);
+                http.series.responded(&http.labels, key.clone());
                 seen.push(key);
-                self.series.responded(&self.labels, key);
             }
         }
         let labels = ResponseLabels {
-            traffic: self.labels.clone(),
+            traffic: http.labels.clone(),
+            route: self.route.clone(),
             status_code,
             classification,
             grpc_status,
         };
-        self.responses.get_or_create(&labels).inc();
+        http.responses.get_or_create(&labels).inc();
     }
 }
 
@@ -555,9 +634,18 @@ mod tests {
         conn.read.inc_by(7);
         let http = m.http(labels());
         http.requests.inc();
-        http.response(200, Some(0), true);
-        http.response(200, Some(14), true);
-        http.response(503, None, true);
+        let req = http.routed(RouteLabels::default());
+        req.response(200, Some(0), true);
+        req.response(200, Some(14), true);
+        req.response(503, None, true);
+        let canary = RouteLabels {
+            route_name: "web-split".into(),
+            route_namespace: "shop".into(),
+            backend: "web-v2.shop:80".into(),
+        };
+        let req = http.routed(canary);
+        req.answered_after(std::time::Duration::from_millis(3));
+        req.response(200, None, true);
         m.detected(
             Direction::Inbound,
             DetectResult::ServerFirst,
@@ -565,19 +653,27 @@ mod tests {
         );
         let text = render(&registry);
         let common = r#"direction="outbound",target="passthrough",tls="false",peer_identity="""#;
+        let unrouted = r#"route_name="",route_namespace="",backend="""#;
+        let canary = r#"route_name="web-split",route_namespace="shop",backend="web-v2.shop:80""#;
         for line in [
             format!("remora_tcp_connections_opened_total{{{common}}} 1"),
             format!("remora_tcp_connections_open{{{common}}} 1"),
             format!("remora_tcp_read_bytes_total{{{common}}} 7"),
             format!("remora_http_requests_total{{{common}}} 1"),
             format!(
-                "remora_http_responses_total{{{common},status_code=\"200\",classification=\"success\",grpc_status=\"0\"}} 1"
+                "remora_http_responses_total{{{common},{unrouted},status_code=\"200\",classification=\"success\",grpc_status=\"0\"}} 1"
             ),
             format!(
-                "remora_http_responses_total{{{common},status_code=\"200\",classification=\"failure\",grpc_status=\"14\"}} 1"
+                "remora_http_responses_total{{{common},{unrouted},status_code=\"200\",classification=\"failure\",grpc_status=\"14\"}} 1"
             ),
             format!(
-                "remora_http_responses_total{{{common},status_code=\"503\",classification=\"failure\",grpc_status=\"\"}} 1"
+                "remora_http_responses_total{{{common},{unrouted},status_code=\"503\",classification=\"failure\",grpc_status=\"\"}} 1"
+            ),
+            format!(
+                "remora_http_responses_total{{{common},{canary},status_code=\"200\",classification=\"success\",grpc_status=\"\"}} 1"
+            ),
+            format!(
+                "remora_http_response_duration_seconds_bucket{{le=\"0.005\",{common},{canary}}} 1"
             ),
             r#"remora_protocol_detect_total{direction="inbound",result="server_first"} 1"#.into(),
             "remora_build_info{version=".into(),
@@ -608,9 +704,11 @@ mod tests {
         let conn = m.connection(&gone);
         let http = m.http(gone.clone());
         http.requests.inc();
-        http.response(200, None, true);
-        http.response(503, Some(14), true);
-        drop((conn, http));
+        let req = http.routed(RouteLabels::default());
+        req.answered_after(std::time::Duration::from_millis(1));
+        req.response(200, None, true);
+        req.response(503, Some(14), true);
+        drop((conn, http, req));
         let kept = m.connection(&busy);
         tokio::time::advance(SERIES_IDLE / 2).await;
         m.expire_idle(SERIES_IDLE);

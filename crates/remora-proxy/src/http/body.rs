@@ -10,7 +10,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use super::Guard;
-use crate::metrics::HttpMetrics;
+use crate::metrics::RequestMetrics;
 
 pin_project_lite::pin_project! {
     /// Wraps a response body; counts the response in `remora_http_responses_total` once,
@@ -18,7 +18,7 @@ pin_project_lite::pin_project! {
     pub struct MeteredBody<B, G: Guard> {
         #[pin]
         inner: B,
-        metrics: Option<HttpMetrics>,
+        metrics: Option<RequestMetrics>,
         status: u16,
         grpc_status: Option<u32>,
         failed: bool,
@@ -47,7 +47,7 @@ pin_project_lite::pin_project! {
 impl<B: Body, G: Guard> MeteredBody<B, G> {
     pub fn new(
         inner: B,
-        metrics: HttpMetrics,
+        metrics: RequestMetrics,
         status: u16,
         headers: &HeaderMap,
         in_flight: Option<G>,

@@ -8,7 +8,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{ClientBody, UpstreamError, Version};
-use crate::addr::OrigDst;
+use crate::{addr::OrigDst, metrics::RouteLabels};
 
 /// Where one connection's requests go.
 pub trait Forward: Send + Sync + 'static {
@@ -30,10 +30,13 @@ pub trait Forward: Send + Sync + 'static {
         None
     }
 
-    /// Sends `req`; the guard lives as long as the response.
+    /// Sends `req`; the guard lives as long as the response. A forwarder that routes
+    /// says in `route` which route and backend the request took (its metrics' labels),
+    /// whether or not it got a response.
     fn send(
         &self,
         req: Request<ClientBody>,
+        route: &mut RouteLabels,
     ) -> impl Future<Output = Result<(Response<Incoming>, Option<Self::Guard>), ForwardError>> + Send;
 }
 

@@ -161,6 +161,7 @@ impl super::Forward for Upstream {
     async fn send(
         &self,
         req: Request<ClientBody>,
+        _route: &mut crate::metrics::RouteLabels,
     ) -> Result<(Response<Incoming>, Option<super::NoGuard>), super::ForwardError> {
         Ok((Upstream::send(self, req).await?, None))
     }

@@ -11,14 +11,14 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::{Classification, TrafficLabels};
+use super::{Classification, RouteLabels, TrafficLabels};
 
 /// How long an unused series is kept: longer than any scrape interval, so a scrape
 /// sees a connection's last counts before they go.
 pub const SERIES_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// The labels a response adds to its connection's.
-pub type ResponseKey = (u16, Classification, Option<u32>);
+pub type ResponseKey = (RouteLabels, u16, Classification, Option<u32>);
 
 #[derive(Debug, Default)]
 pub struct Series {
@@ -29,6 +29,7 @@ pub struct Series {
 struct Use {
     open: usize,
     last: Instant,
+    routes: HashSet<RouteLabels>,
     responses: HashSet<ResponseKey>,
 }
 
@@ -40,6 +41,7 @@ impl Series {
         let u = in_use.entry(labels.clone()).or_insert_with(|| Use {
             open: 0,
             last: now,
+            routes: HashSet::new(),
             responses: HashSet::new(),
         });
         u.open += 1;
@@ -51,6 +53,13 @@ impl Series {
         if let Some(u) = self.in_use.lock().get_mut(labels) {
             u.open = u.open.saturating_sub(1);
             u.last = Instant::now();
+        }
+    }
+
+    /// A connection with `labels` had a request take a route it had not taken before.
+    pub fn routed(&self, labels: &TrafficLabels, route: &RouteLabels) {
+        if let Some(u) = self.in_use.lock().get_mut(labels) {
+            u.routes.insert(route.clone());
         }
     }
 
@@ -66,13 +75,13 @@ impl Series {
     pub fn sweep(
         &self,
         idle: Duration,
-        mut remove: impl FnMut(&TrafficLabels, &HashSet<ResponseKey>),
+        mut remove: impl FnMut(&TrafficLabels, &HashSet<RouteLabels>, &HashSet<ResponseKey>),
     ) {
         let now = Instant::now();
         self.in_use.lock().retain(|labels, u| {
             let expired = u.open == 0 && now.duration_since(u.last) >= idle;
             if expired {
-                remove(labels, &u.responses);
+                remove(labels, &u.routes, &u.responses);
             }
             !expired
         });

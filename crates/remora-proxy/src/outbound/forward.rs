@@ -30,7 +30,7 @@ use crate::{
         replay::{MAX_REPLAY, Replay, Tee},
         upgrade_requested,
     },
-    metrics::ResilienceCounters,
+    metrics::{ResilienceCounters, RouteLabels},
 };
 
 /// Where one outbound HTTP connection's requests go.
@@ -60,10 +60,11 @@ impl Forward for Forwarder {
     async fn send(
         &self,
         req: Request<ClientBody>,
+        route: &mut RouteLabels,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
         match self {
             Forwarder::Passthrough(u) => Ok((u.send(req).await?, None)),
-            Forwarder::Balanced(b) => b.send(absolute(req, b.orig_dst)).await,
+            Forwarder::Balanced(b) => b.send(absolute(req, b.orig_dst), route).await,
         }
     }
 }
@@ -129,6 +130,7 @@ impl Balanced {
     async fn send(
         &self,
         req: Request<ClientBody>,
+        route: &mut RouteLabels,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
         let policy: Arc<ServicePolicy> = self.destination.policy(self.wait).await;
         let started = Instant::now();
@@ -139,11 +141,19 @@ impl Balanced {
             service: self.service.clone(),
             policy: policy.clone(),
         };
+        route.backend = self.service.clone();
         if let Some(rule) = rule {
+            route.route_name = rule.name.clone();
+            route.route_namespace = rule.namespace.clone();
             match rule.pick(crate::rng::random()) {
                 Pick::Parent => {}
                 Pick::Nothing => return Err(no_backend(rule, "every backend has weight 0")),
-                Pick::Backend(b) => chosen = self.backend(rule, b).await?,
+                Pick::Backend(b) => {
+                    // Named before it is looked up: a backend that cannot be reached
+                    // still counts under its own name.
+                    route.backend = b.label.clone();
+                    chosen = self.backend(rule, b).await?;
+                }
             }
             if let Some(m) = &rule.request_headers {
                 m.apply(&mut parts.headers);

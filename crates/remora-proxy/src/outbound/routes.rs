@@ -31,6 +31,9 @@ struct Entry {
 pub struct Rule {
     /// The route it came from, as `namespace/name`, for logs and errors.
     pub route: Arc<str>,
+    /// The route's name and namespace apart, for metrics.
+    pub name: Arc<str>,
+    pub namespace: Arc<str>,
     /// Empty: the Service itself.
     pub backends: Vec<Backend>,
     total_weight: u64,
@@ -47,7 +50,21 @@ pub struct Rule {
 pub struct Backend {
     /// `name.namespace.svc.cluster-domain:port`; empty: a backend the controller refused.
     pub name: Arc<str>,
+    /// `name.namespace:port`, as the `target` and `backend` labels name a Service.
+    pub label: Arc<str>,
     pub weight: u32,
+}
+
+/// `name.namespace:port` of `name.namespace.svc.cluster-domain:port`, as the metrics
+/// name a Service; anything else as it is.
+fn service_label(target: &str) -> Arc<str> {
+    let short = target.rsplit_once(':').and_then(|(host, port)| {
+        let mut labels = host.splitn(3, '.');
+        let (name, namespace, rest) = (labels.next()?, labels.next()?, labels.next()?);
+        rest.starts_with("svc.")
+            .then(|| format!("{name}.{namespace}:{port}"))
+    });
+    Arc::from(short.as_deref().unwrap_or(target))
 }
 
 /// Where a rule sends one request.
@@ -275,9 +292,13 @@ impl Routes {
         let mut rules = Vec::new();
         let mut entries: Vec<(Entry, usize)> = Vec::new();
         for (order, route) in routes.iter().enumerate() {
-            let name: Arc<str> = match &route.metadata {
-                Some(m) => Arc::from(format!("{}/{}", m.namespace, m.name)),
-                None => Arc::from("unnamed"),
+            let (name, namespace): (Arc<str>, Arc<str>) = match &route.metadata {
+                Some(m) => (Arc::from(m.name.as_str()), Arc::from(m.namespace.as_str())),
+                None => (Arc::from("unnamed"), Arc::from("")),
+            };
+            let qualified: Arc<str> = match &route.metadata {
+                Some(_) => Arc::from(format!("{namespace}/{name}")),
+                None => name.clone(),
             };
             for r in &route.rules {
                 let index = rules.len();
@@ -287,11 +308,14 @@ impl Routes {
                     .iter()
                     .map(|b| Backend {
                         name: Arc::from(b.target.as_str()),
+                        label: service_label(&b.target),
                         weight: b.weight,
                     })
                     .collect();
                 rules.push(Rule {
-                    route: name.clone(),
+                    route: qualified.clone(),
+                    name: name.clone(),
+                    namespace: namespace.clone(),
                     total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
                     backends,
                     request_headers: r
@@ -547,17 +571,33 @@ mod tests {
             .iter()
             .map(|w| Backend {
                 name: Arc::from("b"),
+                label: Arc::from("b"),
                 weight: *w,
             })
             .collect();
         Rule {
             route: Arc::from("r"),
+            name: Arc::from("r"),
+            namespace: Arc::from(""),
             total_weight: backends.iter().map(|b| u64::from(b.weight)).sum(),
             backends,
             request_headers: None,
             response_headers: None,
             request_timeout: None,
             per_try_timeout: None,
+        }
+    }
+
+    #[test]
+    fn backends_are_labelled_as_the_target_label_names_a_service() {
+        for (target, label) in [
+            ("web-v2.shop.svc.cluster.local:80", "web-v2.shop:80"),
+            ("web.shop.svc.example.org:8080", "web.shop:8080"),
+            ("10.0.0.1:80", "10.0.0.1:80"),
+            ("web.shop:80", "web.shop:80"),
+            ("", ""),
+        ] {
+            assert_eq!(&*service_label(target), label, "{target}");
         }
     }
 
