@@ -22,6 +22,7 @@ use remora_tests::{
     mesh::{CLUSTER_IP, Mesh, ROLES, WEB_IP, allow_only, spiffe},
     write_atomically,
 };
+use serde::Deserialize;
 
 const FRONTEND_IP: &str = ROLES[0].1;
 const CONTROLLER_ADMIN: &str = "10.77.0.100:9990";
@@ -160,22 +161,15 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(pod: &Pod, dir: &Path, targets: &[(&str, &[&str])]) -> Self {
+    /// Starts Prometheus with `scrape_configs` (JSON, which is YAML too), every second.
+    fn start(pod: &Pod, dir: &Path, scrape_configs: serde_json::Value) -> Self {
         std::fs::create_dir_all(dir).expect("prometheus folder");
-        let mut config =
-            String::from("global: {scrape_interval: 1s, scrape_timeout: 900ms}\nscrape_configs:\n");
-        for (job, addrs) in targets {
-            let list = addrs
-                .iter()
-                .map(|a| format!("\"{a}\""))
-                .collect::<Vec<_>>()
-                .join(", ");
-            config.push_str(&format!(
-                "- {{job_name: {job}, static_configs: [{{targets: [{list}]}}]}}\n"
-            ));
-        }
+        let config = serde_json::json!({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
+            "scrape_configs": scrape_configs,
+        });
         let file = dir.join("prometheus.yml");
-        std::fs::write(&file, config).expect("write prometheus.yml");
+        std::fs::write(&file, config.to_string()).expect("write prometheus.yml");
         let child = pod
             .command("prometheus")
             .arg(format!("--config.file={}", file.display()))
@@ -191,9 +185,9 @@ impl Prometheus {
         Self { child }
     }
 
-    /// The value of an instant PromQL query returning one sample; None while it
-    /// returns none.
-    fn query(pod: &Pod, promql: &str) -> Option<f64> {
+    /// Every series an instant PromQL query returns (none while Prometheus is not
+    /// answering yet); panics if Prometheus refuses the query.
+    fn series(pod: &Pod, promql: &str) -> Vec<serde_json::Value> {
         let out = pod
             .command("curl")
             .args(["-s", "--max-time", "5", "--data-urlencode"])
@@ -201,10 +195,24 @@ impl Prometheus {
             .arg(format!("http://{PROMETHEUS}/api/v1/query"))
             .output()
             .expect("curl: apt-get install curl");
-        let body: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return Vec::new();
+        };
         assert_eq!(body["status"], "success", "{promql}: {body}");
-        let result = body["data"]["result"].as_array()?;
-        assert!(result.len() <= 1, "{promql}: more than one series: {body}");
+        body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The value of an instant PromQL query returning one sample; None while it
+    /// returns none.
+    fn query(pod: &Pod, promql: &str) -> Option<f64> {
+        let result = Self::series(pod, promql);
+        assert!(
+            result.len() <= 1,
+            "{promql}: more than one series: {result:?}"
+        );
         result.first()?["value"][1].as_str()?.parse().ok()
     }
 
@@ -246,13 +254,37 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
     );
     let frontend_admin = format!("{FRONTEND_IP}:4191");
     let web_admin = format!("{WEB_IP}:4191");
+    // The proxies as the chart's PodMonitor would have Prometheus scrape them: the
+    // labels the Operator adds (namespace, pod), the Kubernetes metadata its relabelings
+    // read, and those relabelings themselves, taken from the rendered chart.
+    let proxy_target = |admin: &str, pod: &Pod, kind: &str, owner: &str| {
+        serde_json::json!({"targets": [admin], "labels": {
+            "namespace": "shop",
+            "pod": pod.name,
+            "__meta_kubernetes_pod_name": pod.name,
+            "__meta_kubernetes_pod_controller_kind": kind,
+            "__meta_kubernetes_pod_controller_name": owner,
+        }})
+    };
     let prometheus = Prometheus::start(
         ctl,
         &bins.dir().join("prometheus"),
-        &[
-            ("remora-proxy", &[&frontend_admin, &web_admin]),
-            ("remora-controller", &[CONTROLLER_ADMIN]),
-        ],
+        serde_json::json!([
+            {
+                "job_name": "remora-proxy",
+                "static_configs": [
+                    proxy_target(&frontend_admin, frontend, "ReplicaSet", "frontend-7d4b9c8f6"),
+                    proxy_target(&web_admin, mesh.cluster.pod("web"), "StatefulSet", "web"),
+                ],
+                "relabel_configs": chart_relabelings(),
+            },
+            {
+                "job_name": "remora-controller",
+                "static_configs": [{"targets": [CONTROLLER_ADMIN], "labels": {
+                    "namespace": "remora-system", "pod": "remora-controller-0",
+                }}],
+            },
+        ]),
     );
     Prometheus::eventually(ctl, "count(up == 1)", |v| v == 3.0);
 
@@ -391,6 +423,196 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
         (to_web - expected).abs() <= 5.0 * sd + 1.0,
         "web {to_web}, web-v2 {to_v2} of {n}"
     );
+
+    // The chart's relabelings name each proxy's workload.
+    for workload in ["frontend", "web"] {
+        let q = format!("count(remora_build_info{{workload=\"{workload}\"}})");
+        Prometheus::eventually(ctl, &q, |v| v == 1.0);
+    }
+    // Every query of the Grafana dashboard runs and returns series, and every metric
+    // and label it names exists, with a value, in what Prometheus scraped.
+    let dashboard = dashboard_queries();
+    assert!(dashboard.len() >= 20, "{dashboard:?}");
+    for expr in &dashboard {
+        let promql = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$namespace", ".*");
+        // (A rate needs two scrapes of a series; the newest are seconds old.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Prometheus::series(ctl, &promql).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the dashboard's {expr} returns nothing"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let (metrics, labels) = names_in(&promql);
+        assert!(!metrics.is_empty(), "{expr} names no metric");
+        for label in labels {
+            let present = metrics.iter().any(|m| {
+                let q = format!("count({{__name__=\"{m}\", {label}!=\"\"}})");
+                Prometheus::query(ctl, &q).is_some()
+            });
+            assert!(present, "{expr}: no series of {metrics:?} has `{label}`");
+        }
+    }
     drop(prometheus);
     Ok(())
+}
+
+/// The relabelings of the chart's PodMonitor, as `helm template` renders them, in
+/// Prometheus' own spelling (the Operator's `sourceLabels` is `source_labels`).
+fn chart_relabelings() -> serde_json::Value {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/remora");
+    let out = Command::new("helm")
+        .args([
+            "template",
+            "remora",
+            "--set",
+            "monitoring.podMonitor.enabled=true",
+        ])
+        .arg(&chart)
+        .output()
+        .expect("helm: .ci/run installs it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let monitor = serde_yaml_ng::Deserializer::from_str(&text)
+        .filter_map(|d| serde_yaml_ng::Value::deserialize(d).ok())
+        .find(|d| d["kind"].as_str() == Some("PodMonitor"))
+        .expect("the chart renders a PodMonitor");
+    let relabelings = &monitor["spec"]["podMetricsEndpoints"][0]["relabelings"];
+    let json = serde_json::to_value(relabelings).expect("YAML as JSON");
+    let snake = |key: &str| {
+        key.chars()
+            .flat_map(|c| {
+                let lower = c.to_ascii_lowercase();
+                (c.is_ascii_uppercase().then_some('_').into_iter()).chain([lower])
+            })
+            .collect::<String>()
+    };
+    let rules: Vec<serde_json::Value> = json
+        .as_array()
+        .expect("relabelings are a list")
+        .iter()
+        .map(|rule| {
+            let fields = rule.as_object().expect("a relabeling is a map");
+            serde_json::Value::Object(fields.iter().map(|(k, v)| (snake(k), v.clone())).collect())
+        })
+        .collect();
+    assert!(!rules.is_empty(), "no relabelings in {monitor:?}");
+    serde_json::Value::Array(rules)
+}
+
+/// Every PromQL expression of `deploy/grafana/remora.json`, rows' panels included.
+fn dashboard_queries() -> Vec<String> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/remora.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("the dashboard"))
+            .expect("JSON");
+    fn walk(panels: &serde_json::Value, out: &mut Vec<String>) {
+        for panel in panels.as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                out.push(
+                    target["expr"]
+                        .as_str()
+                        .expect("a target's expr")
+                        .to_string(),
+                );
+            }
+            walk(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    // The namespace picker: `label_values(metric, label)` is Grafana's, as PromQL.
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(q) = var["query"]["query"].as_str() {
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|r| r.strip_suffix(')'))
+                .expect("label_values(metric, label)");
+            let (metric, label) = inner.split_once(',').expect("metric, label");
+            out.push(format!("count by ({}) ({})", label.trim(), metric.trim()));
+        }
+    }
+    out
+}
+
+/// The metric names (`remora_*`, `process_*`) and label names an expression uses: in
+/// matchers, and in `by`, `without`, `on`, `ignoring`, `group_left` and `group_right`.
+fn names_in(promql: &str) -> (Vec<String>, Vec<String>) {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut metrics = Vec::new();
+    let mut labels = Vec::new();
+    let push = |v: &mut Vec<String>, s: &str| {
+        if !s.is_empty() && !v.iter().any(|x| x == s) {
+            v.push(s.to_string());
+        }
+    };
+    let bytes: Vec<char> = promql.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        if ident(bytes[i]) && (i == 0 || !ident(bytes[i - 1])) {
+            let start = i;
+            while i < bytes.len() && ident(bytes[i]) {
+                i += 1;
+            }
+            let word: String = bytes[start..i].iter().collect();
+            let rest: String = bytes[i..].iter().collect();
+            let rest = rest.trim_start();
+            if word.starts_with("remora_") || word.starts_with("process_") {
+                push(&mut metrics, &word);
+            } else if [
+                "by",
+                "without",
+                "on",
+                "ignoring",
+                "group_left",
+                "group_right",
+            ]
+            .contains(&word.as_str())
+                && rest.starts_with('(')
+            {
+                let list = &rest[1..rest.find(')').expect("a closing parenthesis")];
+                for l in list.split(',') {
+                    push(&mut labels, l.trim());
+                }
+            }
+            continue;
+        }
+        if bytes[i] == '{' {
+            let close = bytes[i..]
+                .iter()
+                .position(|c| *c == '}')
+                .expect("a closing brace")
+                + i;
+            let inside: String = bytes[i + 1..close].iter().collect();
+            // `name op "value"` pairs; values are quoted and contain no commas here.
+            for matcher in inside.split(',') {
+                let name: String = matcher.trim().chars().take_while(|c| ident(*c)).collect();
+                if name != "__name__" {
+                    push(&mut labels, &name);
+                }
+            }
+            i = close + 1;
+            continue;
+        }
+        if bytes[i] == '"' {
+            // Skip a string: a label value is not a name.
+            i += 1;
+            while i < bytes.len() && bytes[i] != '"' {
+                i += 1;
+            }
+        }
+        i += 1;
+    }
+    (metrics, labels)
 }
