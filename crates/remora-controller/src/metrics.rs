@@ -8,10 +8,8 @@ use prometheus_client::{
 
 use crate::core::Kind;
 
-/// From a source event to the update a proxy receives: 100 µs to 10 s.
-pub const LATENCY_BUCKETS: [f64; 12] = [
-    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
-];
+/// From a source event to the update a proxy receives: the mesh's latency buckets.
+pub use remora_admin::LATENCY_BUCKETS;
 
 /// An enum of label values, each with its text.
 macro_rules! label_values {

@@ -13,11 +13,8 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-/// Latency buckets for request durations, in seconds: 0.5 ms to 30 s.
-pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
-    30.0,
-];
+/// Request durations: the mesh's latency buckets, 100 µs to 30 s.
+pub use remora_admin::LATENCY_BUCKETS;
 
 /// Buckets for protocol detection time, in seconds: 10 µs (the client had spoken
 /// already) up to the default detect timeout.
