@@ -616,3 +616,112 @@ fn names_in(promql: &str) -> (Vec<String>, Vec<String>) {
     }
     (metrics, labels)
 }
+
+/// `remora stat` (the CLI, as users run it), in `pod`: its standard output, or its
+/// exit status and standard error.
+fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
+    let cli = std::env::current_exe()
+        .expect("current exe")
+        .parent()
+        .and_then(Path::parent)
+        .expect("the build folder")
+        .join("remora");
+    let out = pod
+        .command(cli.to_str().expect("utf-8 path"))
+        .arg("stat")
+        .args(args)
+        .output()
+        .expect("the remora CLI runs (cargo build --workspace --bins)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `remora stat` reads the same proxies a user would point it at, while traffic flows:
+/// three successes to one failure, all over mTLS, give a success rate near 75 % and an
+/// mTLS share of 100 % for the Service called and for the workload serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remora_stat_sees_success_rate_latency_and_mtls_while_traffic_flows() -> anyhow::Result<()>
+{
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "24h").await;
+    let (frontend, ctl) = (mesh.cluster.pod("frontend"), mesh.cluster.pod("ctl"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Bounded: at most 20,000 requests, and stopped once stat has read.
+    let traffic = {
+        let (stop, frontend) = (
+            stop.clone(),
+            Pod::borrowed(frontend.name.clone(), frontend.ip),
+        );
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                let path = if sent % 4 == 3 {
+                    "/status?code=500"
+                } else {
+                    "/hello"
+                };
+                let want = if sent % 4 == 3 { 500 } else { 200 };
+                assert_eq!(call(&frontend, path).await.expect("a call"), want);
+                sent += 1;
+            }
+            sent
+        })
+    };
+    // Traffic first, so the window sees it from end to end.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frontend_admin = format!("frontend={FRONTEND_IP}:4191");
+    let web_admin = format!("web={WEB_IP}:4191");
+    let out = tokio::task::block_in_place(|| {
+        remora_stat(
+            ctl,
+            &[&frontend_admin, &web_admin, "--window", "2s", "-o", "json"],
+        )
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = traffic.await?;
+    let out = out.map_err(anyhow::Error::msg)?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())?;
+    let row = |kind: &str, name: &str| {
+        rows.iter()
+            .find(|r| r["kind"] == kind && r["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} row {name} in {out}"))
+            .clone()
+    };
+    for r in [row("service", "web.shop:80"), row("workload", "web")] {
+        let n = r["responses"].as_u64().expect("responses");
+        assert!(n >= 40, "too few in the window to judge ({sent} sent): {r}");
+        let rate = r["success_rate"].as_f64().expect("a success rate");
+        // Three of four succeed; the window may cut the pattern at either end.
+        assert!((rate - 0.75).abs() <= 2.0 / n as f64 + 1e-9, "{r}");
+        assert_eq!(r["mtls_share"].as_f64(), Some(1.0), "{r}");
+        assert!(r["rps"].as_f64().expect("rps") > 10.0, "{r}");
+        let (p50, p99) = (
+            r["p50"].as_f64().expect("p50"),
+            r["p99"].as_f64().expect("p99"),
+        );
+        assert!(0.0 < p50 && p50 <= p99 && p99 < 1.0, "{r}");
+    }
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["kind"] == "workload" && r["name"] == "frontend"),
+        "frontend serves nothing: {out}"
+    );
+
+    // A proxy that does not answer is named, and nothing is printed.
+    let err =
+        tokio::task::block_in_place(|| remora_stat(ctl, &["10.77.0.99:4191", "--window", "100ms"]))
+            .expect_err("an unreachable proxy fails");
+    assert!(err.contains("10.77.0.99:4191"), "{err}");
+    Ok(())
+}

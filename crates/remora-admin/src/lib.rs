@@ -37,8 +37,8 @@ pub fn register_common(registry: &mut Registry, prefix: &str) {
 /// controller keep: 100 µs (a proxy's own hop) to 30 s (a slow upstream at a long
 /// timeout), 1-2.5-5 per decade, so one dashboard query reads either.
 pub const LATENCY_BUCKETS: [f64; 17] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0, 30.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
 ];
 
 /// What a binary's `main` does before its app runs: start logging with `filter` and

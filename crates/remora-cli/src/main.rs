@@ -2,6 +2,7 @@
 //!
 //! - `remora inject [FILE|-]` — the webhook's injection, offline.
 //! - `remora check` — what is wrong with an install, check by check.
+//! - `remora stat ADDR...` — success rate, RPS, latency and mTLS share from proxies.
 //! - `remora version`
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::Context;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use remora_cli::{check, inject};
+use remora_cli::{check, inject, stat};
 use remora_k8s::inject::{Outcome, Settings};
 
 fn mesh_namespace() -> Arg {
@@ -87,6 +88,47 @@ fn cli() -> Command {
                         .help("text, or json for scripts"),
                 ),
         )
+        .subcommand(
+            Command::new("stat")
+                .about(
+                    "Success rate, requests per second, p50/p95/p99 latency and the share \
+                     of mTLS per workload, per Service called and per HTTPRoute backend, \
+                     from two scrapes of the proxies' /metrics a window apart",
+                )
+                .arg(
+                    Arg::new("proxies")
+                        .value_name("[WORKLOAD=]HOST[:PORT]")
+                        .required(true)
+                        .num_args(1..)
+                        .help(
+                            "Proxies' admin addresses (port 4191 unless given), each \
+                             optionally named by the workload it serves",
+                        ),
+                )
+                .arg(
+                    Arg::new("window")
+                        .long("window")
+                        .short('w')
+                        .value_name("DURATION")
+                        .default_value("5s")
+                        .value_parser(|s: &str| remora_config::parse_duration(s))
+                        .help("How long between the two scrapes (e.g. 5s, 500ms)"),
+                )
+                .arg(
+                    Arg::new("watch")
+                        .long("watch")
+                        .action(ArgAction::SetTrue)
+                        .help("Print a table every window until interrupted"),
+                )
+                .arg(
+                    Arg::new("output")
+                        .long("output")
+                        .short('o')
+                        .value_parser(["text", "json"])
+                        .default_value("text")
+                        .help("text, or json (one document per window) for scripts"),
+                ),
+        )
         .subcommand(Command::new("version").about("Print the version"))
 }
 
@@ -95,6 +137,7 @@ fn main() -> ExitCode {
     let result = match matches.subcommand() {
         Some(("inject", m)) => run_inject(m),
         Some(("check", m)) => run_check(m),
+        Some(("stat", m)) => run_stat(m),
         Some(("version", _)) => {
             println!("remora {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -178,6 +221,53 @@ fn run_check(m: &ArgMatches) -> anyhow::Result<ExitCode> {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let sources = m
+        .get_many::<String>("proxies")
+        .expect("required")
+        .map(|a| stat::Source::parse(a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let window = *m
+        .get_one::<std::time::Duration>("window")
+        .expect("defaulted");
+    anyhow::ensure!(!window.is_zero(), "--window must be longer than zero");
+    let json = m.get_one::<String>("output").map(String::as_str) == Some("json");
+    let watch = m.get_flag("watch");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let timeout = window.max(std::time::Duration::from_secs(5));
+        let scrape_all = async || {
+            let mut out = Vec::new();
+            for s in &sources {
+                out.push(s.scrape(timeout).await?);
+            }
+            anyhow::Ok(out)
+        };
+        let mut before = scrape_all().await?;
+        let mut at = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(window).await;
+            let after = scrape_all().await?;
+            let now = std::time::Instant::now();
+            let rows = stat::rows(&before, &after, now.duration_since(at).as_secs_f64());
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                print!("{}", stat::render(&rows, window));
+                if watch {
+                    println!();
+                }
+            }
+            if !watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            (before, at) = (after, now);
+        }
     })
 }
 
