@@ -629,3 +629,65 @@ async fn grpc_trailers_survive_concurrent_load() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `REMORA_ACCESS_LOG=json`: one line per request on each proxy's standard output, with
+/// the method, authority, path (a hostile one stays one line), status and direction;
+/// the log's own lines parse as JSON among the proxy's other output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_request_on_both_proxies() -> anyhow::Result<()> {
+    let Some(m) = mesh(&[("REMORA_ACCESS_LOG", "json")]).await else {
+        return Ok(());
+    };
+    let mut h1 = client::http1(&m.pods.client, addr(APP)).await?;
+    for path in ["/hello", "/missing", "/hello?x=%0d%0a%22"] {
+        h1.ready().await?;
+        let rsp = h1
+            .send_request(Request::get(path).header("host", "app").body(empty())?)
+            .await?;
+        rsp.into_body().collect().await?;
+    }
+    for (side, proxy, direction) in [
+        ("client", &m.client_proxy, "outbound"),
+        ("server", &m.server_proxy, "inbound"),
+    ] {
+        let mut lines = Vec::new();
+        eventually("three access log lines", async || {
+            let text = std::fs::read_to_string(&proxy.log).map_err(|e| e.to_string())?;
+            lines = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v.get("duration_ms").is_some())
+                .collect();
+            if lines.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("{side}: {} lines in\n{text}", lines.len()))
+            }
+        })
+        .await;
+        let got: Vec<(String, u64)> = lines
+            .iter()
+            .map(|l| {
+                assert_eq!(l["direction"], direction, "{l}");
+                assert_eq!(l["method"], "GET", "{l}");
+                assert_eq!(l["authority"], "app", "{l}");
+                (
+                    l["path"].as_str().unwrap_or("").to_string(),
+                    l["status"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/hello".to_string(), 200),
+                ("/missing".to_string(), 404),
+                ("/hello?x=%0d%0a%22".to_string(), 200),
+            ],
+            "{side}"
+        );
+    }
+    let text = metrics(&m.pods.client).await;
+    assert_eq!(sample(&text, "remora_access_log_dropped_total", &[]), 0.0);
+    Ok(())
+}

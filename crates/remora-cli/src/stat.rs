@@ -45,9 +45,7 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Sample>> {
 }
 
 fn parse_sample(line: &str) -> anyhow::Result<Sample> {
-    let name_end = line
-        .find(['{', ' '])
-        .context("no value")?;
+    let name_end = line.find(['{', ' ']).context("no value")?;
     let name = line[..name_end].to_string();
     let mut rest = &line[name_end..];
     let mut labels = Vec::new();

@@ -56,6 +56,8 @@ pub enum BuildError {
     Controller(String),
     #[error("identity: {0}")]
     Identity(String),
+    #[error("cannot start the access log: {0}")]
+    AccessLog(io::Error),
     #[error("none of the {what} addresses could be bound: {addrs:?}")]
     NoListener {
         what: &'static str,
@@ -89,7 +91,16 @@ impl App {
         let outbound = bind_all("outbound", &config.outbound_addrs)?;
         let admin_listeners = bind_all("admin", &config.admin_addrs)?;
         let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
+        let mut metrics = Metrics::register(&mut registry);
+        if let Some(format) = config.access_log {
+            let (log, _writer) = crate::access_log::AccessLog::start(
+                format,
+                std::io::stdout(),
+                metrics.access_log_dropped.clone(),
+            )
+            .map_err(BuildError::AccessLog)?;
+            metrics.set_access_log(log);
+        }
         let readiness = Arc::new(Readiness::default());
         let (identity, tls, roots) = match &config.identity {
             Some(ic) => {

@@ -164,6 +164,12 @@ pub const WORKER_THREADS: Knob = Knob::value(
     Some("1"),
     "Runtime threads: 1 runs everything on one thread, as a sidecar should; raise it for very busy pods",
 );
+pub const ACCESS_LOG: Knob = Knob::value(
+    "access-log",
+    "REMORA_ACCESS_LOG",
+    Some("off"),
+    "Access log on standard output, one line per HTTP request (method, authority, path, status, duration, retries, route, backend, endpoint, peer identity): json, plain or off; lines the output cannot take are dropped and counted, never waited for",
+);
 pub const LOG: Knob = Knob::value(
     "log",
     "REMORA_LOG",
@@ -205,6 +211,7 @@ pub const KNOBS: &[Knob] = &[
     DISCOVERY_WAIT,
     PRECONNECT_DELAY,
     WORKER_THREADS,
+    ACCESS_LOG,
     LOG,
     LOG_FORMAT,
 ];
@@ -241,6 +248,8 @@ pub struct Config {
     /// After SIGTERM, how long everything goes on as before the inbound side drains.
     pub shutdown_delay: Duration,
     pub worker_threads: usize,
+    /// None: off.
+    pub access_log: Option<crate::access_log::Format>,
     pub log: String,
     pub log_format: LogFormat,
     /// The effective values as written, for the start-up log and `/config`.
@@ -352,6 +361,7 @@ impl Config {
             Ok(n @ 1..=64) => Ok(n),
             _ => Err("expected a whole number from 1 to 64".into()),
         });
+        let access_log = l.get(&ACCESS_LOG, crate::access_log::Format::parse);
         let log = l.get(&LOG, remora_admin::log::parse_filter);
         let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
         if let (Some(outbound), Some(inbound)) = (&outbound_addrs, &inbound_addrs) {
@@ -403,6 +413,7 @@ impl Config {
             shutdown_grace_period: remora_config::present(shutdown_grace_period)?,
             shutdown_delay: remora_config::present(shutdown_delay)?,
             worker_threads: remora_config::present(worker_threads)?,
+            access_log: remora_config::present(access_log)?,
             log: remora_config::present(log)?,
             log_format: remora_config::present(log_format)?,
             effective,

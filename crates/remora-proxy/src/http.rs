@@ -27,7 +27,7 @@ use tracing::debug;
 
 pub use body::{MeteredBody, grpc_status};
 pub use client_body::{BodyFailed, ClientBody};
-pub use forward::{Forward, ForwardError, Guard, NoGuard, absolute};
+pub use forward::{Forward, ForwardError, Guard, NoGuard, Sent, absolute};
 pub use headers::{strip_hop_by_hop, upgrade_requested, wants_upgrade};
 pub use upstream::{Upstream, UpstreamError, Version};
 
@@ -130,13 +130,16 @@ async fn forward<F: Forward>(
     if !fwd.trusts_orig_proto() {
         req.headers_mut().remove(pool::ORIG_PROTO);
     }
+    // What the access log says of the request, kept only when it is on.
+    let head = metrics.access_log().map(|_| Head::of(&req));
     if let Some(reason) = fwd.admit(&req) {
         metrics.denied.inc();
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
-        let metrics = metrics.routed(RouteLabels::default());
-        metrics.answered_after(start.elapsed());
+        let request = metrics.routed(RouteLabels::default());
+        request.answered_after(start.elapsed());
+        log_request(&metrics, head, 403, start.elapsed(), &Sent::default());
         let (parts, body) = rsp.into_parts();
-        let body = MeteredBody::new(body, metrics, 403, &parts.headers, None);
+        let body = MeteredBody::new(body, request, 403, &parts.headers, None);
         return Response::from_parts(parts, body);
     }
     let upgrade = wants_upgrade(&req);
@@ -147,10 +150,10 @@ async fn forward<F: Forward>(
     let (parts, body) = req.into_parts();
     let (body, client_failed) = ClientBody::new(body);
     let req = Request::from_parts(parts, body);
-    let mut route = RouteLabels::default();
-    let sent = fwd.send(req, &mut route).await;
-    let metrics = metrics.routed(route);
-    let (response, in_flight) = match sent {
+    let mut sent = Sent::default();
+    let result = fwd.send(req, &mut sent).await;
+    let request = metrics.routed(std::mem::take(&mut sent.route));
+    let (response, in_flight) = match result {
         Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
                 || (connect && rsp.status().is_success());
@@ -175,11 +178,81 @@ async fn forward<F: Forward>(
             (rsp.map(Either::Right), None)
         }
     };
-    metrics.answered_after(start.elapsed());
+    let elapsed = start.elapsed();
+    request.answered_after(elapsed);
     let status = response.status().as_u16();
+    if head.is_some() {
+        sent.route = request.route().clone();
+        log_request(&metrics, head, status, elapsed, &sent);
+    }
     let (parts, body) = response.into_parts();
-    let body = MeteredBody::new(body, metrics, status, &parts.headers, in_flight);
+    let body = MeteredBody::new(body, request, status, &parts.headers, in_flight);
     Response::from_parts(parts, body)
+}
+
+/// A request's method, authority and path, for the access log.
+struct Head {
+    method: Method,
+    authority: String,
+    path: String,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Self {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            method: req.method().clone(),
+            authority,
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+        }
+    }
+}
+
+/// Writes the request's access log line, when the log is on.
+fn log_request(
+    metrics: &HttpMetrics,
+    head: Option<Head>,
+    status: u16,
+    duration: std::time::Duration,
+    sent: &Sent,
+) {
+    let (Some(log), Some(head)) = (metrics.access_log(), head) else {
+        return;
+    };
+    let labels = metrics.labels();
+    let route = &sent.route;
+    let qualified = if route.route_name.is_empty() {
+        String::new()
+    } else {
+        format!("{}/{}", route.route_namespace, route.route_name)
+    };
+    log.record(&crate::access_log::Record {
+        direction: labels.direction.as_str(),
+        method: head.method.as_str(),
+        authority: &head.authority,
+        path: &head.path,
+        status,
+        duration,
+        retries: sent.retries,
+        route: &qualified,
+        backend: &route.backend,
+        endpoint: sent.endpoint,
+        peer_identity: &labels.peer_identity,
+        target: &labels.target,
+    });
 }
 
 /// Copies bytes between an upgraded client connection and its upgraded upstream.

@@ -167,7 +167,7 @@ impl Forward for Forwarder {
     async fn send(
         &self,
         req: Request<ClientBody>,
-        _route: &mut crate::metrics::RouteLabels,
+        _sent: &mut http::Sent,
     ) -> Result<(Response<Incoming>, Option<NoGuard>), ForwardError> {
         match &self.to {
             ToApp::Passthrough(u) => Ok((u.send(req).await?, None)),

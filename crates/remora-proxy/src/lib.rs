@@ -7,6 +7,7 @@
 //! `main.rs` only reads the configuration and calls it.
 
 pub mod accept;
+pub mod access_log;
 pub mod addr;
 pub mod app;
 pub mod await_ready;

@@ -217,6 +217,10 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// The traffic label sets in use, for expiry.
     series: Arc<series::Series>,
+    /// Lines of the access log dropped because its queue was full.
+    pub access_log_dropped: Counter,
+    /// Where each request's line goes, when `REMORA_ACCESS_LOG` is on.
+    access_log: Option<crate::access_log::AccessLog>,
 }
 
 impl Metrics {
@@ -247,7 +251,14 @@ impl Metrics {
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
             series: Arc::default(),
+            access_log_dropped: Counter::default(),
+            access_log: None,
         };
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped because standard output could not keep up",
+            m.access_log_dropped.clone(),
+        );
         r.register(
             "tcp_connections_refused",
             "Connections reset at once because the listener's connection limit was reached",
@@ -377,6 +388,11 @@ impl Metrics {
         }
     }
 
+    /// Sends every HTTP request's line to `log` from now on.
+    pub fn set_access_log(&mut self, log: crate::access_log::AccessLog) {
+        self.access_log = Some(log);
+    }
+
     /// Drops every series unused (no connection open, none opened) for `idle`.
     pub fn expire_idle(&self, idle: std::time::Duration) {
         self.series.sweep(idle, |labels, routes, responses| {
@@ -482,6 +498,7 @@ impl Metrics {
             responses: self.http_responses.clone(),
             seen: Arc::default(),
             series: self.series.clone(),
+            access_log: self.access_log.clone(),
             labels,
         }
     }
@@ -530,10 +547,21 @@ pub struct HttpMetrics {
     /// The kinds of response this connection has sent, told to `series` once each.
     seen: Arc<Mutex<Vec<series::ResponseKey>>>,
     series: Arc<series::Series>,
+    access_log: Option<crate::access_log::AccessLog>,
     labels: TrafficLabels,
 }
 
 impl HttpMetrics {
+    /// The access log, when it is on.
+    pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
+        self.access_log.as_ref()
+    }
+
+    /// The connection's labels.
+    pub fn labels(&self) -> &TrafficLabels {
+        &self.labels
+    }
+
     /// The handles for one request that took `route`.
     pub fn routed(&self, route: RouteLabels) -> RequestMetrics {
         let duration = {
@@ -568,6 +596,11 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
+    /// The route the request took.
+    pub fn route(&self) -> &RouteLabels {
+        &self.route
+    }
+
     /// Records the time from the request's arrival to its response headers.
     pub fn answered_after(&self, elapsed: std::time::Duration) {
         self.duration.observe(elapsed.as_secs_f64());

@@ -31,13 +31,22 @@ pub trait Forward: Send + Sync + 'static {
     }
 
     /// Sends `req`; the guard lives as long as the response. A forwarder that routes
-    /// says in `route` which route and backend the request took (its metrics' labels),
-    /// whether or not it got a response.
+    /// says in `sent` where the request went, whether or not it got a response.
     fn send(
         &self,
         req: Request<ClientBody>,
-        route: &mut RouteLabels,
+        sent: &mut Sent,
     ) -> impl Future<Output = Result<(Response<Incoming>, Option<Self::Guard>), ForwardError>> + Send;
+}
+
+/// Where a request went, as a routing forwarder tells it: the route and backend its
+/// metrics are labelled with, and for the access log the retries made and the endpoint
+/// that answered last.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub route: RouteLabels,
+    pub retries: u32,
+    pub endpoint: Option<std::net::SocketAddr>,
 }
 
 /// What a forwarder learns when a response ends.

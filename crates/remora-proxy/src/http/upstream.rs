@@ -161,7 +161,7 @@ impl super::Forward for Upstream {
     async fn send(
         &self,
         req: Request<ClientBody>,
-        _route: &mut crate::metrics::RouteLabels,
+        _sent: &mut super::Sent,
     ) -> Result<(Response<Incoming>, Option<super::NoGuard>), super::ForwardError> {
         Ok((Upstream::send(self, req).await?, None))
     }

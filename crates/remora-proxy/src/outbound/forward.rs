@@ -25,12 +25,12 @@ use super::{
 use crate::{
     addr::OrigDst,
     http::{
-        ClientBody, Forward, ForwardError, Guard, Upstream, Version, absolute,
+        ClientBody, Forward, ForwardError, Guard, Sent, Upstream, Version, absolute,
         pool::{EndpointClients, ReqBody},
         replay::{MAX_REPLAY, Replay, Tee},
         upgrade_requested,
     },
-    metrics::{ResilienceCounters, RouteLabels},
+    metrics::ResilienceCounters,
 };
 
 /// Where one outbound HTTP connection's requests go.
@@ -60,11 +60,11 @@ impl Forward for Forwarder {
     async fn send(
         &self,
         req: Request<ClientBody>,
-        route: &mut RouteLabels,
+        sent: &mut Sent,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
         match self {
             Forwarder::Passthrough(u) => Ok((u.send(req).await?, None)),
-            Forwarder::Balanced(b) => b.send(absolute(req, b.orig_dst), route).await,
+            Forwarder::Balanced(b) => b.send(absolute(req, b.orig_dst), sent).await,
         }
     }
 }
@@ -130,8 +130,9 @@ impl Balanced {
     async fn send(
         &self,
         req: Request<ClientBody>,
-        route: &mut RouteLabels,
+        sent: &mut Sent,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
+        let route = &mut sent.route;
         let policy: Arc<ServicePolicy> = self.destination.policy(self.wait).await;
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
@@ -168,7 +169,9 @@ impl Balanced {
                 .unwrap_or(policy.per_try_timeout),
             retry: policy.retry.as_ref(),
         };
-        let result = self.attempts(parts, body, &chosen, &limits, started).await;
+        let result = self
+            .attempts(parts, body, &chosen, &limits, started, sent)
+            .await;
         match (result, rule.and_then(|r| r.response_headers.as_ref())) {
             (Ok((mut rsp, in_flight)), Some(m)) => {
                 m.apply(rsp.headers_mut());
@@ -220,6 +223,7 @@ impl Balanced {
         chosen: &Chosen,
         limits: &Limits<'_>,
         started: Instant,
+        sent: &mut Sent,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
         let deadline = limits.request_timeout.map(|t| started + t);
         let is_grpc = crate::http::is_grpc(&parts.headers);
@@ -291,6 +295,7 @@ impl Balanced {
             }
             let tried = self.attempt(req, chosen, limits, deadline, avoid).await;
             avoid = tried.endpoint;
+            sent.endpoint = tried.endpoint.or(sent.endpoint);
             let retriable = resilience::retriable(tried.outcome, retry, is_grpc);
             let next = resilience::next(
                 tried.outcome,
@@ -320,6 +325,7 @@ impl Balanced {
                 // Nothing reached the endpoint: another one at once, outside the budget.
                 elsewhere += 1;
                 self.counters.retries.inc();
+                sent.retries += 1;
                 debug!(service = %chosen.service, "connect failed: trying another endpoint");
                 continue;
             }
@@ -341,6 +347,7 @@ impl Balanced {
             }
             attempt += 1;
             self.counters.retries.inc();
+            sent.retries += 1;
             drop(tried);
             tokio::time::sleep(pause).await;
         }
