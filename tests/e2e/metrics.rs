@@ -620,6 +620,12 @@ fn names_in(promql: &str) -> (Vec<String>, Vec<String>) {
 /// `remora stat` (the CLI, as users run it), in `pod`: its standard output, or its
 /// exit status and standard error.
 fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
+    remora(pod, &[&["stat"], args].concat())
+}
+
+/// The `remora` CLI with `args`, in `pod`: its standard output, or its exit status and
+/// standard error.
+fn remora(pod: &Pod, args: &[&str]) -> Result<String, String> {
     let cli = std::env::current_exe()
         .expect("current exe")
         .parent()
@@ -628,7 +634,6 @@ fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
         .join("remora");
     let out = pod
         .command(cli.to_str().expect("utf-8 path"))
-        .arg("stat")
         .args(args)
         .output()
         .expect("the remora CLI runs (cargo build --workspace --bins)");
@@ -645,10 +650,13 @@ fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
 
 /// `remora stat` reads the same proxies a user would point it at, while traffic flows:
 /// three successes to one failure, all over mTLS, give a success rate near 75 % and an
-/// mTLS share of 100 % for the Service called and for the workload serving it.
+/// mTLS share of 100 % for the Service called and for the workload serving it. Then
+/// `remora diagnose` shows, from inside the pods, the destination, its endpoint and
+/// identity, the inbound policy in force and the configuration; off the pod it is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remora_stat_sees_success_rate_latency_and_mtls_while_traffic_flows() -> anyhow::Result<()>
-{
+async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
+-> anyhow::Result<()> {
     if !e2e_enabled() {
         return Ok(());
     }
@@ -723,5 +731,54 @@ async fn remora_stat_sees_success_rate_latency_and_mtls_while_traffic_flows() ->
         tokio::task::block_in_place(|| remora_stat(ctl, &["10.77.0.99:4191", "--window", "100ms"]))
             .expect_err("an unreachable proxy fails");
     assert!(err.contains("10.77.0.99:4191"), "{err}");
+
+    // `remora diagnose`, in the pod: where frontend's proxy sends web's requests, and
+    // why (the endpoint, its identity, its state).
+    let web = mesh.cluster.pod("web");
+    let out = tokio::task::block_in_place(|| remora(frontend, &["diagnose", "endpoints"]))
+        .map_err(anyhow::Error::msg)?;
+    for want in [
+        "service web.shop:80 [10.96.0.10:80]".to_string(),
+        format!("{WEB_IP}:8080"),
+        spiffe("web"),
+        "ready".into(),
+    ] {
+        assert!(out.contains(&want), "{want} in:\n{out}");
+    }
+    let json = tokio::task::block_in_place(|| {
+        remora(
+            frontend,
+            &["diagnose", "endpoints", "127.0.0.1", "-o", "json"],
+        )
+    })
+    .map_err(anyhow::Error::msg)?;
+    let targets: serde_json::Value = serde_json::from_str(&json)?;
+    let service = targets
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["service"] == "web.shop:80"))
+        .unwrap_or_else(|| panic!("web.shop:80 in {json}"));
+    assert_eq!(service["endpoints"][0]["ejected"], false, "{service}");
+    assert!(
+        service["endpoints"][0]["latency_ms"].as_f64().is_some(),
+        "{service}"
+    );
+    let out = tokio::task::block_in_place(|| remora(web, &["diagnose", "policy"]))
+        .map_err(anyhow::Error::msg)?;
+    assert!(
+        out.contains("every other port:"),
+        "an answer in force:\n{out}"
+    );
+    let out = tokio::task::block_in_place(|| remora(web, &["diagnose", "config"]))
+        .map_err(anyhow::Error::msg)?;
+    assert!(out.contains("REMORA_WORKER_THREADS=1 (default)"), "{out}");
+    // Off the pod, the /debug pages are refused.
+    let err = tokio::task::block_in_place(|| {
+        remora(
+            ctl,
+            &["diagnose", "endpoints", &format!("{FRONTEND_IP}:4191")],
+        )
+    })
+    .expect_err("refused off the pod");
+    assert!(err.contains("only allowed from loopback"), "{err}");
     Ok(())
 }

@@ -54,6 +54,15 @@ impl Readiness {
     }
 }
 
+/// Pages a binary adds under `/debug/`: its live state as JSON, for loopback clients
+/// only (`kubectl port-forward` arrives there; the pod network does not).
+pub trait DebugPages: Send + Sync + std::fmt::Debug {
+    /// The pages there are.
+    fn names(&self) -> &'static [&'static str];
+    /// `/debug/<name>` as JSON text; None: no such page.
+    fn page(&self, name: &str) -> Option<String>;
+}
+
 /// Everything the admin endpoints read or act on.
 #[derive(Debug)]
 pub struct Admin {
@@ -63,6 +72,8 @@ pub struct Admin {
     pub log: LogLevel,
     /// Cancelled by `POST /shutdown`.
     pub shutdown: CancellationToken,
+    /// Set once what they show exists.
+    pub debug: std::sync::OnceLock<Arc<dyn DebugPages>>,
 }
 
 /// Serves admin requests on `listener` until `stop` is cancelled.
@@ -146,6 +157,31 @@ pub async fn handle(
         }
         (_, "/shutdown" | "/log-level") if !loopback => {
             text(StatusCode::FORBIDDEN, "only allowed from loopback\n")
+        }
+        (_, path) if path.starts_with("/debug/") && !loopback => {
+            text(StatusCode::FORBIDDEN, "only allowed from loopback\n")
+        }
+        (&Method::GET, path) if path.starts_with("/debug/") => {
+            let name = &path["/debug/".len()..];
+            let pages = admin.debug.get();
+            match pages.and_then(|p| p.page(name)) {
+                Some(json) => {
+                    let mut rsp = text(StatusCode::OK, json);
+                    rsp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    rsp
+                }
+                None => {
+                    let names = pages.map_or(&[][..], |p| p.names());
+                    let list: Vec<String> = names.iter().map(|n| format!("/debug/{n}")).collect();
+                    text(
+                        StatusCode::NOT_FOUND,
+                        format!("no such page: try {}\n", list.join(", ")),
+                    )
+                }
+            }
         }
         (&Method::POST, "/shutdown") => {
             info!("shutdown requested through the admin server");

@@ -2,5 +2,6 @@
 //! terminal.
 
 pub mod check;
+pub mod diagnose;
 pub mod inject;
 pub mod stat;

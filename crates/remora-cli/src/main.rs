@@ -3,6 +3,7 @@
 //! - `remora inject [FILE|-]` — the webhook's injection, offline.
 //! - `remora check` — what is wrong with an install, check by check.
 //! - `remora stat ADDR...` — success rate, RPS, latency and mTLS share from proxies.
+//! - `remora diagnose endpoints|policy|proxy-metrics|config ADDR` — one proxy's view.
 //! - `remora version`
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::Context;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use remora_cli::{check, inject, stat};
+use remora_cli::{check, diagnose, inject, stat};
 use remora_k8s::inject::{Outcome, Settings};
 
 fn mesh_namespace() -> Arg {
@@ -129,6 +130,36 @@ fn cli() -> Command {
                         .help("text, or json (one document per window) for scripts"),
                 ),
         )
+        .subcommand(
+            Command::new("diagnose")
+                .about(
+                    "One proxy's live view from its admin port: endpoints (destinations, \
+                     policies, routes, each endpoint's state), policy (inbound \
+                     authorization by port), proxy-metrics, config. The /debug pages \
+                     answer loopback only: run it in the pod or through kubectl \
+                     port-forward",
+                )
+                .arg(
+                    Arg::new("view")
+                        .value_name("VIEW")
+                        .required(true)
+                        .value_parser(["endpoints", "policy", "proxy-metrics", "config"]),
+                )
+                .arg(
+                    Arg::new("proxy")
+                        .value_name("HOST[:PORT]")
+                        .default_value("127.0.0.1:4191")
+                        .help("The proxy's admin address (port 4191 unless given)"),
+                )
+                .arg(
+                    Arg::new("output")
+                        .long("output")
+                        .short('o')
+                        .value_parser(["text", "json"])
+                        .default_value("text")
+                        .help("text, or json as the proxy answered it"),
+                ),
+        )
         .subcommand(Command::new("version").about("Print the version"))
 }
 
@@ -138,6 +169,7 @@ fn main() -> ExitCode {
         Some(("inject", m)) => run_inject(m),
         Some(("check", m)) => run_check(m),
         Some(("stat", m)) => run_stat(m),
+        Some(("diagnose", m)) => run_diagnose(m),
         Some(("version", _)) => {
             println!("remora {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -222,6 +254,27 @@ fn run_check(m: &ArgMatches) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn run_diagnose(m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let view = diagnose::View::parse(m.get_one::<String>("view").expect("required"))
+        .expect("clap checked the value");
+    let addr = stat::admin_addr(m.get_one::<String>("proxy").expect("defaulted"));
+    let json = m.get_one::<String>("output").map(String::as_str) == Some("json");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body = runtime.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stat::get(&addr, view.path()),
+        )
+        .await
+        .with_context(|| format!("{addr}: no answer within 10s"))?
+        .with_context(|| addr.clone())
+    })?;
+    print!("{}", diagnose::render(view, &body, json)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {

@@ -123,11 +123,7 @@ impl Source {
             Some((w, a)) => (w.to_string(), a.to_string()),
             None => (arg.to_string(), arg.to_string()),
         };
-        let addr = if addr.contains(':') {
-            addr
-        } else {
-            format!("{addr}:4191")
-        };
+        let addr = admin_addr(&addr);
         anyhow::ensure!(!workload.is_empty(), "{arg}: an empty workload name");
         Ok(Self { workload, addr })
     }
@@ -146,16 +142,33 @@ impl Source {
 }
 
 async fn get_metrics(addr: &str) -> anyhow::Result<String> {
+    get(addr, "/metrics").await
+}
+
+/// `GET path` from an admin server at `addr`: the body of a 200, or an error with the
+/// status and what the server said.
+pub async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get("/metrics")
+    let req = http::Request::get(path)
         .header("host", addr)
         .body(Empty::<Bytes>::new())?;
     let rsp = sender.send_request(req).await?;
-    anyhow::ensure!(rsp.status() == 200, "/metrics answered {}", rsp.status());
+    let status = rsp.status();
     let body = rsp.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8(body.to_vec())?)
+    let text = String::from_utf8(body.to_vec())?;
+    anyhow::ensure!(status == 200, "{path} answered {status}: {}", text.trim());
+    Ok(text)
+}
+
+/// `host:port`, or `host` with the proxy's admin port.
+pub fn admin_addr(arg: &str) -> String {
+    if arg.contains(':') {
+        arg.to_string()
+    } else {
+        format!("{arg}:4191")
+    }
 }
 
 /// What a row describes.

@@ -156,6 +156,7 @@ impl App {
             config_json: remora_config::to_json(&config.effective),
             log,
             shutdown: CancellationToken::new(),
+            debug: std::sync::OnceLock::new(),
         });
         let domains = Domains {
             trust_domain: config.trust_domain.clone(),

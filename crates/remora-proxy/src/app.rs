@@ -129,6 +129,7 @@ impl App {
             config_json: remora_config::to_json(&config.effective),
             log,
             shutdown: CancellationToken::new(),
+            debug: std::sync::OnceLock::new(),
         });
         let connector = Connector {
             timeout: config.connect_timeout,
@@ -175,6 +176,10 @@ impl App {
                 fallbacks: metrics.authz_fallbacks.clone(),
             },
         );
+        let _ = admin.debug.set(Arc::new(crate::debug::Pages {
+            destinations: destinations.clone(),
+            policies: policies.clone(),
+        }));
         let idle = |direction| tcp::Idle {
             timeout: config.tcp_idle_timeout,
             closed: metrics.tcp_idle_closed(direction),

@@ -255,6 +255,16 @@ impl Policy {
         }
     }
 
+    /// What `/debug/inbound` shows of it: its name and how many grants it holds.
+    pub fn debug(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": &*self.name,
+            "connection_grants": self.port.len(),
+            "route_grants": self.routes.len(),
+            "probe_paths": &self.probe_paths,
+        })
+    }
+
     /// May this client open a TCP connection that is not HTTP?
     pub fn allows_connection(&self, peer: &Peer<'_>) -> bool {
         self.port.iter().any(|a| a.allows(peer))

@@ -211,6 +211,32 @@ impl InboundPolicies {
 
     /// Whether metrics name `port` (one the pod serves or a policy names) rather than
     /// folding it into `other`: clients choose ports, so labels must not follow them.
+    /// Each port's policy, for `/debug/inbound`: the controller's answer (its ports and
+    /// the policy of every other port), or the configured default before one.
+    pub fn debug(&self) -> serde_json::Value {
+        let answer = self.rx.borrow().clone();
+        let describe = |p: &Policy| p.debug();
+        match answer {
+            Some(w) => {
+                let mut ports: Vec<_> = w.ports.iter().collect();
+                ports.sort_by_key(|(port, _)| **port);
+                serde_json::json!({
+                    "answered": true,
+                    "ports": ports
+                        .into_iter()
+                        .map(|(port, p)| (port.to_string(), describe(p)))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "other": describe(&w.other),
+                })
+            }
+            None => serde_json::json!({
+                "answered": false,
+                "has_controller": self.has_controller,
+                "default": describe(&self.default_policy),
+            }),
+        }
+    }
+
     pub fn is_served(&self, port: u16) -> bool {
         self.declared.iter().any(|r| r.contains(port))
             || self

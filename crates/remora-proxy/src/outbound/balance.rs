@@ -211,6 +211,28 @@ impl<C> Balancer<C> {
         counts
     }
 
+    /// Each endpoint last picked from, for `/debug/targets`: address, readiness,
+    /// identity, latency estimate (ms), requests in flight, and whether it is ejected.
+    pub fn debug(&self) -> Vec<serde_json::Value> {
+        let guard = self.states.lock();
+        let now = Instant::now();
+        guard
+            .synced_to
+            .iter()
+            .map(|e| {
+                let state = guard.by_addr.get(&e.addr);
+                serde_json::json!({
+                    "addr": e.addr.to_string(),
+                    "ready": e.ready,
+                    "identity": e.identity.as_ref().map(|i| i.spiffe_id.to_string()),
+                    "latency_ms": state.map(|s| (s.latency(now) * 1e6).round() / 1e3),
+                    "in_flight": state.map(|s| s.in_flight()),
+                    "ejected": state.is_some_and(|s| s.out()),
+                })
+            })
+            .collect()
+    }
+
     /// Whether one more endpoint may be ejected without exceeding `max_percent` of them.
     pub fn may_eject(&self, max_percent: u32) -> bool {
         let guard = self.states.lock();

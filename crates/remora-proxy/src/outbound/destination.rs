@@ -186,6 +186,43 @@ impl Destinations {
     /// Each Service in use, with its balancer's census. A Service reached both by its
     /// ClusterIP and as a route's backend has two balancers over the same endpoints:
     /// the ClusterIP's counts, so the endpoints are not counted twice.
+    /// Every destination in use, as `/debug/targets` shows it: what discovery says it
+    /// is, the policy in force and its routes, each endpoint's state as the balancer sees
+    /// it, and what is left of the retry budget.
+    pub fn debug(&self) -> serde_json::Value {
+        let by_key = self.by_key.lock();
+        let mut targets: Vec<(String, serde_json::Value)> = by_key
+            .iter()
+            .map(|(key, e)| {
+                let d = &e.destination;
+                let (kind, service) = match &*d.views.borrow() {
+                    View::Pending => ("pending", None),
+                    View::Passthrough => ("passthrough", None),
+                    View::Service { name, .. } => ("service", Some(name.to_string())),
+                    View::Pod { .. } => ("pod", None),
+                };
+                let policy = d.policy.borrow().clone();
+                let budget = policy.as_ref().and_then(|p| p.retry.as_ref()).map(|r| {
+                    let (requests, retries, left) = d.budget.debug(r);
+                    serde_json::json!({"requests": requests, "retries": retries, "left": left})
+                });
+                let value = serde_json::json!({
+                    "key": key.to_string(),
+                    "kind": kind,
+                    "service": service,
+                    "policy": policy.as_ref().map(|p| p.name.to_string()),
+                    "routes": policy.as_ref().map(|p| p.routes.debug()).unwrap_or_default(),
+                    "endpoints": d.balancer.debug(),
+                    "retry_budget": budget,
+                    "idle_seconds": e.last_used.elapsed().as_secs(),
+                });
+                (key.to_string(), value)
+            })
+            .collect();
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        serde_json::Value::Array(targets.into_iter().map(|(_, v)| v).collect())
+    }
+
     pub fn census(&self) -> Vec<(String, [usize; 3])> {
         let by_key = self.by_key.lock();
         let mut out: BTreeMap<String, (bool, [usize; 3])> = BTreeMap::new();

@@ -152,9 +152,13 @@ pub fn budget_allows(
     min_per_second: u32,
     window_secs: u64,
 ) -> bool {
-    let allowed =
-        (ratio * requests as f64 + 1e-9).floor() as u64 + u64::from(min_per_second) * window_secs;
-    retries < allowed
+    retries < budget(requests, ratio, min_per_second, window_secs)
+}
+
+/// How many retries a budget of `ratio` of `requests`, plus `min_per_second` for each
+/// of the window's `window_secs` seconds, allows in all.
+pub fn budget(requests: u64, ratio: f64, min_per_second: u32, window_secs: u64) -> u64 {
+    (ratio * requests as f64 + 1e-9).floor() as u64 + u64::from(min_per_second) * window_secs
 }
 
 /// Caps retries to `ratio` of the requests over a sliding window, plus a floor of
@@ -199,6 +203,17 @@ impl RetryBudget {
     pub fn request(&self, window: Duration) {
         let mut b = self.buckets.lock();
         Self::bucket(&mut b, self.now(), window.as_secs().max(1)).1 += 1;
+    }
+
+    /// The requests and retries counted in `r`'s window, and the retries still
+    /// allowed in it, for `/debug/targets`.
+    pub fn debug(&self, r: &Retry) -> (u64, u64, u64) {
+        let window = r.budget_window.as_secs().max(1);
+        let mut b = self.buckets.lock();
+        Self::bucket(&mut b, self.now(), window);
+        let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
+        let allowed = budget(requests, r.budget_ratio, r.budget_min_per_second, window);
+        (requests, retries, allowed.saturating_sub(retries))
     }
 
     /// Takes one retry from the budget, if there is one left.

@@ -286,6 +286,21 @@ impl Match {
 }
 
 impl Routes {
+    /// Each rule's route and backends, for `/debug/targets`.
+    pub fn debug(&self) -> Vec<serde_json::Value> {
+        self.rules
+            .iter()
+            .map(|r| {
+                let backends: Vec<_> = r
+                    .backends
+                    .iter()
+                    .map(|b| serde_json::json!({"backend": &*b.label, "weight": b.weight}))
+                    .collect();
+                serde_json::json!({"route": &*r.route, "backends": backends})
+            })
+            .collect()
+    }
+
     /// The controller's routes; a match that cannot be used (a regular expression that
     /// does not compile, a header name that is not one) is dropped, not the route.
     pub fn from_api(routes: &[api::HttpRoute]) -> Self {

@@ -1,0 +1,205 @@
+//! `remora diagnose endpoints|policy|proxy-metrics|config ADDR`: one proxy's live view,
+//! from its admin server (`/debug/targets`, `/debug/inbound`, `/metrics`, `/config`),
+//! formatted for a terminal or passed through as JSON. The `/debug` pages answer
+//! loopback clients only: run it in the pod, or through `kubectl port-forward`.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// What to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Outbound destinations, their policies and routes, and their endpoints' state.
+    Endpoints,
+    /// Inbound authorization, port by port.
+    Policy,
+    /// The exposition, as scraped.
+    ProxyMetrics,
+    /// The effective configuration.
+    Config,
+}
+
+impl View {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "endpoints" => Self::Endpoints,
+            "policy" => Self::Policy,
+            "proxy-metrics" => Self::ProxyMetrics,
+            "config" => Self::Config,
+            _ => return None,
+        })
+    }
+
+    /// The admin path it reads.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Endpoints => "/debug/targets",
+            Self::Policy => "/debug/inbound",
+            Self::ProxyMetrics => "/metrics",
+            Self::Config => "/config",
+        }
+    }
+}
+
+/// `body` (what `view`'s path answered) for a terminal; `json` passes JSON through.
+pub fn render(view: View, body: &str, json: bool) -> anyhow::Result<String> {
+    if view == View::ProxyMetrics || json {
+        return Ok(body.to_string());
+    }
+    let v: Value = serde_json::from_str(body)?;
+    Ok(match view {
+        View::Endpoints => endpoints(&v),
+        View::Policy => policy(&v),
+        View::Config => config(&v),
+        View::ProxyMetrics => unreachable!("passed through"),
+    })
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn endpoints(v: &Value) -> String {
+    let mut out = String::new();
+    let targets = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    if targets.is_empty() {
+        out.push_str("no outbound destinations in use\n");
+    }
+    for t in targets {
+        let _ = writeln!(
+            out,
+            "{} {} (policy {}, idle {}s)",
+            s(&t["kind"]),
+            match &t["service"] {
+                Value::String(name) => format!("{name} [{}]", s(&t["key"])),
+                _ => s(&t["key"]),
+            },
+            s(&t["policy"]),
+            s(&t["idle_seconds"]),
+        );
+        for r in t["routes"].as_array().into_iter().flatten() {
+            let backends: Vec<String> = r["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| format!("{} ×{}", s(&b["backend"]), s(&b["weight"])))
+                .collect();
+            let _ = writeln!(out, "  route {} -> {}", s(&r["route"]), backends.join(", "));
+        }
+        if let Value::Object(b) = &t["retry_budget"] {
+            let _ = writeln!(
+                out,
+                "  retry budget: {} left ({} retries for {} requests in the window)",
+                s(&b["left"]),
+                s(&b["retries"]),
+                s(&b["requests"])
+            );
+        }
+        for e in t["endpoints"].as_array().into_iter().flatten() {
+            let state = match (e["ejected"].as_bool(), e["ready"].as_bool()) {
+                (Some(true), _) => "ejected",
+                (_, Some(false)) => "terminating",
+                _ => "ready",
+            };
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<11} {:>9}ms {:>3} in flight  {}",
+                s(&e["addr"]),
+                state,
+                s(&e["latency_ms"]),
+                s(&e["in_flight"]),
+                s(&e["identity"]),
+            );
+        }
+    }
+    out
+}
+
+fn grant(p: &Value) -> String {
+    format!(
+        "{} ({} connection grants, {} route grants)",
+        s(&p["name"]),
+        s(&p["connection_grants"]),
+        s(&p["route_grants"])
+    )
+}
+
+fn policy(v: &Value) -> String {
+    let mut out = String::new();
+    if v["answered"].as_bool() == Some(true) {
+        for (port, p) in v["ports"].as_object().into_iter().flatten() {
+            let _ = writeln!(out, "port {port}: {}", grant(p));
+        }
+        let _ = writeln!(out, "every other port: {}", grant(&v["other"]));
+    } else {
+        let _ = writeln!(
+            out,
+            "no answer from the controller yet{}: every port gets the default, {}",
+            if v["has_controller"].as_bool() == Some(false) {
+                " (none configured)"
+            } else {
+                ""
+            },
+            grant(&v["default"])
+        );
+    }
+    out
+}
+
+fn config(v: &Value) -> String {
+    let mut out = String::new();
+    for (name, e) in v.as_object().into_iter().flatten() {
+        let _ = writeln!(out, "{name}={} ({})", s(&e["value"]), s(&e["source"]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_show_routes_budget_and_each_endpoints_state() {
+        let body = r#"[{"key":"10.96.0.10:80","kind":"service","service":"web.shop:80",
+            "policy":"shop/web","idle_seconds":0,
+            "routes":[{"route":"shop/split","backends":[{"backend":"web.shop:80","weight":1},{"backend":"web-v2.shop:80","weight":3}]}],
+            "retry_budget":{"requests":10,"retries":1,"left":11},
+            "endpoints":[{"addr":"10.0.0.1:8080","ready":true,"identity":"spiffe://x/web","latency_ms":1.5,"in_flight":0,"ejected":false},
+                         {"addr":"10.0.0.2:8080","ready":true,"identity":null,"latency_ms":null,"in_flight":null,"ejected":true}]}]"#;
+        let text = render(View::Endpoints, body, false).unwrap();
+        for want in [
+            "service web.shop:80 [10.96.0.10:80] (policy shop/web, idle 0s)",
+            "route shop/split -> web.shop:80 ×1, web-v2.shop:80 ×3",
+            "retry budget: 11 left (1 retries for 10 requests in the window)",
+            "10.0.0.1:8080",
+            "spiffe://x/web",
+            "ejected",
+        ] {
+            assert!(text.contains(want), "{want} in:\n{text}");
+        }
+        assert_eq!(render(View::Endpoints, body, true).unwrap(), body);
+        assert!(render(View::Endpoints, "not json", false).is_err());
+    }
+
+    #[test]
+    fn policy_before_and_after_an_answer() {
+        let before = r#"{"answered":false,"has_controller":true,"default":{"name":"default:all-unauthenticated","connection_grants":1,"route_grants":0}}"#;
+        assert!(
+            render(View::Policy, before, false)
+                .unwrap()
+                .contains("no answer from the controller yet: every port gets the default, default:all-unauthenticated")
+        );
+        let after = r#"{"answered":true,"ports":{"8080":{"name":"shop/web-callers","connection_grants":1,"route_grants":2}},"other":{"name":"default:deny","connection_grants":0,"route_grants":0}}"#;
+        let text = render(View::Policy, after, false).unwrap();
+        assert!(
+            text.contains("port 8080: shop/web-callers (1 connection grants, 2 route grants)"),
+            "{text}"
+        );
+        assert!(text.contains("every other port: default:deny"), "{text}");
+    }
+}
