@@ -371,10 +371,20 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
         &format!("sum(remora_http_responses_total{{{inbound}, classification=\"failure\"}})"),
         |v| v == 10.0,
     );
+    // ... each counted under the AuthorizationPolicy that judged it.
     Prometheus::eventually(
         ctl,
-        &format!("sum(remora_authz_denied_total{{instance=\"{web_admin}\"}})"),
+        &format!(
+            "sum(remora_authz_denied_total{{instance=\"{web_admin}\", \
+             authz_name=\"shop/web-callers\", peer_identity=\"{}\"}})",
+            spiffe("other")
+        ),
         |v| v >= 5.0,
+    );
+    Prometheus::eventually(
+        ctl,
+        &format!("sum(remora_http_responses_total{{{inbound}, authz_name=\"shop/web-callers\"}})"),
+        |v| v == 45.0,
     );
     Prometheus::eventually(
         ctl,

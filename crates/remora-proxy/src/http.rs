@@ -353,6 +353,7 @@ mod keep_alive_tests {
                 target: Cow::Borrowed("passthrough"),
                 tls: false,
                 peer_identity: Cow::Borrowed(""),
+                authz_name: Cow::Borrowed(""),
             }),
             drain: CancellationToken::new(),
             header_timeout: None,

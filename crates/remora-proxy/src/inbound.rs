@@ -241,6 +241,7 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
             target,
             tls,
             peer_identity: Cow::Owned(peer.unwrap_or_default().to_string()),
+            authz_name: Cow::Owned(policy.current().name.to_string()),
         }
     };
 

@@ -53,6 +53,10 @@ pub struct TrafficLabels {
     pub tls: bool,
     /// The peer's SPIFFE ID, or empty when the connection is not mutually authenticated.
     pub peer_identity: Cow<'static, str>,
+    /// Inbound: the authorization policy that judged the connection and its requests
+    /// (`namespace/name` of the AuthorizationPolicies, or `default:<policy>`), as it was
+    /// when the connection was accepted; empty outbound.
+    pub authz_name: Cow<'static, str>,
 }
 
 /// Whether a response counts as a success.
@@ -647,6 +651,7 @@ mod tests {
             target: Cow::Borrowed("passthrough"),
             tls: false,
             peer_identity: Cow::Borrowed(""),
+            authz_name: Cow::Borrowed(""),
         }
     }
 
@@ -682,7 +687,7 @@ mod tests {
             std::time::Duration::ZERO,
         );
         let text = render(&registry);
-        let common = r#"direction="outbound",target="passthrough",tls="false",peer_identity="""#;
+        let common = r#"direction="outbound",target="passthrough",tls="false",peer_identity="",authz_name="""#;
         let unrouted = r#"route_name="",route_namespace="",backend="""#;
         let canary = r#"route_name="web-split",route_namespace="shop",backend="web-v2.shop:80""#;
         for line in [
@@ -728,6 +733,7 @@ mod tests {
             target: Cow::Borrowed("8080"),
             tls: true,
             peer_identity: Cow::Borrowed(id),
+            authz_name: Cow::Borrowed("shop/web-callers"),
         };
         let gone = peer("spiffe://cluster.local/ns/shop/sa/old");
         let busy = peer("spiffe://cluster.local/ns/shop/sa/web");

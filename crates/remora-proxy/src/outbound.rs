@@ -247,6 +247,7 @@ impl Outbound {
             },
             tls,
             peer_identity,
+            authz_name: Cow::Borrowed(""),
         };
         let span = tracing::Span::current();
         span.record("tls", labels.tls);
