@@ -434,6 +434,18 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
         "web {to_web}, web-v2 {to_v2} of {n}"
     );
 
+    // The controller counted what its source reported: the pods, and the route.
+    Prometheus::eventually(
+        ctl,
+        "sum(remora_controller_watch_events_total{kind=\"HTTPRoute\", event=\"apply\"})",
+        |v| v >= 1.0,
+    );
+    Prometheus::eventually(
+        ctl,
+        "sum(remora_controller_watch_events_total{kind=\"Pod\", event=\"apply\"})",
+        |v| v >= 3.0,
+    );
+
     // The chart's relabelings name each proxy's workload.
     for workload in ["frontend", "web"] {
         let q = format!("count(remora_build_info{{workload=\"{workload}\"}})");

@@ -14,7 +14,7 @@ use crate::{
     core::{Event, Published, Shared, Target},
     inbound::{self, WorkloadKey},
     index::{Index, Touched},
-    metrics::Metrics,
+    metrics::{Metrics, WatchEvent},
     watches::{Watched, Watches},
 };
 
@@ -158,7 +158,13 @@ impl Discovery {
             {
                 let mut index = self.index.write();
                 for (event, _) in batch.drain(..) {
-                    synced |= event == Event::Synced;
+                    match &event {
+                        Event::Apply(o) => {
+                            self.metrics.watch_event(o.key().kind, WatchEvent::Apply)
+                        }
+                        Event::Delete(k) => self.metrics.watch_event(k.kind, WatchEvent::Delete),
+                        Event::Synced => synced = true,
+                    }
                     index.apply(event, &mut touched);
                 }
                 self.metrics.set_objects(index.counts());

@@ -44,6 +44,21 @@ struct KindLabels {
 }
 
 label_values! {
+    /// What a watch event did to an object.
+    pub enum WatchEvent {
+        /// Added or changed.
+        Apply => "apply",
+        Delete => "delete",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchEventLabels {
+    kind: Kind,
+    event: WatchEvent,
+}
+
+label_values! {
     /// Which side of a proxy a policy watch is for.
     pub enum Direction {
         Inbound => "inbound",
@@ -148,6 +163,7 @@ struct CertReloadLabels {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
+    watch_events: Family<WatchEventLabels, Counter>,
     /// Destination targets watched by at least one stream.
     pub targets: Gauge,
     /// 1 while this replica holds the Lease (writes statuses).
@@ -169,6 +185,7 @@ impl Metrics {
         let r = registry.sub_registry_with_prefix("remora_controller");
         let m = Self {
             objects: Family::default(),
+            watch_events: Family::default(),
             targets: Gauge::default(),
             leader: Gauge::default(),
             policy_watches: Family::default(),
@@ -182,6 +199,11 @@ impl Metrics {
             cert_reloads: Family::default(),
         };
         r.register("objects", "Objects indexed", m.objects.clone());
+        r.register(
+            "watch_events",
+            "Objects added, changed or deleted as the source reported them, by kind",
+            m.watch_events.clone(),
+        );
         r.register(
             "targets",
             "Targets watched by at least one stream",
@@ -239,6 +261,13 @@ impl Metrics {
             m.update_latency.clone(),
         );
         m
+    }
+
+    /// Counts one event from the source.
+    pub fn watch_event(&self, kind: Kind, event: WatchEvent) {
+        self.watch_events
+            .get_or_create(&WatchEventLabels { kind, event })
+            .inc();
     }
 
     pub fn set_objects(&self, counts: [(Kind, usize); 7]) {
