@@ -804,3 +804,102 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     assert!(err.contains("only allowed from loopback"), "{err}");
     Ok(())
 }
+
+/// The proxy's resident memory, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// An app that talks to 10,000 distinct destinations the mesh does not know (closed
+/// ports of an unmeshed pod): each is one more `target="passthrough"` connection, not a
+/// series of its own, so `/metrics` stays the size it was after the first hundred; and
+/// past the cap on destinations held, the proxy's memory stops growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_destinations_add_no_series() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "24h").await;
+    let frontend = mesh.cluster.pod("frontend");
+    let pid = mesh.proxies[0].pid();
+    // Requests to `ports`, 32 at a time. Nothing listens there: the app sees its
+    // connection reset, as it would without the mesh (the proxy dials ahead for
+    // destinations that are not Services), or the proxy's 502.
+    let call_each = async |ports: std::ops::Range<u16>| -> anyhow::Result<()> {
+        let ports: Vec<u16> = ports.collect();
+        for chunk in ports.chunks(32) {
+            let mut calls = tokio::task::JoinSet::new();
+            for &port in chunk {
+                let pod = Pod::borrowed(frontend.name.clone(), frontend.ip);
+                calls.spawn(async move {
+                    let addr = SocketAddr::new("10.77.0.100".parse().unwrap(), port);
+                    client::get(&pod, addr, "/").await.map(|(status, _)| status)
+                });
+            }
+            while let Some(called) = calls.join_next().await {
+                match called? {
+                    Ok(status) => assert_eq!(status, 502, "nothing listens there"),
+                    Err(e) => assert!(
+                        e.chain().any(|c| c
+                            .downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionReset))
+                            || e.to_string().contains("reset")
+                            || e.to_string().contains("closed"),
+                        "{e:#}"
+                    ),
+                }
+            }
+        }
+        Ok(())
+    };
+    call_each(20_000..20_100).await?;
+    let after_100 = client::get(frontend, "127.0.0.1:4191".parse()?, "/metrics")
+        .await?
+        .1;
+    let rss_100 = rss_kib(pid);
+    call_each(20_100..25_000).await?;
+    let rss_5k = rss_kib(pid);
+    call_each(25_000..30_000).await?;
+    let after_10k = client::get(frontend, "127.0.0.1:4191".parse()?, "/metrics")
+        .await?
+        .1;
+    let rss_10k = rss_kib(pid);
+
+    let opened = |text: &str| {
+        client::sample(
+            text,
+            "remora_tcp_connections_opened_total",
+            &[("direction", "outbound"), ("target", "passthrough")],
+        )
+    };
+    assert!(opened(&after_10k) >= 10_000.0, "{after_10k}");
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#')).count();
+    assert!(
+        series(&after_10k) <= series(&after_100) + 10,
+        "{} series after 100 destinations, {} after 10,000:\n{after_10k}",
+        series(&after_100),
+        series(&after_10k)
+    );
+    assert!(
+        after_10k.len() <= after_100.len() + 2048,
+        "/metrics grew from {} to {} bytes",
+        after_100.len(),
+        after_10k.len()
+    );
+    // Destinations are kept at most 4,096 at a time (each with its controller stream,
+    // about 11 KiB): past the cap, 5,000 more cost nothing lasting.
+    eprintln!(
+        "RSS: {rss_100} KiB after 100 destinations, {rss_5k} after 5,000, {rss_10k} after 10,000"
+    );
+    assert!(
+        rss_10k <= rss_5k + 4 * 1024,
+        "RSS grew from {rss_5k} KiB to {rss_10k} KiB past the destinations' cap"
+    );
+    Ok(())
+}

@@ -61,7 +61,8 @@ pub struct Mesh {
     /// The controller's `dir:` folder.
     pub objects: PathBuf,
     pub controller: Proxy,
-    _proxies: Vec<Proxy>,
+    /// The proxies of `ROLES`, in that order.
+    pub proxies: Vec<Proxy>,
 }
 
 impl Mesh {
@@ -137,7 +138,7 @@ impl Mesh {
             cluster,
             objects,
             controller,
-            _proxies: proxies,
+            proxies,
         }
     }
 }

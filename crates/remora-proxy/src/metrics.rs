@@ -223,6 +223,8 @@ pub struct Metrics {
     series: Arc<series::Series>,
     /// Lines of the access log dropped because its queue was full.
     pub access_log_dropped: Counter,
+    /// Traffic label sets dropped from every family after going unused.
+    series_expired: Counter,
     /// Where each request's line goes, when `REMORA_ACCESS_LOG` is on.
     access_log: Option<crate::access_log::AccessLog>,
 }
@@ -256,8 +258,14 @@ impl Metrics {
             cert_expiry: Gauge::default(),
             series: Arc::default(),
             access_log_dropped: Counter::default(),
+            series_expired: Counter::default(),
             access_log: None,
         };
+        r.register(
+            "metrics_series_expired",
+            "Traffic label sets dropped from every family after 15 minutes with no connection",
+            m.series_expired.clone(),
+        );
         r.register(
             "access_log_dropped",
             "Access log lines dropped because standard output could not keep up",
@@ -400,6 +408,7 @@ impl Metrics {
     /// Drops every series unused (no connection open, none opened) for `idle`.
     pub fn expire_idle(&self, idle: std::time::Duration) {
         self.series.sweep(idle, |labels, routes, responses| {
+            self.series_expired.inc();
             self.tcp_opened.remove(labels);
             self.tcp_closed.remove(labels);
             self.tcp_open.remove(labels);
@@ -753,6 +762,10 @@ mod tests {
         m.expire_idle(SERIES_IDLE);
         let text = render(&registry);
         assert!(!text.contains("sa/old"), "expired:\n{text}");
+        assert!(
+            text.contains("remora_metrics_series_expired_total 1\n"),
+            "{text}"
+        );
         assert!(text.contains("sa/web"), "a connection is open:\n{text}");
         drop(kept);
         tokio::time::advance(SERIES_IDLE).await;
