@@ -206,9 +206,9 @@ pub struct Metrics {
     detect_duration: HistogramFamily<DetectLabels>,
     authz_denied: Family<TrafficLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
-    http_retries: Family<TrafficLabels, Counter>,
+    http_retries: Family<DurationLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
-    budget_exhausted: Family<TrafficLabels, Counter>,
+    budget_exhausted: Family<DurationLabels, Counter>,
     ejections: Family<TrafficLabels, Counter>,
     tcp_refused: Family<DirectionLabels, Counter>,
     tcp_idle_closed: Family<DirectionLabels, Counter>,
@@ -416,14 +416,16 @@ impl Metrics {
             self.tcp_written.remove(labels);
             self.http_requests.remove(labels);
             self.authz_denied.remove(labels);
-            self.http_retries.remove(labels);
-            self.budget_exhausted.remove(labels);
+
             self.ejections.remove(labels);
             for route in routes {
-                self.http_duration.remove(&DurationLabels {
+                let with_route = DurationLabels {
                     traffic: labels.clone(),
                     route: route.clone(),
-                });
+                };
+                self.http_duration.remove(&with_route);
+                self.http_retries.remove(&with_route);
+                self.budget_exhausted.remove(&with_route);
             }
             for (route, status_code, classification, grpc_status) in responses {
                 self.http_responses.remove(&ResponseLabels {
@@ -452,11 +454,23 @@ impl Metrics {
 
     /// The resilience counters of one client connection's requests to a Service.
     pub fn resilience(&self, labels: &TrafficLabels) -> ResilienceCounters {
-        ResilienceCounters {
-            retries: self.http_retries.get_or_create_owned(labels),
-            budget_exhausted: self.budget_exhausted.get_or_create_owned(labels),
+        let counters = ResilienceCounters {
+            retries: self.http_retries.clone(),
+            budget_exhausted: self.budget_exhausted.clone(),
             ejections: self.ejections.get_or_create_owned(labels),
-        }
+            labels: labels.clone(),
+        };
+        // The Service's own route from the start, at zero: a dashboard's rate reads 0,
+        // not "no data", until something is retried.
+        let unrouted = RouteLabels {
+            backend: Arc::from(&*labels.target),
+            ..RouteLabels::default()
+        };
+        self.series.routed(labels, &unrouted);
+        let with_route = counters.with_route(&unrouted);
+        self.http_retries.get_or_create(&with_route).inc_by(0);
+        self.budget_exhausted.get_or_create(&with_route).inc_by(0);
+        counters
     }
 
     /// Replaces `remora_endpoints` with `census`: (target, ready, terminating, ejected).
@@ -519,12 +533,35 @@ impl Metrics {
 
 pub use series::SERIES_IDLE;
 
-/// Counters of the resilience a Service's policy adds.
-#[derive(Debug, Clone, Default)]
+/// Counters of the resilience a Service's policy adds: retries and spent budgets by
+/// the route the request took, ejections by the Service.
+#[derive(Debug, Clone)]
 pub struct ResilienceCounters {
-    pub retries: Counter,
-    pub budget_exhausted: Counter,
+    retries: Family<DurationLabels, Counter>,
+    budget_exhausted: Family<DurationLabels, Counter>,
     pub ejections: Counter,
+    labels: TrafficLabels,
+}
+
+impl ResilienceCounters {
+    fn with_route(&self, route: &RouteLabels) -> DurationLabels {
+        DurationLabels {
+            traffic: self.labels.clone(),
+            route: route.clone(),
+        }
+    }
+
+    /// A request that took `route` is sent again.
+    pub fn retried(&self, route: &RouteLabels) {
+        self.retries.get_or_create(&self.with_route(route)).inc();
+    }
+
+    /// A request that took `route` was not retried: the budget was spent.
+    pub fn budget_exhausted(&self, route: &RouteLabels) {
+        self.budget_exhausted
+            .get_or_create(&self.with_route(route))
+            .inc();
+    }
 }
 
 /// One connection's counters. Dropping it counts the close.
@@ -687,6 +724,9 @@ mod tests {
             route_namespace: "shop".into(),
             backend: "web-v2.shop:80".into(),
         };
+        let resilience = m.resilience(&labels());
+        resilience.retried(&canary);
+        resilience.budget_exhausted(&canary);
         let req = http.routed(canary);
         req.answered_after(std::time::Duration::from_millis(3));
         req.response(200, None, true);
@@ -718,6 +758,11 @@ mod tests {
             ),
             format!(
                 "remora_http_response_duration_seconds_bucket{{le=\"0.005\",{common},{canary}}} 1"
+            ),
+            format!("remora_http_retries_total{{{common},{canary}}} 1"),
+            format!("remora_retry_budget_exhausted_total{{{common},{canary}}} 1"),
+            format!(
+                "remora_http_retries_total{{{common},route_name=\"\",route_namespace=\"\",backend=\"passthrough\"}} 0"
             ),
             r#"remora_protocol_detect_total{direction="inbound",result="server_first"} 1"#.into(),
             "remora_build_info{version=".into(),

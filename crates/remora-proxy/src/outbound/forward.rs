@@ -324,7 +324,7 @@ impl Balanced {
             if next == Next::Elsewhere {
                 // Nothing reached the endpoint: another one at once, outside the budget.
                 elsewhere += 1;
-                self.counters.retries.inc();
+                self.counters.retried(&sent.route);
                 sent.retries += 1;
                 debug!(service = %chosen.service, "connect failed: trying another endpoint");
                 continue;
@@ -341,12 +341,12 @@ impl Balanced {
                 return tried.into_result();
             }
             if !chosen.destination.budget.try_retry(retry) {
-                self.counters.budget_exhausted.inc();
+                self.counters.budget_exhausted(&sent.route);
                 debug!(service = %chosen.service, "retry budget exhausted");
                 return tried.into_result();
             }
             attempt += 1;
-            self.counters.retries.inc();
+            self.counters.retried(&sent.route);
             sent.retries += 1;
             drop(tried);
             tokio::time::sleep(pause).await;
