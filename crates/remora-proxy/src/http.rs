@@ -137,7 +137,7 @@ async fn forward<F: Forward>(
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
         let request = metrics.routed(RouteLabels::default());
         request.answered_after(start.elapsed());
-        log_request(&metrics, head, 403, start.elapsed(), &Sent::default());
+        log_request(request.http(), head, 403, start.elapsed(), &Sent::default());
         let (parts, body) = rsp.into_parts();
         let body = MeteredBody::new(body, request, 403, &parts.headers, None);
         return Response::from_parts(parts, body);
@@ -183,7 +183,7 @@ async fn forward<F: Forward>(
     let status = response.status().as_u16();
     if head.is_some() {
         sent.route = request.route().clone();
-        log_request(&metrics, head, status, elapsed, &sent);
+        log_request(request.http(), head, status, elapsed, &sent);
     }
     let (parts, body) = response.into_parts();
     let body = MeteredBody::new(body, request, status, &parts.headers, in_flight);
@@ -308,7 +308,7 @@ pub fn error_response(status: StatusCode, reason: &str, grpc: bool) -> Response<
 
 #[cfg(test)]
 mod keep_alive_tests {
-    use std::{borrow::Cow, time::Duration};
+    use std::time::Duration;
 
     use http_body_util::BodyExt;
     use hyper::client::conn::http1 as client;
@@ -350,10 +350,10 @@ mod keep_alive_tests {
         let served = Served {
             metrics: metrics.http(TrafficLabels {
                 direction: Direction::Outbound,
-                target: Cow::Borrowed("passthrough"),
+                target: Arc::from("passthrough"),
                 tls: false,
-                peer_identity: Cow::Borrowed(""),
-                authz_name: Cow::Borrowed(""),
+                peer_identity: Arc::from(""),
+                authz_name: Arc::from(""),
             }),
             drain: CancellationToken::new(),
             header_timeout: None,

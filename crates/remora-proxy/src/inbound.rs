@@ -10,7 +10,7 @@
 pub mod authz;
 pub mod policies;
 
-use std::{borrow::Cow, future::Future, net::IpAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use ::http::{Request, Response};
 use hyper::body::Incoming;
@@ -34,7 +34,7 @@ use crate::{
         wants_upgrade,
     },
     io::{CountingIo, PrefixedIo},
-    metrics::{DetectResult, Direction, Metrics, TrafficLabels},
+    metrics::{DetectResult, Direction, Metrics, TrafficLabels, empty_label},
     tcp,
     tls::{self, Alpn, TlsContext},
 };
@@ -232,16 +232,16 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
         // Clients pick ports: only the ones the pod serves (or a policy names) get a
         // series of their own.
         let target = if ctx.policies.is_served(port) {
-            Cow::Owned(port.to_string())
+            Arc::from(port.to_string())
         } else {
-            Cow::Borrowed("other")
+            Arc::from("other")
         };
         TrafficLabels {
             direction: Direction::Inbound,
             target,
             tls,
-            peer_identity: Cow::Owned(peer.unwrap_or_default().to_string()),
-            authz_name: Cow::Owned(policy.current().name.to_string()),
+            peer_identity: peer.map_or_else(empty_label, Arc::from),
+            authz_name: policy.current().name.clone(),
         }
     };
 

@@ -3,7 +3,7 @@
 
 mod series;
 
-use std::{borrow::Cow, sync::Arc};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -49,14 +49,14 @@ impl EncodeLabelValue for Direction {
 pub struct TrafficLabels {
     pub direction: Direction,
     /// Outbound: the Service as `name.namespace:port`, or `passthrough`; inbound: the port.
-    pub target: Cow<'static, str>,
+    pub target: Arc<str>,
     pub tls: bool,
     /// The peer's SPIFFE ID, or empty when the connection is not mutually authenticated.
-    pub peer_identity: Cow<'static, str>,
+    pub peer_identity: Arc<str>,
     /// Inbound: the authorization policy that judged the connection and its requests
     /// (`namespace/name` of the AuthorizationPolicies, or `default:<policy>`), as it was
     /// when the connection was accepted; empty outbound.
-    pub authz_name: Cow<'static, str>,
+    pub authz_name: Arc<str>,
 }
 
 /// Whether a response counts as a success.
@@ -79,7 +79,7 @@ impl EncodeLabelValue for Classification {
 /// Which route and backend an outbound HTTP request took, so a canary's success rate
 /// and latency are one query. Empty inbound and for passthrough; a request no HTTPRoute
 /// matched has empty route labels and its Service as the backend.
-#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// The HTTPRoute's name.
     pub route_name: Arc<str>,
@@ -87,6 +87,23 @@ pub struct RouteLabels {
     pub route_namespace: Arc<str>,
     /// The Service the request went to, as `name.namespace:port` (a weighted rule's pick).
     pub backend: Arc<str>,
+}
+
+/// An empty label value, shared: labels are cloned per request, and an `Arc<str>` of
+/// its own would be an allocation each time.
+pub fn empty_label() -> Arc<str> {
+    static EMPTY: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
+
+impl Default for RouteLabels {
+    fn default() -> Self {
+        Self {
+            route_name: empty_label(),
+            route_namespace: empty_label(),
+            backend: empty_label(),
+        }
+    }
 }
 
 /// The labels of a request's latency: its connection's and its route's.
@@ -612,8 +629,9 @@ impl HttpMetrics {
         &self.labels
     }
 
-    /// The handles for one request that took `route`.
-    pub fn routed(&self, route: RouteLabels) -> RequestMetrics {
+    /// The handles for one request that took `route` (this is the request's own copy of
+    /// its connection's handles).
+    pub fn routed(self, route: RouteLabels) -> RequestMetrics {
         let duration = {
             let mut routes = self.routes.lock();
             match routes.iter().find(|(r, _)| *r == route) {
@@ -630,7 +648,7 @@ impl HttpMetrics {
             }
         };
         RequestMetrics {
-            http: self.clone(),
+            http: self,
             route,
             duration,
         }
@@ -646,6 +664,11 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
+    /// The connection's handles.
+    pub fn http(&self) -> &HttpMetrics {
+        &self.http
+    }
+
     /// The route the request took.
     pub fn route(&self) -> &RouteLabels {
         &self.route
@@ -694,10 +717,10 @@ mod tests {
     fn labels() -> TrafficLabels {
         TrafficLabels {
             direction: Direction::Outbound,
-            target: Cow::Borrowed("passthrough"),
+            target: Arc::from("passthrough"),
             tls: false,
-            peer_identity: Cow::Borrowed(""),
-            authz_name: Cow::Borrowed(""),
+            peer_identity: Arc::from(""),
+            authz_name: Arc::from(""),
         }
     }
 
@@ -715,7 +738,7 @@ mod tests {
         conn.read.inc_by(7);
         let http = m.http(labels());
         http.requests.inc();
-        let req = http.routed(RouteLabels::default());
+        let req = http.clone().routed(RouteLabels::default());
         req.response(200, Some(0), true);
         req.response(200, Some(14), true);
         req.response(503, None, true);
@@ -727,7 +750,7 @@ mod tests {
         let resilience = m.resilience(&labels());
         resilience.retried(&canary);
         resilience.budget_exhausted(&canary);
-        let req = http.routed(canary);
+        let req = http.clone().routed(canary);
         req.answered_after(std::time::Duration::from_millis(3));
         req.response(200, None, true);
         m.detected(
@@ -784,17 +807,17 @@ mod tests {
         let m = Metrics::register(&mut registry);
         let peer = |id: &'static str| TrafficLabels {
             direction: Direction::Inbound,
-            target: Cow::Borrowed("8080"),
+            target: Arc::from("8080"),
             tls: true,
-            peer_identity: Cow::Borrowed(id),
-            authz_name: Cow::Borrowed("shop/web-callers"),
+            peer_identity: Arc::from(id),
+            authz_name: Arc::from("shop/web-callers"),
         };
         let gone = peer("spiffe://cluster.local/ns/shop/sa/old");
         let busy = peer("spiffe://cluster.local/ns/shop/sa/web");
         let conn = m.connection(&gone);
         let http = m.http(gone.clone());
         http.requests.inc();
-        let req = http.routed(RouteLabels::default());
+        let req = http.clone().routed(RouteLabels::default());
         req.answered_after(std::time::Duration::from_millis(1));
         req.response(200, None, true);
         req.response(503, Some(14), true);

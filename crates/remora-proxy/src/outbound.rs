@@ -17,7 +17,6 @@ pub mod resilience;
 pub mod routes;
 
 use std::{
-    borrow::Cow,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -41,7 +40,7 @@ use crate::{
     detect::Detection,
     http::{self, Upstream, Version, pool::EndpointClients},
     io::{CountingIo, PrefixedIo},
-    metrics::{DetectResult, Direction, Metrics, TrafficLabels},
+    metrics::{DetectResult, Direction, Metrics, TrafficLabels, empty_label},
     tcp,
     tls::Alpn,
 };
@@ -147,9 +146,9 @@ impl Outbound {
     /// The `tls` and `peer_identity` labels of a connection: encrypted when every
     /// endpoint is meshed and this proxy has an identity; the peer is named when all of
     /// them prove the same identity (one Service, one ServiceAccount, as usual).
-    fn peer_labels(&self, resolved: &Resolved) -> (bool, Cow<'static, str>) {
+    fn peer_labels(&self, resolved: &Resolved) -> (bool, Arc<str>) {
         let Resolved::Balanced { destination, .. } = resolved else {
-            return (false, Cow::Borrowed(""));
+            return (false, empty_label());
         };
         let view = destination.views.borrow();
         let endpoints: &[Endpoint] = match &*view {
@@ -161,15 +160,15 @@ impl Outbound {
                 .iter()
                 .all(|e| self.connector.encrypts(e.identity.as_ref()));
         if !encrypted {
-            return (false, Cow::Borrowed(""));
+            return (false, empty_label());
         }
         let first = endpoints[0].identity.as_ref().map(|i| &i.spiffe_id);
         let same = endpoints
             .iter()
             .all(|e| e.identity.as_ref().map(|i| &i.spiffe_id) == first);
         match (same, first) {
-            (true, Some(id)) => (true, Cow::Owned(id.to_string())),
-            _ => (true, Cow::Borrowed("")),
+            (true, Some(id)) => (true, id.clone()),
+            _ => (true, empty_label()),
         }
     }
 
@@ -242,12 +241,12 @@ impl Outbound {
         let labels = TrafficLabels {
             direction: Direction::Outbound,
             target: match &resolved {
-                Resolved::Balanced { name, .. } => Cow::Owned(name.to_string()),
-                Resolved::Passthrough => Cow::Borrowed("passthrough"),
+                Resolved::Balanced { name, .. } => name.clone(),
+                Resolved::Passthrough => Arc::from("passthrough"),
             },
             tls,
             peer_identity,
-            authz_name: Cow::Borrowed(""),
+            authz_name: empty_label(),
         };
         let span = tracing::Span::current();
         span.record("tls", labels.tls);
