@@ -25,6 +25,16 @@ fn mesh_namespace() -> Arg {
         .help("Where Remora is installed")
 }
 
+/// `-o text|json`, with `help` saying what json is.
+fn output(help: &'static str) -> Arg {
+    Arg::new("output")
+        .long("output")
+        .short('o')
+        .value_parser(["text", "json"])
+        .default_value("text")
+        .help(help)
+}
+
 fn cli() -> Command {
     Command::new("remora")
         .about("Remora, the service mesh: inject workloads, check an install")
@@ -80,14 +90,7 @@ fn cli() -> Command {
                         .value_parser(clap::value_parser!(u32))
                         .help("Warn about certificates that end within this many days"),
                 )
-                .arg(
-                    Arg::new("output")
-                        .long("output")
-                        .short('o')
-                        .value_parser(["text", "json"])
-                        .default_value("text")
-                        .help("text, or json for scripts"),
-                ),
+                .arg(output("text, or json for scripts")),
         )
         .subcommand(
             Command::new("stat")
@@ -121,14 +124,9 @@ fn cli() -> Command {
                         .action(ArgAction::SetTrue)
                         .help("Print a table every window until interrupted"),
                 )
-                .arg(
-                    Arg::new("output")
-                        .long("output")
-                        .short('o')
-                        .value_parser(["text", "json"])
-                        .default_value("text")
-                        .help("text, or json (one document per window) for scripts"),
-                ),
+                .arg(output(
+                    "text, or json (one document per window) for scripts",
+                )),
         )
         .subcommand(
             Command::new("diagnose")
@@ -151,14 +149,7 @@ fn cli() -> Command {
                         .default_value("127.0.0.1:4191")
                         .help("The proxy's admin address (port 4191 unless given)"),
                 )
-                .arg(
-                    Arg::new("output")
-                        .long("output")
-                        .short('o')
-                        .value_parser(["text", "json"])
-                        .default_value("text")
-                        .help("text, or json as the proxy answered it"),
-                ),
+                .arg(output("text, or json as the proxy answered it")),
         )
         .subcommand(Command::new("version").about("Print the version"))
 }
