@@ -102,11 +102,24 @@ fn cli() -> Command {
                 .arg(
                     Arg::new("proxies")
                         .value_name("[WORKLOAD=]HOST[:PORT]")
-                        .required(true)
                         .num_args(1..)
+                        .required_unless_present("namespace")
+                        .conflicts_with("namespace")
                         .help(
                             "Proxies' admin addresses (port 4191 unless given), each \
                              optionally named by the workload it serves",
+                        ),
+                )
+                .arg(
+                    Arg::new("namespace")
+                        .long("namespace")
+                        .short('n')
+                        .value_name("NAMESPACE")
+                        .help(
+                            "Instead of addresses: the running meshed pods of this \
+                             namespace, through your kubeconfig's API server (its pod \
+                             proxy), each named by its Deployment, StatefulSet, \
+                             DaemonSet or Job",
                         ),
                 )
                 .arg(
@@ -269,9 +282,11 @@ fn run_diagnose(m: &ArgMatches) -> anyhow::Result<ExitCode> {
 }
 
 fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
+    let namespace = m.get_one::<String>("namespace").cloned();
     let sources = m
         .get_many::<String>("proxies")
-        .expect("required")
+        .into_iter()
+        .flatten()
         .map(|a| stat::Source::parse(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let window = *m
@@ -285,10 +300,20 @@ fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async {
         let timeout = window.max(std::time::Duration::from_secs(5));
+        let (kube, sources) = match &namespace {
+            Some(ns) => {
+                let client = kube::Client::try_default().await.context(
+                    "no cluster: point KUBECONFIG (or ~/.kube/config) at it, or give addresses",
+                )?;
+                let sources = stat::cluster_sources(&client, ns).await?;
+                (Some(client), sources)
+            }
+            None => (None, sources),
+        };
         let scrape_all = async || {
             let mut out = Vec::new();
             for s in &sources {
-                out.push(s.scrape(timeout).await?);
+                out.push(s.scrape(kube.as_ref(), timeout).await?);
             }
             anyhow::Ok(out)
         };

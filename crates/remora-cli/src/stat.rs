@@ -110,11 +110,61 @@ pub struct Scrape {
 }
 
 /// A proxy to scrape: its admin address, and the workload it serves (`name=host:port`
-/// names it; otherwise the address does).
+/// names it; otherwise the address does); or, in a cluster, a meshed pod reached
+/// through the API server's pod proxy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {
     pub workload: String,
+    /// `host:port`, or `namespace/pod` for a pod.
     pub addr: String,
+    /// (namespace, pod) when read through the API server.
+    pub pod: Option<(String, String)>,
+}
+
+/// The meshed pods of `namespace` that are running, each named by its workload: the
+/// Deployment (its ReplicaSet's name without the template hash), StatefulSet,
+/// DaemonSet or Job that owns it, or the pod itself.
+pub async fn cluster_sources(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<Vec<Source>> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels("remora.io/meshed=true"))
+        .await
+        .with_context(|| format!("listing the meshed pods of {namespace}"))?;
+    let mut out = Vec::new();
+    for pod in list.items {
+        let running = pod
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some());
+        let Some(name) = pod.metadata.name.clone().filter(|_| running) else {
+            continue;
+        };
+        let owner = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        let workload = match owner {
+            Some(o) if o.kind == "ReplicaSet" => o
+                .name
+                .rsplit_once('-')
+                .map_or(o.name.clone(), |(d, _)| d.to_string()),
+            Some(o) => o.name.clone(),
+            None => name.clone(),
+        };
+        out.push(Source {
+            workload,
+            addr: format!("{namespace}/{name}"),
+            pod: Some((namespace.to_string(), name)),
+        });
+    }
+    anyhow::ensure!(!out.is_empty(), "no running meshed pods in {namespace}");
+    Ok(out)
 }
 
 impl Source {
@@ -125,12 +175,31 @@ impl Source {
         };
         let addr = admin_addr(&addr);
         anyhow::ensure!(!workload.is_empty(), "{arg}: an empty workload name");
-        Ok(Self { workload, addr })
+        Ok(Self {
+            workload,
+            addr,
+            pod: None,
+        })
     }
 
-    /// `GET /metrics` from this proxy's admin server, in the text format.
-    pub async fn scrape(&self, timeout: Duration) -> anyhow::Result<Scrape> {
-        let text = tokio::time::timeout(timeout, get_metrics(&self.addr))
+    /// `GET /metrics` from this proxy's admin server, in the text format: directly, or
+    /// for a pod through `kube`'s API server.
+    pub async fn scrape(
+        &self,
+        kube: Option<&kube::Client>,
+        timeout: Duration,
+    ) -> anyhow::Result<Scrape> {
+        let get = async {
+            match (&self.pod, kube) {
+                (Some((ns, name)), Some(client)) => {
+                    let uri = format!("/api/v1/namespaces/{ns}/pods/{name}:4191/proxy/metrics");
+                    let req = http::Request::get(uri).body(Vec::new())?;
+                    Ok(client.request_text(req).await?)
+                }
+                _ => get_metrics(&self.addr).await,
+            }
+        };
+        let text = tokio::time::timeout(timeout, get)
             .await
             .with_context(|| format!("{}: no answer within {timeout:?}", self.addr))?
             .with_context(|| format!("scraping {}", self.addr))?;
@@ -522,7 +591,8 @@ mod tests {
             Source::parse("web=10.0.0.1").unwrap(),
             Source {
                 workload: "web".into(),
-                addr: "10.0.0.1:4191".into()
+                addr: "10.0.0.1:4191".into(),
+                pod: None,
             }
         );
         assert_eq!(

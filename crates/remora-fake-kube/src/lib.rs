@@ -10,7 +10,10 @@
 //! - a patch or replace naming an old `metadata.resourceVersion` gets `409 Conflict`;
 //! - an unknown kind gets a `NotFound` Status; an API group that is not installed gets
 //!   the plain-text `404 page not found` a real server sends;
-//! - `/version`.
+//! - `/version`;
+//! - the pod proxy, `GET /api/v1/namespaces/<ns>/pods/<name>:<port>/proxy/<path>`: the
+//!   request is sent to the pod's `status.podIP` and its answer passed back (a test
+//!   whose pods live in network namespaces sets how to reach them, `set_pod_dialer`).
 //!
 //! Each request's bearer token is recorded, so a test can tell its clients apart.
 
@@ -118,7 +121,19 @@ struct State {
     missing_groups: BTreeSet<String>,
     /// The minor version `/version` reports (1.x).
     minor: u32,
+    /// How the pod proxy reaches a pod; None: a plain connect.
+    pod_dialer: Option<PodDialer>,
 }
+
+/// Connects to a pod's address for the pod proxy.
+pub type PodDialer = Arc<
+    dyn Fn(
+            SocketAddr,
+        ) -> Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// The fake server; clone it to share.
 #[derive(Clone)]
@@ -181,6 +196,12 @@ impl FakeApi {
              cluster: fake\n    user: fake\ncurrent-context: fake\n",
             self.addr
         )
+    }
+
+    /// How the pod proxy connects to pods (they may live where this process cannot
+    /// connect directly, in network namespaces).
+    pub fn set_pod_dialer(&self, dialer: PodDialer) {
+        self.state.lock().pod_dialer = Some(dialer);
     }
 
     /// Whether the API group answers as not installed (plain-text 404).
@@ -378,6 +399,79 @@ fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     reply(code, status_json(code.as_u16(), reason, message))
 }
 
+/// The pod proxy: `GET /api/v1/namespaces/<ns>/pods/<name>:<port>/proxy/<path>` sent to
+/// the pod's IP, its status and body passed back; None for any other path.
+async fn pod_proxy(state: &Arc<Mutex<State>>, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let rest = req.uri().path().strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let (pod, rest) = rest.split_once('/')?;
+    let path = rest.strip_prefix("proxy")?;
+    let path = if path.is_empty() { "/" } else { path };
+    let (name, port) = pod.split_once(':').unwrap_or((pod, "80"));
+    let port: u16 = port.parse().ok()?;
+    let (ip, dialer) = {
+        let s = state.lock();
+        let key = ("pods".to_string(), ns.to_string(), name.to_string());
+        let ip = s.objects.get(&key).map(|p| p["status"]["podIP"].clone());
+        (ip, s.pod_dialer.clone())
+    };
+    let not_found = || {
+        failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("pods \"{name}\" not found"),
+        )
+    };
+    let Some(ip) = ip else {
+        return Some(not_found());
+    };
+    let Some(ip) = ip.as_str().and_then(|i| i.parse::<std::net::IpAddr>().ok()) else {
+        return Some(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the pod has no IP",
+        ));
+    };
+    let addr = SocketAddr::new(ip, port);
+    let upstream = async {
+        let tcp = match dialer {
+            Some(d) => d(addr).await?,
+            None => tokio::net::TcpStream::connect(addr).await?,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let path_and_query = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let forwarded = Request::get(path_and_query)
+            .header(http::header::HOST, addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let rsp = sender
+            .send_request(forwarded)
+            .await
+            .map_err(std::io::Error::other)?;
+        let (parts, body) = rsp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        std::io::Result::Ok(Response::from_parts(parts, Body::Left(Full::new(body))))
+    };
+    Some(match upstream.await {
+        Ok(rsp) => rsp,
+        Err(e) => failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            &format!("error trying to reach service: {e}"),
+        ),
+    })
+}
+
 /// What a path names.
 struct Target {
     resource: Resource,
@@ -429,6 +523,9 @@ async fn serve(
             StatusCode::OK,
             json!({"major": "1", "minor": minor.to_string(), "gitVersion": format!("v1.{minor}.0"), "platform": "linux/amd64"}),
         ));
+    }
+    if let Some(rsp) = pod_proxy(&state, &req).await {
+        return Ok(rsp);
     }
     let group_missing = {
         let s = state.lock();
