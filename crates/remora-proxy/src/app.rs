@@ -92,6 +92,7 @@ impl App {
         let admin_listeners = bind_all("admin", &config.admin_addrs)?;
         let mut registry = Registry::default();
         let mut metrics = Metrics::register(&mut registry);
+        metrics.set_omit(config.metrics_omit_labels);
         if let Some(format) = config.access_log {
             let (log, _writer) = crate::access_log::AccessLog::start(
                 format,

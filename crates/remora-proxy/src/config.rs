@@ -170,6 +170,12 @@ pub const ACCESS_LOG: Knob = Knob::value(
     Some("off"),
     "Access log on standard output, one line per HTTP request (method, authority, path, status, duration, retries, route, backend, endpoint, peer identity): json, plain or off; lines the output cannot take are dropped and counted, never waited for",
 );
+pub const METRICS_OMIT_LABELS: Knob = Knob::value(
+    "metrics-omit-labels",
+    "REMORA_METRICS_OMIT_LABELS",
+    Some(""),
+    "Optional metric labels to leave empty, for fewer series: a comma-separated list of peer_identity, authz_name and route (route_name, route_namespace, backend)",
+);
 pub const LOG: Knob = Knob::value(
     "log",
     "REMORA_LOG",
@@ -212,6 +218,7 @@ pub const KNOBS: &[Knob] = &[
     PRECONNECT_DELAY,
     WORKER_THREADS,
     ACCESS_LOG,
+    METRICS_OMIT_LABELS,
     LOG,
     LOG_FORMAT,
 ];
@@ -250,6 +257,7 @@ pub struct Config {
     pub worker_threads: usize,
     /// None: off.
     pub access_log: Option<crate::access_log::Format>,
+    pub metrics_omit_labels: crate::metrics::Omit,
     pub log: String,
     pub log_format: LogFormat,
     /// The effective values as written, for the start-up log and `/config`.
@@ -362,6 +370,7 @@ impl Config {
             _ => Err("expected a whole number from 1 to 64".into()),
         });
         let access_log = l.get(&ACCESS_LOG, crate::access_log::Format::parse);
+        let metrics_omit_labels = l.get(&METRICS_OMIT_LABELS, crate::metrics::Omit::parse);
         let log = l.get(&LOG, remora_admin::log::parse_filter);
         let log_format = l.get(&LOG_FORMAT, LogFormat::parse);
         if let (Some(outbound), Some(inbound)) = (&outbound_addrs, &inbound_addrs) {
@@ -414,6 +423,7 @@ impl Config {
             shutdown_delay: remora_config::present(shutdown_delay)?,
             worker_threads: remora_config::present(worker_threads)?,
             access_log: remora_config::present(access_log)?,
+            metrics_omit_labels: remora_config::present(metrics_omit_labels)?,
             log: remora_config::present(log)?,
             log_format: remora_config::present(log_format)?,
             effective,

@@ -152,7 +152,12 @@ async fn forward<F: Forward>(
     let req = Request::from_parts(parts, body);
     let mut sent = Sent::default();
     let result = fwd.send(req, &mut sent).await;
-    let request = metrics.routed(std::mem::take(&mut sent.route));
+    // The access log tells the route even where the metrics omit it.
+    let route = match head {
+        Some(_) => sent.route.clone(),
+        None => std::mem::take(&mut sent.route),
+    };
+    let request = metrics.routed(route);
     let (response, in_flight) = match result {
         Ok((mut rsp, in_flight)) => {
             let switched = rsp.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -182,7 +187,6 @@ async fn forward<F: Forward>(
     request.answered_after(elapsed);
     let status = response.status().as_u16();
     if head.is_some() {
-        sent.route = request.route().clone();
         log_request(request.http(), head, status, elapsed, &sent);
     }
     let (parts, body) = response.into_parts();
@@ -250,7 +254,7 @@ fn log_request(
         route: &qualified,
         backend: &route.backend,
         endpoint: sent.endpoint,
-        peer_identity: &labels.peer_identity,
+        peer_identity: metrics.peer_identity(),
         target: &labels.target,
     });
 }

@@ -89,6 +89,47 @@ pub struct RouteLabels {
     pub backend: Arc<str>,
 }
 
+/// Optional labels left empty in every family (`REMORA_METRICS_OMIT_LABELS`), for
+/// installs that want fewer series: `peer_identity` (one series per calling identity),
+/// `authz_name`, and `route` (`route_name`, `route_namespace`, `backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Omit {
+    pub peer_identity: bool,
+    pub authz_name: bool,
+    pub route: bool,
+}
+
+impl Omit {
+    /// A comma-separated list of `peer_identity`, `authz_name` and `route`; empty for none.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut o = Self::default();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "peer_identity" => o.peer_identity = true,
+                "authz_name" => o.authz_name = true,
+                "route" => o.route = true,
+                other => {
+                    return Err(format!(
+                        "{other} is not an optional label: peer_identity, authz_name or route"
+                    ));
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    fn traffic(self, labels: &TrafficLabels) -> TrafficLabels {
+        let mut l = labels.clone();
+        if self.peer_identity {
+            l.peer_identity = empty_label();
+        }
+        if self.authz_name {
+            l.authz_name = empty_label();
+        }
+        l
+    }
+}
+
 /// An empty label value, shared: labels are cloned per request, and an `Arc<str>` of
 /// its own would be an allocation each time.
 pub fn empty_label() -> Arc<str> {
@@ -244,6 +285,8 @@ pub struct Metrics {
     series_expired: Counter,
     /// Where each request's line goes, when `REMORA_ACCESS_LOG` is on.
     access_log: Option<crate::access_log::AccessLog>,
+    /// Optional labels left empty.
+    omit: Omit,
 }
 
 impl Metrics {
@@ -277,6 +320,7 @@ impl Metrics {
             access_log_dropped: Counter::default(),
             series_expired: Counter::default(),
             access_log: None,
+            omit: Omit::default(),
         };
         r.register(
             "metrics_series_expired",
@@ -402,6 +446,7 @@ impl Metrics {
     /// Counts a newly accepted connection; the returned handle counts its bytes and,
     /// when dropped, its close.
     pub fn connection(&self, labels: &TrafficLabels) -> ConnMetrics {
+        let labels = &self.omit.traffic(labels);
         // Marked in use first: a sweep then either keeps the series or has finished.
         self.series.opened(labels);
         self.tcp_opened.get_or_create(labels).inc();
@@ -415,6 +460,11 @@ impl Metrics {
             series: self.series.clone(),
             labels: labels.clone(),
         }
+    }
+
+    /// Leaves the labels `omit` names empty in every family from now on.
+    pub fn set_omit(&mut self, omit: Omit) {
+        self.omit = omit;
     }
 
     /// Sends every HTTP request's line to `log` from now on.
@@ -471,7 +521,9 @@ impl Metrics {
 
     /// The resilience counters of one client connection's requests to a Service.
     pub fn resilience(&self, labels: &TrafficLabels) -> ResilienceCounters {
+        let labels = &self.omit.traffic(labels);
         let counters = ResilienceCounters {
+            omit_route: self.omit.route,
             retries: self.http_retries.clone(),
             budget_exhausted: self.budget_exhausted.clone(),
             ejections: self.ejections.get_or_create_owned(labels),
@@ -523,7 +575,9 @@ impl Metrics {
 
     /// Counts a connection refused by inbound policy.
     pub fn denied(&self, labels: &TrafficLabels) {
-        self.authz_denied.get_or_create(labels).inc();
+        self.authz_denied
+            .get_or_create(&self.omit.traffic(labels))
+            .inc();
     }
 
     /// The counter of failed mTLS handshakes on one side.
@@ -534,7 +588,11 @@ impl Metrics {
 
     /// Handles for one connection's HTTP requests.
     pub fn http(&self, labels: TrafficLabels) -> HttpMetrics {
+        let peer_identity = labels.peer_identity.clone();
+        let labels = self.omit.traffic(&labels);
         HttpMetrics {
+            peer_identity,
+            omit_route: self.omit.route,
             denied: self.authz_denied.get_or_create_owned(&labels),
             requests: self.http_requests.get_or_create_owned(&labels),
             durations: self.http_duration.clone(),
@@ -558,13 +616,18 @@ pub struct ResilienceCounters {
     budget_exhausted: Family<DurationLabels, Counter>,
     pub ejections: Counter,
     labels: TrafficLabels,
+    omit_route: bool,
 }
 
 impl ResilienceCounters {
     fn with_route(&self, route: &RouteLabels) -> DurationLabels {
         DurationLabels {
             traffic: self.labels.clone(),
-            route: route.clone(),
+            route: if self.omit_route {
+                RouteLabels::default()
+            } else {
+                route.clone()
+            },
         }
     }
 
@@ -615,10 +678,19 @@ pub struct HttpMetrics {
     seen: Arc<Mutex<Vec<series::ResponseKey>>>,
     series: Arc<series::Series>,
     access_log: Option<crate::access_log::AccessLog>,
+    /// The labels of the connection's series (optional ones left empty as configured).
     labels: TrafficLabels,
+    /// The peer's identity whatever the labels omit, for the access log.
+    peer_identity: Arc<str>,
+    omit_route: bool,
 }
 
 impl HttpMetrics {
+    /// The peer's SPIFFE ID (or empty), even where the metrics omit it.
+    pub fn peer_identity(&self) -> &Arc<str> {
+        &self.peer_identity
+    }
+
     /// The access log, when it is on.
     pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
         self.access_log.as_ref()
@@ -632,6 +704,11 @@ impl HttpMetrics {
     /// The handles for one request that took `route` (this is the request's own copy of
     /// its connection's handles).
     pub fn routed(self, route: RouteLabels) -> RequestMetrics {
+        let route = if self.omit_route {
+            RouteLabels::default()
+        } else {
+            route
+        };
         let duration = {
             let mut routes = self.routes.lock();
             match routes.iter().find(|(r, _)| *r == route) {
@@ -799,6 +876,50 @@ mod tests {
         assert!(text.contains(&format!(
             "remora_tcp_connections_closed_total{{{common}}} 1"
         )));
+    }
+
+    #[test]
+    fn omitted_labels_are_left_empty_in_every_family() {
+        let mut registry = Registry::default();
+        let mut m = Metrics::register(&mut registry);
+        m.set_omit(Omit::parse("peer_identity, route").unwrap());
+        let labels = TrafficLabels {
+            direction: Direction::Inbound,
+            target: Arc::from("8080"),
+            tls: true,
+            peer_identity: Arc::from("spiffe://cluster.local/ns/shop/sa/web"),
+            authz_name: Arc::from("shop/web-callers"),
+        };
+        let _conn = m.connection(&labels);
+        m.denied(&labels);
+        let http = m.http(labels.clone());
+        assert_eq!(
+            &**http.peer_identity(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        let route = RouteLabels {
+            route_name: "web-split".into(),
+            route_namespace: "shop".into(),
+            backend: "web-v2.shop:80".into(),
+        };
+        m.resilience(&labels).retried(&route);
+        http.routed(route).response(200, None, true);
+        let text = render(&registry);
+        assert!(
+            !text.contains("sa/web") && !text.contains("web-split"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"remora_tcp_connections_opened_total{direction="inbound",target="8080",tls="true",peer_identity="",authz_name="shop/web-callers"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"peer_identity="",authz_name="shop/web-callers",route_name="",route_namespace="",backend="",status_code="200""#), "{text}");
+        assert_eq!(Omit::parse(""), Ok(Omit::default()));
+        assert!(
+            Omit::parse("tls")
+                .unwrap_err()
+                .contains("tls is not an optional label")
+        );
     }
 
     #[tokio::test(start_paused = true)]
