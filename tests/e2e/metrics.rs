@@ -790,6 +790,17 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
         out.contains("every other port:"),
         "an answer in force:\n{out}"
     );
+    // frontend's requests, each allowed on web's port 8080.
+    let allowed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("decided on 8080: 0 connections allowed, 0 denied; "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("8080's decisions in:\n{out}"));
+    assert!(
+        allowed >= sent / 2,
+        "{allowed} of {sent} requests allowed:\n{out}"
+    );
     let out = tokio::task::block_in_place(|| remora(web, &["diagnose", "config"]))
         .map_err(anyhow::Error::msg)?;
     assert!(out.contains("REMORA_WORKER_THREADS=1 (default)"), "{out}");

@@ -131,6 +131,16 @@ fn grant(p: &Value) -> String {
 
 fn policy(v: &Value) -> String {
     let mut out = String::new();
+    for (port, d) in v["decided"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "decided on {port}: {} connections allowed, {} denied; {} requests allowed, {} denied",
+            s(&d["connections_allowed"]),
+            s(&d["connections_denied"]),
+            s(&d["requests_allowed"]),
+            s(&d["requests_denied"]),
+        );
+    }
     if v["answered"].as_bool() == Some(true) {
         for (port, p) in v["ports"].as_object().into_iter().flatten() {
             let _ = writeln!(out, "port {port}: {}", grant(p));
@@ -194,12 +204,18 @@ mod tests {
                 .unwrap()
                 .contains("no answer from the controller yet: every port gets the default, default:all-unauthenticated")
         );
-        let after = r#"{"answered":true,"ports":{"8080":{"name":"shop/web-callers","connection_grants":1,"route_grants":2}},"other":{"name":"default:deny","connection_grants":0,"route_grants":0}}"#;
+        let after = r#"{"answered":true,"decided":{"8080":{"connections_allowed":0,"connections_denied":1,"requests_allowed":7,"requests_denied":2}},"ports":{"8080":{"name":"shop/web-callers","connection_grants":1,"route_grants":2}},"other":{"name":"default:deny","connection_grants":0,"route_grants":0}}"#;
         let text = render(View::Policy, after, false).unwrap();
         assert!(
             text.contains("port 8080: shop/web-callers (1 connection grants, 2 route grants)"),
             "{text}"
         );
         assert!(text.contains("every other port: default:deny"), "{text}");
+        assert!(
+            text.contains(
+                "decided on 8080: 0 connections allowed, 1 denied; 7 requests allowed, 2 denied"
+            ),
+            "{text}"
+        );
     }
 }

@@ -113,9 +113,12 @@ impl Admission {
             identity: self.identity.as_deref(),
         };
         let tunnel = wants_upgrade(req);
+        let stats = &self.policy.stats;
         if policy.allows_request(&peer, req.method(), req.uri().path(), tunnel) {
+            stats.count(&stats.requests_allowed);
             return None;
         }
+        stats.count(&stats.requests_denied);
         let who = self
             .identity
             .as_deref()
@@ -383,12 +386,15 @@ async fn opaque(
         ip: client.0.ip(),
         identity,
     };
+    let stats = &policy.stats;
     if !current.allows_connection(&peer) {
+        stats.count(&stats.connections_denied);
         ctx.metrics.denied(labels);
         info!(%client, who = identity.unwrap_or("an unauthenticated client"),
             policy = %current.name, "connection denied by inbound policy");
         return None;
     }
+    stats.count(&stats.connections_allowed);
     upstream
         .await
         .inspect_err(

@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -63,6 +63,34 @@ pub struct PortPolicy {
     rx: watch::Receiver<Option<Arc<WorkloadPolicy>>>,
     port: u16,
     default: Arc<Policy>,
+    /// What the policy decided on this port (or on every port the pod does not serve).
+    pub stats: Arc<PortStats>,
+}
+
+/// What a port's policy decided, for `/debug/inbound`.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    pub connections_allowed: AtomicU64,
+    pub connections_denied: AtomicU64,
+    pub requests_allowed: AtomicU64,
+    pub requests_denied: AtomicU64,
+}
+
+impl PortStats {
+    /// Counts one decision.
+    pub fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn debug(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "connections_allowed": get(&self.connections_allowed),
+            "connections_denied": get(&self.connections_denied),
+            "requests_allowed": get(&self.requests_allowed),
+            "requests_denied": get(&self.requests_denied),
+        })
+    }
 }
 
 impl PortPolicy {
@@ -91,6 +119,8 @@ pub struct InboundPolicies {
     /// Connections judged by the configured default because the controller had not
     /// answered yet.
     fallbacks: Counter,
+    /// What each served port's policy decided (and `other`'s).
+    stats: parking_lot::Mutex<std::collections::BTreeMap<String, Arc<PortStats>>>,
 }
 
 impl std::fmt::Debug for InboundPolicies {
@@ -170,6 +200,7 @@ impl InboundPolicies {
             wait: config.wait,
             waited_in_vain: AtomicBool::new(false),
             fallbacks: config.fallbacks,
+            stats: Default::default(),
         })
     }
 
@@ -198,7 +229,15 @@ impl InboundPolicies {
                 );
             }
         }
+        // Counted by the port the pod serves, or all together as `other`: clients pick
+        // ports, so the table must not grow with them.
+        let key = match self.is_served(port) {
+            true => port.to_string(),
+            false => "other".to_string(),
+        };
+        let stats = self.stats.lock().entry(key).or_default().clone();
         PortPolicy {
+            stats,
             rx: self.rx.clone(),
             port,
             default: self
@@ -209,19 +248,25 @@ impl InboundPolicies {
         }
     }
 
-    /// Whether metrics name `port` (one the pod serves or a policy names) rather than
-    /// folding it into `other`: clients choose ports, so labels must not follow them.
     /// Each port's policy, for `/debug/inbound`: the controller's answer (its ports and
-    /// the policy of every other port), or the configured default before one.
+    /// the policy of every other port), or the configured default before one; and what
+    /// each port's policy decided so far.
     pub fn debug(&self) -> serde_json::Value {
         let answer = self.rx.borrow().clone();
         let describe = |p: &Policy| p.debug();
+        let decided: serde_json::Map<_, _> = self
+            .stats
+            .lock()
+            .iter()
+            .map(|(port, s)| (port.clone(), s.debug()))
+            .collect();
         match answer {
             Some(w) => {
                 let mut ports: Vec<_> = w.ports.iter().collect();
                 ports.sort_by_key(|(port, _)| **port);
                 serde_json::json!({
                     "answered": true,
+                    "decided": decided,
                     "ports": ports
                         .into_iter()
                         .map(|(port, p)| (port.to_string(), describe(p)))
@@ -231,12 +276,15 @@ impl InboundPolicies {
             }
             None => serde_json::json!({
                 "answered": false,
+                "decided": decided,
                 "has_controller": self.has_controller,
                 "default": describe(&self.default_policy),
             }),
         }
     }
 
+    /// Whether metrics name `port` (one the pod serves or a policy names) rather than
+    /// folding it into `other`: clients choose ports, so labels must not follow them.
     pub fn is_served(&self, port: u16) -> bool {
         self.declared.iter().any(|r| r.contains(port))
             || self
