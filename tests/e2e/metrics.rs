@@ -639,6 +639,53 @@ fn names_in(promql: &str) -> (Vec<String>, Vec<String>) {
     (metrics, labels)
 }
 
+/// The `remora` CLI this build made, next to the test.
+fn cli() -> std::path::PathBuf {
+    std::env::current_exe()
+        .expect("current exe")
+        .parent()
+        .and_then(Path::parent)
+        .expect("the build folder")
+        .join("remora")
+}
+
+/// Requests from frontend to the Service until stopped (at most 20,000): `/hello`, and
+/// with `fail_every` = n, every nth a `/status?code=500`.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u32>,
+}
+
+impl Traffic {
+    fn start(frontend: &Pod, fail_every: Option<u32>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, frontend) = (
+            stop.clone(),
+            Pod::borrowed(frontend.name.clone(), frontend.ip),
+        );
+        let task = tokio::spawn(async move {
+            let mut sent = 0u32;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
+                let fails = fail_every.is_some_and(|n| sent % n == n - 1);
+                let (path, want) = match fails {
+                    true => ("/status?code=500", 500),
+                    false => ("/hello", 200),
+                };
+                assert_eq!(call(&frontend, path).await.expect("a call"), want);
+                sent += 1;
+            }
+            sent
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it: how many requests were sent.
+    async fn stop(self) -> anyhow::Result<u32> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.task.await?)
+    }
+}
+
 /// `remora stat` (the CLI, as users run it), in `pod`: its standard output, or its
 /// exit status and standard error.
 fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
@@ -648,14 +695,8 @@ fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
 /// The `remora` CLI with `args`, in `pod`: its standard output, or its exit status and
 /// standard error.
 fn remora(pod: &Pod, args: &[&str]) -> Result<String, String> {
-    let cli = std::env::current_exe()
-        .expect("current exe")
-        .parent()
-        .and_then(Path::parent)
-        .expect("the build folder")
-        .join("remora");
     let out = pod
-        .command(cli.to_str().expect("utf-8 path"))
+        .command(cli().to_str().expect("utf-8 path"))
         .args(args)
         .output()
         .expect("the remora CLI runs (cargo build --workspace --bins)");
@@ -685,28 +726,7 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     let bins = Binaries::new();
     let mesh = Mesh::start(&bins, "24h").await;
     let (frontend, ctl) = (mesh.cluster.pod("frontend"), mesh.cluster.pod("ctl"));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Bounded: at most 20,000 requests, and stopped once stat has read.
-    let traffic = {
-        let (stop, frontend) = (
-            stop.clone(),
-            Pod::borrowed(frontend.name.clone(), frontend.ip),
-        );
-        tokio::spawn(async move {
-            let mut sent = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
-                let path = if sent % 4 == 3 {
-                    "/status?code=500"
-                } else {
-                    "/hello"
-                };
-                let want = if sent % 4 == 3 { 500 } else { 200 };
-                assert_eq!(call(&frontend, path).await.expect("a call"), want);
-                sent += 1;
-            }
-            sent
-        })
-    };
+    let traffic = Traffic::start(frontend, Some(4));
     // Traffic first, so the window sees it from end to end.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let frontend_admin = format!("frontend={FRONTEND_IP}:4191");
@@ -717,8 +737,7 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
             &[&frontend_admin, &web_admin, "--window", "2s", "-o", "json"],
         )
     });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = traffic.await?;
+    let sent = traffic.stop().await?;
     let out = out.map_err(anyhow::Error::msg)?;
     let rows: Vec<serde_json::Value> = serde_json::from_str(out.trim())?;
     let row = |kind: &str, name: &str| {
@@ -953,26 +972,9 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
     fake.apply(pod(web, "ReplicaSet", "web-5d9c7b8f4"));
     let kubeconfig = bins.dir().join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig("stat-token"))?;
-    let cli = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .expect("the build folder")
-        .join("remora");
+    let cli = cli();
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (stop, frontend) = (
-            stop.clone(),
-            Pod::borrowed(frontend.name.clone(), frontend.ip),
-        );
-        tokio::spawn(async move {
-            let mut sent = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && sent < 20_000 {
-                assert_eq!(call(&frontend, "/hello").await.expect("a call"), 200);
-                sent += 1;
-            }
-        })
-    };
+    let traffic = Traffic::start(frontend, None);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stat = |namespace: &str| {
         let cli = cli.clone();
@@ -987,8 +989,7 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
         })
     };
     let out = stat("shop").await?;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    traffic.await?;
+    traffic.stop().await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
