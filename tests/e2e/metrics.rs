@@ -803,6 +803,12 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
         service["endpoints"][0]["latency_ms"].as_f64().is_some(),
         "{service}"
     );
+    // Every request rode one multiplexed mTLS connection to web.
+    assert_eq!(
+        service["endpoints"][0]["pool"]["connections"].as_u64(),
+        Some(1),
+        "{service}"
+    );
     let out = tokio::task::block_in_place(|| remora(web, &["diagnose", "policy"]))
         .map_err(anyhow::Error::msg)?;
     assert!(

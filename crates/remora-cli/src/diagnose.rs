@@ -108,11 +108,12 @@ fn endpoints(v: &Value) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<22} {:<11} {:>9}ms {:>3} in flight  {}",
+                "  {:<22} {:<11} {:>9}ms {:>3} in flight {:>3} connections  {}",
                 s(&e["addr"]),
                 state,
                 s(&e["latency_ms"]),
                 s(&e["in_flight"]),
+                s(&e["pool"]["connections"]),
                 s(&e["identity"]),
             );
         }
@@ -179,7 +180,7 @@ mod tests {
             "policy":"shop/web","idle_seconds":0,
             "routes":[{"route":"shop/split","backends":[{"backend":"web.shop:80","weight":1},{"backend":"web-v2.shop:80","weight":3}]}],
             "retry_budget":{"requests":10,"retries":1,"left":11},
-            "endpoints":[{"addr":"10.0.0.1:8080","ready":true,"identity":"spiffe://x/web","latency_ms":1.5,"in_flight":0,"ejected":false},
+            "endpoints":[{"addr":"10.0.0.1:8080","ready":true,"identity":"spiffe://x/web","latency_ms":1.5,"in_flight":0,"ejected":false,"pool":{"connections":2}},
                          {"addr":"10.0.0.2:8080","ready":true,"identity":null,"latency_ms":null,"in_flight":null,"ejected":true}]}]"#;
         let text = render(View::Endpoints, body, false).unwrap();
         for want in [
@@ -187,7 +188,7 @@ mod tests {
             "route shop/split -> web.shop:80 ×1, web-v2.shop:80 ×3",
             "retry budget: 11 left (1 retries for 10 requests in the window)",
             "10.0.0.1:8080",
-            "spiffe://x/web",
+            "  2 connections  spiffe://x/web",
             "ejected",
         ] {
             assert!(text.contains(want), "{want} in:\n{text}");

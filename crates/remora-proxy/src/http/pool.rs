@@ -7,7 +7,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::OnceLock,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -46,10 +49,78 @@ pub struct Dial {
     peer: Option<PeerId>,
     alpn: Alpn,
     connector: Connector,
+    /// The endpoint's connections open now, for `/debug/targets`.
+    open: Arc<AtomicUsize>,
+}
+
+/// A pooled connection, counted while it is open.
+#[derive(Debug)]
+pub struct Counted {
+    conn: Conn,
+    open: Arc<AtomicUsize>,
+}
+
+impl Counted {
+    fn new(conn: Conn, open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self { conn, open }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.conn.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Counted {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.conn.connected()
+    }
 }
 
 impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<Conn>;
+    type Response = TokioIo<Counted>;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
 
@@ -63,7 +134,7 @@ impl tower_service::Service<http::Uri> for Dial {
             dial.connector
                 .connect(OrigDst(dial.addr), dial.peer.as_ref(), dial.alpn)
                 .await
-                .map(TokioIo::new)
+                .map(|conn| TokioIo::new(Counted::new(conn, dial.open.clone())))
         })
     }
 }
@@ -79,6 +150,8 @@ pub struct EndpointClients {
     connector: Connector,
     http1: OnceLock<PooledClient>,
     http2: OnceLock<PooledClient>,
+    /// Connections open now, both versions.
+    open: Arc<AtomicUsize>,
 }
 
 impl EndpointClients {
@@ -89,7 +162,13 @@ impl EndpointClients {
             connector,
             http1: OnceLock::new(),
             http2: OnceLock::new(),
+            open: Arc::default(),
         }
+    }
+
+    /// The connections to this endpoint open now (pooled, idle or busy).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     pub fn identity(&self) -> Option<&PeerId> {
@@ -122,6 +201,7 @@ impl EndpointClients {
                     Version::Http2 => Alpn::H2,
                 },
                 connector: self.connector.clone(),
+                open: self.open.clone(),
             })
         })
     }

@@ -212,8 +212,9 @@ impl<C> Balancer<C> {
     }
 
     /// Each endpoint last picked from, for `/debug/targets`: address, readiness,
-    /// identity, latency estimate (ms), requests in flight, and whether it is ejected.
-    pub fn debug(&self) -> Vec<serde_json::Value> {
+    /// identity, latency estimate (ms), requests in flight, whether it is ejected, and
+    /// what `conn` tells of what it carries.
+    pub fn debug(&self, conn: impl Fn(&C) -> serde_json::Value) -> Vec<serde_json::Value> {
         let guard = self.states.lock();
         let now = Instant::now();
         guard
@@ -228,6 +229,7 @@ impl<C> Balancer<C> {
                     "latency_ms": state.map(|s| (s.latency(now) * 1e6).round() / 1e3),
                     "in_flight": state.map(|s| s.in_flight()),
                     "ejected": state.is_some_and(|s| s.out()),
+                    "pool": state.map(|s| conn(&s.conn)),
                 })
             })
             .collect()

@@ -212,7 +212,9 @@ impl Destinations {
                     "service": service,
                     "policy": policy.as_ref().map(|p| p.name.to_string()),
                     "routes": policy.as_ref().map(|p| p.routes.debug()).unwrap_or_default(),
-                    "endpoints": d.balancer.debug(),
+                    "endpoints": d.balancer.debug(|c| {
+                        serde_json::json!({"connections": c.open_connections()})
+                    }),
                     "retry_budget": budget,
                     "idle_seconds": e.last_used.elapsed().as_secs(),
                 });
