@@ -69,24 +69,8 @@ fn rendered() -> &'static [Value] {
 }
 
 fn now_micro(ago_secs: i64) -> String {
-    let t = std::time::SystemTime::now() - std::time::Duration::from_secs(ago_secs as u64);
-    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000000Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+    remora_admin::time::rfc3339_micros(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(ago_secs as u64),
     )
 }
 

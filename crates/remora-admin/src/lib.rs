@@ -6,6 +6,7 @@ pub mod exposition;
 pub mod log;
 mod process;
 pub mod server;
+pub mod time;
 
 pub use log::{LogFormat, LogLevel};
 pub use process::ProcessCollector;

@@ -125,28 +125,7 @@ fn write_lines<W: Write>(mut rx: mpsc::Receiver<String>, out: W) {
 }
 
 fn timestamp() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    // RFC 3339 in UTC with milliseconds, from the civil-from-days algorithm.
-    let secs = now.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        now.subsec_millis()
-    )
+    remora_admin::time::rfc3339_micros(std::time::SystemTime::now())
 }
 
 fn json_line(r: &Record<'_>) -> String {
@@ -254,7 +233,7 @@ mod tests {
         assert_eq!(v["endpoint"], "10.0.0.7:8080");
         assert_eq!(v["route"], "shop/web-split");
         let time = v["time"].as_str().unwrap();
-        assert_eq!(time.len(), "2026-12-01T05:19:00.000Z".len(), "{time}");
+        assert_eq!(time.len(), "2026-12-01T05:19:00.000000Z".len(), "{time}");
         assert!(time.starts_with("20") && time.ends_with('Z'), "{time}");
     }
 
