@@ -208,32 +208,41 @@ impl RetryBudget {
     /// The requests and retries counted in `r`'s window, and the retries still
     /// allowed in it, for `/debug/targets`.
     pub fn debug(&self, r: &Retry) -> (u64, u64, u64) {
-        let window = r.budget_window.as_secs().max(1);
-        let mut b = self.buckets.lock();
-        Self::bucket(&mut b, self.now(), window);
-        let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
-        let allowed = budget(requests, r.budget_ratio, r.budget_min_per_second, window);
-        (requests, retries, allowed.saturating_sub(retries))
+        self.with_window(r, |requests, retries, window, _| {
+            let allowed = budget(requests, r.budget_ratio, r.budget_min_per_second, window);
+            (requests, retries, allowed.saturating_sub(retries))
+        })
     }
 
     /// Takes one retry from the budget, if there is one left.
     pub fn try_retry(&self, r: &Retry) -> bool {
+        self.with_window(r, |requests, retries, window, current| {
+            let may = budget_allows(
+                requests,
+                retries,
+                r.budget_ratio,
+                r.budget_min_per_second,
+                window,
+            );
+            if may {
+                current.2 += 1;
+            }
+            may
+        })
+    }
+
+    /// `f` over `r`'s window: the requests and retries in it, its length in seconds,
+    /// and the current second's bucket.
+    fn with_window<T>(
+        &self,
+        r: &Retry,
+        f: impl FnOnce(u64, u64, u64, &mut (u64, u64, u64)) -> T,
+    ) -> T {
         let window = r.budget_window.as_secs().max(1);
         let mut b = self.buckets.lock();
         Self::bucket(&mut b, self.now(), window);
         let (requests, retries) = b.iter().fold((0, 0), |(q, t), b| (q + b.1, t + b.2));
-        if budget_allows(
-            requests,
-            retries,
-            r.budget_ratio,
-            r.budget_min_per_second,
-            window,
-        ) {
-            b.back_mut().expect("a bucket").2 += 1;
-            true
-        } else {
-            false
-        }
+        f(requests, retries, window, b.back_mut().expect("a bucket"))
     }
 }
 
