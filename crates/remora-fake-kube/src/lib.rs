@@ -104,6 +104,8 @@ pub struct Write {
     pub status: bool,
     pub body: Value,
     pub token: Option<String>,
+    /// Whether the server applied it (not refused: a conflict, a missing object).
+    pub accepted: bool,
 }
 
 type Key = (String, String, String);
@@ -593,6 +595,7 @@ async fn serve(
     let mut s = state.lock();
     let r = target.resource.clone();
     let ns = target.namespace.clone().unwrap_or_default();
+    let writes_before = s.writes.len();
     let rsp = match (method.clone(), target.name.clone()) {
         (Method::GET, None) if param("watch").is_some_and(|w| w == "true" || w == "1") => {
             let from: u64 = param("resourceVersion")
@@ -638,6 +641,7 @@ async fn serve(
                 status: false,
                 body: body.clone(),
                 token,
+                accepted: false,
             });
             if s.objects.contains_key(&key(&r, &ns, &name)) {
                 failure(
@@ -664,6 +668,7 @@ async fn serve(
                 status: target.status,
                 body: body.clone(),
                 token,
+                accepted: false,
             });
             match s.objects.get(&key(&r, &ns, &name)).cloned() {
                 None => failure(
@@ -713,6 +718,11 @@ async fn serve(
             "not supported by the fake",
         ),
     };
+    if s.writes.len() > writes_before
+        && let Some(w) = s.writes.last_mut()
+    {
+        w.accepted = rsp.status().is_success();
+    }
     Ok(rsp)
 }
 

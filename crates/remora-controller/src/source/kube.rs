@@ -10,7 +10,7 @@
 //! relist, objects that did not come back are deleted.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt::Debug,
     pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
@@ -254,10 +254,6 @@ impl Watch {
         let mut leading = status.and(leading.clone());
         let may_write = |l: &Option<Leading>| l.as_ref().is_none_or(|l| *l.borrow());
         let mut known: HashSet<NsName> = HashSet::new();
-        // The version each object's status was last written from: a relist (say, on
-        // becoming the leader) that brings the same version again, before the write's
-        // own new version has come back, must not write it twice.
-        let mut written_from: HashMap<NsName, String> = HashMap::new();
         let mut relisting: Option<HashSet<NsName>> = None;
         let mut listed_once = false;
         // The kind's CRD was missing at the last list.
@@ -340,17 +336,12 @@ impl Watch {
                     };
                     let converted = convert(&o);
                     let status = status.filter(|_| may_write(&leading));
-                    let version = o.resource_version();
-                    let fresh = version.is_none() || written_from.get(&id) != version.as_ref();
-                    if let Some(mut body) = status.filter(|_| fresh).and_then(|f| f(&o, &converted))
-                    {
+                    if let Some(mut body) = status.and_then(|f| f(&o, &converted)) {
                         // Written from the version seen: if the object changed meanwhile (say,
                         // another controller wrote its status), the API server refuses it
                         // and the watch brings the new version to compute again from.
-                        body["metadata"] = serde_json::json!({ "resourceVersion": version });
-                        if let Some(v) = version {
-                            written_from.insert(id.clone(), v);
-                        }
+                        body["metadata"] =
+                            serde_json::json!({ "resourceVersion": o.resource_version() });
                         tokio::spawn(write_status::<K>(client.clone(), id.clone(), kind, body));
                     }
                     match converted {
@@ -377,7 +368,6 @@ impl Watch {
                 watcher::Event::Delete(o) => {
                     let id = key(&o);
                     known.remove(&id);
-                    written_from.remove(&id);
                     if !send(Event::Delete(ObjectKey { kind, id })).await {
                         return;
                     }
