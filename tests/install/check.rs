@@ -19,17 +19,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn remora_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("remora");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins; `make test` does)",
-        bin.display()
-    );
-    bin
-}
-
 /// The chart's objects (CRDs included), as `helm template` renders them: rendered once.
 fn rendered() -> &'static [Value] {
     static OBJECTS: OnceLock<Vec<Value>> = OnceLock::new();
@@ -155,7 +144,7 @@ impl Install {
             let kubeconfig = kubeconfig.clone();
             let args = args.clone();
             tokio::task::spawn_blocking(move || {
-                Command::new(remora_bin())
+                Command::new(remora_tests::remora_cli())
                     .arg("check")
                     .args(&args)
                     .args(&extra)
@@ -510,7 +499,7 @@ fn an_unreachable_cluster_fails_the_first_check() {
         ),
     )
     .unwrap();
-    let out = Command::new(remora_bin())
+    let out = Command::new(remora_tests::remora_cli())
         .args(["check", "-o", "json"])
         .env("KUBECONFIG", &kubeconfig)
         .output()

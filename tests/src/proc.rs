@@ -256,3 +256,24 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// The `remora` CLI this build made, next to the running test (`target/<profile>/`).
+pub fn remora_cli() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the build folder")
+        .join("remora");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins; `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The Helm the chart tests run: `REMORA_HELM`, or `helm` on the PATH.
+pub fn helm_program() -> String {
+    std::env::var("REMORA_HELM").unwrap_or_else(|_| "helm".into())
+}
