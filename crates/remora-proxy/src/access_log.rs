@@ -93,15 +93,17 @@ impl AccessLog {
         )
     }
 
-    /// Queues `r`'s line; drops and counts it if the queue is full.
+    /// Queues `r`'s line; drops and counts it if the queue is full (before formatting
+    /// it: a line that cannot be queued costs nothing more).
     pub fn record(&self, r: &Record<'_>) {
-        let line = match self.format {
+        let Ok(slot) = self.tx.try_reserve() else {
+            self.dropped.inc();
+            return;
+        };
+        slot.send(match self.format {
             Format::Json => json_line(r),
             Format::Plain => plain_line(r),
-        };
-        if self.tx.try_send(line).is_err() {
-            self.dropped.inc();
-        }
+        });
     }
 }
 

@@ -137,7 +137,9 @@ async fn forward<F: Forward>(
         let rsp = error_response(StatusCode::FORBIDDEN, &reason, grpc).map(Either::Right);
         let request = metrics.routed(RouteLabels::default());
         request.answered_after(start.elapsed());
-        log_request(request.http(), head, 403, start.elapsed(), &Sent::default());
+        if let Some(head) = head {
+            log_request(request.http(), head, 403, start.elapsed(), &Sent::default());
+        }
         let (parts, body) = rsp.into_parts();
         let body = MeteredBody::new(body, request, 403, &parts.headers, None);
         return Response::from_parts(parts, body);
@@ -153,7 +155,7 @@ async fn forward<F: Forward>(
     let mut sent = Sent::default();
     let result = fwd.send(req, &mut sent).await;
     // The access log tells the route even where the metrics omit it.
-    let route = match head {
+    let route = match &head {
         Some(_) => sent.route.clone(),
         None => std::mem::take(&mut sent.route),
     };
@@ -186,7 +188,7 @@ async fn forward<F: Forward>(
     let elapsed = start.elapsed();
     request.answered_after(elapsed);
     let status = response.status().as_u16();
-    if head.is_some() {
+    if let Some(head) = head {
         log_request(request.http(), head, status, elapsed, &sent);
     }
     let (parts, body) = response.into_parts();
@@ -225,24 +227,18 @@ impl Head {
     }
 }
 
-/// Writes the request's access log line, when the log is on.
+/// Writes the request's access log line (the log is on: `head` was kept).
 fn log_request(
     metrics: &HttpMetrics,
-    head: Option<Head>,
+    head: Head,
     status: u16,
     duration: std::time::Duration,
     sent: &Sent,
 ) {
-    let (Some(log), Some(head)) = (metrics.access_log(), head) else {
+    let Some(log) = metrics.access_log() else {
         return;
     };
     let labels = metrics.labels();
-    let route = &sent.route;
-    let qualified = if route.route_name.is_empty() {
-        String::new()
-    } else {
-        format!("{}/{}", route.route_namespace, route.route_name)
-    };
     log.record(&crate::access_log::Record {
         direction: labels.direction.as_str(),
         method: head.method.as_str(),
@@ -251,8 +247,8 @@ fn log_request(
         status,
         duration,
         retries: sent.retries,
-        route: &qualified,
-        backend: &route.backend,
+        route: sent.rule.as_deref().unwrap_or(""),
+        backend: &sent.route.backend,
         endpoint: sent.endpoint,
         peer_identity: metrics.peer_identity(),
         target: &labels.target,

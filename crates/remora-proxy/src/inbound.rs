@@ -234,11 +234,7 @@ async fn dispatch(ctx: &Inbound, orig_dst: OrigDst, client: ClientAddr, stream: 
         }
         // Clients pick ports: only the ones the pod serves (or a policy names) get a
         // series of their own.
-        let target = if ctx.policies.is_served(port) {
-            Arc::from(port.to_string())
-        } else {
-            Arc::from("other")
-        };
+        let target = policy.target.clone();
         TrafficLabels {
             direction: Direction::Inbound,
             target,

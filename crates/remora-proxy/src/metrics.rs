@@ -532,11 +532,13 @@ impl Metrics {
         // The Service's own route from the start, at zero: a dashboard's rate reads 0,
         // not "no data", until something is retried.
         let unrouted = RouteLabels {
-            backend: Arc::from(&*labels.target),
+            backend: labels.target.clone(),
             ..RouteLabels::default()
         };
-        self.series.routed(labels, &unrouted);
+        // The series as the family keys it (the route left empty where omitted), so it
+        // expires with the connection's.
         let with_route = counters.with_route(&unrouted);
+        self.series.routed(labels, &with_route.route);
         self.http_retries.get_or_create(&with_route).inc_by(0);
         self.budget_exhausted.get_or_create(&with_route).inc_by(0);
         counters
@@ -744,11 +746,6 @@ impl RequestMetrics {
     /// The connection's handles.
     pub fn http(&self) -> &HttpMetrics {
         &self.http
-    }
-
-    /// The route the request took.
-    pub fn route(&self) -> &RouteLabels {
-        &self.route
     }
 
     /// Records the time from the request's arrival to its response headers.

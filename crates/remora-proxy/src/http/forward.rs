@@ -45,6 +45,8 @@ pub trait Forward: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct Sent {
     pub route: RouteLabels,
+    /// The HTTPRoute rule's route as `namespace/name`, when one matched.
+    pub rule: Option<Arc<str>>,
     pub retries: u32,
     pub endpoint: Option<std::net::SocketAddr>,
 }

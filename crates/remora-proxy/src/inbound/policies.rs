@@ -63,6 +63,8 @@ pub struct PortPolicy {
     rx: watch::Receiver<Option<Arc<WorkloadPolicy>>>,
     port: u16,
     default: Arc<Policy>,
+    /// The port as metrics name it: the port the pod serves, or `other`.
+    pub target: Arc<str>,
     /// What the policy decided on this port (or on every port the pod does not serve).
     pub stats: Arc<PortStats>,
 }
@@ -231,12 +233,18 @@ impl InboundPolicies {
         }
         // Counted by the port the pod serves, or all together as `other`: clients pick
         // ports, so the table must not grow with them.
-        let key = match self.is_served(port) {
-            true => port.to_string(),
-            false => "other".to_string(),
+        let target: Arc<str> = match self.is_served(port) {
+            true => Arc::from(port.to_string()),
+            false => Arc::from("other"),
         };
-        let stats = self.stats.lock().entry(key).or_default().clone();
+        let stats = self
+            .stats
+            .lock()
+            .entry(target.to_string())
+            .or_default()
+            .clone();
         PortPolicy {
+            target,
             stats,
             rx: self.rx.clone(),
             port,

@@ -183,9 +183,6 @@ impl Destinations {
         destination
     }
 
-    /// Each Service in use, with its balancer's census. A Service reached both by its
-    /// ClusterIP and as a route's backend has two balancers over the same endpoints:
-    /// the ClusterIP's counts, so the endpoints are not counted twice.
     /// Every destination in use, as `/debug/targets` shows it: what discovery says it
     /// is, the policy in force and its routes, each endpoint's state as the balancer sees
     /// it, and what is left of the retry budget.
@@ -225,6 +222,9 @@ impl Destinations {
         serde_json::Value::Array(targets.into_iter().map(|(_, v)| v).collect())
     }
 
+    /// Each Service in use, with its balancer's census. A Service reached both by its
+    /// ClusterIP and as a route's backend has two balancers over the same endpoints:
+    /// the ClusterIP's counts, so the endpoints are not counted twice.
     pub fn census(&self) -> Vec<(String, [usize; 3])> {
         let by_key = self.by_key.lock();
         let mut out: BTreeMap<String, (bool, [usize; 3])> = BTreeMap::new();

@@ -132,7 +132,6 @@ impl Balanced {
         req: Request<ClientBody>,
         sent: &mut Sent,
     ) -> Result<(Response<Incoming>, Option<InFlight>), ForwardError> {
-        let route = &mut sent.route;
         let policy: Arc<ServicePolicy> = self.destination.policy(self.wait).await;
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
@@ -142,8 +141,10 @@ impl Balanced {
             service: self.service.clone(),
             policy: policy.clone(),
         };
-        route.backend = self.service.clone();
+        sent.route.backend = self.service.clone();
         if let Some(rule) = rule {
+            sent.rule = Some(rule.route.clone());
+            let route = &mut sent.route;
             route.route_name = rule.name.clone();
             route.route_namespace = rule.namespace.clone();
             match rule.pick(crate::rng::random()) {
