@@ -25,6 +25,13 @@ fn mesh_namespace() -> Arg {
         .help("Where Remora is installed")
 }
 
+/// The runtime every subcommand's requests run on: one thread is plenty for a CLI.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
 /// `-o text|json`, with `help` saying what json is.
 fn output(help: &'static str) -> Arg {
     Arg::new("output")
@@ -239,9 +246,7 @@ fn run_check(m: &ArgMatches) -> anyhow::Result<ExitCode> {
         pods_namespace: m.get_one::<String>("namespace").cloned(),
         expiry_warning: i64::from(*m.get_one::<u32>("expiry-warning").expect("defaulted")) * 86_400,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let findings = runtime.block_on(async {
         let client = kube::Client::try_default()
             .await
@@ -265,9 +270,7 @@ fn run_diagnose(m: &ArgMatches) -> anyhow::Result<ExitCode> {
         .expect("clap checked the value");
     let addr = stat::admin_addr(m.get_one::<String>("proxy").expect("defaulted"));
     let json = m.get_one::<String>("output").map(String::as_str) == Some("json");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let body = runtime.block_on(async {
         tokio::time::timeout(
             std::time::Duration::from_secs(10),
@@ -295,9 +298,7 @@ fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!window.is_zero(), "--window must be longer than zero");
     let json = m.get_one::<String>("output").map(String::as_str) == Some("json");
     let watch = m.get_flag("watch");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         let timeout = window.max(std::time::Duration::from_secs(5));
         let (kube, sources) = match &namespace {
@@ -342,9 +343,7 @@ fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
 
 /// The settings the installed chart wrote, read with the kubeconfig's credentials.
 fn settings_from_cluster(namespace: &str) -> anyhow::Result<Settings> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         let hint = "pass --config FILE (the injector's settings), or point KUBECONFIG at a \
                     cluster with Remora installed";

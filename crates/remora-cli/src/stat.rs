@@ -196,7 +196,8 @@ impl Source {
                     let req = http::Request::get(uri).body(Vec::new())?;
                     Ok(client.request_text(req).await?)
                 }
-                _ => get_metrics(&self.addr).await,
+                (Some(_), None) => anyhow::bail!("a pod is read through a cluster client"),
+                (None, _) => get(&self.addr, "/metrics").await,
             }
         };
         let text = tokio::time::timeout(timeout, get)
@@ -208,10 +209,6 @@ impl Source {
             samples: parse(&text).with_context(|| format!("{}/metrics", self.addr))?,
         })
     }
-}
-
-async fn get_metrics(addr: &str) -> anyhow::Result<String> {
-    get(addr, "/metrics").await
 }
 
 /// `GET path` from an admin server at `addr`: the body of a 200, or an error with the
@@ -231,8 +228,16 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// `host:port`, or `host` with the proxy's admin port.
+/// `host:port` (`[v6]:port`), or a host or IP address alone with the proxy's admin
+/// port.
 pub fn admin_addr(arg: &str) -> String {
+    if let Ok(ip) = arg
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        return std::net::SocketAddr::new(ip, 4191).to_string();
+    }
     if arg.contains(':') {
         arg.to_string()
     } else {
@@ -600,5 +605,15 @@ mod tests {
             "10.0.0.1:9999"
         );
         assert!(Source::parse("=10.0.0.1").is_err());
+        for (arg, addr) in [
+            ("fd00::5", "[fd00::5]:4191"),
+            ("[::1]", "[::1]:4191"),
+            ("[::1]:9999", "[::1]:9999"),
+            ("10.0.0.1", "10.0.0.1:4191"),
+            ("web.shop", "web.shop:4191"),
+            ("web.shop:9", "web.shop:9"),
+        ] {
+            assert_eq!(admin_addr(arg), addr, "{arg}");
+        }
     }
 }
