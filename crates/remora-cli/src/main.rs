@@ -301,7 +301,7 @@ fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
         let timeout = window.max(std::time::Duration::from_secs(5));
-        let (kube, sources) = match &namespace {
+        let (kube, mut sources) = match &namespace {
             Some(ns) => {
                 let client = kube::Client::try_default().await.context(
                     "no cluster: point KUBECONFIG (or ~/.kube/config) at it, or give addresses",
@@ -311,18 +311,31 @@ fn run_stat(m: &ArgMatches) -> anyhow::Result<ExitCode> {
             }
             None => (None, sources),
         };
-        let scrape_all = async || {
+        // Watching, a proxy that does not answer (a pod replaced in a rollout) is told on
+        // standard error and left out of that window; once, it is an error.
+        let scrape_all = async |sources: &[stat::Source]| {
             let mut out = Vec::new();
-            for s in &sources {
-                out.push(s.scrape(kube.as_ref(), timeout).await?);
+            for s in sources {
+                match s.scrape(kube.as_ref(), timeout).await {
+                    Ok(scrape) => out.push(scrape),
+                    Err(e) if watch => eprintln!("remora stat: {e:#}"),
+                    Err(e) => return Err(e),
+                }
             }
             anyhow::Ok(out)
         };
-        let mut before = scrape_all().await?;
+        let mut before = scrape_all(&sources).await?;
         let mut at = std::time::Instant::now();
         loop {
             tokio::time::sleep(window).await;
-            let after = scrape_all().await?;
+            // The namespace's pods as they are now: rollouts come and go under a watch.
+            if watch && let (Some(client), Some(ns)) = (&kube, &namespace) {
+                match stat::cluster_sources(client, ns).await {
+                    Ok(now) => sources = now,
+                    Err(e) => eprintln!("remora stat: {e:#}"),
+                }
+            }
+            let after = scrape_all(&sources).await?;
             let now = std::time::Instant::now();
             let rows = stat::rows(&before, &after, now.duration_since(at).as_secs_f64());
             if json {

@@ -104,6 +104,8 @@ fn parse_sample(line: &str) -> anyhow::Result<Sample> {
 /// One proxy's exposition at one moment.
 #[derive(Debug, Clone)]
 pub struct Scrape {
+    /// Which proxy: its source's address (or `namespace/pod`).
+    pub source: String,
     /// What the rows call this proxy's workload.
     pub workload: String,
     pub samples: Vec<Sample>,
@@ -205,6 +207,7 @@ impl Source {
             .with_context(|| format!("{}: no answer within {timeout:?}", self.addr))?
             .with_context(|| format!("scraping {}", self.addr))?;
         Ok(Scrape {
+            source: self.addr.clone(),
             workload: self.workload.clone(),
             samples: parse(&text).with_context(|| format!("{}/metrics", self.addr))?,
         })
@@ -323,13 +326,18 @@ fn series_key(s: &Sample) -> (String, Vec<(String, String)>) {
     (s.name.clone(), s.labels.clone())
 }
 
-/// The rows for the window between `before` and `after` (the same sources, in the same
-/// order), `seconds` apart. A counter that went down restarted (its series expired and
+/// The rows for the window between `before` and `after`, `seconds` apart, each proxy
+/// matched by its source. A counter that went down restarted (its series expired and
 /// came back, or the proxy restarted): its increase is its new value, as Prometheus
 /// reads a reset.
 pub fn rows(before: &[Scrape], after: &[Scrape], seconds: f64) -> Vec<Row> {
     let mut tallies: BTreeMap<(Kind, String), Tally> = BTreeMap::new();
-    for (b, a) in before.iter().zip(after) {
+    for a in after {
+        // A proxy counts once it was scraped at both ends (one that came up inside the
+        // window has no start to count from, as Prometheus' rate needs two samples).
+        let Some(b) = before.iter().find(|b| b.source == a.source) else {
+            continue;
+        };
         let old: std::collections::HashMap<_, f64> =
             b.samples.iter().map(|s| (series_key(s), s.value)).collect();
         for s in &a.samples {
@@ -556,14 +564,25 @@ mod tests {
             )
         };
         let before = [Scrape {
+            source: "10.0.0.1:4191".into(),
             workload: "frontend".into(),
             samples: vec![ok(100.0), failed(10.0), inbound(5.0)],
         }];
         // 30 more successes and 10 more failures; the inbound counter restarted at 4.
-        let after = [Scrape {
-            workload: "frontend".into(),
-            samples: vec![ok(130.0), failed(20.0), inbound(4.0)],
-        }];
+        // In another order, and with a proxy that was not there at the start: it counts
+        // from the next window.
+        let after = [
+            Scrape {
+                source: "10.0.0.9:4191".into(),
+                workload: "frontend".into(),
+                samples: vec![ok(1000.0)],
+            },
+            Scrape {
+                source: "10.0.0.1:4191".into(),
+                workload: "frontend".into(),
+                samples: vec![ok(130.0), failed(20.0), inbound(4.0)],
+            },
+        ];
         let rows = rows(&before, &after, 2.0);
         let names: Vec<_> = rows.iter().map(|r| (r.kind, r.name.as_str())).collect();
         assert_eq!(
