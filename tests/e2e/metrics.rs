@@ -945,9 +945,11 @@ async fn ten_thousand_destinations_add_no_series() -> anyhow::Result<()> {
 
 /// `remora stat -n shop`: the meshed pods of a namespace, found and read through the
 /// API server (its pod proxy, as `kubectl get --raw` would reach them), each named by
-/// the workload that owns it.
+/// the workload that owns it. `remora diagnose … pod/NAME`: one pod's loopback-only
+/// `/debug` pages, port-forwarded through the API server as `kubectl port-forward`
+/// does; a pod that is missing, not meshed or not listening is said to be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Result<()> {
+async fn remora_stat_and_diagnose_reach_pods_through_the_api_server() -> anyhow::Result<()> {
     if !e2e_enabled() {
         return Ok(());
     }
@@ -960,11 +962,23 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
     );
     let fake = remora_fake_kube::FakeApi::start().await;
     // The fake runs out here; the pods live in network namespaces: it reaches them
-    // with sockets made in the controller's pod, on the same bridge.
+    // with sockets made in the controller's pod, on the same bridge, and a pod's
+    // loopback (port forwarding) from inside that pod, as the kubelet does.
     let via = std::sync::Arc::new(Pod::borrowed(ctl.name.clone(), ctl.ip));
-    fake.set_pod_dialer(std::sync::Arc::new(move |addr| {
-        let via = via.clone();
-        Box::pin(async move { via.connect(addr).await })
+    let pods: std::sync::Arc<Vec<Pod>> = std::sync::Arc::new(
+        [frontend, web, ctl]
+            .iter()
+            .map(|p| Pod::borrowed(p.name.clone(), p.ip))
+            .collect(),
+    );
+    fake.set_pod_dialer(std::sync::Arc::new(move |pod_ip, addr| {
+        let (via, pods) = (via.clone(), pods.clone());
+        Box::pin(async move {
+            match pods.iter().find(|p| p.ip == pod_ip) {
+                Some(pod) if addr.ip().is_loopback() => pod.connect(addr).await,
+                _ => via.connect(addr).await,
+            }
+        })
     }));
     let pod = |pod: &Pod, owner_kind: &str, owner: &str| {
         serde_json::json!({
@@ -979,6 +993,14 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
     };
     fake.apply(pod(frontend, "StatefulSet", "frontend"));
     fake.apply(pod(web, "ReplicaSet", "web-5d9c7b8f4"));
+    // The controller's pod runs no proxy; one labelled meshed by mistake has nothing
+    // listening on 4191.
+    let mut lost = pod(ctl, "ReplicaSet", "ctl-7c6b5");
+    lost["metadata"]["namespace"] = "other".into();
+    fake.apply(lost.clone());
+    lost["metadata"]["labels"] = serde_json::json!({});
+    lost["metadata"]["namespace"] = "shop".into();
+    fake.apply(lost);
     let kubeconfig = bins.dir().join("kubeconfig");
     std::fs::write(&kubeconfig, fake.kubeconfig("stat-token"))?;
     let cli = remora_tests::remora_cli();
@@ -1030,5 +1052,70 @@ async fn remora_stat_reads_a_namespace_through_the_api_server() -> anyhow::Resul
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no running meshed pods in empty"), "{err}");
+
+    // `remora diagnose` by pod name, from out here: the /debug pages answer only the
+    // pod's loopback, which port forwarding reaches.
+    let diagnose = |args: &[&str]| {
+        let out = Command::new(&cli)
+            .arg("diagnose")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .expect("the remora CLI runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        match out.status.success() {
+            true => Ok(text(&out.stdout)),
+            false => Err(format!("{}: {}", out.status, text(&out.stderr))),
+        }
+    };
+    let out = tokio::task::block_in_place(|| {
+        diagnose(&["endpoints", &format!("pod/{}", frontend.name), "-n", "shop"])
+    })
+    .map_err(anyhow::Error::msg)?;
+    for want in [
+        "service web.shop:80 [10.96.0.10:80]".to_string(),
+        format!("{WEB_IP}:8080"),
+        spiffe("web"),
+    ] {
+        assert!(out.contains(&want), "{want} in:\n{out}");
+    }
+    // A bare name with -n is a pod too; JSON passes through.
+    let json = tokio::task::block_in_place(|| {
+        diagnose(&["policy", &web.name, "-n", "shop", "-o", "json"])
+    })
+    .map_err(anyhow::Error::msg)?;
+    let policy: serde_json::Value = serde_json::from_str(&json)?;
+    let allowed = policy["decided"]["8080"]["requests_allowed"].as_u64();
+    assert!(allowed.is_some_and(|n| n >= 20), "{json}");
+    // The namespace defaults to the kubeconfig's ("default"): no such pod there.
+    for (args, want) in [
+        (
+            vec!["config".to_string(), format!("pod/{}", web.name)],
+            format!("pod default/{}: no such pod", web.name),
+        ),
+        (
+            vec![
+                "config".into(),
+                format!("pod/{}", ctl.name),
+                "-n".into(),
+                "shop".into(),
+            ],
+            format!("pod shop/{}: not meshed", ctl.name),
+        ),
+        (
+            vec![
+                "config".into(),
+                format!("pod/{}", ctl.name),
+                "-n".into(),
+                "other".into(),
+            ],
+            format!("pod other/{}: error forwarding port 4191", ctl.name),
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = tokio::task::block_in_place(|| diagnose(&args))
+            .expect_err("a pod with no proxy to ask fails");
+        assert!(err.contains(&want), "{want} in: {err}");
+    }
     Ok(())
 }

@@ -1,11 +1,145 @@
-//! `remora diagnose endpoints|policy|proxy-metrics|config ADDR`: one proxy's live view,
-//! from its admin server (`/debug/targets`, `/debug/inbound`, `/metrics`, `/config`),
-//! formatted for a terminal or passed through as JSON. The `/debug` pages answer
-//! loopback clients only: run it in the pod, or through `kubectl port-forward`.
+//! `remora diagnose endpoints|policy|proxy-metrics|config POD|ADDR`: one proxy's live
+//! view, from its admin server (`/debug/targets`, `/debug/inbound`, `/metrics`,
+//! `/config`), formatted for a terminal or passed through as JSON. The `/debug` pages
+//! answer loopback clients only, so a pod is reached as `kubectl port-forward` reaches
+//! it: through the API server to the pod's own loopback.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, time::Duration};
 
+use anyhow::Context as _;
 use serde_json::Value;
+
+use crate::stat::{self, ADMIN_PORT};
+
+/// Whose proxy to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An admin address, `host:port`.
+    Admin(String),
+    /// A pod, in the given namespace or the kubeconfig's.
+    Pod {
+        namespace: Option<String>,
+        name: String,
+    },
+}
+
+impl Target {
+    /// `pod/NAME` (or `po/NAME`), or a bare name with a namespace given, is a pod;
+    /// anything else is an admin address (`host[:port]`, port 4191 unless given).
+    pub fn parse(arg: &str, namespace: Option<&str>) -> anyhow::Result<Self> {
+        let pod = ["pod/", "pods/", "po/"]
+            .iter()
+            .find_map(|p| arg.strip_prefix(p))
+            .or_else(|| {
+                let address = arg.contains(':')
+                    || arg
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok();
+                namespace.filter(|_| !address).map(|_| arg)
+            });
+        Ok(match pod {
+            Some(name) => {
+                anyhow::ensure!(
+                    !name.is_empty() && !name.contains('/'),
+                    "{arg}: not a pod name"
+                );
+                Self::Pod {
+                    namespace: namespace.map(str::to_string),
+                    name: name.to_string(),
+                }
+            }
+            None => Self::Admin(stat::admin_addr(arg)),
+        })
+    }
+
+    /// `GET path` from this proxy's admin server: the body of a 200, or an error that
+    /// says which proxy and why.
+    pub async fn get(&self, path: &str, timeout: Duration) -> anyhow::Result<String> {
+        let got = async {
+            match self {
+                Self::Admin(addr) => stat::get(addr, path).await.with_context(|| addr.clone()),
+                Self::Pod { namespace, name } => {
+                    let client = kube::Client::try_default().await.context(
+                        "no cluster: point KUBECONFIG (or ~/.kube/config) at it, or give the \
+                         proxy's admin address",
+                    )?;
+                    let namespace = namespace
+                        .clone()
+                        .unwrap_or_else(|| client.default_namespace().to_string());
+                    pod_get(client, &namespace, name, path)
+                        .await
+                        .with_context(|| format!("pod {namespace}/{name}"))
+                }
+            }
+        };
+        tokio::time::timeout(timeout, got)
+            .await
+            .map_err(|_| anyhow::anyhow!("{self}: no answer within {timeout:?}"))?
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Admin(addr) => f.write_str(addr),
+            Self::Pod {
+                namespace: Some(ns),
+                name,
+            } => write!(f, "pod {ns}/{name}"),
+            Self::Pod { name, .. } => write!(f, "pod {name}"),
+        }
+    }
+}
+
+/// `GET path` from a meshed pod's proxy, port-forwarded to the pod's loopback through the
+/// API server (a running pod with the mesh's label, or an error saying what it lacks).
+async fn pod_get(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    path: &str,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
+    let pod = pods
+        .get_opt(name)
+        .await
+        .context("reading the pod")?
+        .context("no such pod")?;
+    let meshed = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("remora.io/meshed"))
+        .is_some_and(|v| v == "true");
+    anyhow::ensure!(
+        meshed,
+        "not meshed (no remora.io/meshed=true label): it has no proxy to ask"
+    );
+    let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+    anyhow::ensure!(phase == "Running", "not running (phase {phase:?})");
+    let mut forward = pods
+        .portforward(name, &[ADMIN_PORT])
+        .await
+        .with_context(|| format!("port-forwarding to port {ADMIN_PORT}"))?;
+    let stream = forward
+        .take_stream(ADMIN_PORT)
+        .context("the port-forward has no stream")?;
+    let error = forward.take_error(ADMIN_PORT);
+    let got = stat::get_over(stream, &format!("localhost:{ADMIN_PORT}"), path).await;
+    forward.abort();
+    match (got, error) {
+        (Ok(body), _) => Ok(body),
+        // A connection the kubelet could not make is said on the error channel, and the
+        // stream just ends: that message is the reason.
+        (Err(e), Some(error)) => match tokio::time::timeout(Duration::from_secs(1), error).await {
+            Ok(Some(message)) => Err(anyhow::anyhow!("{}", message.trim())),
+            _ => Err(e),
+        },
+        (Err(e), None) => Err(e),
+    }
+}
 
 /// What to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +329,29 @@ mod tests {
         }
         assert_eq!(render(View::Endpoints, body, true).unwrap(), body);
         assert!(render(View::Endpoints, "not json", false).is_err());
+    }
+
+    #[test]
+    fn a_target_is_a_pod_when_named_as_one_else_an_admin_address() {
+        let pod = |ns: Option<&str>, name: &str| Target::Pod {
+            namespace: ns.map(str::to_string),
+            name: name.into(),
+        };
+        let admin = |a: &str| Target::Admin(a.into());
+        for (arg, ns, want) in [
+            ("pod/web-1", None, pod(None, "web-1")),
+            ("po/web-1", Some("shop"), pod(Some("shop"), "web-1")),
+            ("web-1", Some("shop"), pod(Some("shop"), "web-1")),
+            ("web-1", None, admin("web-1:4191")),
+            ("10.0.0.7", Some("shop"), admin("10.0.0.7:4191")),
+            ("[fd00::7]", None, admin("[fd00::7]:4191")),
+            ("localhost:9000", Some("shop"), admin("localhost:9000")),
+        ] {
+            assert_eq!(Target::parse(arg, ns).unwrap(), want, "{arg} -n {ns:?}");
+        }
+        assert!(Target::parse("pod/", None).is_err());
+        assert!(Target::parse("pod/a/b", None).is_err());
+        assert_eq!(pod(Some("shop"), "web-1").to_string(), "pod shop/web-1");
     }
 
     #[test]

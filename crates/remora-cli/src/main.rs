@@ -153,9 +153,9 @@ fn cli() -> Command {
                 .about(
                     "One proxy's live view from its admin port: endpoints (destinations, \
                      policies, routes, each endpoint's state), policy (inbound \
-                     authorization by port), proxy-metrics, config. The /debug pages \
-                     answer loopback only: run it in the pod or through kubectl \
-                     port-forward",
+                     authorization by port), proxy-metrics, config. A pod is reached by \
+                     port-forwarding through the API server, as kubectl port-forward does \
+                     (the /debug pages answer the pod's loopback only)",
                 )
                 .arg(
                     Arg::new("view")
@@ -165,9 +165,19 @@ fn cli() -> Command {
                 )
                 .arg(
                     Arg::new("proxy")
-                        .value_name("HOST[:PORT]")
+                        .value_name("pod/NAME|HOST[:PORT]")
                         .default_value("127.0.0.1:4191")
-                        .help("The proxy's admin address (port 4191 unless given)"),
+                        .help(
+                            "A meshed pod (pod/NAME, or NAME with -n), or the proxy's admin \
+                             address (port 4191 unless given)",
+                        ),
+                )
+                .arg(
+                    Arg::new("namespace")
+                        .long("namespace")
+                        .short('n')
+                        .value_name("NAMESPACE")
+                        .help("The pod's namespace (default: the kubeconfig's)"),
                 )
                 .arg(output("text, or json as the proxy answered it")),
         )
@@ -268,18 +278,12 @@ fn run_check(m: &ArgMatches) -> anyhow::Result<ExitCode> {
 fn run_diagnose(m: &ArgMatches) -> anyhow::Result<ExitCode> {
     let view = diagnose::View::parse(m.get_one::<String>("view").expect("required"))
         .expect("clap checked the value");
-    let addr = stat::admin_addr(m.get_one::<String>("proxy").expect("defaulted"));
+    let target = diagnose::Target::parse(
+        m.get_one::<String>("proxy").expect("defaulted"),
+        m.get_one::<String>("namespace").map(String::as_str),
+    )?;
     let json = m.get_one::<String>("output").map(String::as_str) == Some("json");
-    let runtime = runtime()?;
-    let body = runtime.block_on(async {
-        tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            stat::get(&addr, view.path()),
-        )
-        .await
-        .with_context(|| format!("{addr}: no answer within 10s"))?
-        .with_context(|| addr.clone())
-    })?;
+    let body = runtime()?.block_on(target.get(view.path(), std::time::Duration::from_secs(10)))?;
     print!("{}", diagnose::render(view, &body, json)?);
     Ok(ExitCode::SUCCESS)
 }

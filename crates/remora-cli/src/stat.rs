@@ -101,6 +101,9 @@ fn parse_sample(line: &str) -> anyhow::Result<Sample> {
     })
 }
 
+/// The proxy's admin port (`REMORA_ADMIN_ADDR`'s default).
+pub const ADMIN_PORT: u16 = 4191;
+
 /// One proxy's exposition at one moment.
 #[derive(Debug, Clone)]
 pub struct Scrape {
@@ -194,7 +197,8 @@ impl Source {
         let get = async {
             match (&self.pod, kube) {
                 (Some((ns, name)), Some(client)) => {
-                    let uri = format!("/api/v1/namespaces/{ns}/pods/{name}:4191/proxy/metrics");
+                    let uri =
+                        format!("/api/v1/namespaces/{ns}/pods/{name}:{ADMIN_PORT}/proxy/metrics");
                     let req = http::Request::get(uri).body(Vec::new())?;
                     Ok(client.request_text(req).await?)
                 }
@@ -218,10 +222,19 @@ impl Source {
 /// status and what the server said.
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<String> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    get_over(stream, addr, path).await
+}
+
+/// `GET path` over a connection already made to an admin server known as `host` (a
+/// socket, or a port-forwarded stream): as [`get`].
+pub async fn get_over<IO>(io: IO, host: &str, path: &str) -> anyhow::Result<String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
     tokio::spawn(conn);
     let req = http::Request::get(path)
-        .header("host", addr)
+        .header("host", host)
         .body(Empty::<Bytes>::new())?;
     let rsp = sender.send_request(req).await?;
     let status = rsp.status();
@@ -239,12 +252,12 @@ pub fn admin_addr(arg: &str) -> String {
         .trim_end_matches(']')
         .parse::<std::net::IpAddr>()
     {
-        return std::net::SocketAddr::new(ip, 4191).to_string();
+        return std::net::SocketAddr::new(ip, ADMIN_PORT).to_string();
     }
     if arg.contains(':') {
         arg.to_string()
     } else {
-        format!("{arg}:4191")
+        format!("{arg}:{ADMIN_PORT}")
     }
 }
 

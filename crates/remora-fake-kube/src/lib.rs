@@ -12,8 +12,13 @@
 //!   the plain-text `404 page not found` a real server sends;
 //! - `/version`;
 //! - the pod proxy, `GET /api/v1/namespaces/<ns>/pods/<name>:<port>/proxy/<path>`: the
-//!   request is sent to the pod's `status.podIP` and its answer passed back (a test
-//!   whose pods live in network namespaces sets how to reach them, `set_pod_dialer`).
+//!   request is sent to the pod's `status.podIP` and its answer passed back;
+//! - port forwarding, `GET /api/v1/namespaces/<ns>/pods/<name>/portforward?ports=…`
+//!   upgraded to a WebSocket with the `v4.channel.k8s.io` subprotocol, as `kubectl
+//!   port-forward` and kube-rs speak it: each port's connection is made to the pod's
+//!   loopback, as the kubelet makes it from inside the pod's network namespace.
+//!
+//! A test whose pods live in network namespaces sets how to reach them, `set_pod_dialer`.
 //!
 //! Each request's bearer token is recorded, so a test can tell its clients apart.
 
@@ -127,9 +132,12 @@ struct State {
     pod_dialer: Option<PodDialer>,
 }
 
-/// Connects to a pod's address for the pod proxy.
+/// Connects to a pod: given its IP and the address to reach, which is the pod's IP and a
+/// port for the pod proxy, or its loopback (`127.0.0.1:port`) for port forwarding, where
+/// the connection must be made from inside the pod.
 pub type PodDialer = Arc<
     dyn Fn(
+            std::net::IpAddr,
             SocketAddr,
         ) -> Pin<
             Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send>,
@@ -167,6 +175,7 @@ impl FakeApi {
                     let svc = service_fn(move |r| serve(state.clone(), r));
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -352,16 +361,99 @@ impl State {
         });
     }
 
-    fn list(&self, r: &Resource, namespace: Option<&str>) -> Value {
+    fn list(&self, r: &Resource, namespace: Option<&str>, selector: &[Requirement]) -> Value {
         let items: Vec<Value> = self
             .objects
             .iter()
-            .filter(|((p, ns, _), _)| *p == r.plural && namespace.is_none_or(|n| n == ns))
+            .filter(|((p, ns, _), o)| {
+                *p == r.plural
+                    && namespace.is_none_or(|n| n == ns)
+                    && selector
+                        .iter()
+                        .all(|req| req.matches(&o["metadata"]["labels"]))
+            })
             .map(|(_, o)| o.clone())
             .collect();
         json!({"apiVersion": r.api_version, "kind": format!("{}List", r.kind),
             "metadata": {"resourceVersion": self.rv.to_string()}, "items": items})
     }
+}
+
+/// One requirement of a label selector, as the API server reads `labelSelector`.
+#[derive(Debug, PartialEq)]
+enum Requirement {
+    /// `k=v`, `k==v`, `k in (v1,v2)`.
+    In(String, Vec<String>),
+    /// `k!=v`, `k notin (v1,v2)`: also true when the label is absent.
+    NotIn(String, Vec<String>),
+    /// `k`.
+    Exists(String),
+    /// `!k`.
+    Absent(String),
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Value) -> bool {
+        let get = |k: &str| labels.get(k).and_then(Value::as_str);
+        match self {
+            Self::In(k, vs) => get(k).is_some_and(|v| vs.iter().any(|w| w == v)),
+            Self::NotIn(k, vs) => get(k).is_none_or(|v| vs.iter().all(|w| w != v)),
+            Self::Exists(k) => get(k).is_some(),
+            Self::Absent(k) => get(k).is_none(),
+        }
+    }
+}
+
+/// `labelSelector`'s requirements, all of which must hold; an error names what could
+/// not be read.
+fn label_selector(text: &str) -> Result<Vec<Requirement>, String> {
+    // Commas separate requirements, except inside a set's parentheses.
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    let set = |v: &str| -> Result<Vec<String>, String> {
+        let inner = v
+            .trim()
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(|| format!("a set must be in parentheses: {v:?}"))?;
+        Ok(inner.split(',').map(|s| s.trim().to_string()).collect())
+    };
+    let mut out = Vec::new();
+    for part in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let words: Vec<&str> = part.splitn(2, ' ').collect();
+        let req = if let Some((k, v)) = part.split_once("!=") {
+            Requirement::NotIn(k.trim().into(), vec![v.trim().into()])
+        } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            Requirement::In(k.trim().into(), vec![v.trim().into()])
+        } else if let [k, rest] = words.as_slice() {
+            let rest = rest.trim_start();
+            if let Some(v) = rest.strip_prefix("notin") {
+                Requirement::NotIn(k.to_string(), set(v)?)
+            } else if let Some(v) = rest.strip_prefix("in") {
+                Requirement::In(k.to_string(), set(v)?)
+            } else {
+                return Err(format!("unable to parse requirement: {part:?}"));
+            }
+        } else if let Some(k) = part.strip_prefix('!') {
+            Requirement::Absent(k.trim().into())
+        } else {
+            Requirement::Exists(part.into())
+        };
+        out.push(req);
+    }
+    Ok(out)
 }
 
 fn status_json(code: u16, reason: &str, message: &str) -> Value {
@@ -401,6 +493,46 @@ fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     reply(code, status_json(code.as_u16(), reason, message))
 }
 
+/// How to reach a pod, or the Status the API server answers when it cannot.
+fn pod_route(state: &Arc<Mutex<State>>, ns: &str, name: &str) -> Result<Dial, Box<Response<Body>>> {
+    let s = state.lock();
+    let key = ("pods".to_string(), ns.to_string(), name.to_string());
+    let Some(pod) = s.objects.get(&key) else {
+        return Err(Box::new(failure(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("pods \"{name}\" not found"),
+        )));
+    };
+    match pod["status"]["podIP"].as_str().map(str::parse) {
+        Some(Ok(ip)) => Ok(Dial {
+            pod: ip,
+            dialer: s.pod_dialer.clone(),
+        }),
+        _ => Err(Box::new(failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the pod has no IP",
+        ))),
+    }
+}
+
+/// Connects to one pod, with the test's dialer if it set one.
+#[derive(Clone)]
+struct Dial {
+    pod: std::net::IpAddr,
+    dialer: Option<PodDialer>,
+}
+
+impl Dial {
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        match &self.dialer {
+            Some(d) => d(self.pod, addr).await,
+            None => tokio::net::TcpStream::connect(addr).await,
+        }
+    }
+}
+
 /// The pod proxy: `GET /api/v1/namespaces/<ns>/pods/<name>:<port>/proxy/<path>` sent to
 /// the pod's IP, its status and body passed back; None for any other path.
 async fn pod_proxy(state: &Arc<Mutex<State>>, req: &Request<Incoming>) -> Option<Response<Body>> {
@@ -411,35 +543,13 @@ async fn pod_proxy(state: &Arc<Mutex<State>>, req: &Request<Incoming>) -> Option
     let path = if path.is_empty() { "/" } else { path };
     let (name, port) = pod.split_once(':').unwrap_or((pod, "80"));
     let port: u16 = port.parse().ok()?;
-    let (ip, dialer) = {
-        let s = state.lock();
-        let key = ("pods".to_string(), ns.to_string(), name.to_string());
-        let ip = s.objects.get(&key).map(|p| p["status"]["podIP"].clone());
-        (ip, s.pod_dialer.clone())
+    let dial = match pod_route(state, ns, name) {
+        Ok(dial) => dial,
+        Err(rsp) => return Some(*rsp),
     };
-    let not_found = || {
-        failure(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("pods \"{name}\" not found"),
-        )
-    };
-    let Some(ip) = ip else {
-        return Some(not_found());
-    };
-    let Some(ip) = ip.as_str().and_then(|i| i.parse::<std::net::IpAddr>().ok()) else {
-        return Some(failure(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailable",
-            "the pod has no IP",
-        ));
-    };
-    let addr = SocketAddr::new(ip, port);
+    let addr = SocketAddr::new(dial.pod, port);
     let upstream = async {
-        let tcp = match dialer {
-            Some(d) => d(addr).await?,
-            None => tokio::net::TcpStream::connect(addr).await?,
-        };
+        let tcp = dial.connect(addr).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .map_err(std::io::Error::other)?;
@@ -472,6 +582,219 @@ async fn pod_proxy(state: &Arc<Mutex<State>>, req: &Request<Incoming>) -> Option
             &format!("error trying to reach service: {e}"),
         ),
     })
+}
+
+/// The subprotocol port forwarding speaks over a WebSocket: binary messages whose first
+/// byte is the channel, two channels per port (data `2i`, errors `2i+1`), each opened by
+/// the port number in two little-endian bytes.
+const PORT_FORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
+
+/// Port forwarding: `GET /api/v1/namespaces/<ns>/pods/<name>/portforward?ports=…` asking
+/// for a WebSocket, answered `101 Switching Protocols` and then served as the kubelet
+/// does; None for any other path.
+fn port_forward(state: &Arc<Mutex<State>>, req: &mut Request<Incoming>) -> Option<Response<Body>> {
+    let rest = req.uri().path().strip_prefix("/api/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once("/pods/")?;
+    let name = rest.strip_suffix("/portforward")?;
+    let bad = |message: &str| Some(failure(StatusCode::BAD_REQUEST, "BadRequest", message));
+    let mut ports = Vec::new();
+    for (k, v) in form_pairs(req.uri().query().unwrap_or("")) {
+        if k == "ports" {
+            for p in v.split(',') {
+                match p.trim().parse::<u16>() {
+                    Ok(port) if port > 0 => ports.push(port),
+                    _ => return bad(&format!("invalid port {p:?}")),
+                }
+            }
+        }
+    }
+    if ports.is_empty() {
+        return bad("at least one port must be given");
+    }
+    let header = |h: http::header::HeaderName| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let key = header(http::header::SEC_WEBSOCKET_KEY);
+    if !header(http::header::UPGRADE).eq_ignore_ascii_case("websocket") || key.is_empty() {
+        return bad("port forwarding needs a WebSocket upgrade");
+    }
+    if !header(http::header::SEC_WEBSOCKET_PROTOCOL)
+        .split(',')
+        .any(|p| p.trim() == PORT_FORWARD_PROTOCOL)
+    {
+        return bad(&format!(
+            "no supported subprotocol: want {PORT_FORWARD_PROTOCOL}"
+        ));
+    }
+    let dial = match pod_route(state, ns, name) {
+        Ok(dial) => dial,
+        Err(rsp) => return Some(*rsp),
+    };
+    let pod = format!("{ns}/{name}");
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            forward_ports(ws, &pod, &ports, dial).await;
+        }
+    });
+    let mut rsp = Response::new(Body::Left(Full::new(Bytes::new())));
+    *rsp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = rsp.headers_mut();
+    h.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static("websocket"),
+    );
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
+    h.insert(
+        http::header::SEC_WEBSOCKET_PROTOCOL,
+        http::HeaderValue::from_static(PORT_FORWARD_PROTOCOL),
+    );
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    h.insert(
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        http::HeaderValue::from_str(&accept).expect("base64 is a header value"),
+    );
+    Some(rsp)
+}
+
+/// `k=v` pairs of a query string, percent-decoded.
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (bytes[i], hex) {
+                (b'%', Some(b)) => {
+                    out.push(b);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (b, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Serves one port-forwarding WebSocket: for each port, a connection to the pod's
+/// loopback; bytes on channel `2i` go to port `i`'s connection and its bytes come back
+/// on `2i`; a connection that cannot be made is told on `2i+1`. The WebSocket closes
+/// once every port's connection has ended.
+async fn forward_ports<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    pod: &str,
+    ports: &[u16],
+    dial: Dial,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (mut sink, mut incoming) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut writers = Vec::new();
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, &port) in ports.iter().enumerate() {
+        let data = 2 * i as u8;
+        for ch in [data, data + 1] {
+            let [lo, hi] = port.to_le_bytes();
+            let _ = out_tx.send(vec![ch, lo, hi]).await;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        match dial.connect(addr).await {
+            Ok(tcp) => {
+                let (mut read, write) = tcp.into_split();
+                writers.push(Some(write));
+                let out = out_tx.clone();
+                readers.spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        buf[0] = data;
+                        match read.read(&mut buf[1..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if out.send(buf[..=n].to_vec()).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                writers.push(None);
+                let mut msg = vec![data + 1];
+                msg.extend_from_slice(
+                    format!("error forwarding port {port} to pod {pod}: {e}").as_bytes(),
+                );
+                let _ = out_tx.send(msg).await;
+            }
+        }
+    }
+    drop(out_tx);
+    // What the pods send is written out until every reader is done (the channel then
+    // closes); what the client sends goes to its port's connection. Returning drops the
+    // readers.
+    loop {
+        tokio::select! {
+            frame = out_rx.recv() => match frame {
+                Some(frame) => {
+                    if sink.send(Message::binary(frame)).await.is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            },
+            msg = incoming.next() => match msg {
+                Some(Ok(Message::Binary(bytes))) if bytes.len() > 1 => {
+                    let ch = usize::from(bytes[0]);
+                    if ch % 2 == 0
+                        && let Some(Some(w)) = writers.get_mut(ch / 2)
+                        && w.write_all(&bytes[1..]).await.is_err()
+                    {
+                        writers[ch / 2] = None;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let _ = sink.send(Message::Close(None)).await;
 }
 
 /// What a path names.
@@ -516,7 +839,7 @@ fn parse_path(state: &State, path: &str) -> Option<Target> {
 
 async fn serve(
     state: Arc<Mutex<State>>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     if path == "/version" {
@@ -525,6 +848,9 @@ async fn serve(
             StatusCode::OK,
             json!({"major": "1", "minor": minor.to_string(), "gitVersion": format!("v1.{minor}.0"), "platform": "linux/amd64"}),
         ));
+    }
+    if let Some(rsp) = port_forward(&state, &mut req) {
+        return Ok(rsp);
     }
     if let Some(rsp) = pod_proxy(&state, &req).await {
         return Ok(rsp);
@@ -592,11 +918,39 @@ async fn serve(
             }
         },
     };
+    let selector = match form_pairs(&query)
+        .into_iter()
+        .find(|(k, _)| k == "labelSelector")
+    {
+        None => Vec::new(),
+        Some((_, text)) => match label_selector(&text) {
+            Ok(s) if s.is_empty() || target.name.is_none() => s,
+            Ok(_) => {
+                return Ok(failure(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "a label selector applies to a list",
+                ));
+            }
+            Err(e) => return Ok(failure(StatusCode::BAD_REQUEST, "BadRequest", &e)),
+        },
+    };
     let mut s = state.lock();
     let r = target.resource.clone();
     let ns = target.namespace.clone().unwrap_or_default();
     let writes_before = s.writes.len();
     let rsp = match (method.clone(), target.name.clone()) {
+        (Method::GET, None)
+            if param("watch").is_some_and(|w| w == "true" || w == "1") && !selector.is_empty() =>
+        {
+            // Nobody here watches by label; filtering a watch as the API server does
+            // (an object leaving the selection is a DELETED event) is not worth faking.
+            failure(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the fake API server does not filter watches by label",
+            )
+        }
         (Method::GET, None) if param("watch").is_some_and(|w| w == "true" || w == "1") => {
             let from: u64 = param("resourceVersion")
                 .and_then(|v| v.parse().ok())
@@ -620,7 +974,10 @@ async fn serve(
             );
             rsp
         }
-        (Method::GET, None) => reply(StatusCode::OK, s.list(&r, target.namespace.as_deref())),
+        (Method::GET, None) => reply(
+            StatusCode::OK,
+            s.list(&r, target.namespace.as_deref(), &selector),
+        ),
         (Method::GET, Some(name)) => match s.objects.get(&key(&r, &ns, &name)) {
             Some(o) => reply(StatusCode::OK, o.clone()),
             None => failure(
@@ -739,4 +1096,42 @@ pub fn assert_golden(path: &std::path::Path, text: &str) {
         "{} differs (REMORA_BLESS=1 rewrites it)",
         path.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_selectors_read_and_match_as_the_api_server_does() {
+        let labels = json!({"app": "web", "remora.io/meshed": "true"});
+        for (selector, want) in [
+            ("remora.io/meshed=true", true),
+            ("remora.io/meshed==true,app=web", true),
+            ("app!=api", true),
+            ("tier!=front", true),
+            ("app in (api, web)", true),
+            ("app notin (api,web)", false),
+            ("app in (api),remora.io/meshed", false),
+            ("app,!tier", true),
+            ("!app", false),
+            ("remora.io/meshed=false", false),
+        ] {
+            let reqs = label_selector(selector).unwrap();
+            assert_eq!(
+                reqs.iter().all(|r| r.matches(&labels)),
+                want,
+                "{selector}: {reqs:?}"
+            );
+        }
+        assert!(label_selector("app in api").is_err());
+        assert!(label_selector("app wat (x)").is_err());
+        assert_eq!(
+            form_pairs("&labelSelector=remora.io%2Fmeshed%3Dtrue&ports=80%2C4191"),
+            [
+                ("labelSelector".into(), "remora.io/meshed=true".into()),
+                ("ports".into(), "80,4191".into())
+            ]
+        );
+    }
 }
