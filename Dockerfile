@@ -5,8 +5,10 @@
 #   controller  the control plane: a static binary on an empty base, user 2103
 #   init        remora-init with iptables (nft and legacy back ends), run as root with
 #               only NET_ADMIN and NET_RAW (the injector sets that)
+#   demo        the demo's apps (deploy/demo/demo.yaml): a static binary on an empty
+#               base, user 65532
 #
-#   make images                      build all three (see the Makefile)
+#   make images                      build all four (see the Makefile)
 #   buildah bud --target proxy -t remora/proxy .
 #
 # The binaries come from the `build` stage (Rust on musl, in the container) unless
@@ -32,9 +34,9 @@ RUN set -eu; \
     triple="$(uname -m)-unknown-linux-musl"; \
     rustup target add "$triple"; \
     cargo build --release --locked --target "$triple" \
-        -p remora-proxy -p remora-controller -p remora-init -p remora-cli; \
+        -p remora-proxy -p remora-controller -p remora-init -p remora-cli -p remora-demo; \
     mkdir /out; \
-    for bin in remora-proxy remora-controller remora-init remora; do \
+    for bin in remora-proxy remora-controller remora-init remora remora-demo; do \
         install -m 0755 "target/$triple/release/$bin" /out/; \
     done
 
@@ -42,7 +44,7 @@ RUN set -eu; \
 FROM scratch AS prebuilt
 ARG TARGETARCH
 ARG DIST
-COPY ${DIST}/${TARGETARCH}/remora-proxy ${DIST}/${TARGETARCH}/remora-controller ${DIST}/${TARGETARCH}/remora-init ${DIST}/${TARGETARCH}/remora /out/
+COPY ${DIST}/${TARGETARCH}/remora-proxy ${DIST}/${TARGETARCH}/remora-controller ${DIST}/${TARGETARCH}/remora-init ${DIST}/${TARGETARCH}/remora ${DIST}/${TARGETARCH}/remora-demo /out/
 
 FROM ${BINARIES} AS binaries
 
@@ -66,3 +68,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=binaries /out/remora-init /usr/local/bin/remora-init
 ENTRYPOINT ["/usr/local/bin/remora-init"]
+
+FROM scratch AS demo
+COPY --from=binaries /out/remora-demo /remora-demo
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/remora-demo"]

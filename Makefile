@@ -5,14 +5,16 @@ CARGO ?= cargo
 # namespaces and spawn proxies); plain `cargo test` is the fallback.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test")
 
-.PHONY: build test lint fmt codegen static static-test images
+.PHONY: build test lint fmt codegen static static-test images demo
 
 # Everything `make test` runs is built for the machine's musl target: the libc the images
 # ship, and one compile set shared by the binaries, the tests and the images suite's static
 # binaries (a glibc build beside it would compile every dependency twice).
 MUSL_TARGET ?= $(shell uname -m)-unknown-linux-musl
 DIST_ARCH := $(shell uname -m | sed 's/x86_64/amd64/;s/aarch64/arm64/')
-STATIC_BINS := remora-proxy remora-controller remora-init remora
+STATIC_BINS := remora-proxy remora-controller remora-init remora remora-demo
+# What `make static` and `make demo` build: one release compile set for both.
+RELEASE_PACKAGES := -p remora-proxy -p remora-controller -p remora-init -p remora-cli -p remora-demo
 
 # The binaries and every test target in one invocation, so they share one compile set:
 # built apart, the binaries would get the dependencies' features without the tests'
@@ -41,8 +43,7 @@ codegen:
 # Static (musl) release binaries, as the images ship them, copied to dist/<arch>/ for
 # the Dockerfile's prebuilt stage.
 static:
-	$(CARGO) build --release --locked --target $(MUSL_TARGET) \
-		-p remora-proxy -p remora-controller -p remora-init -p remora-cli
+	$(CARGO) build --release --locked --target $(MUSL_TARGET) $(RELEASE_PACKAGES)
 	$(call publish,target/$(MUSL_TARGET)/release,dist/$(DIST_ARCH))
 
 # The images suite's binaries: the static dev build `make build` made, in dist/test/<arch>/
@@ -61,7 +62,7 @@ define publish
 	done
 endef
 
-# The three images (Dockerfile): <REGISTRY>/{proxy,controller,init}:<TAG>, with docker,
+# The four images (Dockerfile): <REGISTRY>/{proxy,controller,init,demo}:<TAG>, with docker,
 # podman or buildah, whichever is found first. BINARIES=prebuilt takes `make static`'s
 # binaries instead of building them in a Rust image.
 REGISTRY ?= ghcr.io/remora-mesh
@@ -73,7 +74,16 @@ BINARIES ?= build
 LAYERS := $(if $(findstring docker,$(notdir $(ENGINE))),,--layers)
 images:
 	@test -n "$(ENGINE)" || { echo "make images: needs docker, podman or buildah" >&2; exit 1; }
-	for image in proxy controller init; do \
+	for image in proxy controller init demo; do \
 		$(ENGINE) build $(LAYERS) --build-arg BINARIES=$(BINARIES) \
 			--target $$image -t $(REGISTRY)/$$image:$(TAG) . || exit 1; \
 	done
+
+# The whole mesh on this machine, no cluster (root): pods as network namespaces, the
+# controller, a proxy in every pod, five acts and a live table, then a summary; removes
+# all it made when it ends. DURATION=60s by default (make demo DURATION=30s).
+# Built as the user who runs make; run as root (through sudo, when there is one).
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
+demo:
+	$(CARGO) build --release --target $(MUSL_TARGET) $(RELEASE_PACKAGES)
+	$(SUDO) target/$(MUSL_TARGET)/release/remora-demo $(if $(DURATION),--duration $(DURATION))

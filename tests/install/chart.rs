@@ -455,6 +455,42 @@ fn a_misspelt_value_or_an_incomplete_identity_is_refused_by_name() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.nativeSidecar=false"));
 }
 
+/// The demo's manifests are what a cluster takes: the built-in kinds valid (strict, no
+/// unknown field) for the oldest and newest Kubernetes the chart supports; the Remora
+/// kinds are checked against the CRDs below, the HTTPRoutes by the `dir:` source's loader.
+#[test]
+fn the_demos_manifests_validate_as_kubernetes_objects() {
+    let demo = root().join("deploy/demo");
+    let mut files: Vec<String> = std::fs::read_dir(&demo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| p.display().to_string())
+        .collect();
+    files.sort();
+    for minor in ["1.29.0", "1.33.0"] {
+        let mut args = vec!["--strict", "-k", minor];
+        args.extend(files.iter().map(String::as_str));
+        let out = run(
+            "kubernetes-validate",
+            &args,
+            "pip install kubernetes-validate",
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{minor}:\n{text}");
+        let passed = text.matches("passed for resource").count();
+        // Namespace, three ServiceAccounts, four Deployments, two Services.
+        assert_eq!(passed, 10, "{minor}:\n{text}");
+        for line in text.lines().filter(|l| !l.contains("passed for resource")) {
+            let ours = ["policy.remora.io/v1alpha1", "gateway.networking.k8s.io/v1"]
+                .iter()
+                .any(|g| line.contains(&format!("api version {g}")));
+            assert!(ours, "{minor}: {line}");
+        }
+    }
+}
+
 /// The example objects of every Remora CRD validate against the generated schemas, as
 /// the API server would: unknown fields refused (it prunes and, with strict field
 /// validation, refuses them).
@@ -482,7 +518,7 @@ for path in glob.glob(sys.argv[1] + "/*.yaml"):
         strict(schema)
         schemas[(crd["spec"]["group"] + "/" + v["name"], crd["spec"]["names"]["kind"])] = schema
 checked = 0
-for path in sorted(glob.glob(sys.argv[2] + "/*.yaml")):
+for path in sorted(p for d in sys.argv[2:] for p in glob.glob(d + "/*.yaml")):
     for doc in yaml.safe_load_all(open(path)):
         if not doc: continue
         key = (doc["apiVersion"], doc["kind"])
@@ -504,6 +540,7 @@ print("checked", checked)
         .args(["-c", script])
         .arg(chart().join("crds"))
         .arg(root().join("deploy/examples"))
+        .arg(root().join("deploy/demo"))
         .output()
         .expect("python3 runs");
     let text = ok(

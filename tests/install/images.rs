@@ -118,6 +118,7 @@ fn the_binaries_are_static_and_run_with_nothing_around_them() {
         ("remora-controller", &["--help"][..]),
         ("remora-init", &["--help"][..]),
         ("remora", &["version"][..]),
+        ("remora-demo", &["--help"][..]),
     ] {
         let path = built.join(bin);
         let elf = std::fs::read(&path).unwrap_or_else(|e| {
@@ -236,7 +237,7 @@ fn walk(dir: &Path, out: &mut Vec<String>, base: &Path) {
 }
 
 #[test]
-fn scratch_images_of_the_proxy_and_controller_build_from_the_dockerfile() {
+fn scratch_images_of_the_proxy_controller_and_demo_build_from_the_dockerfile() {
     let built = static_binaries();
     let buildah = Buildah::new();
     for (stage, binary, user, ports) in [
@@ -252,6 +253,7 @@ fn scratch_images_of_the_proxy_and_controller_build_from_the_dockerfile() {
             "2103:2103",
             &["8086/tcp", "8443/tcp", "9990/tcp"][..],
         ),
+        ("demo", "remora-demo", "65532:65532", &["8080/tcp"][..]),
     ] {
         let inspect = buildah.build(stage);
         let config = &inspect["OCIv1"]["config"];

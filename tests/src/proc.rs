@@ -259,12 +259,17 @@ impl Drop for Proxy {
 
 /// The `remora` CLI this build made, next to the running test (`target/<profile>/`).
 pub fn remora_cli() -> PathBuf {
+    built("remora")
+}
+
+/// A binary this build made, next to the running test (`target/<profile>/`).
+pub fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("the build folder")
-        .join("remora");
+        .join(name);
     assert!(
         bin.is_file(),
         "{} is missing: build the binaries first (cargo build --workspace --bins; `make test` does)",

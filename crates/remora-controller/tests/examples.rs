@@ -68,3 +68,39 @@ fn every_docs_yaml_example_is_a_loaded_file() {
         files.len()
     );
 }
+
+/// The demo's manifests (`deploy/demo/`) load in the `dir:` source as they are, strict
+/// fields included: the demo feeds them to the controller, and users `kubectl apply` them.
+#[test]
+fn the_demos_manifests_are_loaded_files() {
+    use remora_controller::core::Object;
+    let (mut services, mut traffic, mut routes, mut authz, mut namespaces) = (0, 0, 0, 0, 0);
+    for entry in std::fs::read_dir(root().join("deploy/demo")).expect("deploy/demo") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        let objects = remora_controller::source::yaml::parse(&path.display().to_string(), &text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!objects.is_empty(), "{}: no object", path.display());
+        for o in objects {
+            match o {
+                Object::Service(_) => services += 1,
+                Object::Traffic(_) => traffic += 1,
+                Object::Route(_) => routes += 1,
+                Object::Authz(_) => authz += 1,
+                Object::Namespace(_) => namespaces += 1,
+                other => panic!(
+                    "{}: the cluster makes these, not the demo's files: {other:?}",
+                    path.display()
+                ),
+            }
+        }
+    }
+    // api and api-v2; the TrafficPolicy; the canary's two steps; the intruder's refusal.
+    assert_eq!(
+        (services, traffic, routes, authz, namespaces),
+        (2, 1, 2, 1, 1)
+    );
+}
