@@ -73,16 +73,29 @@ struct Capture {
 }
 
 impl Capture {
+    /// Starts the capture and waits until tcpdump writes its file: a capture that cannot
+    /// run fails here with tcpdump's own words, not later as an empty capture.
     fn start(pod: &Pod, file: PathBuf) -> Self {
-        let child = pod
+        let mut child = pod
             .command("tcpdump")
             .args(["-i", "eth0", "-U", "-s", "0", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("tcpdump: install it (apt-get install tcpdump)");
+            .expect("ip netns exec runs");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !file.exists() {
+            if let Some(status) = child.try_wait().expect("wait") {
+                let mut err = String::new();
+                let _ =
+                    std::io::Read::read_to_string(child.stderr.as_mut().expect("piped"), &mut err);
+                panic!("tcpdump in {} exited ({status}): {}", pod.name, err.trim());
+            }
+            assert!(Instant::now() < deadline, "tcpdump wrote no file within 5s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Self { child, file }
     }
 

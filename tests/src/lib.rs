@@ -3,7 +3,7 @@
 //! the proxy's UID. Test servers and clients run in-process, on sockets created inside
 //! a pod's namespace.
 //!
-//! These tests need root, `ip`, `iptables` and `setpriv`. When they cannot run they fail
+//! These tests need root, `ip`, `iptables`, `setpriv`, `curl` and `tcpdump`. When they cannot run they fail
 //! and say why; `REMORA_E2E_SKIP=1` skips them loudly on a laptop (CI never sets it).
 
 pub mod backend;
@@ -47,13 +47,14 @@ pub fn e2e_enabled() -> bool {
         "ip6tables-save",
         "setpriv",
         "curl",
+        "tcpdump",
     ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         assert!(
             found,
-            "end-to-end tests need `{tool}`: apt-get install -y iproute2 iptables util-linux curl"
+            "end-to-end tests need `{tool}`: apt-get install -y iproute2 iptables util-linux curl tcpdump"
         );
     }
     true

@@ -61,6 +61,15 @@ pub enum BuildError {
         "cannot use the Kubernetes API: {0}; in a pod, is the ServiceAccount token mounted? elsewhere, is KUBECONFIG set?"
     )]
     Kube(String),
+    #[error("--source dir:{}: {reason}", path.display())]
+    Dir {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error(
+        "--token-validator kube (the default) checks proxies' tokens with the Kubernetes API, which cannot be used: {0}; outside a cluster give --token-validator static:FILE"
+    )]
+    TokenReview(String),
     #[error("identity: {0}")]
     Ca(#[from] identity::CaError),
     #[error("identity: {0}")]
@@ -102,6 +111,22 @@ impl App {
     pub async fn build(config: Config, log: LogLevel) -> Result<Self, BuildError> {
         match &config.source {
             SourceKind::Dir(path) => {
+                // A folder that is not there would make a ready controller that serves
+                // nothing: refuse it at start instead.
+                let reason = match std::fs::metadata(path) {
+                    Ok(m) if m.is_dir() => None,
+                    Ok(_) => Some("not a directory".to_string()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        Some("no such directory".to_string())
+                    }
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(reason) = reason {
+                    return Err(BuildError::Dir {
+                        path: path.clone(),
+                        reason,
+                    });
+                }
                 let source = Box::new(source::dir::Dir::new(path.clone()));
                 Self::with_source(config, log, source).await
             }
@@ -412,7 +437,7 @@ async fn identity_service(
         (Some(_), TokenSource::Kube) => {
             let client = ::kube::Client::try_default()
                 .await
-                .map_err(|e| BuildError::Kube(e.to_string()))?;
+                .map_err(|e| BuildError::TokenReview(e.to_string()))?;
             // Certify repeated with one token costs one TokenReview a minute.
             Some(Arc::new(CachedTokens::new(Arc::new(KubeTokens::new(
                 client,
