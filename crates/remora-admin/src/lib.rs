@@ -25,12 +25,18 @@ struct BuildLabels {
 /// Remora binary's `/metrics` starts with.
 pub fn register_common(registry: &mut Registry, prefix: &str) {
     registry.register_collector(Box::new(ProcessCollector));
-    registry.sub_registry_with_prefix(prefix).register(
+    let sub = registry.sub_registry_with_prefix(prefix);
+    sub.register(
         "build",
         "Remora build information",
         Info::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
         }),
+    );
+    sub.register(
+        "admin_refused",
+        "Admin connections closed at once and scrapes answered 429 because a client or the server was at its limit (client_connections, connections, scrape_rate)",
+        server::REFUSED.clone(),
     );
 }
 

@@ -1,8 +1,17 @@
 //! The admin HTTP server: `/live`, `/ready`, `/metrics`, `/config`, and from loopback
 //! only `/shutdown` and `/log-level`. Each request does a small, bounded amount of work,
-//! so it can share a data path's runtime without taking from it.
+//! so it can share a data path's runtime without taking from it — and a flood cannot
+//! make it take more: each client address holds a few connections at most, the server
+//! a bounded number, and `/metrics` is encoded at a bounded rate (what is refused is
+//! counted in `<prefix>_admin_refused_total`).
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, LazyLock},
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -76,8 +85,102 @@ pub struct Admin {
     pub debug: std::sync::OnceLock<Arc<dyn DebugPages>>,
 }
 
+/// Connections one client address may hold at once: a kubelet's probes, a Prometheus
+/// scrape and a `remora` command together need a few.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 8;
+/// Connections the admin server holds at once, all clients together.
+pub const MAX_CONNECTIONS: usize = 128;
+/// `/metrics` encodings a second (a burst of twice that): each costs the data path's
+/// runtime a few milliseconds with many destinations; scrapers ask every 10 s or more.
+pub const SCRAPES_PER_SECOND: f64 = 20.0;
+/// How long a connection may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin connections and scrapes refused by the limits above, by reason; registered by
+/// [`crate::register_common`] (one admin server per process).
+pub(crate) static REFUSED: LazyLock<
+    prometheus_client::metrics::family::Family<
+        RefusedLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+> = LazyLock::new(Default::default);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct RefusedLabels {
+    /// `client_connections`, `connections` or `scrape_rate`.
+    reason: &'static str,
+}
+
+fn refused(reason: &'static str) {
+    REFUSED.get_or_create(&RefusedLabels { reason }).inc();
+}
+
+/// The connections each client address holds.
+#[derive(Default)]
+struct Held {
+    by_client: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// A held connection's slot, given back when it ends.
+struct Slot {
+    held: Arc<Mutex<Held>>,
+    client: IpAddr,
+}
+
+impl Slot {
+    /// A slot for `client`, or the reason there is none.
+    fn take(held: &Arc<Mutex<Held>>, client: IpAddr) -> Result<Self, &'static str> {
+        let mut h = held.lock();
+        if h.total >= MAX_CONNECTIONS {
+            return Err("connections");
+        }
+        let n = h.by_client.entry(client).or_default();
+        if *n >= MAX_CONNECTIONS_PER_CLIENT {
+            return Err("client_connections");
+        }
+        *n += 1;
+        h.total += 1;
+        Ok(Self {
+            held: held.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut h = self.held.lock();
+        h.total -= 1;
+        if let Some(n) = h.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// A token bucket for `/metrics`: `SCRAPES_PER_SECOND`, a burst of twice that.
+static SCRAPE_TOKENS: LazyLock<Mutex<(Instant, f64)>> =
+    LazyLock::new(|| Mutex::new((Instant::now(), 2.0 * SCRAPES_PER_SECOND)));
+
+fn scrape_allowed() -> bool {
+    let mut bucket = SCRAPE_TOKENS.lock();
+    let now = Instant::now();
+    let refill = now.duration_since(bucket.0).as_secs_f64() * SCRAPES_PER_SECOND;
+    *bucket = (now, (bucket.1 + refill).min(2.0 * SCRAPES_PER_SECOND));
+    if bucket.1 >= 1.0 {
+        bucket.1 -= 1.0;
+        true
+    } else {
+        false
+    }
+}
+
 /// Serves admin requests on `listener` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let held = Arc::new(Mutex::new(Held::default()));
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -90,14 +193,25 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 }
             },
         };
+        let slot = match Slot::take(&held, peer.ip().to_canonical()) {
+            Ok(slot) => slot,
+            Err(reason) => {
+                // Closed at once: a flood costs an accept and a close.
+                refused(reason);
+                drop(stream);
+                continue;
+            }
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(handle(&admin, peer, req).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(error) = conn.await {
                 debug!(%error, "admin connection failed");
@@ -123,6 +237,16 @@ pub async fn handle(
             ),
         },
         (&Method::GET, "/metrics") => {
+            if !scrape_allowed() {
+                refused("scrape_rate");
+                let mut rsp = text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many scrapes: try again in a second\n",
+                );
+                rsp.headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                return rsp;
+            }
             let mut body = String::with_capacity(16 * 1024);
             if prometheus_client::encoding::text::encode(&mut body, &admin.registry).is_err() {
                 return text(

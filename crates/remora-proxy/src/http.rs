@@ -70,6 +70,7 @@ where
     let fwd = Arc::new(fwd);
     let idle = Arc::new(idle);
     let version = fwd.version();
+    let calmed = metrics.calmed.clone();
     let svc = service_fn(move |req| {
         let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
         async move { Ok::<_, Infallible>(forward(req, &*fwd, metrics, idle).await) }
@@ -113,8 +114,29 @@ where
         }
     };
     if let Err(error) = result {
-        debug!(%error, "HTTP connection ended with an error");
+        if abused(&error) {
+            // h2 ends a connection whose client resets or breaks streams faster than
+            // it uses them (rapid reset, CVE-2023-44487): counted, and said once.
+            calmed.inc();
+            tracing::info!(%error, "HTTP/2 connection ended for abuse (GOAWAY ENHANCE_YOUR_CALM)");
+        } else {
+            debug!(%error, "HTTP connection ended with an error");
+        }
     }
+}
+
+/// Whether a connection's error is the GOAWAY ENHANCE_YOUR_CALM the server side sent.
+fn abused(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && !h2.is_remote()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Forwards one request and returns what the client should see.

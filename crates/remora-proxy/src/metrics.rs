@@ -270,6 +270,7 @@ pub struct Metrics {
     ejections: Family<TrafficLabels, Counter>,
     tcp_refused: Family<DirectionLabels, Counter>,
     tcp_idle_closed: Family<DirectionLabels, Counter>,
+    http2_calmed: Family<DirectionLabels, Counter>,
     /// Inbound connections judged by the configured default policy because the
     /// controller had not answered yet.
     pub authz_fallbacks: Counter,
@@ -313,6 +314,7 @@ impl Metrics {
             ejections: Family::default(),
             tcp_refused: Family::default(),
             tcp_idle_closed: Family::default(),
+            http2_calmed: Family::default(),
             authz_fallbacks: Counter::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
@@ -336,6 +338,11 @@ impl Metrics {
             "tcp_connections_refused",
             "Connections reset at once because the listener's connection limit was reached",
             m.tcp_refused.clone(),
+        );
+        r.register(
+            "http2_abuse_goaways",
+            "HTTP/2 connections ended with GOAWAY ENHANCE_YOUR_CALM because the client reset or broke streams faster than it used them (rapid reset)",
+            m.http2_calmed.clone(),
         );
         r.register(
             "tcp_idle_timeouts",
@@ -593,6 +600,9 @@ impl Metrics {
         let peer_identity = labels.peer_identity.clone();
         let labels = self.omit.traffic(&labels);
         HttpMetrics {
+            calmed: self.http2_calmed.get_or_create_owned(&DirectionLabels {
+                direction: labels.direction,
+            }),
             peer_identity,
             omit_route: self.omit.route,
             denied: self.authz_denied.get_or_create_owned(&labels),
@@ -671,6 +681,8 @@ pub struct HttpMetrics {
     pub requests: Counter,
     /// Requests refused by inbound policy.
     pub denied: Counter,
+    /// HTTP/2 connections ended for abuse (GOAWAY ENHANCE_YOUR_CALM).
+    pub calmed: Counter,
     durations: HistogramFamily<DurationLabels>,
     /// The routes this connection's requests took, with their latency histograms: few
     /// per connection, so a request finds its own without touching the family.

@@ -1,0 +1,265 @@
+//! Hostile input the security issue did not try (issue 17), kept as tests: each drives a
+//! real proxy in a namespace pod the way an attacker would, counts what the attack
+//! achieved, and fails if it works again.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use remora_tests::{
+    Binaries, Pod, PodPair, Proxy, backend,
+    client::{self, metrics, sample},
+    e2e_enabled,
+};
+
+/// What an HTTP/2 app behind the proxy saw: requests started, in flight now, and the
+/// most in flight at once. Each request takes 20 ms of the app's time.
+#[derive(Clone, Default)]
+struct Counts {
+    started: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
+}
+
+struct InFlight(Counts);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An HTTP/2-only app (prior knowledge, as gRPC servers are) on `addr` in `pod`.
+fn h2_app(pod: &Pod, addr: SocketAddr) -> Counts {
+    let counts = Counts::default();
+    let listener = pod.listen(addr);
+    let shared = counts.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let counts = shared.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req| {
+                    let counts = counts.clone();
+                    async move {
+                        counts.started.fetch_add(1, Ordering::Relaxed);
+                        let now = counts.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+                        counts.most.fetch_max(now, Ordering::Relaxed);
+                        let _guard = InFlight(counts);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    counts
+}
+
+/// One HTTP/2 `GET /` on a connection of its own: the status.
+async fn h2_get(pod: &Pod, addr: SocketAddr) -> anyhow::Result<u16> {
+    let mut sender = client::http2(pod, addr).await?;
+    let req = Request::get(format!("http://{addr}/")).body(client::empty())?;
+    let rsp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await??;
+    Ok(rsp.status().as_u16())
+}
+
+/// HTTP/2 rapid reset (CVE-2023-44487) against an HTTP/2 app behind the inbound proxy:
+/// one connection opens streams and resets each at once, so the server's concurrency
+/// limit never holds it back. The proxy must not turn that into unbounded work for the
+/// app, must end the connection, and must go on serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_costs_the_app_little_and_ends_the_attackers_connection()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let _proxy = Proxy::start(&pods.server, &bins, &[]).await;
+
+    // The attack: HEADERS then RST_STREAM, as fast as the connection takes them.
+    const STREAMS: usize = 20_000;
+    let tcp = pods.client.connect(app_addr).await?;
+    let (h2, conn) = h2::client::handshake(tcp).await?;
+    let conn = tokio::spawn(conn);
+    let started = Instant::now();
+    let mut opened = 0;
+    let mut sender = Some(h2);
+    while let Some(h2) = sender.take() {
+        if opened == STREAMS || started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        let Ok(Ok(mut h2)) = tokio::time::timeout(Duration::from_secs(5), h2.ready()).await else {
+            break;
+        };
+        let req = Request::get(format!("http://{app_addr}/")).body(())?;
+        let Ok((_rsp, mut stream)) = h2.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+        sender = Some(h2);
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+
+    // Everyone else is served after, on a connection of their own.
+    let status = h2_get(&pods.client, app_addr).await?;
+    let detected = sample(
+        &metrics(&pods.server).await,
+        "remora_http2_abuse_goaways_total",
+        &[("direction", "inbound")],
+    );
+    let (app_started, app_most) = (
+        app.started.load(Ordering::Relaxed),
+        app.most.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "opened {opened} streams in {:?}; the app started {app_started}, at most {app_most} at once; connection ended: {ended:?}; detected {detected}",
+        started.elapsed()
+    );
+    assert_eq!(status, 200, "a well-behaved request after the attack");
+    assert!(
+        opened < STREAMS,
+        "the proxy took all {STREAMS} reset streams on one connection"
+    );
+    assert!(
+        matches!(ended, Ok(Ok(Err(_))) | Ok(Ok(Ok(())))),
+        "the attacker's connection was not ended: {ended:?}"
+    );
+    assert_eq!(detected, 1.0, "the closed connection is counted");
+    // The app never held more than the proxy's stream limit, and did a small share
+    // of what the attacker asked.
+    assert!(app_most <= 200, "{app_most} requests at once in the app");
+    assert!(
+        app_started <= 2_000,
+        "{app_started} requests started in the app for {opened} reset streams"
+    );
+    Ok(())
+}
+
+/// What one flooding client got: scrapes answered 200, scrapes answered 429, and
+/// connections closed before an answer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flood {
+    served: usize,
+    throttled: usize,
+    closed: usize,
+}
+
+/// Scrapes `/metrics` at `admin` from `pod` as fast as one keep-alive connection allows,
+/// reconnecting when the server closes it, until `until`.
+async fn flood(pod: Pod, admin: SocketAddr, until: Instant) -> Flood {
+    let mut got = Flood::default();
+    while Instant::now() < until {
+        let Ok(mut sender) = client::http1(&pod, admin).await else {
+            got.closed += 1;
+            continue;
+        };
+        while Instant::now() < until {
+            let req = Request::get("/metrics")
+                .header("host", admin.to_string())
+                .body(client::empty())
+                .expect("a request");
+            match sender.send_request(req).await {
+                Ok(rsp) => {
+                    let status = rsp.status().as_u16();
+                    let _ = http_body_util::BodyExt::collect(rsp.into_body()).await;
+                    match status {
+                        200 => got.served += 1,
+                        429 => got.throttled += 1,
+                        other => panic!("/metrics answered {other}"),
+                    }
+                }
+                Err(_) => {
+                    got.closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    got
+}
+
+/// The admin port is open to the pod network (probes, scrapes): 64 connections from one
+/// client scraping as fast as they can get a client's share — 8 connections — and
+/// `/metrics` at 20 encodings a second; the rest is closed or answered 429, and counted.
+/// Meanwhile the traffic the proxy carries goes on, and another client (the kubelet's
+/// probe, here the pod's loopback) is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_flood_on_the_admin_port_is_bounded_and_traffic_goes_on() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let _ = backend::http(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let _proxy = Proxy::start(&pods.server, &bins, &[]).await;
+    let app = SocketAddr::new(pods.server.ip, 8080);
+    let admin = SocketAddr::new(pods.server.ip, 4191);
+
+    let seconds = 3;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let flooders: Vec<_> = (0..64)
+        .map(|_| {
+            let pod = Pod::borrowed(pods.client.name.clone(), pods.client.ip);
+            tokio::spawn(flood(pod, admin, until))
+        })
+        .collect();
+    // The traffic, and a probe from another address, while the flood lasts.
+    let (mut requests, mut answered, mut probes) = (0, 0, 0);
+    while Instant::now() < until {
+        requests += 1;
+        if let Ok((200, _)) = client::get(&pods.client, app, "/hello").await {
+            answered += 1;
+        }
+        if requests % 20 == 0
+            && let Ok((200, _)) =
+                client::get(&pods.server, "127.0.0.1:4191".parse()?, "/ready").await
+        {
+            probes += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut total = Flood::default();
+    for f in flooders {
+        let f = f.await?;
+        total.served += f.served;
+        total.throttled += f.throttled;
+        total.closed += f.closed;
+    }
+    eprintln!("flood: {total:?}; traffic {answered} of {requests}; probes {probes}");
+    assert_eq!(answered, requests, "traffic failed under the flood");
+    assert_eq!(probes, requests / 20, "a probe from another address failed");
+    // 20 a second and a burst of 40, whatever the flood asked.
+    let most = 20 * seconds as usize + 40 + 5;
+    assert!(total.served <= most, "{} scrapes encoded", total.served);
+    assert!(total.served >= 20, "the flood got no share: {total:?}");
+    assert!(total.throttled > 0 && total.closed > 0, "{total:?}");
+    // Once the bucket refills, the refusals are there to see.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = metrics(&pods.server).await;
+    for reason in ["client_connections", "scrape_rate"] {
+        let n = sample(&text, "remora_admin_refused_total", &[("reason", reason)]);
+        assert!(n > 0.0, "{reason}: {n}");
+    }
+    Ok(())
+}
