@@ -70,7 +70,7 @@ where
     let fwd = Arc::new(fwd);
     let idle = Arc::new(idle);
     let version = fwd.version();
-    let calmed = metrics.calmed.clone();
+    let abuse = metrics.abuse();
     let svc = service_fn(move |req| {
         let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
         async move { Ok::<_, Infallible>(forward(req, &*fwd, metrics, idle).await) }
@@ -117,7 +117,7 @@ where
         if abused(&error) {
             // h2 ends a connection whose client resets or breaks streams faster than
             // it uses them (rapid reset, CVE-2023-44487): counted, and said once.
-            calmed.inc();
+            abuse.inc();
             tracing::info!(%error, "HTTP/2 connection ended for abuse (GOAWAY ENHANCE_YOUR_CALM)");
         } else {
             debug!(%error, "HTTP connection ended with an error");

@@ -600,9 +600,7 @@ impl Metrics {
         let peer_identity = labels.peer_identity.clone();
         let labels = self.omit.traffic(&labels);
         HttpMetrics {
-            calmed: self.http2_calmed.get_or_create_owned(&DirectionLabels {
-                direction: labels.direction,
-            }),
+            calmed: self.http2_calmed.clone(),
             peer_identity,
             omit_route: self.omit.route,
             denied: self.authz_denied.get_or_create_owned(&labels),
@@ -675,6 +673,24 @@ impl Drop for ConnMetrics {
     }
 }
 
+/// Counts HTTP/2 connections ended for abuse (GOAWAY ENHANCE_YOUR_CALM), looking the
+/// series up only when one is (rarely).
+#[derive(Debug, Clone)]
+pub struct Abuse {
+    family: Family<DirectionLabels, Counter>,
+    direction: Direction,
+}
+
+impl Abuse {
+    pub fn inc(&self) {
+        self.family
+            .get_or_create(&DirectionLabels {
+                direction: self.direction,
+            })
+            .inc();
+    }
+}
+
 /// One connection's HTTP metric handles.
 #[derive(Debug, Clone)]
 pub struct HttpMetrics {
@@ -682,7 +698,7 @@ pub struct HttpMetrics {
     /// Requests refused by inbound policy.
     pub denied: Counter,
     /// HTTP/2 connections ended for abuse (GOAWAY ENHANCE_YOUR_CALM).
-    pub calmed: Counter,
+    calmed: Family<DirectionLabels, Counter>,
     durations: HistogramFamily<DurationLabels>,
     /// The routes this connection's requests took, with their latency histograms: few
     /// per connection, so a request finds its own without touching the family.
@@ -708,6 +724,14 @@ impl HttpMetrics {
     /// The access log, when it is on.
     pub fn access_log(&self) -> Option<&crate::access_log::AccessLog> {
         self.access_log.as_ref()
+    }
+
+    /// Where an HTTP/2 connection ended for abuse is counted.
+    pub fn abuse(&self) -> Abuse {
+        Abuse {
+            family: self.calmed.clone(),
+            direction: self.labels.direction,
+        }
     }
 
     /// The connection's labels.
