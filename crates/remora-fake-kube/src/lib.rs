@@ -670,41 +670,10 @@ fn port_forward(state: &Arc<Mutex<State>>, req: &mut Request<Incoming>) -> Optio
     Some(rsp)
 }
 
-/// `k=v` pairs of a query string, percent-decoded.
+/// `k=v` pairs of a query string, decoded as the API server reads them.
 fn form_pairs(query: &str) -> Vec<(String, String)> {
-    let decode = |s: &str| {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match (bytes[i], hex) {
-                (b'%', Some(b)) => {
-                    out.push(b);
-                    i += 3;
-                }
-                (b'+', _) => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                (b, _) => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    query
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (decode(k), decode(v))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
@@ -878,12 +847,12 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
-    let query = req.uri().query().unwrap_or("").to_string();
+    let query = form_pairs(req.uri().query().unwrap_or(""));
     let param = |k: &str| {
         query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .map(str::to_string)
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
     };
     let method = req.method().clone();
     let target = {
@@ -918,12 +887,9 @@ async fn serve(
             }
         },
     };
-    let selector = match form_pairs(&query)
-        .into_iter()
-        .find(|(k, _)| k == "labelSelector")
-    {
+    let selector = match param("labelSelector") {
         None => Vec::new(),
-        Some((_, text)) => match label_selector(&text) {
+        Some(text) => match label_selector(&text) {
             Ok(s) if s.is_empty() || target.name.is_none() => s,
             Ok(_) => {
                 return Ok(failure(
