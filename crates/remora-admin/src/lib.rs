@@ -10,7 +10,7 @@ pub mod time;
 
 pub use log::{LogFormat, LogLevel};
 pub use process::ProcessCollector;
-pub use server::{Admin, Readiness, serve};
+pub use server::{Admin, Readiness, ScrapeBudget, serve};
 
 use std::process::ExitCode;
 

@@ -83,6 +83,8 @@ pub struct Admin {
     pub shutdown: CancellationToken,
     /// Set once what they show exists.
     pub debug: std::sync::OnceLock<Arc<dyn DebugPages>>,
+    /// What `/metrics` may still encode this second.
+    pub scrapes: ScrapeBudget,
 }
 
 /// Connections one client address may hold at once: a kubelet's probes, a Prometheus
@@ -161,20 +163,30 @@ impl Drop for Slot {
     }
 }
 
-/// A token bucket for `/metrics`: `SCRAPES_PER_SECOND`, a burst of twice that.
-static SCRAPE_TOKENS: LazyLock<Mutex<(Instant, f64)>> =
-    LazyLock::new(|| Mutex::new((Instant::now(), 2.0 * SCRAPES_PER_SECOND)));
+/// One admin server's budget for `/metrics`: a token bucket of `SCRAPES_PER_SECOND`, a
+/// burst of twice that.
+#[derive(Debug)]
+pub struct ScrapeBudget(Mutex<(Instant, f64)>);
 
-fn scrape_allowed() -> bool {
-    let mut bucket = SCRAPE_TOKENS.lock();
-    let now = Instant::now();
-    let refill = now.duration_since(bucket.0).as_secs_f64() * SCRAPES_PER_SECOND;
-    *bucket = (now, (bucket.1 + refill).min(2.0 * SCRAPES_PER_SECOND));
-    if bucket.1 >= 1.0 {
-        bucket.1 -= 1.0;
-        true
-    } else {
-        false
+impl Default for ScrapeBudget {
+    fn default() -> Self {
+        Self(Mutex::new((Instant::now(), 2.0 * SCRAPES_PER_SECOND)))
+    }
+}
+
+impl ScrapeBudget {
+    /// Takes a token if there is one.
+    fn take(&self) -> bool {
+        let mut bucket = self.0.lock();
+        let now = Instant::now();
+        let refill = now.duration_since(bucket.0).as_secs_f64() * SCRAPES_PER_SECOND;
+        *bucket = (now, (bucket.1 + refill).min(2.0 * SCRAPES_PER_SECOND));
+        if bucket.1 >= 1.0 {
+            bucket.1 -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -237,7 +249,7 @@ pub async fn handle(
             ),
         },
         (&Method::GET, "/metrics") => {
-            if !scrape_allowed() {
+            if !admin.scrapes.take() {
                 refused("scrape_rate");
                 let mut rsp = text(
                     StatusCode::TOO_MANY_REQUESTS,

@@ -182,6 +182,7 @@ impl App {
             log,
             shutdown: CancellationToken::new(),
             debug: std::sync::OnceLock::new(),
+            scrapes: Default::default(),
         });
         let domains = Domains {
             trust_domain: config.trust_domain.clone(),

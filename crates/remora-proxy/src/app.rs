@@ -131,6 +131,7 @@ impl App {
             log,
             shutdown: CancellationToken::new(),
             debug: std::sync::OnceLock::new(),
+            scrapes: Default::default(),
         });
         let connector = Connector {
             timeout: config.connect_timeout,
