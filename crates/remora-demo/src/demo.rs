@@ -101,6 +101,24 @@ enum Step {
     StopController,
 }
 
+/// A moment the demo notes the apps' tallies (and the proxies' counters) at: each act,
+/// once its change has settled (what the summary judges from), and when to tell what it
+/// did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mark {
+    Fault,
+    FaultTold,
+    Canary10,
+    Canary10Settled,
+    Canary50,
+    Canary50Settled,
+    Deny,
+    DenySettled,
+    DenyTold,
+    Controller,
+    ControllerTold,
+}
+
 const ACTS: [(f64, Step); 5] = [
     (0.15, Step::Fault),
     (0.35, Step::Canary10),
@@ -338,7 +356,14 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     };
     let first = scrape_all(&plan, &controller_netns).await?;
     let start_tallies = tallies(&root);
-    let mut marks: BTreeMap<&'static str, (Tally, Tally)> = BTreeMap::new();
+    let mut marks: BTreeMap<Mark, (Tally, Tally)> = BTreeMap::new();
+    // The pods serving the api (what the AuthorizationPolicy of act 4 selects).
+    let servers: Vec<&str> = plan
+        .pods
+        .iter()
+        .filter(|p| p.labels.get("app").map(String::as_str) == Some(SERVICE))
+        .map(|p| p.name.as_str())
+        .collect();
     let mut history: VecDeque<(Instant, Vec<Scrape>)> = VecDeque::new();
     history.push_back((Instant::now(), first.clone()));
 
@@ -353,8 +378,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     // Marks to take later: once a change has settled, and when to tell what it did.
-    let mut pending: Vec<(Instant, &'static str)> = Vec::new();
-    let mut scrapes_at: BTreeMap<&'static str, Vec<Scrape>> = BTreeMap::new();
+    let mut pending: Vec<(Instant, Mark)> = Vec::new();
+    let mut scrapes_at: BTreeMap<Mark, Vec<Scrape>> = BTreeMap::new();
     let mut last = first.clone();
     loop {
         tick.tick().await;
@@ -368,7 +393,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             marks.insert(key, tallies(&root));
             scrapes_at.insert(key, last.clone());
             for (after, mark) in follow_ups(key) {
-                pending.push((Instant::now() + *after, mark));
+                pending.push((Instant::now() + *after, *mark));
             }
             // What the previous canary step did, now that it is over.
             if let Some(line) = canary_report(key, &marks) {
@@ -381,7 +406,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         let now = scrape_all(&plan, &controller_netns).await?;
         let at = Instant::now();
         let current = tallies(&root);
-        let due: Vec<&'static str> = pending
+        let due: Vec<Mark> = pending
             .iter()
             .filter(|(t, _)| at >= *t)
             .map(|(_, k)| *k)
@@ -389,7 +414,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         pending.retain(|(t, _)| at < *t);
         for key in due {
             marks.insert(key, current.clone());
-            if let Some(line) = tell(key, &marks, &current, &scrapes_at, &now) {
+            if let Some(line) = tell(key, &servers, &marks, &current, &scrapes_at, &now) {
                 screen.say(&line);
             }
         }
@@ -433,17 +458,16 @@ fn stats_file(root: &Path, pod: &str) -> PathBuf {
     root.join("stats").join(format!("{pod}.json"))
 }
 
-/// The marks an act's mark leads to, and how long after it each is taken: `+` once the
-/// change has settled (what the summary judges from), `!` when to tell what it did.
-fn follow_ups(key: &str) -> &'static [(Duration, &'static str)] {
+/// The marks an act's mark leads to, and how long after it each is taken.
+fn follow_ups(key: Mark) -> &'static [(Duration, Mark)] {
     const S: Duration = SETTLE;
     const TELL: Duration = Duration::from_secs(4);
     match key {
-        "fault" => &[(TELL, "fault!")],
-        "canary10" => &[(S, "canary10+")],
-        "canary50" => &[(S, "canary50+")],
-        "deny" => &[(S, "deny+"), (TELL, "deny!")],
-        "controller" => &[(TELL, "controller!")],
+        Mark::Fault => &[(TELL, Mark::FaultTold)],
+        Mark::Canary10 => &[(S, Mark::Canary10Settled)],
+        Mark::Canary50 => &[(S, Mark::Canary50Settled)],
+        Mark::Deny => &[(S, Mark::DenySettled), (TELL, Mark::DenyTold)],
+        Mark::Controller => &[(TELL, Mark::ControllerTold)],
         _ => &[],
     }
 }
@@ -467,13 +491,13 @@ fn canary_share(t: &Tally) -> Option<f64> {
 }
 
 /// When a canary step ends (the next act begins), what share api-v2 served during it.
-fn canary_report(key: &str, marks: &BTreeMap<&'static str, (Tally, Tally)>) -> Option<String> {
+fn canary_report(key: Mark, marks: &BTreeMap<Mark, (Tally, Tally)>) -> Option<String> {
     let (from, weight) = match key {
-        "canary50" => ("canary10+", 10),
-        "deny" => ("canary50+", 50),
+        Mark::Canary50 => (Mark::Canary10Settled, 10),
+        Mark::Deny => (Mark::Canary50Settled, 50),
         _ => return None,
     };
-    let t = marks.get(key)?.0.since(&marks.get(from)?.0);
+    let t = marks.get(&key)?.0.since(&marks.get(&from)?.0);
     let share = canary_share(&t)?;
     Some(format!(
         "        at {weight}%, api-v2 served {:.1}% of web's {} successful requests",
@@ -496,29 +520,30 @@ fn counter_where(scrape: &[Scrape], pod: &str, name: &str, with: &[(&str, &str)]
 /// What an act did, told a few seconds after it, from the apps' tallies and the proxies'
 /// counters.
 fn tell(
-    key: &str,
-    marks: &BTreeMap<&'static str, (Tally, Tally)>,
+    key: Mark,
+    servers: &[&str],
+    marks: &BTreeMap<Mark, (Tally, Tally)>,
     now: &(Tally, Tally),
-    scrapes_at: &BTreeMap<&'static str, Vec<Scrape>>,
+    scrapes_at: &BTreeMap<Mark, Vec<Scrape>>,
     scrape: &[Scrape],
 ) -> Option<String> {
-    let grown = |act: &str, pod: &str, name: &str, with: &[(&str, &str)]| {
+    let grown = |act: Mark, pod: &str, name: &str, with: &[(&str, &str)]| {
         let before = scrapes_at
-            .get(act)
+            .get(&act)
             .map_or(0, |s| counter_where(s, pod, name, with));
         counter_where(scrape, pod, name, with).saturating_sub(before)
     };
     match key {
-        "fault!" => {
-            let web = now.0.since(&marks.get("fault")?.0);
+        Mark::FaultTold => {
+            let web = now.0.since(&marks.get(&Mark::Fault)?.0);
             let failed = grown(
-                "fault",
+                Mark::Fault,
                 FAULTY,
                 "remora_http_responses_total",
                 &[("direction", "inbound"), ("status_code", "503")],
             );
-            let retries = grown("fault", CALLER, "remora_http_retries_total", &[]);
-            let ejections = grown("fault", CALLER, "remora_endpoint_ejections_total", &[]);
+            let retries = grown(Mark::Fault, CALLER, "remora_http_retries_total", &[]);
+            let ejections = grown(Mark::Fault, CALLER, "remora_endpoint_ejections_total", &[]);
             Some(format!(
                 "        since: {FAULTY} answered {failed} requests with 503; web's proxy \
                  retried {retries} on another replica, ejected {ejections}, and now sends \
@@ -528,12 +553,12 @@ fn tell(
                 web.done()
             ))
         }
-        "deny!" => {
-            let t = now.1.since(&marks.get("deny")?.1);
-            let web = now.0.since(&marks.get("deny")?.0);
-            let denied = [FAULTY, "api-1", "api-3", "api-v2-1"]
+        Mark::DenyTold => {
+            let t = now.1.since(&marks.get(&Mark::Deny)?.1);
+            let web = now.0.since(&marks.get(&Mark::Deny)?.0);
+            let denied = servers
                 .iter()
-                .map(|pod| grown("deny", pod, "remora_authz_denied_total", &[]))
+                .map(|pod| grown(Mark::Deny, pod, "remora_authz_denied_total", &[]))
                 .sum::<u64>();
             Some(format!(
                 "        since: the intruder got {} 403s of {} requests (the api's proxies \
@@ -543,8 +568,8 @@ fn tell(
                 pct(web.ok(), web.done())
             ))
         }
-        "controller!" => {
-            let web = now.0.since(&marks.get("controller")?.0);
+        Mark::ControllerTold => {
+            let web = now.0.since(&marks.get(&Mark::Controller)?.0);
             Some(format!(
                 "        since: web sent {} requests with no controller, {} succeeded",
                 web.done(),
@@ -561,7 +586,7 @@ async fn act(
     machine: &mut Machine,
     objects: &Path,
     screen: &mut Screen,
-) -> anyhow::Result<&'static str> {
+) -> anyhow::Result<Mark> {
     Ok(match step {
         Step::Fault => {
             machine.signal(FAULTY, Signal::SIGUSR1)?;
@@ -570,7 +595,7 @@ async fn act(
                  TrafficPolicy api retries on another replica, the balancer shuns {FAULTY}, \
                  the breaker ejects it after 5 failures in a row"
             ));
-            "fault"
+            Mark::Fault
         }
         Step::Canary10 => {
             write_atomically(objects, "canary.yaml", CANARY_10)?;
@@ -578,12 +603,12 @@ async fn act(
                 "ACT 3 — HTTPRoute api-canary (deploy/demo/canary-10.yaml): 10% of api's \
                  traffic to api-v2",
             );
-            "canary10"
+            Mark::Canary10
         }
         Step::Canary50 => {
             write_atomically(objects, "canary.yaml", CANARY_50)?;
             screen.say("        canary-50.yaml: the split goes to 50%");
-            "canary50"
+            Mark::Canary50
         }
         Step::DenyIntruder => {
             write_atomically(objects, "deny-intruder.yaml", DENY_INTRUDER)?;
@@ -591,7 +616,7 @@ async fn act(
                 "ACT 4 — AuthorizationPolicy api-callers (deploy/demo/deny-intruder.yaml): \
                  only web's identity may call the api; the intruder now gets 403",
             );
-            "deny"
+            Mark::Deny
         }
         Step::StopController => {
             machine.stop("controller", Duration::from_secs(2)).await?;
@@ -600,7 +625,7 @@ async fn act(
                 "ACT 5 — the controller is stopped: the proxies keep the last policy, \
                  endpoints and certificates, and traffic goes on",
             );
-            "controller"
+            Mark::Controller
         }
     })
 }
@@ -771,7 +796,7 @@ fn table(
 fn summarize(
     seconds: f64,
     start: &(Tally, Tally),
-    marks: &BTreeMap<&'static str, (Tally, Tally)>,
+    marks: &BTreeMap<Mark, (Tally, Tally)>,
     end: &(Tally, Tally),
     whole: &[(String, Row)],
     last: &[Scrape],
@@ -779,12 +804,12 @@ fn summarize(
     let web_between = |from: Option<&(Tally, Tally)>, to: Option<&(Tally, Tally)>| {
         from.zip(to).map(|(a, b)| b.0.since(&a.0))
     };
-    let canary = |from: &str, to: &str| {
-        web_between(marks.get(from), marks.get(to)).and_then(|t| canary_share(&t))
+    let canary = |from: Mark, to: Mark| {
+        web_between(marks.get(&from), marks.get(&to)).and_then(|t| canary_share(&t))
     };
     let none = Tally::default();
-    let since = |key: &str, i: usize| -> Tally {
-        marks.get(key).map_or(none.clone(), |m| {
+    let since = |key: Mark, i: usize| -> Tally {
+        marks.get(&key).map_or(none.clone(), |m| {
             let (a, b) = if i == 0 {
                 (&m.0, &end.0)
             } else {
@@ -793,9 +818,9 @@ fn summarize(
             b.since(a)
         })
     };
-    let deny_settled = since("deny+", 1);
+    let deny_settled = since(Mark::DenySettled, 1);
     let intruder_before = marks
-        .get("deny")
+        .get(&Mark::Deny)
         .map_or(none.clone(), |m| m.1.since(&start.1));
     let mtls_share = whole
         .iter()
@@ -808,11 +833,11 @@ fn summarize(
     Summary {
         duration_seconds: seconds,
         web: Outcome::of(&end.0.since(&start.0)),
-        during_fault: Outcome::of(&since("fault", 0)),
-        controller_down: Outcome::of(&since("controller", 0)),
+        during_fault: Outcome::of(&since(Mark::Fault, 0)),
+        controller_down: Outcome::of(&since(Mark::Controller, 0)),
         mtls_share,
-        canary_10: canary("canary10+", "canary50"),
-        canary_50: canary("canary50+", "deny"),
+        canary_10: canary(Mark::Canary10Settled, Mark::Canary50),
+        canary_50: canary(Mark::Canary50Settled, Mark::Deny),
         intruder_allowed_before: intruder_before.ok(),
         intruder_refused_after: deny_settled.status(403),
         intruder_allowed_after: deny_settled.ok(),
