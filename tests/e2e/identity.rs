@@ -161,3 +161,130 @@ async fn ready_waits_for_a_certificate_that_is_renewed_before_it_expires() {
     assert_eq!(status, 503, "{body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A controller with a development CA in `dir` and 10-second certificates, serving gRPC
+/// on `grpc` (`127.0.0.1:0` for any port) until `stop` fires: its gRPC address.
+async fn controller_until(
+    dir: &Path,
+    grpc: &str,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> SocketAddr {
+    std::fs::create_dir_all(dir.join("objects")).unwrap();
+    std::fs::write(
+        dir.join("tokens.yaml"),
+        "- {token: web-token, namespace: shop, serviceAccount: web}\n",
+    )
+    .unwrap();
+    let args = [
+        "remora-controller",
+        "--source",
+        &format!("dir:{}", dir.join("objects").display()),
+        "--grpc-addr",
+        grpc,
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--dev-ca",
+        &dir.join("ca").display().to_string(),
+        "--token-validator",
+        &format!("static:{}", dir.join("tokens.yaml").display()),
+        "--cert-lifetime",
+        "10s",
+    ]
+    .map(String::from);
+    let config = remora_controller::Config::load(args, &|_| None).unwrap();
+    let controller = remora_controller::App::build(config, LogLevel::detached("info"))
+        .await
+        .unwrap();
+    let addr = controller.grpc_addr().unwrap();
+    tokio::spawn(controller.run(async move {
+        let _ = stop.await;
+    }));
+    addr
+}
+
+fn failures(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("remora_identity_certify_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Issue 17: the issuer out of reach as the certificate nears expiry. The failed
+/// renewals are counted (beside the expiry time, what an alert needs) while the proxy
+/// stays ready on the certificate it has; at expiry it becomes unready, saying why, and
+/// once the controller is back it is certified and ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_cannot_be_renewed_is_said_ahead_and_expiry_makes_the_proxy_unready() {
+    let dir = std::env::temp_dir().join(format!("remora-proxy-expiry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let grpc = controller_until(&dir, "127.0.0.1:0", stopped).await;
+    let admin = proxy(&dir, grpc, "web-token", None).await;
+    let wait_for = async |what: &str, limit: Duration, ok: &dyn Fn(u16, &str) -> bool| {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (status, body) = get(admin, "/ready").await;
+            if ok(status, &body) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: /ready {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for("certified", Duration::from_secs(10), &|s, _| s == 200).await;
+    let metrics = get(admin, "/metrics").await.1;
+    let expires = expiry(&metrics).expect("expiry metric");
+    assert_eq!(failures(&metrics), 0.0, "{metrics}");
+
+    // The controller goes away: the renewal at about 7 s fails, and is counted, while
+    // the proxy serves on with the certificate it has.
+    stop.send(()).unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let mut failed_before_expiry = 0.0;
+    while now() < expires - 1 {
+        let metrics = get(admin, "/metrics").await.1;
+        failed_before_expiry = failures(&metrics);
+        if failed_before_expiry > 0.0 {
+            assert_eq!(
+                expiry(&metrics),
+                Some(expires),
+                "the expiry stays what it is"
+            );
+            assert_eq!(get(admin, "/ready").await.0, 200, "ready until expiry");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        failed_before_expiry > 0.0,
+        "no failed renewal counted before expiry"
+    );
+
+    // At expiry: unready, saying why (within a second or two of it).
+    wait_for("unready at expiry", Duration::from_secs(8), &|s, body| {
+        s == 503 && body.contains("expired")
+    })
+    .await;
+    assert!(now() >= expires, "unready before the certificate expired");
+
+    // The controller is back at the same address: certified again, and ready.
+    let (_stop, stopped) = tokio::sync::oneshot::channel();
+    let back = controller_until(&dir, &grpc.to_string(), stopped).await;
+    assert_eq!(back, grpc);
+    wait_for("ready again", Duration::from_secs(30), &|s, _| s == 200).await;
+    let metrics = get(admin, "/metrics").await.1;
+    assert!(
+        expiry(&metrics).unwrap() > expires,
+        "a new certificate: {metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

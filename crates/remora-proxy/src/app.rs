@@ -261,8 +261,11 @@ impl App {
             channels,
         } = self;
         if let (Some(identity), Some(channels)) = (identity, &channels) {
-            let expiry = sides.metrics.cert_expiry.clone();
-            tokio::spawn(identity.run(channels.identity.clone(), admin.readiness.clone(), expiry));
+            let counted = identity::Counted {
+                expiry: sides.metrics.cert_expiry.clone(),
+                failures: sides.metrics.certify_failures.clone(),
+            };
+            tokio::spawn(identity.run(channels.identity.clone(), admin.readiness.clone(), counted));
         }
         for (e, source) in config.effective.iter().map(|e| (e, e.source)) {
             info!(target: "remora_proxy::config", "{}={} ({source})", e.env, e.value);

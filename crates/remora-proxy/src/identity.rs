@@ -8,17 +8,28 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use remora_admin::Readiness;
 use remora_api::v1 as api;
 use tokio::sync::watch;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
 /// What readiness waits for.
 pub const READY_REASON: &str = "identity certificate";
+/// Why a proxy whose certificate expired unrenewed is not ready: meshed peers refuse
+/// it, so Kubernetes should send its traffic to pods that can serve.
+pub const EXPIRED_REASON: &str = "identity certificate expired, not renewed";
+
+/// What the renewal loop keeps up to date in the proxy's metrics.
+pub struct Counted {
+    /// When the certificate in use expires, seconds since the epoch.
+    pub expiry: Gauge,
+    /// Certify calls that failed.
+    pub failures: Counter,
+}
 
 /// When to renew, as a share of the certificate's lifetime.
 const RENEW_AT: f64 = 0.7;
@@ -145,6 +156,22 @@ impl Identity {
                 source,
             }
         })?;
+        let req = self.request(token.trim())?;
+        let spiffe = req.identity.clone();
+        let rsp = client
+            .certify(req)
+            .await
+            .map_err(|status| IdentityError::Refused {
+                identity: spiffe,
+                status,
+            })?
+            .into_inner();
+        self.accept(rsp)
+    }
+
+    /// The request for a certificate of this proxy's identity: `token` proves it, the
+    /// CSR names it (URI and DNS SANs) with this proxy's key.
+    pub fn request(&self, token: &str) -> Result<api::CertifyRequest, IdentityError> {
         let spiffe = self.config.spiffe_id();
         let dns = self.config.server_name();
         let key_err = |e: rcgen::Error| IdentityError::Key(e.to_string());
@@ -154,19 +181,17 @@ impl Identity {
             SanType::DnsName(dns.as_str().try_into().map_err(key_err)?),
         ];
         let csr = params.serialize_request(&self.key).map_err(key_err)?;
-        let req = api::CertifyRequest {
-            token: token.trim().to_string(),
-            identity: spiffe.clone(),
+        Ok(api::CertifyRequest {
+            token: token.to_string(),
+            identity: spiffe,
             certificate_signing_request: csr.der().to_vec(),
-        };
-        let rsp = client
-            .certify(req)
-            .await
-            .map_err(|status| IdentityError::Refused {
-                identity: spiffe.clone(),
-                status,
-            })?
-            .into_inner();
+        })
+    }
+
+    /// Checks the controller's answer: a certificate for this proxy's identity, and only
+    /// that, not yet expired. The key is the one the request was made with.
+    pub fn accept(&self, rsp: api::CertifyResponse) -> Result<Credentials, IdentityError> {
+        let spiffe = self.config.spiffe_id();
         let bad = |m: String| IdentityError::BadCertificate(m);
         let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(&rsp.leaf_certificate)
             .map_err(|e| bad(format!("not a certificate: {e}")))?;
@@ -205,20 +230,45 @@ impl Identity {
         })
     }
 
+    /// How long the certificate in use has left (zero once expired); None before the first.
+    fn expires_in(&self) -> Option<Duration> {
+        let current = self.current.borrow();
+        let creds = current.as_ref()?;
+        Some(
+            creds
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+
     /// Certifies now, then renews at 70 % of each lifetime; retries failures with backoff.
-    /// Releases `readiness` after the first certificate.
-    pub async fn run(self: Arc<Self>, channel: Channel, readiness: Arc<Readiness>, expiry: Gauge) {
+    /// Releases `readiness` after the first certificate. A failed renewal says how long
+    /// the certificate has left, at each retry, and the retries never sleep past its
+    /// expiry; once it has expired unrenewed the proxy holds readiness until a renewal
+    /// succeeds.
+    pub async fn run(
+        self: Arc<Self>,
+        channel: Channel,
+        readiness: Arc<Readiness>,
+        counted: Counted,
+    ) {
         let mut client = api::identity_client::IdentityClient::new(channel);
         let mut retry = RETRY_MIN;
+        let mut expired = false;
         loop {
             match self.certify(&mut client).await {
                 Ok(creds) => {
                     retry = RETRY_MIN;
+                    if std::mem::take(&mut expired) {
+                        info!("certified again after the certificate expired: ready");
+                        readiness.release(EXPIRED_REASON);
+                    }
                     let expires = creds
                         .not_after
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .unwrap_or_default();
-                    expiry.set(expires.as_secs() as i64);
+                    counted.expiry.set(expires.as_secs() as i64);
                     // 70 % of what is left now: the issuer may backdate notBefore for clock
                     // skew, which must not pull the renewal earlier.
                     let left = creds
@@ -232,9 +282,41 @@ impl Identity {
                     tokio::time::sleep(wait).await;
                 }
                 Err(error) => {
-                    warn!(%error, retry_in = ?retry, "certification failed");
-                    tokio::time::sleep(retry.mul_f64(0.5 + crate::rng::fraction())).await;
+                    counted.failures.inc();
+                    let pause = retry.mul_f64(0.5 + crate::rng::fraction());
                     retry = (retry * 2).min(RETRY_MAX);
+                    let pause = match self.expires_in() {
+                        None => {
+                            warn!(%error, retry_in = ?pause, "certification failed");
+                            pause
+                        }
+                        Some(left) if left.is_zero() => {
+                            if !expired {
+                                error!(
+                                    %error,
+                                    "the certificate expired and could not be renewed: not ready \
+                                     until it is (meshed peers refuse connections with it)"
+                                );
+                                readiness.hold(EXPIRED_REASON);
+                                expired = true;
+                            } else {
+                                warn!(%error, retry_in = ?pause, "certification failed; the certificate has expired");
+                            }
+                            pause
+                        }
+                        Some(left) => {
+                            warn!(
+                                %error,
+                                expires_in = ?left,
+                                retry_in = ?pause.min(left),
+                                "certification failed; the certificate in use expires in {} s",
+                                left.as_secs()
+                            );
+                            // Wake at expiry at the latest, to become unready on time.
+                            pause.min(left)
+                        }
+                    };
+                    tokio::time::sleep(pause).await;
                 }
             }
         }

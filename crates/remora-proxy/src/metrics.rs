@@ -278,6 +278,8 @@ pub struct Metrics {
     pub control_reconnects: Counter,
     /// When the current certificate expires, seconds since the epoch.
     pub cert_expiry: Gauge,
+    /// Certify calls that failed (the first or a renewal).
+    pub certify_failures: Counter,
     /// The traffic label sets in use, for expiry.
     series: Arc<series::Series>,
     /// Lines of the access log dropped because its queue was full.
@@ -318,6 +320,7 @@ impl Metrics {
             authz_fallbacks: Counter::default(),
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
+            certify_failures: Counter::default(),
             series: Arc::default(),
             access_log_dropped: Counter::default(),
             series_expired: Counter::default(),
@@ -446,6 +449,11 @@ impl Metrics {
             "When the proxy's certificate expires, seconds since the epoch",
             Unit::Seconds,
             m.cert_expiry.clone(),
+        );
+        r.register(
+            "identity_certify_failures",
+            "Certify calls to the controller that failed (unreachable, a refused token or CSR, an unusable answer)",
+            m.certify_failures.clone(),
         );
         m
     }
