@@ -1,11 +1,13 @@
 # The short commands the README names. `make test` is what CI runs.
 
 CARGO ?= cargo
+# Recipes use bash (PIPESTATUS in the fuzz runs).
+SHELL := /bin/bash
 # cargo-nextest runs each test in its own process (the end-to-end tests build network
 # namespaces and spawn proxies); plain `cargo test` is the fallback.
 TEST_RUNNER := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo "nextest run --no-fail-fast" || echo "test")
 
-.PHONY: build test lint fmt codegen static static-test images demo
+.PHONY: build test lint fmt codegen static static-test images demo fuzz fuzz-smoke fuzz-seeds
 
 # Everything `make test` runs is built for the machine's musl target: the libc the images
 # ship, and one compile set shared by the binaries, the tests and the images suite's static
@@ -30,9 +32,11 @@ lint: build
 	target/$(MUSL_TARGET)/debug/xtask codegen --check
 
 # Formatting, lints, generated files, then every test: unit, stack, in-process and the
-# end-to-end suite (root, iptables and network namespaces; it fails loudly without them).
+# end-to-end suite (root, iptables and network namespaces; it fails loudly without them),
+# and last a short run of every fuzz target (cargo-fuzz).
 test: build lint static-test
 	$(CARGO) $(TEST_RUNNER) --workspace --target $(MUSL_TARGET)
+	$(MAKE) --no-print-directory fuzz-smoke
 
 fmt:
 	$(CARGO) fmt --all
@@ -87,3 +91,47 @@ SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 demo:
 	$(CARGO) build --release --target $(MUSL_TARGET) $(RELEASE_PACKAGES)
 	$(SUDO) target/$(MUSL_TARGET)/release/remora-demo $(if $(DURATION),--duration $(DURATION))
+
+# Fuzzing (cargo-fuzz; the targets are in fuzz/, what they run in crates/remora-fuzz; see
+# docs/reliability.md). Each target starts from the seeds `remora-fuzz seeds` writes (from
+# the repository's YAML and the tests' inputs) and grows fuzz/corpus/<target>/; a crash is
+# left in fuzz/artifacts/<target>/ and fails the run: move it to fuzz/regressions/<target>/
+# (replayed by `make test`) with the fix. cargo-fuzz passes nightly-only flags to rustc:
+# RUSTC_BOOTSTRAP lets the stable toolchain take them, so no second toolchain is needed.
+# `make fuzz` runs every target FUZZ_SECONDS (default 600) in turn; `make fuzz-smoke`
+# (the end of `make test`) FUZZ_SMOKE_SECONDS (default 10). FUZZ_TARGETS= picks some.
+FUZZ_TARGETS ?= $(sort $(basename $(notdir $(wildcard fuzz/fuzz_targets/*.rs))))
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+FUZZ_SANITIZER ?= none
+FUZZ_CARGO := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+fuzz-seeds: build
+	rm -rf fuzz/seeds
+	target/$(MUSL_TARGET)/debug/remora-fuzz seeds fuzz/seeds
+
+fuzz: fuzz-seeds
+	$(call fuzz_run,$(FUZZ_SECONDS))
+
+fuzz-smoke: fuzz-seeds
+	$(call fuzz_run,$(FUZZ_SMOKE_SECONDS))
+
+# $(call fuzz_run,SECONDS): builds the targets, then runs each for SECONDS; prints each
+# one's executions and corpus, and on a crash its log's end, and fails.
+define fuzz_run
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || { echo "make: fuzzing needs cargo-fuzz (cargo install --locked cargo-fuzz)" >&2; exit 1; }
+	cd fuzz && $(FUZZ_CARGO) build --sanitizer $(FUZZ_SANITIZER)
+	@mkdir -p fuzz/logs
+	@failed=; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		if (cd fuzz && $(FUZZ_CARGO) run --sanitizer $(FUZZ_SANITIZER) $$t corpus/$$t seeds/$$t -- \
+			-max_total_time=$(1) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1) >fuzz/logs/$$t.log 2>&1; then \
+			printf 'fuzz %-17s %12s runs in %ss, corpus %s inputs\n' $$t \
+				"$$(sed -n 's/^stat::number_of_executed_units: *//p' fuzz/logs/$$t.log)" $(1) \
+				"$$(ls fuzz/corpus/$$t | wc -l)"; \
+		else \
+			echo "fuzz $$t: FAILED (fuzz/logs/$$t.log; the input is in fuzz/artifacts/$$t/):" >&2; \
+			tail -n 40 fuzz/logs/$$t.log >&2; failed="$$failed $$t"; \
+		fi; \
+	done; test -z "$$failed" || { echo "make: fuzz targets failed:$$failed" >&2; exit 1; }
+endef

@@ -5,7 +5,7 @@
 mod body;
 mod client_body;
 mod forward;
-mod headers;
+pub mod headers;
 pub mod pool;
 pub mod replay;
 mod upstream;

@@ -7,7 +7,12 @@ use remora_api::v1 as api;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::{Ca, TokenError, TokenValidator, ca::CertifyError, spiffe_id, throttle::Throttle};
+use super::{
+    Ca, TokenError, TokenValidator,
+    ca::{Certified, CertifyError},
+    spiffe_id,
+    throttle::Throttle,
+};
 use crate::{
     access::Caller,
     metrics::{CertifyResult, Metrics},
@@ -122,14 +127,20 @@ impl api::identity_server::Identity for IdentityService {
         };
         self.metrics.certified(CertifyResult::Issued);
         info!(identity = %entitled, "certified");
+        Ok(Response::new(out.into()))
+    }
+}
+
+impl From<Certified> for api::CertifyResponse {
+    fn from(out: Certified) -> Self {
         let until = out.not_after.duration_since(UNIX_EPOCH).unwrap_or_default();
-        Ok(Response::new(api::CertifyResponse {
+        Self {
             leaf_certificate: out.leaf_der,
             intermediate_certificates: out.chain_der,
             valid_until: Some(prost_types::Timestamp {
                 seconds: until.as_secs() as i64,
                 nanos: until.subsec_nanos() as i32,
             }),
-        }))
+        }
     }
 }

@@ -51,7 +51,8 @@ impl WorkloadPolicy {
         }
     }
 
-    fn get(&self, port: u16) -> &Arc<Policy> {
+    /// The policy of `port`.
+    pub fn get(&self, port: u16) -> &Arc<Policy> {
         self.ports.get(&port).unwrap_or(&self.other)
     }
 }

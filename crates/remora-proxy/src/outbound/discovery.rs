@@ -213,7 +213,7 @@ impl Discovery {
             client: Some(self.info.to_api()),
         };
         let mut stream = self.client.clone().get(req).await?.into_inner();
-        let mut state = State::default();
+        let mut state = StreamState::default();
         while let Some(update) = stream.message().await? {
             backoff.answered();
             if let Some(view) = state.apply(update) {
@@ -231,15 +231,15 @@ impl Discovery {
 
 /// The endpoints of one stream, rebuilt from snapshot and deltas.
 #[derive(Default)]
-struct State {
+pub struct StreamState {
     info: Option<api::TargetInfo>,
     endpoints: BTreeMap<SocketAddr, Endpoint>,
     exists: Option<bool>,
 }
 
-impl State {
+impl StreamState {
     /// Applies an update; the new view, or None if the update was malformed.
-    fn apply(&mut self, u: api::Update) -> Option<View> {
+    pub fn apply(&mut self, u: api::Update) -> Option<View> {
         if u.reset {
             self.endpoints.clear();
         }
@@ -351,7 +351,7 @@ mod tests {
 
     #[test]
     fn snapshot_then_deltas() {
-        let mut s = State::default();
+        let mut s = StreamState::default();
         let add = |eps| Some(api::update::Kind::Add(api::AddEndpoints { endpoints: eps }));
         let v = s
             .apply(api::Update {
@@ -408,7 +408,7 @@ mod tests {
 
     #[test]
     fn unknown_and_pod_targets() {
-        let mut s = State::default();
+        let mut s = StreamState::default();
         let unknown = api::update::Kind::NoEndpoints(api::NoEndpoints { exists: false });
         assert_eq!(
             s.apply(api::Update {
@@ -418,7 +418,7 @@ mod tests {
             }),
             Some(View::Passthrough)
         );
-        let mut s = State::default();
+        let mut s = StreamState::default();
         let add = api::update::Kind::Add(api::AddEndpoints {
             endpoints: vec![ep([10, 0, 0, 4], 8080, true)],
         });
@@ -430,7 +430,7 @@ mod tests {
             panic!("a pod target")
         };
         assert_eq!(endpoints[0].addr, SocketAddr::from(([10, 0, 0, 4], 8080)));
-        let mut s = State::default();
+        let mut s = StreamState::default();
         assert_eq!(
             s.apply(api::Update {
                 kind: None,
