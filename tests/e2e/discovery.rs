@@ -311,3 +311,80 @@ async fn a_change_made_while_the_controller_was_away_applies_as_soon_as_it_is_ba
     );
     Ok(())
 }
+
+/// Issue 17: the Service's endpoints change every 200 ms under load — each change drops
+/// one of the three servers and brings back the last one dropped, as a rollout's
+/// readiness flaps would — and no request fails. The servers stay up, so a request
+/// already sent to a dropped endpoint must be let finish, and a new one must go to an
+/// endpoint listed now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_churned_every_200ms_under_load_lose_no_request() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let (cluster, dir, _controller) = client_controller_and_servers(&bins).await;
+    for (role, _) in SERVERS {
+        let _ = backend::http(cluster.pod(role), "0.0.0.0:8080".parse()?);
+    }
+    let client_pod = cluster.pod("client");
+    client_pod.intercept(&bins);
+    let _proxy = Proxy::start(client_pod, &bins, &[("REMORA_CONTROLLER_ADDR", CONTROLLER)]).await;
+    let names: Vec<String> = SERVERS
+        .iter()
+        .map(|(r, _)| cluster.pod(r).name.clone())
+        .collect();
+    assert!(
+        whoami(client_pod).await.is_ok(),
+        "the Service answers before the churn"
+    );
+
+    const CHANGES: usize = 50;
+    let load = Load::start(client_pod);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for n in 0..CHANGES {
+        tick.tick().await;
+        let listed: Vec<_> = (0..SERVERS.len())
+            .filter(|i| *i != n % SERVERS.len())
+            .map(|i| SERVERS[i])
+            .collect();
+        write_atomically(&dir, "web.yaml", &objects(&cluster, &listed));
+    }
+    // The server the last change left out.
+    let last_dropped = (CHANGES - 1) % SERVERS.len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let settled_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let log = load.finish().await;
+
+    let t_all = tally(log.iter().map(|(_, r)| r));
+    let failed: usize = t_all
+        .iter()
+        .filter(|(k, _)| k.starts_with("ERROR"))
+        .map(|(_, n)| n)
+        .sum();
+    let total: usize = t_all.values().sum();
+    eprintln!("{CHANGES} changes every 200 ms: {total} requests, {failed} failed: {t_all:?}");
+    assert_eq!(
+        failed, 0,
+        "requests failed while endpoints churned: {t_all:?}"
+    );
+    assert!(total >= 200, "too little load to judge: {t_all:?}");
+    assert!(
+        names.iter().all(|n| t_all.contains_key(n)),
+        "every server took part: {t_all:?}"
+    );
+    // The churn was followed, not ignored: once settled, the endpoint the last change
+    // dropped gets nothing.
+    let settled = tally(
+        log.iter()
+            .filter(|(at, _)| *at > settled_at)
+            .map(|(_, r)| r),
+    );
+    assert!(
+        !settled.is_empty() && !settled.contains_key(&names[last_dropped]),
+        "{} still served after the last change dropped it: {settled:?}",
+        names[last_dropped]
+    );
+    Ok(())
+}

@@ -263,3 +263,95 @@ async fn a_scrape_flood_on_the_admin_port_is_bounded_and_traffic_goes_on() -> an
     }
     Ok(())
 }
+
+/// Lets this process (and the proxies it starts) hold `want` descriptors, within the
+/// hard limit.
+fn allow_descriptors(want: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).expect("setrlimit");
+    }
+}
+
+/// Many idle HTTP/2 connections: a client opens a thousand, each with the preface and
+/// SETTINGS and then nothing. Each must cost the proxy little memory (no per-connection
+/// buffers sized for traffic, no connection to the app for a client that asks nothing),
+/// a well-behaved client is served meanwhile, and when the attacker goes, its
+/// connections leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_http2_connections_cost_little_and_leave_nothing_behind()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    const IDLE: usize = 1_000;
+    allow_descriptors(4 * IDLE as u64);
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let proxy = Proxy::start(&pods.server, &bins, &[]).await;
+    assert_eq!(h2_get(&pods.client, app_addr).await?, 200);
+    let open = async || {
+        sample(
+            &metrics(&pods.server).await,
+            "remora_tcp_connections_open",
+            &[("direction", "inbound")],
+        )
+    };
+    // Until the first request's pooled connection has settled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (open_before, rss_before) = (open().await, proxy.rss_kib());
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        let tcp = pods.client.connect(app_addr).await?;
+        let (h2, conn) = h2::client::handshake(tcp).await?;
+        idle.push((h2, tokio::spawn(conn)));
+    }
+    // Every one accepted and past detection (the proxy counts it open once it is).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = open().await - open_before;
+    while held < IDLE as f64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = open().await - open_before;
+    }
+    let rss_held = proxy.rss_kib();
+    let status = h2_get(&pods.client, app_addr).await?;
+    let app_requests = app.started.load(Ordering::Relaxed);
+
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = open().await - open_before;
+    while left > 0.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = open().await - open_before;
+    }
+    let per_connection = rss_held.saturating_sub(rss_before) as f64 / IDLE as f64;
+    eprintln!(
+        "{IDLE} idle HTTP/2 connections: {held} held; RSS {rss_before} → {rss_held} KiB \
+         ({per_connection:.1} KiB each); a request meanwhile {status}; {left} left after they closed"
+    );
+    assert_eq!(
+        held, IDLE as f64,
+        "the proxy did not hold every idle connection"
+    );
+    assert_eq!(
+        status, 200,
+        "a well-behaved client beside the idle connections"
+    );
+    assert_eq!(app_requests, 2, "the idle connections reached the app");
+    assert_eq!(
+        left, 0.0,
+        "connections left open after the client closed them"
+    );
+    // An HTTP/2 server connection's state (HPACK tables, frame buffers, the task)
+    // is a few KiB; 64 KiB each would mean buffers sized for traffic.
+    assert!(
+        per_connection < 64.0,
+        "{per_connection:.1} KiB per idle HTTP/2 connection"
+    );
+    Ok(())
+}

@@ -844,16 +844,6 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     Ok(())
 }
 
-/// The proxy's resident memory, from /proc.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// An app that talks to 10,000 distinct destinations the mesh does not know (closed
 /// ports of an unmeshed pod): each is one more `target="passthrough"` connection, not a
 /// series of its own, so `/metrics` stays the size it was after the first hundred; and
@@ -866,7 +856,6 @@ async fn ten_thousand_destinations_add_no_series() -> anyhow::Result<()> {
     let bins = Binaries::new();
     let mesh = Mesh::start(&bins, "24h").await;
     let frontend = mesh.cluster.pod("frontend");
-    let pid = mesh.proxies[0].pid();
     // Requests to `ports`, 32 at a time. Nothing listens there: the app sees its
     // connection reset, as it would without the mesh (the proxy dials ahead for
     // destinations that are not Services), or the proxy's 502.
@@ -901,14 +890,14 @@ async fn ten_thousand_destinations_add_no_series() -> anyhow::Result<()> {
     let after_100 = client::get(frontend, "127.0.0.1:4191".parse()?, "/metrics")
         .await?
         .1;
-    let rss_100 = rss_kib(pid);
+    let rss_100 = mesh.proxies[0].rss_kib();
     call_each(20_100..25_000).await?;
-    let rss_5k = rss_kib(pid);
+    let rss_5k = mesh.proxies[0].rss_kib();
     call_each(25_000..30_000).await?;
     let after_10k = client::get(frontend, "127.0.0.1:4191".parse()?, "/metrics")
         .await?
         .1;
-    let rss_10k = rss_kib(pid);
+    let rss_10k = mesh.proxies[0].rss_kib();
 
     let opened = |text: &str| {
         client::sample(

@@ -252,6 +252,8 @@ pub struct Faults {
     pub most_busy: std::sync::atomic::AtomicU64,
     /// Send the headers and part of the body, then break the response.
     pub break_body: std::sync::atomic::AtomicBool,
+    /// Send the headers at once, then the body one byte every this many milliseconds.
+    pub trickle_ms: std::sync::atomic::AtomicU64,
     /// Stops listening: new connections are refused.
     closed: tokio::sync::Notify,
 }
@@ -345,6 +347,20 @@ pub fn faulty(pod: &Pod, addr: SocketAddr) -> std::sync::Arc<Faults> {
                                 let _ = tx.send_data(Bytes::from_static(b"partial")).await;
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                                 tx.abort("the backend breaks its response".into()).await;
+                            });
+                            return Ok::<_, Infallible>(Response::new(body.boxed()));
+                        }
+                        let trickle = knobs.trickle_ms.load(Relaxed);
+                        if trickle > 0 {
+                            let (mut tx, body) = crate::body::channel(1);
+                            let bytes = Bytes::from(name.to_string());
+                            tokio::spawn(async move {
+                                for i in 0..bytes.len() {
+                                    tokio::time::sleep(Duration::from_millis(trickle)).await;
+                                    if tx.send_data(bytes.slice(i..i + 1)).await.is_err() {
+                                        return;
+                                    }
+                                }
                             });
                             return Ok::<_, Infallible>(Response::new(body.boxed()));
                         }

@@ -108,6 +108,16 @@ async fn plaintext(addr: SocketAddr) -> Channel {
 /// A TLS channel to the controller at `addr`, verified against `anchors`, presenting
 /// `client` (a chain and its key) when given.
 fn tls(addr: SocketAddr, anchors: &str, client: Option<(Vec<Vec<u8>>, &KeyPair)>) -> Channel {
+    tls_from(None, addr, anchors, client)
+}
+
+/// [`tls`], from the local address `from` (another client, to a per-address limit).
+fn tls_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    anchors: &str,
+    client: Option<(Vec<Vec<u8>>, &KeyPair)>,
+) -> Channel {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(anchors.as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
@@ -130,6 +140,7 @@ fn tls(addr: SocketAddr, anchors: &str, client: Option<(Vec<Vec<u8>>, &KeyPair)>
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_with_connector_lazy(TlsConnector {
+            from,
             addr,
             config: Arc::new(config),
         })
@@ -137,6 +148,7 @@ fn tls(addr: SocketAddr, anchors: &str, client: Option<(Vec<Vec<u8>>, &KeyPair)>
 
 #[derive(Clone)]
 struct TlsConnector {
+    from: Option<std::net::IpAddr>,
     addr: SocketAddr,
     config: Arc<ClientConfig>,
 }
@@ -155,7 +167,11 @@ impl tower_service::Service<http::Uri> for TlsConnector {
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = tokio::net::TcpStream::connect(this.addr).await?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            if let Some(from) = this.from {
+                socket.bind(SocketAddr::new(from, 0))?;
+            }
+            let tcp = socket.connect(this.addr).await?;
             let name = ServerName::try_from(CONTROLLER_NAME).unwrap();
             let tls = tokio_rustls::TlsConnector::from(this.config)
                 .connect(name, tcp)
@@ -444,6 +460,17 @@ async fn certify_guessing_is_throttled_per_client_and_counted() {
     let earned = 10 + started.elapsed().as_secs() as u32 + 1;
     assert!((10..=earned).contains(&unauthenticated), "{codes:?}");
     assert_eq!(unauthenticated + exhausted, 100, "{codes:?}");
+    // Issue 17: a client held at the rate limit costs no one else: a proxy on another
+    // address, with a good token, is certified at once.
+    let mut other = api::identity_client::IdentityClient::new(tls_from(
+        Some("127.0.0.2".parse().unwrap()),
+        running.grpc,
+        &anchors,
+        None,
+    ));
+    let (csr, _key) = csr_for("shop", "web");
+    let issued = other.certify(request("web-token", WEB, csr)).await;
+    assert!(issued.is_ok(), "another client was refused: {issued:?}");
     let text = metrics(running.admin).await;
     assert_eq!(
         value(
@@ -528,4 +555,152 @@ async fn streams_are_bounded_per_client_and_their_targets_freed_when_they_end() 
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     panic!("{targets} targets still watched after every stream ended");
+}
+
+/// This process's resident memory (the controller runs in it), in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The Service `web` with `n` endpoints whose addresses depend on `generation`.
+fn big_service(generation: u32, n: u32) -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.50, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n",
+    );
+    for i in 0..n {
+        out.push_str(&format!(
+            "- {{addresses: [\"10.{}.{}.{}\"], conditions: {{ready: true}}, zone: zone-a}}\n",
+            generation % 250 + 1,
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    out
+}
+
+/// The addresses a stream of updates leaves, as a proxy would rebuild them.
+fn apply(view: &mut std::collections::BTreeSet<(Vec<u8>, u32)>, u: api::Update) {
+    if u.reset {
+        view.clear();
+    }
+    match u.kind {
+        Some(api::update::Kind::Add(a)) => {
+            for e in a.endpoints {
+                let a = e.address.unwrap();
+                view.insert((a.ip, a.port));
+            }
+        }
+        Some(api::update::Kind::Remove(r)) => {
+            for a in r.addresses {
+                view.remove(&(a.ip, a.port));
+            }
+        }
+        Some(api::update::Kind::NoEndpoints(_)) => view.clear(),
+        None => {}
+    }
+}
+
+/// Issue 17: a client that opens Destination streams and never reads them (its HTTP/2
+/// windows never reopen) while a large Service changes again and again. The controller
+/// must queue nothing it cannot send — each stream owes its reader the latest view, not
+/// every view in between — and must hold back no one else: a well-behaved watcher of
+/// the same Service sees the last change at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_queues_nothing_and_holds_back_no_one() {
+    const ENDPOINTS: u32 = 500;
+    const CHANGES: u32 = 30;
+    const STALLED: usize = 64;
+    let dir = std::env::temp_dir().join(format!("remora-identity-stall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("objects")).unwrap();
+    let write = |generation| {
+        let tmp = dir.join("objects/.web.yaml.tmp");
+        std::fs::write(&tmp, big_service(generation, ENDPOINTS)).unwrap();
+        std::fs::rename(&tmp, dir.join("objects/web.yaml")).unwrap();
+    };
+    write(0);
+    let running = controller(&dir, false, &["--grpc-plaintext"]).await;
+    let target = "10.96.0.50:80";
+
+    // The attacker: the smallest windows HTTP/2 allows it to ask for, and no reads.
+    let stalled = Endpoint::from_shared(format!("http://{}", running.grpc))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut dest = api::destination_client::DestinationClient::new(stalled);
+    let mut held = Vec::new();
+    for _ in 0..STALLED {
+        held.push(dest.get(destination(target)).await.unwrap().into_inner());
+    }
+    // The well-behaved watcher reads as updates come.
+    let mut watcher =
+        api::destination_client::DestinationClient::new(plaintext(running.grpc).await)
+            .get(destination(target))
+            .await
+            .unwrap()
+            .into_inner();
+    let view = Arc::new(parking_lot::Mutex::new(std::collections::BTreeSet::new()));
+    let seen = view.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(u)) = watcher.message().await {
+            apply(&mut seen.lock(), u);
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_before = rss_kib();
+
+    for generation in 1..=CHANGES {
+        write(generation);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The watcher has the last generation's endpoints within two seconds.
+    let last = (CHANGES % 250 + 1) as u8;
+    let mut current = false;
+    for _ in 0..100 {
+        {
+            let v = view.lock();
+            current = v.len() == ENDPOINTS as usize && v.iter().all(|(ip, _)| ip[1] == last);
+        }
+        if current {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let grown = rss_kib().saturating_sub(rss_before);
+    let text = metrics(running.admin).await;
+    eprintln!(
+        "{STALLED} unread streams through {CHANGES} changes of {ENDPOINTS} endpoints: RSS grew {grown} KiB; \
+         the watcher current: {current}"
+    );
+    assert!(
+        current,
+        "the well-behaved watcher did not get the last change"
+    );
+    assert_eq!(
+        value(&text, "remora_controller_streams_open"),
+        STALLED as f64 + 1.0,
+        "{text}"
+    );
+    // Each change replaces all 500 endpoints, tens of KiB of updates per stream:
+    // queueing them would be tens of MiB (64 streams × 30 changes). The latest view
+    // per stream is a few MiB in all.
+    assert!(
+        grown < 16 * 1024,
+        "the controller grew {grown} KiB for streams nobody reads"
+    );
+    drop(held);
+    reader.abort();
+    let _ = std::fs::remove_dir_all(&dir);
 }
