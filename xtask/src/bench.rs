@@ -6,9 +6,9 @@
 
 mod controller;
 mod envoy;
-mod load;
-mod procstat;
-mod report;
+pub mod load;
+pub mod procstat;
+pub mod report;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -184,10 +184,24 @@ pub struct PathRun {
 
 pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let controller = args.first().is_some_and(|a| a == "controller");
+    in_release(root, "bench", args)?;
+    if controller {
+        return run_controller(root, &args[1..]);
+    }
+    let opts = Options::parse(args)?;
+    if !e2e_enabled() {
+        anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
+    }
+    run_data_path(root, args, opts)
+}
+
+/// Makes sure `cargo xtask <command> <args>` runs as a release build, with release
+/// builds of the proxy, init and controller in `target/release/`: a debug load generator
+/// would be the bottleneck, so everything measured and measuring is optimised. From a
+/// debug build, re-runs itself in release and exits with its status.
+pub fn in_release(root: &Path, command: &str, args: &[String]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if cfg!(debug_assertions) {
-        // A debug load generator would be the bottleneck: measure with release builds of
-        // everything, the proxies and this harness alike.
         let status = std::process::Command::new(&cargo)
             .current_dir(root)
             .args([
@@ -197,11 +211,11 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
                 "--package",
                 "xtask",
                 "--",
-                "bench",
+                command,
             ])
             .args(args)
             .status()
-            .context("re-run the benchmark in release mode")?;
+            .with_context(|| format!("re-run `xtask {command}` in release mode"))?;
         std::process::exit(status.code().unwrap_or(1));
     }
     let built = std::process::Command::new(&cargo)
@@ -220,13 +234,10 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .status()
         .context("build the release binaries")?;
     anyhow::ensure!(built.success(), "building the release binaries failed");
-    if controller {
-        return run_controller(root, &args[1..]);
-    }
-    let opts = Options::parse(args)?;
-    if !e2e_enabled() {
-        anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
-    }
+    Ok(())
+}
+
+fn run_data_path(root: &Path, args: &[String], opts: Options) -> anyhow::Result<()> {
     let envoy_bin = match opts.envoy {
         Some(false) => None,
         Some(true) => envoy::binary(root, true)?,

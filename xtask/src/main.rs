@@ -7,8 +7,11 @@
 //! - `bench [options]` measures the data path against a direct connection and Envoy,
 //!   `bench controller [options]` the control plane under load;
 //!   and writes `BENCHMARKS.md` (see docs/benchmarks.md).
+//! - `soak [options]` keeps the mesh under load, churn and certificate renewals for
+//!   30 minutes and writes its figures to `docs/reliability.md`.
 
 mod bench;
+mod soak;
 
 use std::{fs, path::PathBuf};
 
@@ -29,8 +32,11 @@ fn main() -> anyhow::Result<()> {
         ["codegen"] => codegen(false),
         ["codegen", "--check"] => codegen(true),
         ["bench", ..] => bench::run(&root(), &args[1..]),
+        ["soak", ..] => soak::run(&root(), &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask codegen [--check] | cargo xtask bench [options]");
+            eprintln!(
+                "usage: cargo xtask codegen [--check] | cargo xtask bench [options] | cargo xtask soak [options]"
+            );
             std::process::exit(2);
         }
     }
@@ -40,18 +46,31 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `text` with what lies from `begin` to `end` (markers included) replaced by `section`,
+/// which carries the markers again; `file` names the text in errors.
+pub fn replace_marked(
+    text: &str,
+    begin: &str,
+    end: &str,
+    section: &str,
+    file: &str,
+) -> anyhow::Result<String> {
+    let (before, rest) = text
+        .split_once(begin)
+        .with_context(|| format!("{file} lacks the marker {begin}"))?;
+    let (_, after) = rest
+        .split_once(end)
+        .with_context(|| format!("{file} lacks the marker {end}"))?;
+    Ok(format!("{before}{section}{after}"))
+}
+
 fn codegen(check: bool) -> anyhow::Result<()> {
     let path = root().join("README.md");
     let readme = fs::read_to_string(&path).context("read README.md")?;
-    let (before, rest) = readme
-        .split_once(BEGIN)
-        .context("README.md lacks the config-reference BEGIN marker")?;
-    let (_, after) = rest
-        .split_once(END)
-        .context("README.md lacks the config-reference END marker")?;
+    let section = format!("{BEGIN}\n{}{END}", config_reference());
     let mut outputs = vec![(
         path,
-        format!("{before}{BEGIN}\n{}{END}{after}", config_reference()),
+        replace_marked(&readme, BEGIN, END, &section, "README.md")?,
     )];
     outputs.extend(crds()?);
     let mut stale = Vec::new();
