@@ -125,13 +125,13 @@ define fuzz_run
 	@failed=; for t in $(FUZZ_TARGETS); do \
 		mkdir -p fuzz/corpus/$$t; \
 		if (cd fuzz && $(FUZZ_CARGO) run --sanitizer $(FUZZ_SANITIZER) $$t corpus/$$t seeds/$$t -- \
-			-max_total_time=$(1) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1) >fuzz/logs/$$t.log 2>&1; then \
+			-max_total_time=$(1) -rss_limit_mb=2048 -timeout=10 -print_final_stats=1) >fuzz/logs/$$t-$(1)s.log 2>&1; then \
 			printf 'fuzz %-17s %12s runs in %ss, corpus %s inputs\n' $$t \
-				"$$(sed -n 's/^stat::number_of_executed_units: *//p' fuzz/logs/$$t.log)" $(1) \
+				"$$(sed -n 's/^stat::number_of_executed_units: *//p' fuzz/logs/$$t-$(1)s.log)" $(1) \
 				"$$(ls fuzz/corpus/$$t | wc -l)"; \
 		else \
-			echo "fuzz $$t: FAILED (fuzz/logs/$$t.log; the input is in fuzz/artifacts/$$t/):" >&2; \
-			tail -n 40 fuzz/logs/$$t.log >&2; failed="$$failed $$t"; \
+			echo "fuzz $$t: FAILED (fuzz/logs/$$t-$(1)s.log; the input is in fuzz/artifacts/$$t/):" >&2; \
+			tail -n 40 fuzz/logs/$$t-$(1)s.log >&2; failed="$$failed $$t"; \
 		fi; \
 	done; test -z "$$failed" || { echo "make: fuzz targets failed:$$failed" >&2; exit 1; }
 endef
