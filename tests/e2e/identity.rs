@@ -74,32 +74,8 @@ async fn proxy(
 async fn ready_waits_for_a_certificate_that_is_renewed_before_it_expires() {
     let dir = std::env::temp_dir().join(format!("remora-proxy-identity-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("objects")).unwrap();
-    std::fs::write(
-        dir.join("tokens.yaml"),
-        "- {token: web-token, namespace: shop, serviceAccount: web}\n",
-    )
-    .unwrap();
-    let args = vec![
-        "remora-controller".to_string(),
-        "--source".into(),
-        format!("dir:{}", dir.join("objects").display()),
-        "--grpc-addr".into(),
-        "127.0.0.1:0".into(),
-        "--admin-addr".into(),
-        "127.0.0.1:0".into(),
-        "--dev-ca".into(),
-        dir.join("ca").display().to_string(),
-        "--token-validator".into(),
-        format!("static:{}", dir.join("tokens.yaml").display()),
-        "--cert-lifetime".into(),
-        "10s".into(),
-    ];
-    let config = remora_controller::Config::load(args, &|_| None).unwrap();
     // Bound but not yet serving: the proxies start before the controller answers.
-    let controller = remora_controller::App::build(config, LogLevel::detached("info"))
-        .await
-        .unwrap();
+    let controller = controller(&dir, "127.0.0.1:0").await;
     let grpc = controller.grpc_addr().unwrap();
 
     let good = proxy(&dir, grpc, "web-token", None).await;
@@ -162,13 +138,10 @@ async fn ready_waits_for_a_certificate_that_is_renewed_before_it_expires() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A controller with a development CA in `dir` and 10-second certificates, serving gRPC
-/// on `grpc` (`127.0.0.1:0` for any port) until `stop` fires: its gRPC address.
-async fn controller_until(
-    dir: &Path,
-    grpc: &str,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> SocketAddr {
+/// A controller with a development CA in `dir`, static tokens (`web-token` is `shop/web`)
+/// and 10-second certificates, bound to `grpc` (`127.0.0.1:0` for any port), not yet
+/// serving.
+async fn controller(dir: &Path, grpc: &str) -> remora_controller::App {
     std::fs::create_dir_all(dir.join("objects")).unwrap();
     std::fs::write(
         dir.join("tokens.yaml"),
@@ -192,9 +165,18 @@ async fn controller_until(
     ]
     .map(String::from);
     let config = remora_controller::Config::load(args, &|_| None).unwrap();
-    let controller = remora_controller::App::build(config, LogLevel::detached("info"))
+    remora_controller::App::build(config, LogLevel::detached("info"))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// [`controller`], serving until `stop` fires: its gRPC address.
+async fn controller_until(
+    dir: &Path,
+    grpc: &str,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> SocketAddr {
+    let controller = controller(dir, grpc).await;
     let addr = controller.grpc_addr().unwrap();
     tokio::spawn(controller.run(async move {
         let _ = stop.await;
