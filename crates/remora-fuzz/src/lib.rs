@@ -159,9 +159,8 @@ pub fn http_request(data: &[u8]) {
         );
     }
 
-    let version = remora_proxy::http::pool::restore_orig_proto(&mut req);
+    remora_proxy::http::pool::restore_orig_proto(&mut req);
     assert!(!req.headers().contains_key("remora-orig-proto"));
-    let _ = version;
 }
 
 /// The controller's answer for a Service (`OutboundPolicy`), then a request routed by it.

@@ -261,7 +261,7 @@ impl Identity {
                 Ok(creds) => {
                     retry = RETRY_MIN;
                     if std::mem::take(&mut expired) {
-                        info!("certified again after the certificate expired: ready");
+                        info!("renewed after the certificate expired: ready again");
                         readiness.release(EXPIRED_REASON);
                     }
                     let expires = creds
@@ -285,37 +285,35 @@ impl Identity {
                     counted.failures.inc();
                     let pause = retry.mul_f64(0.5 + crate::rng::fraction());
                     retry = (retry * 2).min(RETRY_MAX);
-                    let pause = match self.expires_in() {
-                        None => {
-                            warn!(%error, retry_in = ?pause, "certification failed");
-                            pause
-                        }
-                        Some(left) if left.is_zero() => {
-                            if !expired {
-                                error!(
-                                    %error,
-                                    "the certificate expired and could not be renewed: not ready \
-                                     until it is (meshed peers refuse connections with it)"
-                                );
-                                readiness.hold(EXPIRED_REASON);
-                                expired = true;
-                            } else {
-                                warn!(%error, retry_in = ?pause, "certification failed; the certificate has expired");
-                            }
-                            pause
-                        }
-                        Some(left) => {
-                            warn!(
+                    let left = self.expires_in();
+                    // Wake at expiry at the latest, to become unready on time.
+                    let pause = left
+                        .filter(|l| !l.is_zero())
+                        .map_or(pause, |l| pause.min(l));
+                    match left {
+                        None => warn!(%error, retry_in = ?pause, "certification failed"),
+                        Some(left) if !left.is_zero() => warn!(
+                            %error,
+                            expires_in = ?left,
+                            retry_in = ?pause,
+                            "certification failed; the certificate in use expires in {} s",
+                            left.as_secs()
+                        ),
+                        Some(_) if !expired => {
+                            error!(
                                 %error,
-                                expires_in = ?left,
-                                retry_in = ?pause.min(left),
-                                "certification failed; the certificate in use expires in {} s",
-                                left.as_secs()
+                                "the certificate expired and could not be renewed: not ready \
+                                 until it is (meshed peers refuse connections with it)"
                             );
-                            // Wake at expiry at the latest, to become unready on time.
-                            pause.min(left)
+                            readiness.hold(EXPIRED_REASON);
+                            expired = true;
                         }
-                    };
+                        Some(_) => warn!(
+                            %error,
+                            retry_in = ?pause,
+                            "certification failed; the certificate has expired"
+                        ),
+                    }
                     tokio::time::sleep(pause).await;
                 }
             }
