@@ -480,6 +480,277 @@ async fn ten_second_certificates_rotate_under_traffic_without_a_failed_request()
     Ok(())
 }
 
+/// Requests from `frontend` to `web` while something else happens: pooled HTTP over one
+/// mTLS connection, and a new TLS handshake per TCP connection.
+#[derive(Default)]
+struct Load {
+    ok: u32,
+    failed: Vec<String>,
+    round: u32,
+}
+
+impl Load {
+    /// Rounds of requests until `done` holds (asked every 25 rounds), for at most `secs`.
+    async fn until(
+        &mut self,
+        pod: &Pod,
+        secs: u64,
+        what: &str,
+        mut done: impl AsyncFnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if self.round.is_multiple_of(25) && done().await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+            let round = self.round;
+            self.round += 1;
+            match hello(pod).await {
+                Ok((200, _, body)) if body == MARKER => self.ok += 1,
+                r => self.failed.push(format!("round {round} http: {r:?}")),
+            }
+            match echo(pod, format!("\x00round {round}").as_bytes()).await {
+                Ok(true) => self.ok += 1,
+                r => self.failed.push(format!("round {round} tcp: {r:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A root and an issuer under it, made with openssl as an operator would: the root's
+/// certificate, and the issuer's certificate and key (SEC1 P-256).
+fn openssl_ca(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let path = |f: &str| dir.join(format!("{name}-{f}")).display().to_string();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        path("ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    for key in ["root.key", "issuer.key"] {
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &path(key),
+        ]);
+    }
+    let subject = |what: &str| format!("/CN=Remora test {what} {name}");
+    openssl(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        &path("root.key"),
+        "-subj",
+        &subject("root"),
+        "-days",
+        "30",
+        "-sha256",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        &path("root.pem"),
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &path("issuer.key"),
+        "-subj",
+        &subject("issuer"),
+        "-out",
+        &path("issuer.csr"),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("issuer.csr"),
+        "-CA",
+        &path("root.pem"),
+        "-CAkey",
+        &path("root.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-sha256",
+        "-extfile",
+        &path("ext"),
+        "-out",
+        &path("issuer.pem"),
+    ]);
+    let read = |f: &str| std::fs::read_to_string(path(f)).unwrap();
+    (read("root.pem"), read("issuer.pem"), read("issuer.key"))
+}
+
+/// Replaces `name` in the controller's CA folder at once, readable by its UID only.
+fn replace_ca_file(dir: &std::path::Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(2102), Some(2102)).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// Issue 17: the trust anchors rotated (old and new overlapping, then the old one
+/// dropped) and the issuer switched, under traffic, with no restart and no failed
+/// request. The issuer is switched straight after the new root is added, too early:
+/// the controller holds it back until every proxy trusts its root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_anchors_and_the_issuer_rotate_under_traffic_without_a_failed_request()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let mesh = Mesh::start(&bins, "10s").await;
+    let (frontend, ctl) = (mesh.cluster.pod("frontend"), mesh.cluster.pod("ctl"));
+    let pods: Vec<&Pod> = ["frontend", "other", "web"]
+        .iter()
+        .map(|r| mesh.cluster.pod(r))
+        .collect();
+    let old_root = std::fs::read_to_string(mesh.ca.join("trust-anchors.pem"))?;
+    let (new_root, new_issuer, new_key) = openssl_ca(bins.dir(), "b");
+    let controller_metrics = async || {
+        let (status, text) = client::get(ctl, "127.0.0.1:9990".parse().unwrap(), "/metrics")
+            .await
+            .expect("scrape the controller");
+        assert_eq!(status, 200);
+        text
+    };
+    let reloads = async |result: &str| {
+        sample(
+            &controller_metrics().await,
+            "remora_controller_issuer_reloads_total",
+            &[("result", result)],
+        )
+    };
+    let anchors_everywhere = async |n: f64| {
+        for pod in &pods {
+            if sample(&metrics(pod).await, "remora_identity_trust_anchors", &[]) != n {
+                return false;
+            }
+        }
+        true
+    };
+    let controller_issuer = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &frontend.name,
+                "openssl",
+                "s_client",
+                "-connect",
+            ])
+            .arg("10.77.0.100:8086")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("i:").map(str::to_owned))
+            .unwrap_or_else(|| format!("no chain in: {text}"))
+    };
+    let mut load = Load::default();
+    let started = Instant::now();
+    load.until(frontend, 20, "traffic before", async || {
+        started.elapsed() > Duration::from_secs(3)
+    })
+    .await;
+    assert!(anchors_everywhere(1.0).await);
+    let issuer = controller_issuer();
+    assert!(issuer.contains("development issuer"), "{issuer}");
+
+    // 1. The new root beside the old one and, in the same breath, the new issuer: too
+    // early, as no proxy trusts its root yet. The controller hands out the bundle and
+    // holds the issuer back.
+    replace_ca_file(
+        &mesh.ca,
+        "trust-anchors.pem",
+        &format!("{old_root}{new_root}"),
+    );
+    replace_ca_file(&mesh.ca, "issuer.key", &new_key);
+    replace_ca_file(&mesh.ca, "issuer.pem", &new_issuer);
+    load.until(frontend, 20, "the new issuer held back", async || {
+        reloads("held").await == 1.0
+    })
+    .await;
+    assert_eq!(reloads("reloaded").await, 0.0);
+    load.until(frontend, 20, "both roots in every proxy", async || {
+        anchors_everywhere(2.0).await
+    })
+    .await;
+
+    // 2. One lifetime after the root was handed out, the new issuer signs; the
+    // controller's own certificate first.
+    load.until(frontend, 30, "the new issuer in use", async || {
+        reloads("reloaded").await == 1.0
+    })
+    .await;
+    load.until(frontend, 10, "the controller certified by it", async || {
+        controller_issuer().contains("issuer b")
+    })
+    .await;
+    // Every proxy renews within 7 s (70 % of 10 s): then no certificate from the old
+    // issuer is left.
+    let switched = Instant::now();
+    load.until(frontend, 15, "old certificates expired", async || {
+        switched.elapsed() > Duration::from_secs(11)
+    })
+    .await;
+
+    // 3. The old root dropped.
+    replace_ca_file(&mesh.ca, "trust-anchors.pem", &new_root);
+    load.until(
+        frontend,
+        30,
+        "only the new root in every proxy",
+        async || anchors_everywhere(1.0).await,
+    )
+    .await;
+    let settled = Instant::now();
+    load.until(frontend, 15, "traffic after", async || {
+        settled.elapsed() > Duration::from_secs(8)
+    })
+    .await;
+
+    assert!(
+        load.failed.is_empty(),
+        "{} ok, failed: {:#?}",
+        load.ok,
+        load.failed
+    );
+    assert!(load.ok > 200, "only {} requests", load.ok);
+    eprintln!("rotated under {} requests, none failed", load.ok);
+    assert_eq!(reloads("failed").await, 0.0);
+    for pod in &pods {
+        let text = metrics(pod).await;
+        assert_eq!(
+            sample(&text, "remora_identity_trust_anchors_refused_total", &[]),
+            0.0
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_protocol_crosses_the_mesh_intact() -> anyhow::Result<()> {
     if !e2e_enabled() {

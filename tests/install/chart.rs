@@ -250,6 +250,36 @@ fn image_pull_secrets_reach_the_controller_and_the_injector() {
     assert_eq!(settings.image_pull_secrets, ["regcred"]);
 }
 
+/// Issue 17: the controller re-reads its trust anchors and issuer, and holds a new
+/// issuer back until every proxy trusts its root; a restart would forget when the root
+/// was handed out. So changing the PEMs must not roll the controller, while any other
+/// setting still does.
+#[test]
+fn rotating_the_identity_does_not_restart_the_controller_but_a_setting_does() {
+    let checksum = |args: Vec<String>| {
+        let set = ValueSet {
+            name: "rotation",
+            args,
+            kube: &["1.33.0"],
+        };
+        let docs = documents(&template(&set, "1.33.0"));
+        find(&docs, "Deployment", "remora-controller")["spec"]["template"]["metadata"]
+            ["annotations"]["checksum/values"]
+            .as_str()
+            .expect("a checksum annotation")
+            .to_string()
+    };
+    let (a, b) = (scratch("rotation-a"), scratch("rotation-b"));
+    let (first, second) = (supplied_identity(&a), supplied_identity(&b));
+    let root = |dir: &Path| std::fs::read_to_string(dir.join("root.crt")).unwrap();
+    assert_ne!(root(&a), root(&b), "two different roots");
+    let before = checksum(first.clone());
+    assert_eq!(checksum(second), before, "new PEMs roll the controller");
+    let mut lifetime = first;
+    lifetime.extend(["--set".into(), "identity.certLifetime=12h".into()]);
+    assert_ne!(checksum(lifetime), before, "a changed setting must roll it");
+}
+
 #[test]
 fn the_rendered_install_means_what_it_says() {
     let docs = documents(&template(&value_sets()[0], "1.33.0"));
@@ -318,10 +348,13 @@ fn the_rendered_install_means_what_it_says() {
     ] {
         std::fs::write(dir.join(name), text).unwrap();
     }
+    let files = remora_controller::identity::CaFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        anchors: dir.join("anchors.pem"),
+    };
     remora_controller::identity::Ca::from_files(
-        &dir.join("tls.crt"),
-        &dir.join("tls.key"),
-        &dir.join("anchors.pem"),
+        &files,
         "cluster.local",
         std::time::Duration::from_secs(3600),
     )

@@ -60,6 +60,9 @@ pub struct Mesh {
     pub cluster: Cluster,
     /// The controller's `dir:` folder.
     pub objects: PathBuf,
+    /// The controller's CA folder (`--dev-ca`): `issuer.pem`, `issuer.key`,
+    /// `trust-anchors.pem`, re-read as they change.
+    pub ca: PathBuf,
     pub controller: Proxy,
     /// The proxies of `ROLES`, in that order.
     pub proxies: Vec<Proxy>,
@@ -137,6 +140,7 @@ impl Mesh {
         Self {
             cluster,
             objects,
+            ca,
             controller,
             proxies,
         }

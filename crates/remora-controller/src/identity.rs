@@ -4,11 +4,13 @@
 
 pub mod ca;
 pub mod grpc;
+pub mod rotation;
 pub mod serving;
 pub mod throttle;
 pub mod token;
 
-pub use ca::{Ca, CaError};
+pub use ca::{Ca, CaError, CaFiles};
+pub use rotation::{CaHandle, Rotation};
 pub use token::{ServiceAccount, TokenError, TokenValidator};
 
 /// The audience projected tokens must carry.

@@ -38,7 +38,7 @@ use crate::{
     discovery::Discovery,
     grpc::DestinationService,
     identity::{
-        Ca, ServiceAccount, TokenValidator,
+        Ca, CaFiles, Rotation, ServiceAccount, TokenValidator,
         grpc::IdentityService,
         serving,
         token::{CachedTokens, KubeTokens, StaticTokens},
@@ -93,7 +93,9 @@ pub struct App {
     source: Box<dyn Source>,
     identity: IdentityService,
     /// TLS for the gRPC port, when a CA is configured.
-    grpc_tls: Option<Arc<rustls::ServerConfig>>,
+    grpc_tls: Option<Arc<serving::GrpcTls>>,
+    /// Follows the issuer files, when a CA is configured.
+    rotation: Option<Arc<Rotation>>,
     /// The admission webhook, when its certificate is configured.
     webhook: Option<WebhookParts>,
     /// Who writes statuses, with the kube source.
@@ -193,9 +195,10 @@ impl App {
             metrics.clone(),
             config.cluster_networks.clone(),
         );
-        let (identity, ca) = identity_service(&config, metrics.clone()).await?;
+        let (identity, rotation) = identity_service(&config, metrics.clone()).await?;
         let webhook = match &config.webhook_tls {
             Some((cert, key)) => {
+                let ca = rotation.as_ref().map(|r| r.handle().current());
                 let settings = inject_settings(&config, ca.as_deref())?;
                 let cert = webhook::ServingCert::load(cert, key).map_err(BuildError::Webhook)?;
                 Some(WebhookParts {
@@ -203,6 +206,7 @@ impl App {
                     cert,
                     injector: Arc::new(webhook::Injector {
                         settings,
+                        ca: rotation.as_ref().map(|r| r.handle()),
                         discovery: discovery.clone(),
                         metrics: metrics.clone(),
                     }),
@@ -210,15 +214,13 @@ impl App {
             }
             None => None,
         };
-        let grpc_tls = match ca {
-            Some(ca) => {
-                let anchors = ca.trust_anchors_pem().to_string();
+        let grpc_tls = match &rotation {
+            Some(rotation) => {
                 let sa = ServiceAccount {
                     namespace: config.namespace.clone(),
                     name: config.service_account.clone(),
                 };
-                let own = serving::own_cert(ca, sa).map_err(BuildError::GrpcTls)?;
-                Some(serving::server_config(own, &anchors).map_err(BuildError::GrpcTls)?)
+                Some(serving::grpc_tls(rotation.handle(), sa).map_err(BuildError::GrpcTls)?)
             }
             None => None,
         };
@@ -231,6 +233,7 @@ impl App {
             source,
             identity,
             grpc_tls,
+            rotation,
             webhook,
             leader: None,
         })
@@ -262,6 +265,7 @@ impl App {
             source,
             identity,
             grpc_tls,
+            rotation,
             webhook,
             leader,
         } = self;
@@ -296,6 +300,9 @@ impl App {
             stop.clone(),
         ));
 
+        if let Some(rotation) = rotation {
+            tokio::spawn(rotation.run(discovery.metrics().clone(), stop.clone()));
+        }
         let leader_task =
             leader.map(|l| tokio::spawn(l.run(discovery.metrics().clone(), stop.clone())));
         let (events_tx, events_rx) = mpsc::channel(4096);
@@ -409,27 +416,33 @@ fn inject_settings(
     Ok(settings)
 }
 
-/// The CA and token validator the configuration asks for; without a CA, `Certify`
-/// answers UNAVAILABLE and says what to configure.
+/// The CA (followed through its files as they rotate) and token validator the
+/// configuration asks for; without a CA, `Certify` answers UNAVAILABLE and says what to
+/// configure.
 async fn identity_service(
     config: &Config,
     metrics: Metrics,
-) -> Result<(IdentityService, Option<Arc<Ca>>), BuildError> {
+) -> Result<(IdentityService, Option<Arc<Rotation>>), BuildError> {
     let ca = match &config.issuer {
         IssuerSource::None => None,
-        IssuerSource::Dev(dir) => Some(Arc::new(Ca::dev(
-            dir,
-            &config.trust_domain,
-            config.cert_lifetime,
-        )?)),
-        IssuerSource::Files { cert, key, anchors } => Some(Arc::new(Ca::from_files(
-            cert,
-            key,
-            anchors,
-            &config.trust_domain,
-            config.cert_lifetime,
-        )?)),
+        IssuerSource::Dev(dir) => Some((
+            CaFiles::dev(dir),
+            Ca::dev(dir, &config.trust_domain, config.cert_lifetime)?,
+        )),
+        IssuerSource::Files { cert, key, anchors } => {
+            let files = CaFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                anchors: anchors.clone(),
+            };
+            let ca = Ca::from_files(&files, &config.trust_domain, config.cert_lifetime)?;
+            Some((files, ca))
+        }
     };
+    if let Some((_, ca)) = &ca {
+        metrics.set_ca(ca.anchors().len(), ca.issuer_cert().not_after);
+    }
+    let ca = ca.map(|(files, ca)| Rotation::new(files, ca));
     let tokens: Option<Arc<dyn TokenValidator>> = match (&ca, &config.tokens) {
         (None, _) => None,
         (Some(_), TokenSource::Static(path)) => Some(Arc::new(
@@ -451,7 +464,12 @@ async fn identity_service(
         );
     }
     Ok((
-        IdentityService::new(ca.clone(), tokens, config.trust_domain.clone(), metrics),
+        IdentityService::new(
+            ca.as_ref().map(|r| r.handle()),
+            tokens,
+            config.trust_domain.clone(),
+            metrics,
+        ),
         ca,
     ))
 }

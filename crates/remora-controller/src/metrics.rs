@@ -160,6 +160,23 @@ struct CertReloadLabels {
     result: CertReload,
 }
 
+label_values! {
+    /// How re-reading the issuer files (certificate, key, trust anchors) went.
+    pub enum IssuerReload {
+        /// Applied as the files say.
+        Reloaded => "reloaded",
+        /// The new anchors applied; the new issuer waits until its root is everywhere.
+        Held => "held",
+        /// Unreadable or inconsistent files: the CA in use stays.
+        Failed => "failed",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuerReloadLabels {
+    result: IssuerReload,
+}
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     objects: Family<KindLabels, Gauge>,
@@ -177,6 +194,11 @@ pub struct Metrics {
     source_refusals: Family<SourceRefusalLabels, Counter>,
     injections: Family<InjectionLabels, Counter>,
     cert_reloads: Family<CertReloadLabels, Counter>,
+    issuer_reloads: Family<IssuerReloadLabels, Counter>,
+    /// Certificates in the trust-anchor bundle handed out to proxies.
+    trust_anchors: Gauge,
+    /// When the issuer in use expires, seconds since the epoch.
+    issuer_expiry: Gauge,
 }
 
 impl Metrics {
@@ -197,6 +219,9 @@ impl Metrics {
             source_refusals: Family::default(),
             injections: Family::default(),
             cert_reloads: Family::default(),
+            issuer_reloads: Family::default(),
+            trust_anchors: Gauge::default(),
+            issuer_expiry: Gauge::default(),
         };
         r.register("objects", "Objects indexed", m.objects.clone());
         r.register(
@@ -238,6 +263,22 @@ impl Metrics {
             "webhook_cert_reloads",
             "Times the webhook's serving certificate files changed, by result",
             m.cert_reloads.clone(),
+        );
+        r.register(
+            "issuer_reloads",
+            "Times the issuer files (certificate, key, trust anchors) changed, by result",
+            m.issuer_reloads.clone(),
+        );
+        r.register(
+            "trust_anchors",
+            "Certificates in the trust-anchor bundle handed out to proxies with their certificates",
+            m.trust_anchors.clone(),
+        );
+        r.register_with_unit(
+            "issuer_expiry_timestamp",
+            "When the issuer certificate in use expires, seconds since the epoch",
+            Unit::Seconds,
+            m.issuer_expiry.clone(),
         );
         r.register(
             "source_refusals",
@@ -302,6 +343,19 @@ impl Metrics {
         self.cert_reloads
             .get_or_create(&CertReloadLabels { result })
             .inc();
+    }
+
+    pub fn issuer_reloaded(&self, result: IssuerReload) {
+        self.issuer_reloads
+            .get_or_create(&IssuerReloadLabels { result })
+            .inc();
+    }
+
+    /// The gauges of the CA in use: roots handed out, and when its issuer expires
+    /// (seconds since the epoch).
+    pub fn set_ca(&self, anchors: usize, issuer_expiry: i64) {
+        self.trust_anchors.set(anchors as i64);
+        self.issuer_expiry.set(issuer_expiry);
     }
 
     pub fn source_refused(&self, reason: SourceRefusal) {

@@ -55,6 +55,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// What the webhook needs to answer.
 pub struct Injector {
     pub settings: Settings,
+    /// The CA in use: injected pods get its trust anchors as they rotate.
+    pub ca: Option<crate::identity::CaHandle>,
     pub discovery: Arc<Discovery>,
     pub metrics: Metrics,
 }
@@ -104,7 +106,18 @@ impl Injector {
                 name: namespace.clone(),
                 ..Default::default()
             });
-        match inject::decide(&pod, &ns, &self.settings) {
+        let rotated;
+        let settings = match &self.ca {
+            Some(ca) if ca.current().trust_anchors_pem().trim() != self.settings.trust_anchors => {
+                rotated = Settings {
+                    trust_anchors: ca.current().trust_anchors_pem().trim().to_string(),
+                    ..self.settings.clone()
+                };
+                &rotated
+            }
+            _ => &self.settings,
+        };
+        match inject::decide(&pod, &ns, settings) {
             Decision::Skip(why) => {
                 debug!(%namespace, pod = %name, %why, "not injected");
                 self.metrics.injected(Injection::Skipped);

@@ -249,6 +249,91 @@ async fn outbound_as(channel: Channel, said: &str) -> api::OutboundPolicy {
         .unwrap()
 }
 
+/// Issue 17: the trust anchors come with every certificate and follow the controller's
+/// files, so a rotation reaches a proxy at its next renewal; a proxy never trusts a
+/// bundle its own new certificate does not chain to.
+#[tokio::test]
+async fn the_trust_anchors_come_with_each_certificate_and_follow_the_files() {
+    use remora_proxy::identity::{Credentials, Identity, IdentityConfig, NewAnchors, TrustAnchors};
+    let dir = std::env::temp_dir().join(format!("remora-anchors-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let running = controller(&dir, true, &[]).await;
+    let anchors = std::fs::read_to_string(dir.join("ca/trust-anchors.pem")).unwrap();
+    std::fs::write(dir.join("web.token"), "web-token\n").unwrap();
+    let identity = Identity::new(IdentityConfig {
+        trust_domain: "cluster.local".into(),
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        token_file: dir.join("web.token"),
+        trust_anchors: TrustAnchors::Inline(anchors.clone()),
+    })
+    .unwrap();
+    let mut client = api::identity_client::IdentityClient::new(tls(running.grpc, &anchors, None));
+    let bundle = |c: &Credentials| match &c.anchors {
+        NewAnchors::Bundle { der, .. } => der.clone(),
+        other => panic!("expected a bundle, got {other:?}"),
+    };
+    let first = identity.certify(&mut client).await.unwrap();
+    assert_eq!(bundle(&first).len(), 1);
+
+    // A second root added to the controller's anchors file: re-read within seconds,
+    // handed out with the next certificate, the issuer unchanged.
+    let mut params = CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "a new root");
+    let other = params
+        .self_signed(&KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap())
+        .unwrap();
+    std::fs::write(
+        dir.join("ca/trust-anchors.pem"),
+        format!("{anchors}{}", other.pem()),
+    )
+    .unwrap();
+    // Bounded: 15 s for a reload every 5 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while value(
+        &metrics(running.admin).await,
+        "remora_controller_trust_anchors",
+    ) != 2.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the anchors file was not re-read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let text = metrics(running.admin).await;
+    assert_eq!(
+        value(
+            &text,
+            "remora_controller_issuer_reloads_total{result=\"reloaded\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    let second = identity.certify(&mut client).await.unwrap();
+    assert_eq!(bundle(&second)[1], other.der().to_vec());
+    assert_eq!(second.chain_der, first.chain_der, "the same issuer");
+
+    // A bundle the new certificate does not chain to is not trusted.
+    let rsp = client
+        .certify(identity.request("web-token").unwrap())
+        .await
+        .unwrap()
+        .into_inner();
+    let forged = api::CertifyResponse {
+        trust_anchors: vec![other.der().to_vec()],
+        ..rsp
+    };
+    match identity.accept(forged).unwrap().anchors {
+        NewAnchors::Refused(why) => assert!(why.contains("does not chain"), "{why}"),
+        other => panic!("a bundle the certificate does not chain to was taken: {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Issue 11: without a client certificate (or over plaintext) `Destination.Get` and
 /// the policy watches answered endpoints, pod names, ServiceAccounts and policies.
 #[tokio::test]
@@ -288,6 +373,11 @@ async fn certify_signs_what_the_token_entitles_and_only_certified_callers_get_th
     issuer
         .verify_signature(Some(root.public_key()))
         .expect("issuer signed by the trust anchor");
+    assert_eq!(
+        rsp.trust_anchors,
+        vec![root_der.clone()],
+        "the bundle comes with the certificate"
+    );
     let until = rsp.valid_until.unwrap().seconds;
     assert_eq!(
         until,

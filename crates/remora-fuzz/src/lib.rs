@@ -460,6 +460,7 @@ mod fixtures {
             let metrics = seeds::metrics();
             remora_controller::webhook::Injector {
                 settings: Default::default(),
+                ca: None,
                 discovery: remora_controller::discovery::Discovery::new(
                     seeds::index(Vec::new()),
                     metrics.clone(),

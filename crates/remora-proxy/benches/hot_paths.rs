@@ -321,6 +321,7 @@ fn mesh_credentials(
         key_der: key.serialize_der(),
         not_before: std::time::SystemTime::now(),
         not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+        anchors: remora_proxy::identity::NewAnchors::Unsent,
     }
 }
 

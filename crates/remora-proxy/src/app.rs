@@ -103,26 +103,27 @@ impl App {
             metrics.set_access_log(log);
         }
         let readiness = Arc::new(Readiness::default());
-        let (identity, tls, roots) = match &config.identity {
+        let (identity, tls) = match &config.identity {
             Some(ic) => {
                 let bad = |e: &dyn std::fmt::Display| {
                     BuildError::Identity(format!("{}: {e}", ic.trust_anchors.describe()))
                 };
                 let anchors = ic.trust_anchors.read().map_err(BuildError::Identity)?;
                 let roots = tls::roots(&anchors).map_err(|e| bad(&e))?;
+                metrics.trust_anchors.set(roots.len() as i64);
                 readiness.hold(identity::READY_REASON);
                 let identity = Arc::new(
                     Identity::new(ic.clone()).map_err(|e| BuildError::Identity(e.to_string()))?,
                 );
                 let tls = TlsContext::spawn(
                     identity.credentials(),
-                    roots.clone(),
+                    roots,
                     ic.server_name(),
                     ic.spiffe_id(),
                 );
-                (Some(identity), Some(tls), Some(roots))
+                (Some(identity), Some(tls))
             }
-            None => (None, None, None),
+            None => (None, None),
         };
         let admin = Arc::new(Admin {
             registry,
@@ -146,7 +147,7 @@ impl App {
         };
         let channels = match &config.controller_addr {
             Some(addr) => Some(
-                control::channels(addr, roots, &config.controller_name, tls.clone())
+                control::channels(addr, &config.controller_name, tls.clone())
                     .map_err(BuildError::Controller)?,
             ),
             None => None,
@@ -264,6 +265,8 @@ impl App {
             let counted = identity::Counted {
                 expiry: sides.metrics.cert_expiry.clone(),
                 failures: sides.metrics.certify_failures.clone(),
+                anchors: sides.metrics.trust_anchors.clone(),
+                anchors_refused: sides.metrics.trust_anchors_refused.clone(),
             };
             tokio::spawn(identity.run(channels.identity.clone(), admin.readiness.clone(), counted));
         }

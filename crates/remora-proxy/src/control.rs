@@ -73,7 +73,6 @@ pub struct Channels {
 /// Makes the channels; they connect lazily and reconnect on their own.
 pub fn channels(
     addr: &ControllerAddr,
-    roots: Option<Arc<RootCertStore>>,
     controller_name: &str,
     tls: Option<Arc<TlsContext>>,
 ) -> Result<Channels, String> {
@@ -90,7 +89,7 @@ pub fn channels(
             api: channel,
         });
     }
-    let (Some(roots), Some(tls)) = (roots, tls) else {
+    let Some(tls) = tls else {
         return Err(format!(
             "{addr} needs the proxy's identity (REMORA_TRUST_ANCHORS and \
              REMORA_IDENTITY_TOKEN_FILE) to verify the controller"
@@ -98,12 +97,6 @@ pub fn channels(
     };
     let name = ServerName::try_from(controller_name.to_string())
         .map_err(|e| format!("REMORA_CONTROLLER_NAME {controller_name:?}: {e}"))?;
-    let mut server_auth = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    server_auth.alpn_protocols = vec![ALPN_H2.to_vec()];
     let connector = |mode| ControlConnector {
         authority: addr.authority.clone(),
         name: name.clone(),
@@ -112,15 +105,15 @@ pub fn channels(
     Ok(Channels {
         identity: endpoint
             .clone()
-            .connect_with_connector_lazy(connector(Mode::ServerAuth(Arc::new(server_auth)))),
+            .connect_with_connector_lazy(connector(Mode::ServerAuth(tls.clone()))),
         api: endpoint.connect_with_connector_lazy(connector(Mode::Mutual(tls))),
     })
 }
 
 #[derive(Debug, Clone)]
 enum Mode {
-    /// Verify the controller; present nothing.
-    ServerAuth(Arc<ClientConfig>),
+    /// Verify the controller with the trust anchors in use; present nothing.
+    ServerAuth(Arc<TlsContext>),
     /// Verify the controller and present the proxy's current certificate.
     Mutual(Arc<TlsContext>),
 }
@@ -147,7 +140,7 @@ impl tower_service::Service<http::Uri> for ControlConnector {
         let this = self.clone();
         Box::pin(async move {
             let config = match &this.mode {
-                Mode::ServerAuth(c) => c.clone(),
+                Mode::ServerAuth(tls) => server_auth(tls.anchors())?,
                 Mode::Mutual(tls) => tls
                     .wait(CERT_WAIT)
                     .await
@@ -163,6 +156,16 @@ impl tower_service::Service<http::Uri> for ControlConnector {
             Ok(TokioIo::new(stream))
         })
     }
+}
+
+/// TLS 1.3 to the controller, verified against `roots`, with no client certificate.
+fn server_auth(roots: Arc<RootCertStore>) -> Result<Arc<ClientConfig>, BoxError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

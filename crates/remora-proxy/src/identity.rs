@@ -12,6 +12,7 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use remora_admin::Readiness;
 use remora_api::v1 as api;
+use rustls::RootCertStore;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
@@ -29,10 +30,17 @@ pub struct Counted {
     pub expiry: Gauge,
     /// Certify calls that failed.
     pub failures: Counter,
+    /// Certificates in the trust-anchor bundle in use.
+    pub anchors: Gauge,
+    /// Bundles from the controller that were not trusted.
+    pub anchors_refused: Counter,
 }
 
-/// When to renew, as a share of the certificate's lifetime.
+/// When to renew, as a share of the certificate's remaining lifetime: 70 % on average,
+/// spread by ±10 % so that proxies started together (a rollout, a node's pods) do not
+/// renew together, at the controller or in step with each other.
 const RENEW_AT: f64 = 0.7;
+const RENEW_SPREAD: f64 = 0.1;
 /// Retries after a failed certification: from 1 s, doubling, to 30 s, with jitter.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -100,6 +108,26 @@ pub struct Credentials {
     pub key_der: Vec<u8>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The trust anchors that came with it.
+    pub anchors: NewAnchors,
+}
+
+/// The trust anchors the controller sent with a certificate. From then on the proxy
+/// trusts them, for peers and for the controller: that is how a rotation of the anchors
+/// reaches every proxy without a restart. They come over TLS verified with the anchors
+/// the proxy already had, from the controller that signs every certificate anyway.
+#[derive(Debug, Clone)]
+pub enum NewAnchors {
+    /// None sent (a controller that predates rotation): the proxy keeps its own.
+    Unsent,
+    /// The bundle to trust, and its certificates (DER).
+    Bundle {
+        roots: Arc<RootCertStore>,
+        der: Vec<Vec<u8>>,
+    },
+    /// Not trusted, and why: unreadable, or the new certificate does not chain to it (a
+    /// bundle that would make the proxy's own certificate untrusted is never taken).
+    Refused(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,13 +249,62 @@ impl Identity {
         if not_after <= SystemTime::now() {
             return Err(bad("it has already expired".into()));
         }
+        let anchors = match rsp.trust_anchors.is_empty() {
+            true => NewAnchors::Unsent,
+            false => match self.check_anchors(&rsp) {
+                Ok(roots) => NewAnchors::Bundle {
+                    roots,
+                    der: rsp.trust_anchors,
+                },
+                Err(why) => NewAnchors::Refused(why),
+            },
+        };
         Ok(Credentials {
             leaf_der: rsp.leaf_certificate,
             chain_der: rsp.intermediate_certificates,
             key_der: self.key.serialize_der(),
             not_before,
             not_after,
+            anchors,
         })
+    }
+
+    /// The bundle sent with `rsp`, if the certificate it brings chains to it and names
+    /// this proxy, as a peer will check it.
+    fn check_anchors(&self, rsp: &api::CertifyResponse) -> Result<Arc<RootCertStore>, String> {
+        use rustls::{
+            client::{WebPkiServerVerifier, danger::ServerCertVerifier},
+            pki_types::{CertificateDer, ServerName, UnixTime},
+        };
+        let mut roots = RootCertStore::empty();
+        for der in &rsp.trust_anchors {
+            roots
+                .add(CertificateDer::from(der.as_slice()))
+                .map_err(|e| format!("a trust anchor cannot be read: {e}"))?;
+        }
+        // The provider `tls::provider()` gives (identity sits below `tls`, which uses it).
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots.clone()),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let chain: Vec<CertificateDer<'_>> = rsp
+            .intermediate_certificates
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let name = ServerName::try_from(self.config.server_name()).map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(
+                &CertificateDer::from(rsp.leaf_certificate.as_slice()),
+                &chain,
+                &name,
+                &[],
+                UnixTime::now(),
+            )
+            .map_err(|e| format!("the new certificate does not chain to them: {e}"))?;
+        Ok(Arc::new(roots))
     }
 
     /// How long the certificate in use has left (zero once expired); None before the first.
@@ -269,13 +346,28 @@ impl Identity {
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .unwrap_or_default();
                     counted.expiry.set(expires.as_secs() as i64);
-                    // 70 % of what is left now: the issuer may backdate notBefore for clock
-                    // skew, which must not pull the renewal earlier.
+                    match &creds.anchors {
+                        NewAnchors::Unsent => {}
+                        NewAnchors::Bundle { der, .. } => {
+                            counted.anchors.set(der.len() as i64);
+                        }
+                        NewAnchors::Refused(why) => {
+                            counted.anchors_refused.inc();
+                            warn!(
+                                %why,
+                                "the trust anchors sent with the certificate are not trusted; \
+                                 the proxy keeps the ones it has"
+                            );
+                        }
+                    }
+                    // A share of what is left now: the issuer may backdate notBefore for
+                    // clock skew, which must not pull the renewal earlier.
                     let left = creds
                         .not_after
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
-                    let wait = left.mul_f64(RENEW_AT).max(RETRY_MIN);
+                    let share = RENEW_AT + RENEW_SPREAD * (2.0 * crate::rng::fraction() - 1.0);
+                    let wait = left.mul_f64(share).max(RETRY_MIN);
                     info!(identity = %self.config.spiffe_id(), renew_in = ?wait, "certified");
                     self.current.send_replace(Some(Arc::new(creds)));
                     readiness.release(READY_REASON);

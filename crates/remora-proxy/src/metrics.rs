@@ -280,6 +280,10 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// Certify calls that failed (the first or a renewal).
     pub certify_failures: Counter,
+    /// Certificates in the trust-anchor bundle in use.
+    pub trust_anchors: Gauge,
+    /// Trust-anchor bundles from the controller that were not trusted.
+    pub trust_anchors_refused: Counter,
     /// The traffic label sets in use, for expiry.
     series: Arc<series::Series>,
     /// Lines of the access log dropped because its queue was full.
@@ -321,6 +325,8 @@ impl Metrics {
             control_reconnects: Counter::default(),
             cert_expiry: Gauge::default(),
             certify_failures: Counter::default(),
+            trust_anchors: Gauge::default(),
+            trust_anchors_refused: Counter::default(),
             series: Arc::default(),
             access_log_dropped: Counter::default(),
             series_expired: Counter::default(),
@@ -454,6 +460,16 @@ impl Metrics {
             "identity_certify_failures",
             "Certify calls to the controller that failed (unreachable, a refused token or CSR, an unusable answer)",
             m.certify_failures.clone(),
+        );
+        r.register(
+            "identity_trust_anchors",
+            "Certificates in the trust-anchor bundle in use: the configured one, then the controller's",
+            m.trust_anchors.clone(),
+        );
+        r.register(
+            "identity_trust_anchors_refused",
+            "Trust-anchor bundles from the controller that were not trusted (the new certificate did not chain to them)",
+            m.trust_anchors_refused.clone(),
         );
         m
     }

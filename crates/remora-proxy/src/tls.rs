@@ -16,10 +16,10 @@ use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
 };
-use tracing::warn;
+use tracing::{info, warn};
 use x509_parser::{extensions::GeneralName, prelude::FromDer};
 
-use crate::identity::Credentials;
+use crate::identity::{Credentials, NewAnchors};
 
 /// ALPN for HTTP between proxies.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -100,10 +100,12 @@ pub struct TlsContext {
     pub local_name: String,
     pub local_id: String,
     configs: watch::Receiver<Option<Arc<Configs>>>,
+    anchors: watch::Receiver<Arc<RootCertStore>>,
 }
 
 impl TlsContext {
-    /// Follows `credentials`, rebuilding the configurations at each renewal.
+    /// Follows `credentials`, rebuilding the configurations at each renewal, with the
+    /// trust anchors that came with it (`roots`, the configured ones, until then).
     pub fn spawn(
         mut credentials: watch::Receiver<Option<Arc<Credentials>>>,
         roots: Arc<RootCertStore>,
@@ -111,11 +113,25 @@ impl TlsContext {
         local_id: String,
     ) -> Arc<Self> {
         let (tx, rx) = watch::channel(None);
+        let (anchors_tx, anchors) = watch::channel(roots.clone());
         let name = local_name.clone();
         tokio::spawn(async move {
+            let mut roots = roots;
+            let mut bundle: Option<Vec<Vec<u8>>> = None;
             loop {
                 let creds = credentials.borrow_and_update().clone();
                 if let Some(creds) = creds {
+                    if let NewAnchors::Bundle { roots: new, der } = &creds.anchors
+                        && bundle.as_ref() != Some(der)
+                    {
+                        info!(
+                            anchors = der.len(),
+                            "trusting the controller's trust anchors"
+                        );
+                        roots = new.clone();
+                        bundle = Some(der.clone());
+                        anchors_tx.send_replace(roots.clone());
+                    }
                     match Configs::new(&creds, roots.clone(), &name) {
                         Ok(c) => {
                             tx.send_replace(Some(Arc::new(c)));
@@ -132,7 +148,13 @@ impl TlsContext {
             local_name,
             local_id,
             configs: rx,
+            anchors,
         })
+    }
+
+    /// The trust anchors in use: the configured ones, then the controller's.
+    pub fn anchors(&self) -> Arc<RootCertStore> {
+        self.anchors.borrow().clone()
     }
 
     /// The configurations of the current certificate; None before the first one.

@@ -4,6 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -12,6 +13,7 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
 };
+use remora_k8s::pki::{self, Cert};
 use time::OffsetDateTime;
 
 use super::{ServiceAccount, server_name, spiffe_id};
@@ -44,14 +46,30 @@ pub struct Certified {
     /// From the leaf's issuer up to, not including, a trust anchor.
     pub chain_der: Vec<Vec<u8>>,
     pub not_after: SystemTime,
+    /// The trust anchors handed out with the leaf (DER): the bundle proxies trust.
+    pub anchors_der: Vec<Vec<u8>>,
 }
 
+/// An issuer and the trust anchors it chains to. Cheap to clone: rotation makes one
+/// from the issuer in use and a new bundle (see [`super::rotation`]).
+#[derive(Clone)]
 pub struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    issuer_der: Vec<u8>,
-    trust_anchors_pem: String,
+    issuer: Arc<IssuerKey>,
+    anchors: Arc<Anchors>,
     trust_domain: String,
     lifetime: Duration,
+}
+
+/// The issuer's certificate and key.
+pub(crate) struct IssuerKey {
+    issuer: Issuer<'static, KeyPair>,
+    pub(crate) cert: Cert,
+}
+
+/// A bundle of trust anchors.
+pub(crate) struct Anchors {
+    pub(crate) pem: String,
+    pub(crate) certs: Vec<Cert>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -59,7 +77,42 @@ impl std::fmt::Debug for Ca {
         f.debug_struct("Ca")
             .field("trust_domain", &self.trust_domain)
             .field("lifetime", &self.lifetime)
+            .field("issuer", &self.issuer.cert.subject)
+            .field(
+                "anchors",
+                &self
+                    .anchors
+                    .certs
+                    .iter()
+                    .map(|c| &c.subject)
+                    .collect::<Vec<_>>(),
+            )
             .finish()
+    }
+}
+
+/// Where an issuer set is read from: the issuer's certificate and key, and the trust
+/// anchors, each a PEM file.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub anchors: PathBuf,
+}
+
+impl CaFiles {
+    /// The development CA's files in `dir`.
+    pub fn dev(dir: &Path) -> Self {
+        Self {
+            cert: dir.join("issuer.pem"),
+            key: dir.join("issuer.key"),
+            anchors: dir.join("trust-anchors.pem"),
+        }
+    }
+
+    /// The three files' text: certificate, key, anchors.
+    pub fn read(&self) -> Result<[String; 3], CaError> {
+        Ok([read(&self.cert)?, read(&self.key)?, read(&self.anchors)?])
     }
 }
 
@@ -117,16 +170,24 @@ fn pem_to_der(pem_text: &str, path: &Path) -> Result<Vec<u8>, CaError> {
 }
 
 impl Ca {
-    /// The issuer from `cert`/`key` (PEM), trusted through `anchors` (PEM bundle).
+    /// The issuer from `files` (PEM), trusted through their anchors (a PEM bundle).
     pub fn from_files(
-        cert: &Path,
-        key: &Path,
-        anchors: &Path,
+        files: &CaFiles,
         trust_domain: &str,
         lifetime: Duration,
     ) -> Result<Self, CaError> {
-        let cert_pem = read(cert)?;
-        let key_pair = key_pair(&read(key)?).map_err(|reason| CaError::File {
+        Self::parse(files, files.read()?, trust_domain, lifetime)
+    }
+
+    /// [`Ca::from_files`] on the files' text, already read (named by the files in errors).
+    pub fn parse(
+        files: &CaFiles,
+        [cert_pem, key_pem, trust_anchors_pem]: [String; 3],
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Self, CaError> {
+        let (cert, key, anchors) = (&files.cert, &files.key, &files.anchors);
+        let key_pair = key_pair(&key_pem).map_err(|reason| CaError::File {
             path: key.into(),
             reason,
         })?;
@@ -134,7 +195,6 @@ impl Ca {
             path: cert.into(),
             reason: format!("not a CA certificate: {e}"),
         })?;
-        let trust_anchors_pem = read(anchors)?;
         if !trust_anchors_pem.contains("BEGIN CERTIFICATE") {
             return Err(CaError::File {
                 path: anchors.into(),
@@ -142,7 +202,7 @@ impl Ca {
             });
         }
         let issuer_der = pem_to_der(&cert_pem, cert)?;
-        check_set(
+        let (issuer_cert, roots) = check_set(
             &issuer_der,
             cert,
             &issuer.key().subject_public_key_info(),
@@ -151,30 +211,53 @@ impl Ca {
             anchors,
         )?;
         Ok(Self {
-            issuer,
-            issuer_der,
-            trust_anchors_pem,
+            issuer: Arc::new(IssuerKey {
+                issuer,
+                cert: issuer_cert,
+            }),
+            anchors: Arc::new(Anchors {
+                pem: trust_anchors_pem,
+                certs: roots,
+            }),
             trust_domain: trust_domain.into(),
             lifetime,
         })
     }
 
+    /// This CA's issuer with `other`'s trust anchors: a new bundle applied while the
+    /// issuer in use stays.
+    pub(crate) fn with_anchors_of(&self, other: &Ca) -> Ca {
+        Ca {
+            anchors: other.anchors.clone(),
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn issuer_cert(&self) -> &Cert {
+        &self.issuer.cert
+    }
+
+    pub(crate) fn anchors(&self) -> &[Cert] {
+        &self.anchors.certs
+    }
+
+    /// The same issuer and the same bundle.
+    pub fn same_as(&self, other: &Ca) -> bool {
+        self.issuer.cert.der == other.issuer.cert.der && self.anchors.pem == other.anchors.pem
+    }
+
     /// A development CA in `dir`: created (root and issuer) when absent, reused after.
     /// `dir/trust-anchors.pem` is what proxies trust.
     pub fn dev(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
-        let (cert, key, anchors) = (
-            dir.join("issuer.pem"),
-            dir.join("issuer.key"),
-            dir.join("trust-anchors.pem"),
-        );
-        if !(cert.exists() && key.exists() && anchors.exists()) {
+        let files = CaFiles::dev(dir);
+        if !(files.cert.exists() && files.key.exists() && files.anchors.exists()) {
             generate(dir, trust_domain)?;
         }
-        Self::from_files(&cert, &key, &anchors, trust_domain, lifetime)
+        Self::from_files(&files, trust_domain, lifetime)
     }
 
     pub fn trust_anchors_pem(&self) -> &str {
-        &self.trust_anchors_pem
+        &self.anchors.pem
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -239,12 +322,13 @@ impl Ca {
         params.not_before = now - time::Duration::minutes(1);
         params.not_after = now + self.lifetime;
         let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&csr.public_key, &self.issuer.issuer)
             .map_err(sign)?;
         Ok(Certified {
             leaf_der: leaf.der().to_vec(),
-            chain_der: vec![self.issuer_der.clone()],
+            chain_der: vec![self.issuer.cert.der.clone()],
             not_after: SystemTime::now() + self.lifetime,
+            anchors_der: self.anchors.certs.iter().map(|c| c.der.clone()).collect(),
         })
     }
 }
@@ -252,7 +336,8 @@ impl Ca {
 /// Refuses an issuer set proxies could not use: the key must be the certificate's, the
 /// certificate valid now and signed by one of the anchors (or be one), and the anchors
 /// valid now. Otherwise the controller would start, report ready, and only proxies
-/// would fail, with TLS errors naming no file.
+/// would fail, with TLS errors naming no file. The issuer's certificate and the
+/// anchors, read.
 fn check_set(
     issuer_der: &[u8],
     cert: &Path,
@@ -260,8 +345,7 @@ fn check_set(
     key: &Path,
     anchors_pem: &str,
     anchors: &Path,
-) -> Result<(), CaError> {
-    use remora_k8s::pki::{self, Cert};
+) -> Result<(Cert, Vec<Cert>), CaError> {
     let bad = |path: &Path, reason: String| CaError::File {
         path: path.into(),
         reason,
@@ -314,12 +398,12 @@ fn check_set(
             ),
         ));
     }
-    Ok(())
+    Ok((issuer, roots))
 }
 
 /// Creates a root (10 years) and an issuer (1 year) under it, and writes the issuer's
 /// certificate and key and the root as the trust anchors. Keys are written 0600.
-fn generate(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
+pub(crate) fn generate(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     let g = |e: rcgen::Error| CaError::Generate(e.to_string());
     std::fs::create_dir_all(dir).map_err(|e| CaError::File {
         path: dir.into(),

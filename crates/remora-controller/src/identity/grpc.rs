@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::{
-    Ca, TokenError, TokenValidator,
+    CaHandle, TokenError, TokenValidator,
     ca::{Certified, CertifyError},
     spiffe_id,
     throttle::Throttle,
@@ -20,7 +20,7 @@ use crate::{
 
 #[derive(Clone)]
 pub struct IdentityService {
-    ca: Option<Arc<Ca>>,
+    ca: Option<CaHandle>,
     tokens: Option<Arc<dyn TokenValidator>>,
     trust_domain: String,
     throttle: Arc<Throttle>,
@@ -30,7 +30,7 @@ pub struct IdentityService {
 impl IdentityService {
     /// Without a CA every request is answered UNAVAILABLE with what to configure.
     pub fn new(
-        ca: Option<Arc<Ca>>,
+        ca: Option<CaHandle>,
         tokens: Option<Arc<dyn TokenValidator>>,
         trust_domain: String,
         metrics: Metrics,
@@ -110,7 +110,7 @@ impl api::identity_server::Identity for IdentityService {
                 ))),
             );
         }
-        let out = match ca.certify(&sa, &req.certificate_signing_request) {
+        let out = match ca.current().certify(&sa, &req.certificate_signing_request) {
             Ok(out) => out,
             Err(e @ CertifyError::Sign(_)) => {
                 return self.counted(
@@ -141,6 +141,7 @@ impl From<Certified> for api::CertifyResponse {
                 seconds: until.as_secs() as i64,
                 nanos: until.subsec_nanos() as i32,
             }),
+            trust_anchors: out.anchors_der,
         }
     }
 }

@@ -30,7 +30,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Ca, ServiceAccount, server_name, spiffe_id};
+use super::{Ca, CaHandle, ServiceAccount, server_name, spiffe_id};
 use crate::access::Caller;
 
 /// The crypto provider of every TLS endpoint the controller serves (aws-lc-rs: the
@@ -77,36 +77,66 @@ fn issue(ca: &Ca, sa: &ServiceAccount) -> Result<(Arc<CertifiedKey>, SystemTime)
     ))
 }
 
-/// Certifies the controller and keeps the certificate renewed.
-pub fn own_cert(ca: Arc<Ca>, sa: ServiceAccount) -> Result<Arc<OwnCert>, String> {
-    let (key, not_after) = issue(&ca, &sa)?;
-    info!(identity = %spiffe_id(ca.trust_domain(), &sa), "the gRPC port serves TLS");
+/// TLS on the gRPC port: the controller's own certificate, renewed at 70 % of its
+/// lifetime and issued again at once when the CA rotates, and the server configuration,
+/// whose client certificates are verified against the trust anchors in use.
+pub struct GrpcTls {
+    own: Arc<OwnCert>,
+    config: RwLock<Arc<ServerConfig>>,
+}
+
+impl GrpcTls {
+    /// The configuration new connections are accepted with.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.read().clone()
+    }
+}
+
+/// Certifies the controller as `sa` and keeps its certificate and trust anchors current.
+pub fn grpc_tls(mut ca: CaHandle, sa: ServiceAccount) -> Result<Arc<GrpcTls>, String> {
+    let first = ca.current();
+    let (key, not_after) = issue(&first, &sa)?;
+    info!(identity = %spiffe_id(first.trust_domain(), &sa), "the gRPC port serves TLS");
     let own = Arc::new(OwnCert {
         current: RwLock::new(key),
     });
-    let renewing = own.clone();
+    let tls = Arc::new(GrpcTls {
+        config: RwLock::new(server_config(own.clone(), first.trust_anchors_pem())?),
+        own,
+    });
+    let renewing = tls.clone();
     tokio::spawn(async move {
         let mut not_after = not_after;
         loop {
             let left = not_after
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(left.mul_f64(0.7).max(Duration::from_secs(1))).await;
-            match issue(&ca, &sa) {
+            let rotated = tokio::select! {
+                _ = tokio::time::sleep(left.mul_f64(0.7).max(Duration::from_secs(1))) => false,
+                _ = ca.changed() => true,
+            };
+            let current = ca.current();
+            if rotated {
+                match server_config(renewing.own.clone(), current.trust_anchors_pem()) {
+                    Ok(config) => *renewing.config.write() = config,
+                    Err(error) => warn!(%error, "the gRPC port keeps the previous trust anchors"),
+                }
+            }
+            match issue(&current, &sa) {
                 Ok((key, expires)) => {
-                    *renewing.current.write() = key;
+                    *renewing.own.current.write() = key;
                     not_after = expires;
-                    debug!("renewed the controller's certificate");
+                    debug!(rotated, "renewed the controller's certificate");
                 }
                 Err(error) => warn!(%error, "renewing the controller's certificate failed"),
             }
         }
     });
-    Ok(own)
+    Ok(tls)
 }
 
 /// TLS 1.3, ALPN h2, optional client certificates from the anchors.
-pub fn server_config(own: Arc<OwnCert>, anchors_pem: &str) -> Result<Arc<ServerConfig>, String> {
+fn server_config(own: Arc<OwnCert>, anchors_pem: &str) -> Result<Arc<ServerConfig>, String> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
         roots
@@ -207,7 +237,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// nobody; the ready ones come out of the returned stream.
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<Arc<ServerConfig>>,
+    tls: Option<Arc<GrpcTls>>,
     stop: CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<GrpcIo, io::Error>> {
     let (tx, rx) = mpsc::channel::<GrpcIo>(64);
@@ -225,7 +255,7 @@ pub fn incoming(
                 },
             };
             let _ = stream.set_nodelay(true);
-            let (tx, tls) = (tx.clone(), tls.clone());
+            let (tx, tls) = (tx.clone(), tls.as_ref().map(|t| t.current()));
             tokio::spawn(async move {
                 let io = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
                     let mut first = [0u8; 1];

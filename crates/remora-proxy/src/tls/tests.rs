@@ -72,6 +72,7 @@ impl Pki {
             key_der: key.serialize_der(),
             not_before: SystemTime::now(),
             not_after: SystemTime::now() + Duration::from_secs(3600),
+            anchors: crate::identity::NewAnchors::Unsent,
         }
     }
 

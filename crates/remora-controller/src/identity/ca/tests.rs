@@ -35,6 +35,21 @@ fn names_for(ns: &str, name: &str) -> Vec<SanType> {
     ]
 }
 
+fn from_files(
+    cert: &Path,
+    key: &Path,
+    anchors: &Path,
+    trust_domain: &str,
+    lifetime: Duration,
+) -> Result<Ca, CaError> {
+    let files = CaFiles {
+        cert: cert.into(),
+        key: key.into(),
+        anchors: anchors.into(),
+    };
+    Ca::from_files(&files, trust_domain, lifetime)
+}
+
 fn dev_ca() -> (Ca, PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "remora-ca-test-{}-{:?}",
@@ -163,7 +178,7 @@ fn a_mismatched_issuer_set_is_refused_naming_the_file() {
     generate(&a, "cluster.local").unwrap();
     generate(&b, "cluster.local").unwrap();
     let load = |cert: &Path, key: &Path, anchors: &Path| {
-        Ca::from_files(
+        from_files(
             cert,
             key,
             anchors,
@@ -299,7 +314,7 @@ fn an_openssl_ec_key_and_a_root_that_is_its_own_issuer_are_used() {
     );
     // The root as its own issuer, and as the anchors.
     let (cert, key) = (dir.join("p256.pem"), dir.join("p256.key"));
-    let ca = Ca::from_files(
+    let ca = from_files(
         &cert,
         &key,
         &cert,
@@ -320,7 +335,7 @@ fn an_openssl_ec_key_and_a_root_that_is_its_own_issuer_are_used() {
     leaf.verify_signature(Some(root.public_key()))
         .expect("signed by the openssl root");
 
-    let err = Ca::from_files(
+    let err = from_files(
         &dir.join("p384.pem"),
         &dir.join("p384.key"),
         &dir.join("p384.pem"),
