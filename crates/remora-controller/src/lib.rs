@@ -198,7 +198,7 @@ impl App {
         let (identity, rotation) = identity_service(&config, metrics.clone()).await?;
         let webhook = match &config.webhook_tls {
             Some((cert, key)) => {
-                let ca = rotation.as_ref().map(|r| r.handle().current());
+                let ca = rotation.as_ref().map(|r| r.current());
                 let settings = inject_settings(&config, ca.as_deref())?;
                 let cert = webhook::ServingCert::load(cert, key).map_err(BuildError::Webhook)?;
                 Some(WebhookParts {
@@ -375,7 +375,8 @@ impl App {
 }
 
 /// The injector's settings: `--inject-config` (or the defaults), with the controller's
-/// own trust anchors and trust domain, which it must not contradict.
+/// own trust domain, which it must not contradict, and trust anchors, which win (the
+/// settings' copy may lag behind a rotation).
 fn inject_settings(
     config: &Config,
     ca: Option<&Ca>,
@@ -393,10 +394,11 @@ fn inject_settings(
     match (settings.trust_anchors.trim(), ours) {
         ("", Some(anchors)) => settings.trust_anchors = anchors,
         (theirs, Some(anchors)) if theirs != anchors => {
-            return Err(BuildError::Webhook(
-                "--inject-config's trustAnchors differ from the controller's                  (--trust-anchors): injected proxies could not verify anyone"
-                    .into(),
-            ));
+            warn!(
+                "--inject-config's trustAnchors differ from the controller's (a rotation not \
+                 yet everywhere?): pods are injected with the controller's"
+            );
+            settings.trust_anchors = anchors;
         }
         _ => {}
     }
@@ -423,26 +425,27 @@ async fn identity_service(
     config: &Config,
     metrics: Metrics,
 ) -> Result<(IdentityService, Option<Arc<Rotation>>), BuildError> {
-    let ca = match &config.issuer {
+    let files = match &config.issuer {
         IssuerSource::None => None,
-        IssuerSource::Dev(dir) => Some((
-            CaFiles::dev(dir),
-            Ca::dev(dir, &config.trust_domain, config.cert_lifetime)?,
-        )),
-        IssuerSource::Files { cert, key, anchors } => {
-            let files = CaFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                anchors: anchors.clone(),
-            };
-            let ca = Ca::from_files(&files, &config.trust_domain, config.cert_lifetime)?;
-            Some((files, ca))
-        }
+        IssuerSource::Dev(dir) => Some(CaFiles::dev_made(dir, &config.trust_domain)?),
+        IssuerSource::Files { cert, key, anchors } => Some(CaFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            anchors: anchors.clone(),
+        }),
     };
-    if let Some((_, ca)) = &ca {
+    let ca = match files {
+        Some(files) => Some(Rotation::load(
+            files,
+            &config.trust_domain,
+            config.cert_lifetime,
+        )?),
+        None => None,
+    };
+    if let Some(rotation) = &ca {
+        let ca = rotation.current();
         metrics.set_ca(ca.anchors().len(), ca.issuer_cert().not_after);
     }
-    let ca = ca.map(|(files, ca)| Rotation::new(files, ca));
     let tokens: Option<Arc<dyn TokenValidator>> = match (&ca, &config.tokens) {
         (None, _) => None,
         (Some(_), TokenSource::Static(path)) => Some(Arc::new(

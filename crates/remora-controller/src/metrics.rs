@@ -199,6 +199,8 @@ pub struct Metrics {
     trust_anchors: Gauge,
     /// When the issuer in use expires, seconds since the epoch.
     issuer_expiry: Gauge,
+    /// When the last certificate of a replaced issuer expires, seconds since the epoch.
+    issuer_retired_until: Gauge,
 }
 
 impl Metrics {
@@ -222,6 +224,7 @@ impl Metrics {
             issuer_reloads: Family::default(),
             trust_anchors: Gauge::default(),
             issuer_expiry: Gauge::default(),
+            issuer_retired_until: Gauge::default(),
         };
         r.register("objects", "Objects indexed", m.objects.clone());
         r.register(
@@ -279,6 +282,12 @@ impl Metrics {
             "When the issuer certificate in use expires, seconds since the epoch",
             Unit::Seconds,
             m.issuer_expiry.clone(),
+        );
+        r.register_with_unit(
+            "issuer_retired_until_timestamp",
+            "When the last certificate signed by a replaced issuer expires, seconds since the epoch (0: none replaced); its root may be dropped after",
+            Unit::Seconds,
+            m.issuer_retired_until.clone(),
         );
         r.register(
             "source_refusals",
@@ -356,6 +365,10 @@ impl Metrics {
     pub fn set_ca(&self, anchors: usize, issuer_expiry: i64) {
         self.trust_anchors.set(anchors as i64);
         self.issuer_expiry.set(issuer_expiry);
+    }
+
+    pub fn set_issuer_retired_until(&self, secs: i64) {
+        self.issuer_retired_until.set(secs);
     }
 
     pub fn source_refused(&self, reason: SourceRefusal) {

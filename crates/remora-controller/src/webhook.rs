@@ -107,10 +107,11 @@ impl Injector {
                 ..Default::default()
             });
         let rotated;
-        let settings = match &self.ca {
-            Some(ca) if ca.current().trust_anchors_pem().trim() != self.settings.trust_anchors => {
+        let anchors = self.ca.as_ref().map(|ca| ca.current());
+        let settings = match anchors.as_ref().map(|ca| ca.trust_anchors_pem().trim()) {
+            Some(pem) if pem != self.settings.trust_anchors => {
                 rotated = Settings {
-                    trust_anchors: ca.current().trust_anchors_pem().trim().to_string(),
+                    trust_anchors: pem.to_string(),
                     ..self.settings.clone()
                 };
                 &rotated

@@ -330,9 +330,18 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         remora_k8s::CONTROLLER_NAME,
         "ours kept"
     );
-    assert_eq!(
-        fake.conflicts(),
-        0,
-        "every write named the version it was computed from"
+    // Every status write names the version it was computed from, so one computed
+    // before the route changed beside the controller is refused (409) rather than
+    // overwriting: whether that race happens depends on timing, so the count of
+    // conflicts is bounded by the one change made, not asserted to be zero.
+    let unnamed: Vec<_> = fake
+        .writes()
+        .into_iter()
+        .filter(|w| w.status && w.body["metadata"]["resourceVersion"].is_null())
+        .collect();
+    assert!(
+        unnamed.is_empty(),
+        "status writes that name no version: {unnamed:#?}"
     );
+    assert!(fake.conflicts() <= 1, "{:#?}", status_patches(&fake));
 }

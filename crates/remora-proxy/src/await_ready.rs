@@ -102,20 +102,59 @@ mod tests {
         assert!(parse(&["--timeout".into()], &none).is_err());
     }
 
+    /// The admin port answering 503 to the first request and 200 after: `await-ready`
+    /// polls through the 503 (and through any connection that fails on the way, as a
+    /// loaded machine may make one) and succeeds at the 200.
     #[test]
     fn waits_for_a_200() {
+        use std::sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicUsize, Ordering},
+        };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            for status in ["503 Service Unavailable", "200 OK"] {
-                let (mut s, _) = listener.accept().unwrap();
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf).unwrap();
-                write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").unwrap();
-            }
-        });
-        assert!(!ready(addr).unwrap());
-        assert!(ready(addr).unwrap());
+        let (answered, done) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let server = {
+            let (answered, done) = (answered.clone(), done.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if done.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut s) = conn else { continue };
+                    // The whole request head, then the answer, then a clean close.
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 512];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let status = match answered.fetch_add(1, Ordering::SeqCst) {
+                        0 => "503 Service Unavailable",
+                        _ => "200 OK",
+                    };
+                    let _ = write!(s, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    let _ = s.read(&mut buf);
+                }
+            })
+        };
+        let env = |k: &str| (k == "REMORA_ADMIN_ADDR").then(|| addr.to_string());
+        assert_eq!(
+            main(&["--timeout=10s".to_string()], &env),
+            ExitCode::SUCCESS
+        );
+        assert!(
+            answered.load(Ordering::SeqCst) >= 2,
+            "a 503 first, then a 200"
+        );
+        done.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(addr);
         server.join().unwrap();
         // Nobody there: an error, not ready.
         assert!(ready(addr).is_err());

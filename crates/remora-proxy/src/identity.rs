@@ -251,7 +251,7 @@ impl Identity {
         }
         let anchors = match rsp.trust_anchors.is_empty() {
             true => NewAnchors::Unsent,
-            false => match self.check_anchors(&rsp) {
+            false => match self.check_anchors(&rsp, not_before) {
                 Ok(roots) => NewAnchors::Bundle {
                     roots,
                     der: rsp.trust_anchors,
@@ -270,8 +270,14 @@ impl Identity {
     }
 
     /// The bundle sent with `rsp`, if the certificate it brings chains to it and names
-    /// this proxy, as a peer will check it.
-    fn check_anchors(&self, rsp: &api::CertifyResponse) -> Result<Arc<RootCertStore>, String> {
+    /// this proxy, as a peer will check it. Checked at the certificate's notBefore when
+    /// this proxy's clock is behind it: a clock a minute slow must not refuse every
+    /// bundle (peers check validity with their own clocks).
+    fn check_anchors(
+        &self,
+        rsp: &api::CertifyResponse,
+        not_before: SystemTime,
+    ) -> Result<Arc<RootCertStore>, String> {
         use rustls::{
             client::{WebPkiServerVerifier, danger::ServerCertVerifier},
             pki_types::{CertificateDer, ServerName, UnixTime},
@@ -301,7 +307,12 @@ impl Identity {
                 &chain,
                 &name,
                 &[],
-                UnixTime::now(),
+                UnixTime::since_unix_epoch(
+                    SystemTime::now()
+                        .max(not_before + Duration::from_secs(1))
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default(),
+                ),
             )
             .map_err(|e| format!("the new certificate does not chain to them: {e}"))?;
         Ok(Arc::new(roots))

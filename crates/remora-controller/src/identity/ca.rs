@@ -110,6 +110,15 @@ impl CaFiles {
         }
     }
 
+    /// The development CA's files in `dir`, made first when absent.
+    pub fn dev_made(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let files = Self::dev(dir);
+        if !(files.cert.exists() && files.key.exists() && files.anchors.exists()) {
+            generate(dir, trust_domain)?;
+        }
+        Ok(files)
+    }
+
     /// The three files' text: certificate, key, anchors.
     pub fn read(&self) -> Result<[String; 3], CaError> {
         Ok([read(&self.cert)?, read(&self.key)?, read(&self.anchors)?])
@@ -249,11 +258,11 @@ impl Ca {
     /// A development CA in `dir`: created (root and issuer) when absent, reused after.
     /// `dir/trust-anchors.pem` is what proxies trust.
     pub fn dev(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<Self, CaError> {
-        let files = CaFiles::dev(dir);
-        if !(files.cert.exists() && files.key.exists() && files.anchors.exists()) {
-            generate(dir, trust_domain)?;
-        }
-        Self::from_files(&files, trust_domain, lifetime)
+        Self::from_files(
+            &CaFiles::dev_made(dir, trust_domain)?,
+            trust_domain,
+            lifetime,
+        )
     }
 
     pub fn trust_anchors_pem(&self) -> &str {
@@ -377,6 +386,17 @@ fn check_set(
     }
     let roots = pki::bundle(anchors_pem)
         .map_err(|e| bad(anchors, format!("cannot read the bundle: {e}")))?;
+    // As the proxies will read them (webpki), or they would refuse the bundle.
+    for root in &roots {
+        rustls::RootCertStore::empty()
+            .add(root.der.as_slice().into())
+            .map_err(|e| {
+                bad(
+                    anchors,
+                    format!("{}: not usable as a trust anchor: {e}", root.subject),
+                )
+            })?;
+    }
     if let Some(stale) = roots.iter().find(|a| !a.valid_at(now)) {
         return Err(bad(
             anchors,

@@ -10,7 +10,7 @@
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::Mutex;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::ca::{Ca, CaFiles};
+use super::ca::{Ca, CaError, CaFiles};
 use crate::metrics::{IssuerReload, Metrics};
 
 /// How often the issuer files are compared with what is in use.
@@ -96,8 +96,9 @@ struct State {
     raw: Vec<u8>,
     /// The files' set, parsed, while a new issuer is held back.
     pending: Option<(Arc<Ca>, Instant)>,
-    /// From when each root handed out has been everywhere. The roots at start count as
-    /// everywhere already (a controller that restarts cannot know better).
+    /// From when each root handed out has been everywhere. At start, the root of the
+    /// issuer in use counts as everywhere already; any other is taken as handed out
+    /// just now (a controller that restarts cannot know better, and waits).
     everywhere: HashMap<Vec<u8>, Instant>,
     /// Issuers replaced, with when the last certificate each signed expires.
     retired: Vec<(Cert, Instant)>,
@@ -113,18 +114,31 @@ pub struct Rotation {
 }
 
 impl Rotation {
-    /// Starts from `ca`, read from `files`.
-    pub fn new(files: CaFiles, ca: Ca) -> Arc<Self> {
+    /// Reads `files` once: the CA to start with, or why it cannot be used.
+    pub fn load(
+        files: CaFiles,
+        trust_domain: &str,
+        lifetime: Duration,
+    ) -> Result<Arc<Self>, CaError> {
+        let texts = files.read()?;
+        let raw = texts.concat().into_bytes();
+        let ca = Ca::parse(&files, texts, trust_domain, lifetime)?;
         let now = Instant::now();
-        let raw = files
-            .read()
-            .map(|t| t.concat().into_bytes())
-            .unwrap_or_default();
-        let everywhere = ca.anchors().iter().map(|a| (a.der.clone(), now)).collect();
-        Arc::new(Self {
+        let everywhere = ca
+            .anchors()
+            .iter()
+            .map(|a| {
+                let since = match ca.issuer_cert().signed_by(a) {
+                    true => now,
+                    false => now + lifetime,
+                };
+                (a.der.clone(), since)
+            })
+            .collect();
+        Ok(Arc::new(Self {
             files,
-            trust_domain: ca.trust_domain().to_string(),
-            lifetime: ca.lifetime(),
+            trust_domain: trust_domain.to_string(),
+            lifetime,
             tx: watch::channel(Arc::new(ca)).0,
             state: Mutex::new(State {
                 raw,
@@ -132,7 +146,12 @@ impl Rotation {
                 everywhere,
                 retired: Vec::new(),
             }),
-        })
+        }))
+    }
+
+    /// The CA in use now.
+    pub fn current(&self) -> Arc<Ca> {
+        self.tx.borrow().clone()
     }
 
     pub fn handle(&self) -> CaHandle {
@@ -204,6 +223,12 @@ impl Rotation {
         if issuer_changed {
             st.retired
                 .push((in_use.issuer_cert().clone(), now + self.lifetime));
+            let until = SystemTime::now() + self.lifetime;
+            let secs = until
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            metrics.set_issuer_retired_until(secs as i64);
         }
         for (old, until) in &st.retired {
             if !old.chains_to(next.anchors()) {

@@ -105,10 +105,7 @@ fn the_documented_rotation_applies_in_order_and_a_wrong_order_is_made_safe() {
     let base = two_cas("reload");
     let metrics = Metrics::register(&mut Registry::default());
     let files = write_set(&base, "live", "a", &["a"]);
-    let rotation = Rotation::new(
-        files.clone(),
-        Ca::from_files(&files, "cluster.local", LIFETIME).unwrap(),
-    );
+    let rotation = Rotation::load(files.clone(), "cluster.local", LIFETIME).unwrap();
     let handle = rotation.handle();
     let (a_issuer, b_issuer) = (
         subject(&ca(&base, "x", "a", &["a"])),
@@ -153,10 +150,7 @@ fn the_documented_rotation_applies_in_order_and_a_wrong_order_is_made_safe() {
     // The wrong order: the issuer first is refused (it does not chain to the anchors),
     // and once its root is added the old issuer still signs for a lifetime.
     let files = write_set(&base, "wrong", "a", &["a"]);
-    let rotation = Rotation::new(
-        files.clone(),
-        Ca::from_files(&files, "cluster.local", LIFETIME).unwrap(),
-    );
+    let rotation = Rotation::load(files.clone(), "cluster.local", LIFETIME).unwrap();
     let handle = rotation.handle();
     let t0 = Instant::now();
     write_set(&base, "wrong", "b", &["a"]);
@@ -168,6 +162,18 @@ fn the_documented_rotation_applies_in_order_and_a_wrong_order_is_made_safe() {
     assert_eq!(subject(&handle.current()), a_issuer, "held");
     assert_eq!(handle.current().anchors().len(), 2);
     rotation.reload(&metrics, t0 + Duration::from_secs(66));
+    assert_eq!(subject(&handle.current()), b_issuer);
+
+    // A controller (re)started after step 1 cannot know when the new root was handed
+    // out: it takes it as just now, and holds a switch to it for a lifetime.
+    let files = write_set(&base, "restarted", "a", &["a", "b"]);
+    let rotation = Rotation::load(files.clone(), "cluster.local", LIFETIME).unwrap();
+    let handle = rotation.handle();
+    let t0 = Instant::now();
+    write_set(&base, "restarted", "b", &["a", "b"]);
+    rotation.reload(&metrics, t0 + Duration::from_secs(1));
+    assert_eq!(subject(&handle.current()), a_issuer, "held after a restart");
+    rotation.reload(&metrics, t0 + Duration::from_secs(61));
     assert_eq!(subject(&handle.current()), b_issuer);
     let _ = std::fs::remove_dir_all(&base);
 }
