@@ -355,3 +355,58 @@ async fn a_thousand_idle_http2_connections_cost_little_and_leave_nothing_behind(
     );
     Ok(())
 }
+
+/// Idle HTTP/2 connections do not stay forever: one with no request in flight for the
+/// idle timeout (`REMORA_TCP_IDLE_TIMEOUT`, here 2 s) is sent GOAWAY and closed, and
+/// counted; one with requests coming stays open and loses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_after_the_idle_timeout_and_busy_ones_are_not()
+-> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    const IDLE: usize = 50;
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let _proxy = Proxy::start(&pods.server, &bins, &[("REMORA_TCP_IDLE_TIMEOUT", "2s")]).await;
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        let tcp = pods.client.connect(app_addr).await?;
+        let (h2, conn) = h2::client::handshake(tcp).await?;
+        idle.push((h2, tokio::spawn(conn)));
+    }
+    // A busy connection: a request every 300 ms for 5 s, on the one connection.
+    let mut busy = client::http2(&pods.client, app_addr).await?;
+    let (mut ok, mut failed) = (0, Vec::new());
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        let req = Request::get(format!("http://{app_addr}/")).body(client::empty())?;
+        match tokio::time::timeout(Duration::from_secs(5), busy.send_request(req)).await {
+            Ok(Ok(rsp)) if rsp.status() == 200 => ok += 1,
+            other => failed.push(format!("{other:?}")),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let closed = idle.iter().filter(|(_, conn)| conn.is_finished()).count();
+    let counted = sample(
+        &metrics(&pods.server).await,
+        "remora_tcp_idle_timeouts_total",
+        &[("direction", "inbound")],
+    );
+    eprintln!(
+        "{closed} of {IDLE} idle HTTP/2 connections closed after 5 s (counted {counted}); \
+         the busy one: {ok} requests, {} failed",
+        failed.len()
+    );
+    assert_eq!(closed, IDLE, "idle connections still open past the timeout");
+    assert!(counted >= IDLE as f64, "{counted} counted");
+    assert!(failed.is_empty(), "the busy connection: {failed:?}");
+    assert!(ok >= 10, "only {ok} requests on the busy connection");
+    assert!(!busy.is_closed(), "the busy connection was closed");
+    assert_eq!(app.started.load(Ordering::Relaxed), ok);
+    Ok(())
+}

@@ -132,7 +132,7 @@ pub const TCP_IDLE_TIMEOUT: Knob = Knob::value(
     "tcp-idle-timeout",
     "REMORA_TCP_IDLE_TIMEOUT",
     Some("1h"),
-    "An opaque TCP connection with no bytes either way for this long is closed (0 never closes one)",
+    "An opaque TCP connection with no bytes either way for this long is closed, as is an inbound HTTP/2 one with no request in flight (0 never closes one)",
 );
 pub const DETECT_TIMEOUT: Knob = Knob::value(
     "detect-timeout",

@@ -10,7 +10,14 @@ pub mod pool;
 pub mod replay;
 mod upstream;
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -46,10 +53,12 @@ pub struct Served {
     /// Cancelled when the proxy drains: in-flight requests finish, then the connection
     /// closes.
     pub drain: CancellationToken,
-    /// How long an HTTP/1 connection may wait for a request's headers (None: as long as
-    /// the client keeps it). The app's own connections stay as long as it keeps them; a
+    /// How long a connection may go with no request in flight (None: as long as the
+    /// client keeps it): an HTTP/1 connection waiting for a request's headers, an
+    /// HTTP/2 connection with no stream being answered (then closed with GOAWAY, its
+    /// streams let finish). The app's own connections stay as long as it keeps them; a
     /// client from off the pod waiting for its next request counts as idle TCP does.
-    pub header_timeout: Option<std::time::Duration>,
+    pub idle_timeout: Option<std::time::Duration>,
     /// For tunnels (upgrades and `CONNECT`), which are opaque TCP once established.
     pub idle: crate::tcp::Idle,
 }
@@ -64,28 +73,38 @@ where
     let Served {
         metrics,
         drain,
-        header_timeout,
+        idle_timeout,
         idle,
     } = served;
     let fwd = Arc::new(fwd);
+    let idle_closed = idle.closed.clone();
     let idle = Arc::new(idle);
     let version = fwd.version();
     let abuse = metrics.abuse();
-    let svc = service_fn(move |req| {
-        let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
-        async move { Ok::<_, Infallible>(forward(req, &*fwd, metrics, idle).await) }
-    });
+    let activity = Arc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
+            let busy = activity.begin();
+            async move {
+                let rsp = forward(req, &*fwd, metrics, idle).await;
+                drop(busy);
+                Ok::<_, Infallible>(rsp)
+            }
+        })
+    };
     let io = TokioIo::new(io);
     let result = match version {
         Version::Http1 => {
             // A proxy adds no `Date` of its own: the upstream's, if any, passes through.
             // hyper's default closes a connection that waits 30 s for a request's headers,
             // idle keep-alive included, which races every client pool that keeps
-            // connections longer (`header_timeout` says how long instead).
+            // connections longer (`idle_timeout` says how long instead).
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .auto_date_header(false)
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(idle_timeout)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -104,11 +123,22 @@ where
                 .auto_date_header(false)
                 .serve_connection(io, svc);
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = drain.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            loop {
+                let idle_at = idle_timeout.map(|t| activity.idle_deadline(t));
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = drain.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await;
+                    }
+                    _ = sleep_until(idle_at) => {
+                        if idle_timeout.is_some_and(|t| activity.idle_for(t)) {
+                            idle_closed.inc();
+                            debug!(timeout = ?idle_timeout, "HTTP/2 connection idle: GOAWAY");
+                            conn.as_mut().graceful_shutdown();
+                            break conn.await;
+                        }
+                    }
                 }
             }
         }
@@ -122,6 +152,68 @@ where
         } else {
             debug!(%error, "HTTP connection ended with an error");
         }
+    }
+}
+
+/// Requests in flight on a connection, and since when it has had none.
+struct Activity {
+    start: tokio::time::Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `start` to when the last request in flight ended.
+    idle_since: AtomicU64,
+}
+
+/// One request in flight, until dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since
+            .store(a.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Acquire);
+        Busy(self.clone())
+    }
+
+    /// When the connection will have been idle for `timeout`, as things stand: a
+    /// timeout from now while a request is in flight.
+    fn idle_deadline(&self, timeout: std::time::Duration) -> tokio::time::Instant {
+        match self.in_flight.load(Ordering::Acquire) {
+            0 => {
+                self.start
+                    + std::time::Duration::from_millis(self.idle_since.load(Ordering::Relaxed))
+                    + timeout
+            }
+            _ => tokio::time::Instant::now() + timeout,
+        }
+    }
+
+    /// Whether the connection has now gone `timeout` with no request in flight.
+    fn idle_for(&self, timeout: std::time::Duration) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.idle_deadline(timeout) <= tokio::time::Instant::now()
+    }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -378,7 +470,7 @@ mod keep_alive_tests {
                 authz_name: Arc::from(""),
             }),
             drain: CancellationToken::new(),
-            header_timeout: None,
+            idle_timeout: None,
             idle: crate::tcp::Idle::default(),
         };
         tokio::spawn(serve(proxy_side, fwd, served));

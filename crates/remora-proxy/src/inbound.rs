@@ -349,7 +349,7 @@ fn served(ctx: &Inbound, labels: TrafficLabels) -> http::Served {
     http::Served {
         metrics: ctx.metrics.http(labels),
         drain: ctx.drain.clone(),
-        header_timeout: ctx.idle.timeout,
+        idle_timeout: ctx.idle.timeout,
         idle: ctx.idle.clone(),
     }
 }

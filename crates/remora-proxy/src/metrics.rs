@@ -355,7 +355,7 @@ impl Metrics {
         );
         r.register(
             "tcp_idle_timeouts",
-            "Opaque TCP connections closed after carrying no bytes for the idle timeout",
+            "Connections closed by the idle timeout: opaque TCP after no bytes, inbound HTTP/2 after no request in flight",
             m.tcp_idle_closed.clone(),
         );
         r.register(

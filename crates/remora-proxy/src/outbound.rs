@@ -351,7 +351,7 @@ impl Outbound {
         let served = http::Served {
             metrics: self.metrics.http(labels),
             drain: self.drain.clone(),
-            header_timeout: None,
+            idle_timeout: None,
             idle: self.idle.clone(),
         };
         http::serve(io, fwd, served).await;
