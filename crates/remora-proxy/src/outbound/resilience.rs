@@ -127,19 +127,30 @@ pub fn attempt_limit(
     }
 }
 
-/// The pause a 429 or 503 asks for with `Retry-After` (in seconds; at most a minute).
+/// The pause a 429 or 503 asks for with `Retry-After`: seconds, or an HTTP date (RFC
+/// 9110 §10.2.3; one past is no pause); at most a minute.
 pub fn retry_after(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
+    retry_after_at(status, headers, std::time::SystemTime::now())
+}
+
+/// [`retry_after`] with the clock's reading given.
+pub fn retry_after_at(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
     if !matches!(status.as_u16(), 429 | 503) {
         return None;
     }
-    let secs: u64 = headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs.min(60)))
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let pause = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs.min(60)),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(pause.min(Duration::from_secs(60)))
 }
 
 /// Whether a budget of `ratio` of the window's `requests`, plus `min_per_second` for

@@ -203,17 +203,41 @@ fn retry_after_is_read_on_429_and_503_only() {
         (500, Some("3"), None),
         (200, Some("3"), None),
         (503, None, None),
-        // An HTTP date or garbage is not followed.
-        (503, Some("Wed, 21 Oct 2015 07:28:00 GMT"), None),
+        // An HTTP date, read against the clock (here 2015-10-21 07:28:00 UTC): 30 s
+        // ahead, an hour ahead (capped), past (no pause); the obsolete RFC 850 form too.
+        (
+            503,
+            Some("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30)),
+        ),
+        (
+            429,
+            Some("Wed, 21 Oct 2015 08:28:00 GMT"),
+            Some(Duration::from_secs(60)),
+        ),
+        (
+            503,
+            Some("Wed, 21 Oct 2015 07:00:00 GMT"),
+            Some(Duration::ZERO),
+        ),
+        (
+            503,
+            Some("Wednesday, 21-Oct-15 07:28:10 GMT"),
+            Some(Duration::from_secs(10)),
+        ),
+        // Garbage is not followed.
         (503, Some("-1"), None),
+        (503, Some("soon"), None),
+        (503, Some("Wed, 32 Oct 2015 07:28:00 GMT"), None),
     ];
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
     for (status, value, want) in cases {
         let mut h = HeaderMap::new();
         if let Some(v) = value {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from_static(v));
         }
         let status = StatusCode::from_u16(status).unwrap();
-        assert_eq!(retry_after(status, &h), want, "{status} {value:?}");
+        assert_eq!(retry_after_at(status, &h, now), want, "{status} {value:?}");
     }
 }
 
