@@ -219,12 +219,7 @@ impl Proxy {
 
     /// Its resident memory now (VmRSS), in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+        remora_admin::rss_kib(Some(self.pid())).expect("VmRSS in /proc/<pid>/status")
     }
 
     /// Sends SIGTERM (to `ip netns exec`, which execs into setpriv and then the proxy).

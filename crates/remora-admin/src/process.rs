@@ -10,6 +10,23 @@ use prometheus_client::{
 /// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every Linux ABI).
 const TICKS_PER_SECOND: f64 = 100.0;
 
+/// A `kB` field (`VmRSS:`, `VmHWM:`, `Private_Dirty:`…) of a `/proc` file's text
+/// (`status`, `smaps_rollup`), in KiB.
+pub fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A process's resident memory now (VmRSS), in KiB; `None` for this process.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".into(),
+    };
+    kib_field(&std::fs::read_to_string(path).ok()?, "VmRSS:")
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessCollector;
 
@@ -46,13 +63,7 @@ impl Collector for ProcessCollector {
             )?;
         }
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .map(|v| v * 1024.0)
-        };
+        let kib = |key: &str| kib_field(&status, key).map(|v| v as f64 * 1024.0);
         if let Some(rss) = kib("VmRSS:") {
             gauge(
                 &mut encoder,
@@ -104,4 +115,21 @@ fn boot_time() -> Option<f64> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kib_fields_are_read_from_proc_text() {
+        let status = "Name:\tremora\nVmHWM:\t   20480 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(kib_field(status, "VmRSS:"), Some(12_345));
+        assert_eq!(kib_field(status, "VmHWM:"), Some(20_480));
+        assert_eq!(kib_field(status, "VmSwap:"), None);
+        assert_eq!(kib_field(status, "Name:"), None, "not a number");
+        let own = rss_kib(None).expect("this process's VmRSS");
+        assert!(own > 100, "{own} KiB");
+        assert_eq!(rss_kib(Some(u32::MAX)), None, "no such process");
+    }
 }

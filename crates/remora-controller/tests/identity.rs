@@ -650,12 +650,7 @@ async fn streams_are_bounded_per_client_and_their_targets_freed_when_they_end() 
 
 /// This process's resident memory (the controller runs in it), in KiB.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    remora_admin::rss_kib(None).expect("VmRSS in /proc/self/status")
 }
 
 /// The Service `web` with `n` endpoints whose addresses depend on `generation`.

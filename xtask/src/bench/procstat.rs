@@ -36,10 +36,6 @@ pub fn private_mib(pid: u32) -> f64 {
 }
 
 fn kib_field(path: &str, key: &str) -> f64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    remora_admin::kib_field(&text, key).unwrap_or(0) as f64
 }
