@@ -66,10 +66,11 @@ pub(crate) struct IssuerKey {
     pub(crate) cert: Cert,
 }
 
-/// A bundle of trust anchors.
+/// A bundle of trust anchors: as written, as read, and as rustls verifies with it.
 pub(crate) struct Anchors {
     pub(crate) pem: String,
     pub(crate) certs: Vec<Cert>,
+    pub(crate) roots: Arc<rustls::RootCertStore>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -211,7 +212,7 @@ impl Ca {
             });
         }
         let issuer_der = pem_to_der(&cert_pem, cert)?;
-        let (issuer_cert, roots) = check_set(
+        let (issuer_cert, certs, roots) = check_set(
             &issuer_der,
             cert,
             &issuer.key().subject_public_key_info(),
@@ -226,7 +227,8 @@ impl Ca {
             }),
             anchors: Arc::new(Anchors {
                 pem: trust_anchors_pem,
-                certs: roots,
+                certs,
+                roots,
             }),
             trust_domain: trust_domain.into(),
             lifetime,
@@ -248,6 +250,11 @@ impl Ca {
 
     pub(crate) fn anchors(&self) -> &[Cert] {
         &self.anchors.certs
+    }
+
+    /// The trust anchors, for verifying clients' certificates.
+    pub(crate) fn roots(&self) -> Arc<rustls::RootCertStore> {
+        self.anchors.roots.clone()
     }
 
     /// The same issuer and the same bundle.
@@ -346,7 +353,7 @@ impl Ca {
 /// certificate valid now and signed by one of the anchors (or be one), and the anchors
 /// valid now. Otherwise the controller would start, report ready, and only proxies
 /// would fail, with TLS errors naming no file. The issuer's certificate and the
-/// anchors, read.
+/// anchors, read, and as rustls verifies with them.
 fn check_set(
     issuer_der: &[u8],
     cert: &Path,
@@ -354,7 +361,7 @@ fn check_set(
     key: &Path,
     anchors_pem: &str,
     anchors: &Path,
-) -> Result<(Cert, Vec<Cert>), CaError> {
+) -> Result<(Cert, Vec<Cert>, Arc<rustls::RootCertStore>), CaError> {
     let bad = |path: &Path, reason: String| CaError::File {
         path: path.into(),
         reason,
@@ -387,15 +394,14 @@ fn check_set(
     let roots = pki::bundle(anchors_pem)
         .map_err(|e| bad(anchors, format!("cannot read the bundle: {e}")))?;
     // As the proxies will read them (webpki), or they would refuse the bundle.
+    let mut store = rustls::RootCertStore::empty();
     for root in &roots {
-        rustls::RootCertStore::empty()
-            .add(root.der.as_slice().into())
-            .map_err(|e| {
-                bad(
-                    anchors,
-                    format!("{}: not usable as a trust anchor: {e}", root.subject),
-                )
-            })?;
+        store.add(root.der.as_slice().into()).map_err(|e| {
+            bad(
+                anchors,
+                format!("{}: not usable as a trust anchor: {e}", root.subject),
+            )
+        })?;
     }
     if let Some(stale) = roots.iter().find(|a| !a.valid_at(now)) {
         return Err(bad(
@@ -418,7 +424,7 @@ fn check_set(
             ),
         ));
     }
-    Ok((issuer, roots))
+    Ok((issuer, roots, Arc::new(store)))
 }
 
 /// Creates a root (10 years) and an issuer (1 year) under it, and writes the issuer's

@@ -30,11 +30,6 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 pub struct CaHandle(watch::Receiver<Arc<Ca>>);
 
 impl CaHandle {
-    /// A CA that never rotates.
-    pub fn fixed(ca: Ca) -> Self {
-        Self(watch::channel(Arc::new(ca)).1)
-    }
-
     pub fn current(&self) -> Arc<Ca> {
         self.0.borrow().clone()
     }

@@ -18,7 +18,7 @@ use parking_lot::RwLock;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls::{
     RootCertStore, ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
@@ -101,7 +101,7 @@ pub fn grpc_tls(mut ca: CaHandle, sa: ServiceAccount) -> Result<Arc<GrpcTls>, St
         current: RwLock::new(key),
     });
     let tls = Arc::new(GrpcTls {
-        config: RwLock::new(server_config(own.clone(), first.trust_anchors_pem())?),
+        config: RwLock::new(server_config(own.clone(), first.roots())?),
         own,
     });
     let renewing = tls.clone();
@@ -117,7 +117,7 @@ pub fn grpc_tls(mut ca: CaHandle, sa: ServiceAccount) -> Result<Arc<GrpcTls>, St
             };
             let current = ca.current();
             if rotated {
-                match server_config(renewing.own.clone(), current.trust_anchors_pem()) {
+                match server_config(renewing.own.clone(), current.roots()) {
                     Ok(config) => *renewing.config.write() = config,
                     Err(error) => warn!(%error, "the gRPC port keeps the previous trust anchors"),
                 }
@@ -136,14 +136,11 @@ pub fn grpc_tls(mut ca: CaHandle, sa: ServiceAccount) -> Result<Arc<GrpcTls>, St
 }
 
 /// TLS 1.3, ALPN h2, optional client certificates from the anchors.
-fn server_config(own: Arc<OwnCert>, anchors_pem: &str) -> Result<Arc<ServerConfig>, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(anchors_pem.as_bytes()) {
-        roots
-            .add(cert.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+fn server_config(
+    own: Arc<OwnCert>,
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<ServerConfig>, String> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .allow_unauthenticated()
         .build()
         .map_err(|e| e.to_string())?;
