@@ -15,6 +15,7 @@ pub mod leader;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod reread;
 pub mod source;
 pub mod watches;
 pub mod webhook;

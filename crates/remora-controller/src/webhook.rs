@@ -49,8 +49,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a review waits for the source's first sync (the API server's timeout is
 /// longer).
 const SYNC_WAIT: Duration = Duration::from_secs(3);
-/// How often the certificate files are compared with what is served.
-const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// What the webhook needs to answer.
 pub struct Injector {
@@ -275,20 +273,10 @@ pub async fn serve(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config());
     let reload = {
-        let (cert, metrics, stop) = (cert.clone(), injector.metrics.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RELOAD_EVERY);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => {
-                        let cert = cert.clone();
-                        let metrics = metrics.clone();
-                        let _ = tokio::task::spawn_blocking(move || cert.reload(&metrics)).await;
-                    }
-                }
-            }
-        })
+        let (cert, metrics) = (cert.clone(), injector.metrics.clone());
+        tokio::spawn(crate::reread::every(stop.clone(), move || {
+            cert.reload(&metrics)
+        }))
     };
     loop {
         let (stream, peer) = tokio::select! {

@@ -22,9 +22,6 @@ use tracing::{info, warn};
 use super::ca::{Ca, CaError, CaFiles};
 use crate::metrics::{IssuerReload, Metrics};
 
-/// How often the issuer files are compared with what is in use.
-pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
-
 /// The CA in use, followed as it rotates.
 #[derive(Debug, Clone)]
 pub struct CaHandle(watch::Receiver<Arc<Ca>>);
@@ -153,19 +150,10 @@ impl Rotation {
         CaHandle(self.tx.subscribe())
     }
 
-    /// Compares the files with what is in use, every [`RELOAD_EVERY`], until `stop`.
+    /// Compares the files with what is in use, every [`crate::reread::EVERY`], until
+    /// `stop`.
     pub async fn run(self: Arc<Self>, metrics: Metrics, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(RELOAD_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {
-                    let (this, metrics) = (self.clone(), metrics.clone());
-                    let _ = tokio::task::spawn_blocking(move || this.reload(&metrics, Instant::now())).await;
-                }
-            }
-        }
+        crate::reread::every(stop, move || self.reload(&metrics, Instant::now())).await
     }
 
     /// Re-reads the files; a changed, good set is applied (its issuer perhaps held back,
