@@ -288,13 +288,11 @@ impl Identity {
                 .add(CertificateDer::from(der.as_slice()))
                 .map_err(|e| format!("a trust anchor cannot be read: {e}"))?;
         }
-        // The provider `tls::provider()` gives (identity sits below `tls`, which uses it).
-        let verifier = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots.clone()),
-            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-        )
-        .build()
-        .map_err(|e| e.to_string())?;
+        let roots = Arc::new(roots);
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), crate::crypto::provider())
+                .build()
+                .map_err(|e| e.to_string())?;
         let chain: Vec<CertificateDer<'_>> = rsp
             .intermediate_certificates
             .iter()
@@ -315,7 +313,7 @@ impl Identity {
                 ),
             )
             .map_err(|e| format!("the new certificate does not chain to them: {e}"))?;
-        Ok(Arc::new(roots))
+        Ok(roots)
     }
 
     /// How long the certificate in use has left (zero once expired); None before the first.

@@ -14,6 +14,7 @@ pub mod await_ready;
 pub mod config;
 pub mod connect;
 pub mod control;
+pub mod crypto;
 pub mod debug;
 pub mod detect;
 pub mod http;

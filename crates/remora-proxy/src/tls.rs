@@ -7,7 +7,6 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
-    crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject},
     server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
@@ -208,12 +207,7 @@ pub enum TlsError {
     },
 }
 
-/// The crypto provider: aws-lc-rs, whose key exchanges put the post-quantum hybrid
-/// X25519MLKEM768 first (rustls' `prefer-post-quantum`), then X25519, P-256 and P-384
-/// for peers without it.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
+pub use crate::crypto::provider;
 
 /// The trust anchors from a PEM bundle.
 pub fn roots(pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
