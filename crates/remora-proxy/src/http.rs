@@ -81,12 +81,15 @@ where
     let idle = Arc::new(idle);
     let version = fwd.version();
     let abuse = metrics.abuse();
-    let activity = Arc::new(Activity::new());
+    // Requests in flight are tracked only where an idle HTTP/2 connection is closed:
+    // nothing is added to other connections' requests.
+    let activity = (matches!(version, Version::Http2) && idle_timeout.is_some())
+        .then(|| Arc::new(Activity::new()));
     let svc = {
         let activity = activity.clone();
         service_fn(move |req| {
             let (fwd, metrics, idle) = (fwd.clone(), metrics.clone(), idle.clone());
-            let busy = activity.begin();
+            let busy = activity.as_ref().map(Activity::begin);
             async move {
                 let rsp = forward(req, &*fwd, metrics, idle).await;
                 drop(busy);
@@ -124,7 +127,8 @@ where
                 .serve_connection(io, svc);
             tokio::pin!(conn);
             loop {
-                let idle_at = idle_timeout.map(|t| activity.idle_deadline(t));
+                let watched = activity.as_deref().zip(idle_timeout);
+                let idle_at = watched.map(|(a, t)| a.idle_deadline(t));
                 tokio::select! {
                     r = conn.as_mut() => break r,
                     _ = drain.cancelled() => {
@@ -132,7 +136,7 @@ where
                         break conn.await;
                     }
                     _ = sleep_until(idle_at) => {
-                        if idle_timeout.is_some_and(|t| activity.idle_for(t)) {
+                        if watched.is_some_and(|(a, t)| a.idle_for(t)) {
                             idle_closed.inc();
                             debug!(timeout = ?idle_timeout, "HTTP/2 connection idle: GOAWAY");
                             conn.as_mut().graceful_shutdown();
