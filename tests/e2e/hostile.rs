@@ -1,6 +1,7 @@
-//! Hostile input the security issue did not try (issue 17), kept as tests: each drives a
-//! real proxy in a namespace pod the way an attacker would, counts what the attack
-//! achieved, and fails if it works again.
+//! Hostile input, kept as tests (issues 11 and 17): the attacks the proxy withstood when
+//! the security issue tried them (CONTINUATION floods, HPACK bombs, request smuggling)
+//! and those it did not try. Each drives a real proxy in a namespace pod the way an
+//! attacker would, counts what the attack achieved, and fails if it works again.
 
 use std::{
     net::SocketAddr,
@@ -19,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use remora_tests::{
     Binaries, Pod, PodPair, Proxy, backend,
     client::{self, metrics, sample},
-    e2e_enabled,
+    e2e_enabled, eventually,
 };
 
 /// What an HTTP/2 app behind the proxy saw: requests started, in flight now, and the
@@ -408,5 +409,431 @@ async fn idle_http2_connections_are_closed_after_the_idle_timeout_and_busy_ones_
     assert!(ok >= 10, "only {ok} requests on the busy connection");
     assert!(!busy.is_closed(), "the busy connection was closed");
     assert_eq!(app.started.load(Ordering::Relaxed), ok);
+    Ok(())
+}
+
+/// An HTTP/2 frame: the 9-byte header, then `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// An HPACK integer of `value` after a first byte holding `flags` and `prefix` bits.
+fn hpack_int(out: &mut Vec<u8>, flags: u8, prefix: u32, value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    let mut rest = value - max;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// An HPACK string literal, not Huffman-coded.
+fn hpack_str(out: &mut Vec<u8>, s: &[u8]) {
+    hpack_int(out, 0, 7, s.len());
+    out.extend_from_slice(s);
+}
+
+/// `GET http://{authority}/` as a header block of static-table entries and one literal.
+fn get_block(authority: &str) -> Vec<u8> {
+    // :method GET, :scheme http, :path /; :authority as a literal without indexing.
+    let mut out = vec![0x82, 0x86, 0x84, 0x01];
+    hpack_str(&mut out, authority.as_bytes());
+    out
+}
+
+/// The client preface and an empty SETTINGS frame.
+fn preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out
+}
+
+/// What a server sent on a connection until it closed it or went quiet for `quiet`: the
+/// (type, stream) of each whole frame.
+async fn frames_until_closed(
+    tcp: &mut tokio::net::TcpStream,
+    quiet: Duration,
+) -> (Vec<(u8, u32)>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = loop {
+        match tokio::time::timeout(quiet, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            Err(_) => break false,
+        }
+    };
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        let stream =
+            u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]);
+        frames.push((bytes[at + 3], stream & 0x7fff_ffff));
+        at += 9 + len;
+    }
+    (frames, closed)
+}
+
+/// A CONTINUATION flood (CVE-2024-27316 and its kin): one request's header block that
+/// never ends, CONTINUATION frame after CONTINUATION frame. The proxy must bound what it
+/// buffers, end the connection, never pass the request on, and go on serving everyone
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_off_and_never_reaches_the_app() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let proxy = Proxy::start(&pods.server, &bins, &[]).await;
+    assert_eq!(
+        h2_get(&pods.client, app_addr).await?,
+        200,
+        "before the attack"
+    );
+    let rss_before = proxy.rss_kib();
+
+    // Each CONTINUATION carries one 1,000-byte header; none ends the block.
+    let mut one = vec![0x00];
+    hpack_str(&mut one, b"x-flood");
+    hpack_str(&mut one, &[b'a'; 1000]);
+    let continuation = frame(CONTINUATION, 0, 1, &one);
+    const FRAMES: usize = 32 * 1024;
+    let mut tcp = pods.client.connect(app_addr).await?;
+    tcp.write_all(&preface()).await?;
+    tcp.write_all(&frame(
+        HEADERS,
+        END_STREAM,
+        1,
+        &get_block(&app_addr.to_string()),
+    ))
+    .await?;
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut refused = None;
+    while sent < FRAMES && started.elapsed() < Duration::from_secs(20) {
+        match tokio::time::timeout(Duration::from_secs(3), tcp.write_all(&continuation)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(e)) => {
+                refused = Some(e.to_string());
+                break;
+            }
+            Err(_) => {
+                refused = Some("the proxy stopped reading".into());
+                break;
+            }
+        }
+    }
+    let (frames, closed) = frames_until_closed(&mut tcp, Duration::from_secs(5)).await;
+    let rss_after = proxy.rss_kib();
+    let goaway = frames.iter().any(|&(kind, _)| kind == GOAWAY);
+    eprintln!(
+        "sent {sent} of {FRAMES} CONTINUATION frames ({} KiB) in {:?}, then {refused:?}; \
+         the proxy sent {frames:?}, closed: {closed}; RSS {rss_before} -> {rss_after} KiB; \
+         the app started {}",
+        sent * continuation.len() / 1024,
+        started.elapsed(),
+        app.started.load(Ordering::Relaxed)
+    );
+    assert!(
+        sent < FRAMES,
+        "the proxy read all {FRAMES} frames of one header block"
+    );
+    assert!(closed || goaway, "the attacker's connection was left open");
+    assert_eq!(
+        app.started.load(Ordering::Relaxed),
+        1,
+        "the endless request reached the app"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the proxy grew from {rss_before} to {rss_after} KiB"
+    );
+    assert_eq!(
+        h2_get(&pods.client, app_addr).await?,
+        200,
+        "after the attack"
+    );
+    Ok(())
+}
+
+/// An HPACK bomb: one 4,000-byte header enters the decoder's dynamic table, then each
+/// request names it 16,000 times at one byte each, so 16 KiB on the wire asks for 64 MB
+/// of headers, over 64 streams. The proxy must refuse each request without building it,
+/// pass none on, stay small, and go on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hpack_bomb_is_refused_unbuilt_and_never_reaches_the_app() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let proxy = Proxy::start(&pods.server, &bins, &[]).await;
+    assert_eq!(
+        h2_get(&pods.client, app_addr).await?,
+        200,
+        "before the attack"
+    );
+    let rss_before = proxy.rss_kib();
+
+    const STREAMS: u32 = 64;
+    let mut sent = 0;
+    let mut tcp = pods.client.connect(app_addr).await?;
+    tcp.write_all(&preface()).await?;
+    for n in 0..STREAMS {
+        let mut block = get_block(&app_addr.to_string());
+        if n == 0 {
+            // A literal with incremental indexing: dynamic table entry 62 (4,035 bytes).
+            block.push(0x40);
+            hpack_str(&mut block, b"x-b");
+            hpack_str(&mut block, &[b'b'; 4000]);
+        }
+        // Indexed header field 62, as often as a default-sized frame holds.
+        block.resize(16_000, 0x80 | 62);
+        let bomb = frame(HEADERS, END_STREAM | END_HEADERS, 1 + 2 * n, &block);
+        if tcp.write_all(&bomb).await.is_err() {
+            // The proxy has ended the connection.
+            break;
+        }
+        sent += 1;
+    }
+    let (frames, closed) = frames_until_closed(&mut tcp, Duration::from_secs(3)).await;
+    let rss_after = proxy.rss_kib();
+    let answered: std::collections::BTreeSet<u32> = frames
+        .iter()
+        .filter(|&&(kind, stream)| (kind == HEADERS || kind == RST_STREAM) && stream % 2 == 1)
+        .map(|&(_, stream)| stream)
+        .collect();
+    let goaway = frames.iter().any(|&(kind, _)| kind == GOAWAY);
+    eprintln!(
+        "{sent} of {STREAMS} bombs sent; the proxy answered {} streams, GOAWAY: {goaway}, \
+         closed: {closed}; RSS {rss_before} -> {rss_after} KiB; the app started {}",
+        answered.len(),
+        app.started.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        app.started.load(Ordering::Relaxed),
+        1,
+        "a bombed request reached the app"
+    );
+    assert!(
+        answered.len() as u32 == sent || goaway || closed,
+        "the proxy left bombed streams unanswered on an open connection: {frames:?}"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the proxy grew from {rss_before} to {rss_after} KiB"
+    );
+    assert_eq!(
+        h2_get(&pods.client, app_addr).await?,
+        200,
+        "after the attack"
+    );
+    Ok(())
+}
+
+/// An HTTP/1.1 app that records each request's path.
+fn h1_recording_app(pod: &Pod, addr: SocketAddr) -> Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = pod.listen(addr);
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = shared.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().unwrap().push(req.uri().path().to_string());
+                        // Read the whole body, as an app that takes a form does.
+                        let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    seen
+}
+
+/// Request smuggling: a request whose length the proxy and the app could read two ways
+/// hides `GET /smuggled` where one of them sees a body. Whatever the proxy makes of each,
+/// the app must see only the requests the proxy saw (and logged, and could refuse):
+/// never `/smuggled` unless the proxy logged it as a request of its own. Conflicting
+/// lengths are the client's error (400), not a request passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_requests_never_reach_the_app_past_the_proxy() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    let pods = PodPair::new();
+    let app_addr = SocketAddr::new(pods.server.ip, 8080);
+    let seen = h1_recording_app(&pods.server, "0.0.0.0:8080".parse()?);
+    pods.server.intercept(&bins);
+    let proxy = Proxy::start(&pods.server, &bins, &[("REMORA_ACCESS_LOG", "json")]).await;
+
+    const HIDDEN: &str = "GET /smuggled HTTP/1.1\r\nHost: app\r\n\r\n";
+    let hidden = HIDDEN.len();
+    // (name, bytes, must the proxy refuse it with 400)
+    let attacks: Vec<(&str, String, bool)> = vec![
+        (
+            "CL.TE",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{HIDDEN}",
+                5 + hidden
+            ),
+            false,
+        ),
+        (
+            "TE.CL",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{HIDDEN}\r\n0\r\n\r\n",
+                hidden
+            ),
+            false,
+        ),
+        (
+            "two lengths",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\nContent-Length: {hidden}\r\n\r\n{HIDDEN}"
+            ),
+            true,
+        ),
+        (
+            "a signed length",
+            format!("POST /a HTTP/1.1\r\nHost: app\r\nContent-Length: +{hidden}\r\n\r\n{HIDDEN}"),
+            true,
+        ),
+        (
+            "a space before the colon",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding : chunked\r\nContent-Length: {}\r\n\r\n0\r\n\r\n{HIDDEN}",
+                5 + hidden
+            ),
+            true,
+        ),
+        (
+            "a folded coding",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding:\r\n chunked\r\nContent-Length: {}\r\n\r\n0\r\n\r\n{HIDDEN}",
+                5 + hidden
+            ),
+            true,
+        ),
+        (
+            "an unknown coding",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: xchunked\r\nContent-Length: {}\r\n\r\n0\r\n\r\n{HIDDEN}",
+                5 + hidden
+            ),
+            true,
+        ),
+        (
+            "chunked then identity",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{HIDDEN}"
+            ),
+            true,
+        ),
+        (
+            "a chunk size that overflows",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000{:x}\r\n{HIDDEN}\r\n0\r\n\r\n",
+                hidden
+            ),
+            true,
+        ),
+        (
+            "a bare LF in a chunk extension",
+            format!(
+                "POST /a HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n{:x};x\n\r\n{HIDDEN}\r\n0\r\n\r\n",
+                hidden
+            ),
+            true,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (name, bytes, _) in &attacks {
+        let mut tcp = pods.client.connect(app_addr).await?;
+        tcp.write_all(bytes.as_bytes()).await?;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut got)).await;
+        let text = String::from_utf8_lossy(&got).to_string();
+        let statuses: Vec<u16> = text
+            .match_indices("HTTP/1.1 ")
+            .filter_map(|(at, _)| text.get(at + 9..at + 12)?.parse().ok())
+            .collect();
+        answers.push((*name, statuses));
+    }
+    // What the proxy saw as requests: its access log's paths.
+    let mut logged = Vec::new();
+    eventually("the access log is written", async || {
+        let text = std::fs::read_to_string(&proxy.log).map_err(|e| e.to_string())?;
+        logged = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some(v.get("path")?.as_str()?.to_string()))
+            .collect();
+        let app = seen.lock().unwrap().len();
+        if logged.len() >= app {
+            Ok(())
+        } else {
+            Err(format!("{} logged, {app} at the app", logged.len()))
+        }
+    })
+    .await;
+    let app: Vec<String> = seen.lock().unwrap().clone();
+    eprintln!("answers {answers:?}\nthe proxy logged {logged:?}\nthe app saw {app:?}");
+    // Each request the app saw, the proxy saw as a request of its own (some the proxy
+    // saw began but were refused for their bodies, so never reached the app whole).
+    let count = |list: &[String], path: &str| list.iter().filter(|p| *p == path).count();
+    for path in &app {
+        assert!(
+            count(&app, path) <= count(&logged, path),
+            "the app saw {path} more often than the proxy: app {app:?}, proxy {logged:?}"
+        );
+    }
+    assert_eq!(count(&app, "/smuggled"), 0, "app {app:?}, proxy {logged:?}");
+    for ((name, statuses), (_, _, refused)) in answers.iter().zip(&attacks) {
+        if *refused {
+            assert_eq!(statuses.first(), Some(&400), "{name}: {statuses:?}");
+        }
+    }
     Ok(())
 }

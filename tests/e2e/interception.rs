@@ -15,7 +15,7 @@ use remora_tests::{
     backend::{self, GREETING},
     client::empty,
     client::{self, metrics, sample},
-    e2e_enabled,
+    e2e_enabled, eventually,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
@@ -68,20 +68,6 @@ fn pattern(len: usize) -> Bytes {
         .map(|i| (i % 251) as u8)
         .collect::<Vec<u8>>()
         .into()
-}
-
-/// Polls `check` until it holds, for at most five seconds: metrics for a response are
-/// recorded when its stream ends, a moment after the client has read it.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let mut last = String::new();
-    for _ in 0..100 {
-        match check().await {
-            Ok(()) => return,
-            Err(e) => last = e,
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: {last}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,10 @@
-//! A rolling restart in Kubernetes' order, under load: each old endpoint gets its
-//! replacement, then SIGTERM, and a second later leaves the Service's endpoints. No
-//! request may fail, neither the clients' nor those the terminating pods' apps make.
+//! A rolling restart in Kubernetes' order, under load, between meshed pods: each old
+//! endpoint gets its replacement, then SIGTERM, and a second later leaves the Service's
+//! endpoints. No request may fail, neither the clients' nor those the terminating pods'
+//! apps make. The proxies speak mTLS over shared HTTP/2 connections, so a terminating
+//! proxy's GOAWAY is part of what is tested; and the EndpointSlice names no `targetRef`,
+//! as some controllers write it, so each endpoint's identity comes from the pod at its
+//! address (issue 12).
 
 use std::{
     sync::{
@@ -12,7 +16,13 @@ use std::{
 
 use http::Request;
 use http_body_util::BodyExt;
-use remora_tests::{Binaries, Cluster, Pod, Proxy, backend, client, e2e_enabled, write_atomically};
+use remora_tests::{
+    Binaries, Cluster, Pod, Proxy, backend,
+    client::{self, metrics, sample},
+    e2e_enabled, eventually,
+    mesh::{Control, pod_object, spiffe},
+    write_atomically,
+};
 
 const CLUSTER_IP: &str = "10.96.0.10:80";
 const OLD: [(&str, &str); 3] = [
@@ -72,26 +82,29 @@ async fn a_rolling_restart_under_load_loses_no_request() -> anyhow::Result<()> {
     let bins = Binaries::new();
     let roles = [("client", "10.77.0.1"), ("ctl", "10.77.0.100")];
     let cluster = Cluster::new(&[&roles[..], &OLD[..], &NEW[..]].concat());
-    let objects = bins.dir().join("rollout-objects");
-    std::fs::create_dir_all(&objects)?;
+    let sa = |role: &str| if role == "client" { "client" } else { "web" };
+    let pods: String = OLD
+        .iter()
+        .chain(&NEW)
+        .chain(&roles[..1])
+        .map(|(role, ip)| pod_object(&cluster.pod(role).name, role, ip, sa(role)))
+        .collect();
+    let control = Control::start(&bins, &cluster, "24h", &["client", "web"], &pods).await;
+    let objects = control.objects.clone();
     let olds: Vec<&str> = OLD.iter().map(|(_, ip)| *ip).collect();
     write_atomically(&objects, "web.yaml", &service(&olds));
-    let _controller = Proxy::plaintext_controller(cluster.pod("ctl"), &bins, &objects).await;
     let mut proxies = std::collections::HashMap::new();
     let mut faults = std::collections::HashMap::new();
-    for (role, _) in OLD.iter().chain(&NEW).chain(&[("client", "")]) {
+    for (role, ip) in OLD.iter().chain(&NEW).chain(&roles[..1]) {
         let pod = cluster.pod(role);
         if *role != "client" {
             faults.insert(*role, backend::faulty(pod, "0.0.0.0:8080".parse()?));
         }
         pod.intercept(&bins);
-        let env = [
-            ("REMORA_CONTROLLER_ADDR", "http://10.77.0.100:8086"),
-            ("REMORA_NAMESPACE", "shop"),
-            ("REMORA_POD_NAME", pod.name.as_str()),
-            ("REMORA_SHUTDOWN_DELAY", "3s"),
-            ("REMORA_SHUTDOWN_GRACE_PERIOD", "20s"),
-        ];
+        let mut env = control.proxy_env(pod, ip, sa(role));
+        env.push(("REMORA_SHUTDOWN_DELAY", "3s".into()));
+        env.push(("REMORA_SHUTDOWN_GRACE_PERIOD", "20s".into()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         proxies.insert(*role, Proxy::start(pod, &bins, &env).await);
     }
 
@@ -171,5 +184,24 @@ async fn a_rolling_restart_under_load_loses_no_request() -> anyhow::Result<()> {
     );
     let served_by_new: u64 = NEW.iter().map(|(r, _)| faults[r].gets.load(Relaxed)).sum();
     assert!(served_by_new > 0, "the replacements served nothing");
+    // Every request went over mTLS to the `web` identity, found by address.
+    let outbound = [("direction", "outbound"), ("target", "web.shop:80")];
+    let web = spiffe("web");
+    let mtls_labels = [&outbound[..], &[("tls", "true"), ("peer_identity", &web)]].concat();
+    let (mut mtls, mut all, mut text) = (0.0, 0.0, String::new());
+    // A response is counted when its stream ends, a moment after the client read it.
+    eventually("every request counted", async || {
+        text = metrics(cluster.pod("client")).await;
+        mtls = sample(&text, "remora_http_requests_total", &mtls_labels);
+        all = sample(&text, "remora_http_requests_total", &outbound);
+        if all >= sent as f64 {
+            Ok(())
+        } else {
+            Err(format!("{all} counted for {sent} sent\n{text}"))
+        }
+    })
+    .await;
+    eprintln!("{sent} requests sent, {failed} failed; {mtls} of {all} over mTLS to {web}");
+    assert_eq!(mtls, all, "requests without mTLS to {web}\n{text}");
     Ok(())
 }

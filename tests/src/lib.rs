@@ -59,3 +59,17 @@ pub fn e2e_enabled() -> bool {
     }
     true
 }
+
+/// Polls `check` every 50 ms until it holds, for at most ten seconds, then panics with
+/// `what` and the last reason: metrics, logs and watched folders catch up a moment
+/// after the traffic that changed them.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}

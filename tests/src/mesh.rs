@@ -5,7 +5,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use crate::{Binaries, Cluster, Proxy, backend, write_atomically};
+use crate::{Binaries, Cluster, Pod, Proxy, backend, write_atomically};
 
 pub const CLUSTER_IP: &str = "10.96.0.10:80";
 pub const WEB_IP: &str = "10.77.0.11";
@@ -34,15 +34,20 @@ pub fn objects(cluster: &Cluster) -> String {
          - {{addresses: [\"{WEB_IP}\"], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {web}}}}}\n"
     );
     for (role, ip, sa) in ROLES {
-        let pod = &cluster.pod(role).name;
-        out.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: shop, \
-             labels: {{app: {role}, remora.io/meshed: \"true\"}}}}\n\
-             spec: {{serviceAccountName: {sa}, containers: [{{name: app, ports: [{{containerPort: 8080}}, {{containerPort: 7001}}]}}]}}\n\
-             status: {{podIP: {ip}}}\n"
-        ));
+        out.push_str(&pod_object(&cluster.pod(role).name, role, ip, sa));
     }
     out
+}
+
+/// A meshed pod in `shop` (labelled `app: role`) as the controller's index reads it,
+/// after a `---`.
+pub fn pod_object(name: &str, role: &str, ip: &str, sa: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, \
+         labels: {{app: {role}, remora.io/meshed: \"true\"}}}}\n\
+         spec: {{serviceAccountName: {sa}, containers: [{{name: app, ports: [{{containerPort: 8080}}, {{containerPort: 7001}}]}}]}}\n\
+         status: {{podIP: {ip}}}\n"
+    )
 }
 
 /// An AuthorizationPolicy letting only `sa` call `web`.
@@ -54,6 +59,93 @@ pub fn allow_only(sa: &str) -> String {
          \x20 from:\n  - identities: [\"{}\"]\n",
         spiffe(sa)
     )
+}
+
+/// A controller in a cluster's `ctl` pod (10.77.0.100) with a development CA, static
+/// tokens (`{sa}-token` for each ServiceAccount it was given) and a `dir:` folder.
+pub struct Control {
+    /// The controller's `dir:` folder.
+    pub objects: PathBuf,
+    /// The controller's CA folder (`--dev-ca`): `issuer.pem`, `issuer.key`,
+    /// `trust-anchors.pem`, re-read as they change.
+    pub ca: PathBuf,
+    pub controller: Proxy,
+    root: PathBuf,
+    anchors: String,
+}
+
+impl Control {
+    /// Starts the controller over `objects` (written first as `shop.yaml`), issuing
+    /// certificates that live `lifetime` to the ServiceAccounts `sas` of `shop`.
+    pub async fn start(
+        bins: &Binaries,
+        cluster: &Cluster,
+        lifetime: &str,
+        sas: &[&str],
+        objects: &str,
+    ) -> Self {
+        let root = bins.dir().join(format!("mesh-{lifetime}"));
+        let ca = root.join("ca");
+        let folder = root.join("objects");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::create_dir_all(&ca).unwrap();
+        // The controller and proxies run as UID 2102: let them write the CA folder.
+        Command::new("chown")
+            .args(["-R", "2102:2102"])
+            .arg(&root)
+            .status()
+            .unwrap();
+        let mut tokens = String::new();
+        for sa in sas {
+            tokens.push_str(&format!(
+                "- {{token: {sa}-token, namespace: shop, serviceAccount: {sa}}}\n"
+            ));
+            std::fs::write(root.join(format!("{sa}.token")), format!("{sa}-token\n")).unwrap();
+        }
+        std::fs::write(root.join("tokens.yaml"), tokens).unwrap();
+        write_atomically(&folder, "shop.yaml", objects);
+
+        let source = format!("dir:{}", folder.display());
+        let dev_ca = ca.display().to_string();
+        let token_validator = format!("static:{}", root.join("tokens.yaml").display());
+        let args = [
+            "--source",
+            &source,
+            "--dev-ca",
+            &dev_ca,
+            "--token-validator",
+            &token_validator,
+            "--cert-lifetime",
+            lifetime,
+            "--log",
+            "info,remora_controller=debug",
+        ];
+        let controller = Proxy::controller(cluster.pod("ctl"), bins, &args).await;
+        // Inline, as the injector sets them (identity.rs covers the file).
+        let anchors = std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap();
+        Self {
+            objects: folder,
+            ca,
+            controller,
+            root,
+            anchors,
+        }
+    }
+
+    /// What a proxy in `pod` (at `ip`, running as `sa`) is given to be certified and
+    /// find the controller, as the injector gives it.
+    pub fn proxy_env(&self, pod: &Pod, ip: &str, sa: &str) -> Vec<(&'static str, String)> {
+        let token = self.root.join(format!("{sa}.token"));
+        vec![
+            ("REMORA_CONTROLLER_ADDR", CONTROLLER.to_string()),
+            ("REMORA_NAMESPACE", "shop".to_string()),
+            ("REMORA_POD_NAME", pod.name.clone()),
+            ("REMORA_POD_IP", ip.to_string()),
+            ("REMORA_SERVICE_ACCOUNT", sa.to_string()),
+            ("REMORA_TRUST_ANCHORS_PEM", self.anchors.clone()),
+            ("REMORA_IDENTITY_TOKEN_FILE", token.display().to_string()),
+        ]
+    }
 }
 
 pub struct Mesh {
@@ -78,65 +170,25 @@ impl Mesh {
             .chain([("ctl", "10.77.0.100")])
             .collect();
         let cluster = Cluster::new(&roles);
-        let root = bins.dir().join(format!("mesh-{lifetime}"));
-        let objects = root.join("objects");
-        let ca = root.join("ca");
-        std::fs::create_dir_all(&objects).unwrap();
-        std::fs::create_dir_all(&ca).unwrap();
-        // The controller and proxies run as UID 2102: let them write the CA folder.
-        Command::new("chown")
-            .args(["-R", "2102:2102"])
-            .arg(&root)
-            .status()
-            .unwrap();
-        let mut tokens = String::new();
-        for (_, _, sa) in ROLES {
-            tokens.push_str(&format!(
-                "- {{token: {sa}-token, namespace: shop, serviceAccount: {sa}}}\n"
-            ));
-            std::fs::write(root.join(format!("{sa}.token")), format!("{sa}-token\n")).unwrap();
-        }
-        std::fs::write(root.join("tokens.yaml"), tokens).unwrap();
-        write_atomically(&objects, "shop.yaml", &self::objects(&cluster));
-
-        let source = format!("dir:{}", objects.display());
-        let dev_ca = ca.display().to_string();
-        let token_validator = format!("static:{}", root.join("tokens.yaml").display());
-        let args = [
-            "--source",
-            &source,
-            "--dev-ca",
-            &dev_ca,
-            "--token-validator",
-            &token_validator,
-            "--cert-lifetime",
-            lifetime,
-            "--log",
-            "info,remora_controller=debug",
-        ];
-        let controller = Proxy::controller(cluster.pod("ctl"), bins, &args).await;
-
-        // Inline, as the injector sets them (identity.rs covers the file).
-        let anchors = std::fs::read_to_string(ca.join("trust-anchors.pem")).unwrap();
+        let sas: Vec<&str> = ROLES.iter().map(|(_, _, sa)| *sa).collect();
+        let control = Control::start(bins, &cluster, lifetime, &sas, &objects(&cluster)).await;
         let mut proxies = Vec::new();
         for (role, ip, sa) in ROLES {
             let pod = cluster.pod(role);
             pod.intercept(bins);
-            let token = root.join(format!("{sa}.token")).display().to_string();
-            let env = [
-                ("REMORA_CONTROLLER_ADDR", CONTROLLER),
-                ("REMORA_NAMESPACE", "shop"),
-                ("REMORA_POD_NAME", pod.name.as_str()),
-                ("REMORA_POD_IP", ip),
-                ("REMORA_SERVICE_ACCOUNT", sa),
-                ("REMORA_TRUST_ANCHORS_PEM", anchors.as_str()),
-                ("REMORA_IDENTITY_TOKEN_FILE", token.as_str()),
-            ];
+            let env = control.proxy_env(pod, ip, sa);
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
             proxies.push(Proxy::start(pod, bins, &env).await);
         }
         let web = cluster.pod("web");
         let _ = backend::http(web, "0.0.0.0:8080".parse().unwrap());
         backend::echo(web, "0.0.0.0:7001".parse().unwrap());
+        let Control {
+            objects,
+            ca,
+            controller,
+            ..
+        } = control;
         Self {
             cluster,
             objects,

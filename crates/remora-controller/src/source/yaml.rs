@@ -3,8 +3,14 @@
 //! file, the line and the reason. A field the kind does not have is refused with its
 //! path, as the API server's strict field validation refuses it: a misspelt field must
 //! never be silently dropped (a misspelt `http:` would widen a policy).
-
-use serde::Deserialize;
+//!
+//! Scalars are read as kubectl reads them, YAML 1.1 (`sigs.k8s.io/yaml`): an unquoted
+//! `yes`, `no`, `on`, `off`, `y` or `n` is a boolean and `0755` is octal, so a value a
+//! cluster would refuse (a boolean where a string belongs) is refused here too, and one
+//! it accepts means the same here. Duplicate keys are refused, as strict field
+//! validation refuses them. (One difference is left: kubectl turns such a word used as
+//! a *key* into `"true"`; here it stays the word. No field of ours is one of them, so
+//! either way it is an unknown field, refused.)
 
 use crate::{convert, core::Object};
 
@@ -23,10 +29,14 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Object>, ParseError> {
         file: file.to_string(),
         reason,
     };
+    let options = serde_saphyr::options! {
+        legacy_octal_numbers: true,
+        with_snippet: false,
+    };
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
-    for (n, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml_ng::Value::deserialize(doc)
-            .map_err(|e| err(format!("document {}: {e}", n + 1)))?;
+    for (n, value) in documents.into_iter().enumerate() {
         if value.is_null() {
             continue;
         }
@@ -35,7 +45,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
-fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), String> {
+fn objects(value: serde_json::Value, out: &mut Vec<Object>) -> Result<(), String> {
     let field = |k: &str| {
         value
             .get(k)
@@ -48,7 +58,7 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
         ("v1", "List") => {
             let items = value
                 .get("items")
-                .and_then(|i| i.as_sequence())
+                .and_then(|i| i.as_array())
                 .cloned()
                 .unwrap_or_default();
             for item in items {
@@ -94,7 +104,7 @@ fn objects(value: serde_yaml_ng::Value, out: &mut Vec<Object>) -> Result<(), Str
     Ok(())
 }
 
-fn from<T: serde::de::DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, String> {
+fn from<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T, String> {
     let mut unknown = Vec::new();
     let object = serde_ignored::deserialize(value, |path| {
         // Checked already; the custom resources' types do not keep them.
@@ -191,5 +201,58 @@ mod tests {
         let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {a: b}}\n\
                   spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}\n";
         assert_eq!(parse("ok.yaml", ok).unwrap().len(), 1);
+    }
+
+    /// kubectl reads YAML 1.1; so does `dir:`, or a file the cluster refuses would work
+    /// here (and the other way round).
+    #[test]
+    fn scalars_are_read_as_kubectl_reads_them() {
+        let ns = |value: &str| {
+            format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{remora.io/inject: {value}}}}}\n"
+            )
+        };
+        // A boolean where a string belongs: the API server refuses it, and so does dir:.
+        for word in ["yes", "on", "y", "No", "OFF"] {
+            let err = parse("ns.yaml", &ns(word)).unwrap_err().to_string();
+            assert!(err.contains("boolean"), "{word}: {err}");
+        }
+        // Quoted, it is the string.
+        let [Object::Namespace(quoted)] = &parse("ns.yaml", &ns("\"yes\"")).unwrap()[..] else {
+            panic!("one namespace");
+        };
+        assert_eq!(quoted.labels["remora.io/inject"], "yes");
+        // A boolean written as YAML 1.1 writes it.
+        let authz = "apiVersion: policy.remora.io/v1alpha1\nkind: AuthorizationPolicy\n\
+                     metadata: {name: web, namespace: shop}\n\
+                     spec: {podSelector: {}, from: [{unauthenticated: yes}]}\n";
+        let [Object::Authz(policy)] = &parse("authz.yaml", authz).unwrap()[..] else {
+            panic!("one policy");
+        };
+        assert!(
+            matches!(
+                policy.sources[..],
+                [crate::core::AuthzSource {
+                    who: crate::core::Who::Anyone,
+                    ..
+                }]
+            ),
+            "{policy:?}"
+        );
+        // A leading zero is octal: 0120 is port 80.
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                   spec: {clusterIP: 10.96.0.10, ports: [{port: 0120, targetPort: 8080}]}\n";
+        let [Object::Service(svc)] = &parse("svc.yaml", svc).unwrap()[..] else {
+            panic!("one service");
+        };
+        assert_eq!(svc.ports[0].port, 80);
+        // A key given twice is refused, not resolved one way or the other.
+        let twice = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, name: other}\n";
+        let err = parse("twice.yaml", twice).unwrap_err().to_string();
+        assert!(err.starts_with("twice.yaml: "), "{err}");
+        // A malformed file names its line.
+        let broken = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop\n";
+        let err = parse("broken.yaml", broken).unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
     }
 }
