@@ -824,6 +824,22 @@ async fn one_bad_endpoint_of_three(fault: Fault, policy: bool) -> (usize, usize)
         sent as usize <= most,
         "{fault:?}, policy {policy}: the bad endpoint was sent {sent} of {COUNTED}"
     );
+    // Each request the hung endpoint held ran into the policy's per-try timeout and
+    // was counted as one, by its route (issue 15).
+    if matches!(fault, Fault::Hung) && policy {
+        let held = s.faults[0].gets.load(Relaxed);
+        let text = metrics(s.client()).await;
+        let per_try = [
+            ("target", "web.shop:80"),
+            ("route_name", ""),
+            ("backend", "web.shop:80"),
+            ("timeout", "per_try"),
+        ];
+        let timed_out = sample(&text, "remora_http_timeouts_total", &per_try);
+        eprintln!("{held} requests held by the hung endpoint, {timed_out} per-try timeouts");
+        assert!(held >= 1, "the hung endpoint was never tried");
+        assert_eq!(timed_out, held as f64, "{text}");
+    }
     (ok, COUNTED)
 }
 

@@ -156,6 +156,36 @@ pub struct DurationLabels {
     pub route: RouteLabels,
 }
 
+/// Which limit a request ran into.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Timeout {
+    /// The request's own (`timeouts.request`, or the rule's): it was answered 504.
+    Request,
+    /// One attempt's (`timeouts.perTry`, or the rule's `backendRequest`): it may have
+    /// been retried.
+    PerTry,
+}
+
+impl EncodeLabelValue for Timeout {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = match self {
+            Timeout::Request => "request",
+            Timeout::PerTry => "per_try",
+        };
+        EncodeLabelValue::encode(&s, encoder)
+    }
+}
+
+/// The labels of a timeout: its request's connection and route, and which limit.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    #[prometheus(flatten)]
+    pub traffic: TrafficLabels,
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+    pub timeout: Timeout,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
     #[prometheus(flatten)]
@@ -265,6 +295,7 @@ pub struct Metrics {
     authz_denied: Family<TrafficLabels, Counter>,
     tls_failures: Family<DirectionLabels, Counter>,
     http_retries: Family<DurationLabels, Counter>,
+    http_timeouts: Family<TimeoutLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
     budget_exhausted: Family<DurationLabels, Counter>,
     ejections: Family<TrafficLabels, Counter>,
@@ -315,6 +346,7 @@ impl Metrics {
             authz_denied: Family::default(),
             tls_failures: Family::default(),
             http_retries: Family::default(),
+            http_timeouts: Family::default(),
             endpoints: Family::default(),
             budget_exhausted: Family::default(),
             ejections: Family::default(),
@@ -367,6 +399,11 @@ impl Metrics {
             "http_retries",
             "Requests sent again after a retriable failure",
             m.http_retries.clone(),
+        );
+        r.register(
+            "http_timeouts",
+            "Requests and attempts that ran out of time, by the limit they hit",
+            m.http_timeouts.clone(),
         );
         r.register(
             "endpoints",
@@ -524,6 +561,13 @@ impl Metrics {
                 self.http_duration.remove(&with_route);
                 self.http_retries.remove(&with_route);
                 self.budget_exhausted.remove(&with_route);
+                for timeout in [Timeout::Request, Timeout::PerTry] {
+                    self.http_timeouts.remove(&TimeoutLabels {
+                        traffic: labels.clone(),
+                        route: route.clone(),
+                        timeout,
+                    });
+                }
             }
             for (route, status_code, classification, grpc_status) in responses {
                 self.http_responses.remove(&ResponseLabels {
@@ -556,6 +600,7 @@ impl Metrics {
         let counters = ResilienceCounters {
             omit_route: self.omit.route,
             retries: self.http_retries.clone(),
+            timeouts: self.http_timeouts.clone(),
             budget_exhausted: self.budget_exhausted.clone(),
             ejections: self.ejections.get_or_create_owned(labels),
             labels: labels.clone(),
@@ -572,6 +617,12 @@ impl Metrics {
         self.series.routed(labels, &with_route.route);
         self.http_retries.get_or_create(&with_route).inc_by(0);
         self.budget_exhausted.get_or_create(&with_route).inc_by(0);
+        for timeout in [Timeout::Request, Timeout::PerTry] {
+            counters
+                .timeouts
+                .get_or_create(&counters.timed_out_labels(&unrouted, timeout))
+                .inc_by(0);
+        }
         counters
     }
 
@@ -647,6 +698,7 @@ pub use series::SERIES_IDLE;
 #[derive(Debug, Clone)]
 pub struct ResilienceCounters {
     retries: Family<DurationLabels, Counter>,
+    timeouts: Family<TimeoutLabels, Counter>,
     budget_exhausted: Family<DurationLabels, Counter>,
     pub ejections: Counter,
     labels: TrafficLabels,
@@ -668,6 +720,22 @@ impl ResilienceCounters {
     /// A request that took `route` is sent again.
     pub fn retried(&self, route: &RouteLabels) {
         self.retries.get_or_create(&self.with_route(route)).inc();
+    }
+
+    fn timed_out_labels(&self, route: &RouteLabels, timeout: Timeout) -> TimeoutLabels {
+        let DurationLabels { traffic, route } = self.with_route(route);
+        TimeoutLabels {
+            traffic,
+            route,
+            timeout,
+        }
+    }
+
+    /// A request that took `route`, or one of its attempts, ran into `timeout`.
+    pub fn timed_out(&self, route: &RouteLabels, timeout: Timeout) {
+        self.timeouts
+            .get_or_create(&self.timed_out_labels(route, timeout))
+            .inc();
     }
 
     /// A request that took `route` was not retried: the budget was spent.
@@ -884,6 +952,9 @@ mod tests {
         let resilience = m.resilience(&labels());
         resilience.retried(&canary);
         resilience.budget_exhausted(&canary);
+        resilience.timed_out(&canary, Timeout::PerTry);
+        resilience.timed_out(&canary, Timeout::PerTry);
+        resilience.timed_out(&canary, Timeout::Request);
         let req = http.clone().routed(canary);
         req.answered_after(std::time::Duration::from_millis(3));
         req.response(200, None, true);
@@ -918,6 +989,11 @@ mod tests {
             ),
             format!("remora_http_retries_total{{{common},{canary}}} 1"),
             format!("remora_retry_budget_exhausted_total{{{common},{canary}}} 1"),
+            format!("remora_http_timeouts_total{{{common},{canary},timeout=\"per_try\"}} 2"),
+            format!("remora_http_timeouts_total{{{common},{canary},timeout=\"request\"}} 1"),
+            format!(
+                "remora_http_timeouts_total{{{common},route_name=\"\",route_namespace=\"\",backend=\"passthrough\",timeout=\"request\"}} 0"
+            ),
             format!(
                 "remora_http_retries_total{{{common},route_name=\"\",route_namespace=\"\",backend=\"passthrough\"}} 0"
             ),

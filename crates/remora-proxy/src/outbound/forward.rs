@@ -30,7 +30,7 @@ use crate::{
         replay::{MAX_REPLAY, Replay, Tee},
         upgrade_requested,
     },
-    metrics::ResilienceCounters,
+    metrics::{ResilienceCounters, Timeout},
 };
 
 /// Where one outbound HTTP connection's requests go.
@@ -295,6 +295,11 @@ impl Balanced {
                 kept = Some(taken);
             }
             let tried = self.attempt(req, chosen, limits, deadline, avoid).await;
+            match tried.outcome {
+                Outcome::PerTryTimeout => self.counters.timed_out(&sent.route, Timeout::PerTry),
+                Outcome::RequestTimeout => self.counters.timed_out(&sent.route, Timeout::Request),
+                _ => {}
+            }
             avoid = tried.endpoint;
             sent.endpoint = tried.endpoint.or(sent.endpoint);
             let retriable = resilience::retriable(tried.outcome, retry, is_grpc);
