@@ -495,6 +495,36 @@ async fn frames_until_closed(
     (frames, closed)
 }
 
+/// A pod pair whose server runs `h2_app` on 8080 behind its proxy, answering before an
+/// attack: what each HTTP/2 attack below starts from. (Fields drop in order: the proxy
+/// stops before its pod goes.)
+struct H2Target {
+    proxy: Proxy,
+    app: Counts,
+    addr: SocketAddr,
+    pods: PodPair,
+    _bins: Binaries,
+}
+
+impl H2Target {
+    async fn start() -> anyhow::Result<Self> {
+        let bins = Binaries::new();
+        let pods = PodPair::new();
+        let addr = SocketAddr::new(pods.server.ip, 8080);
+        let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
+        pods.server.intercept(&bins);
+        let proxy = Proxy::start(&pods.server, &bins, &[]).await;
+        assert_eq!(h2_get(&pods.client, addr).await?, 200, "before the attack");
+        Ok(Self {
+            proxy,
+            app,
+            addr,
+            pods,
+            _bins: bins,
+        })
+    }
+}
+
 /// A CONTINUATION flood (CVE-2024-27316 and its kin): one request's header block that
 /// never ends, CONTINUATION frame after CONTINUATION frame. The proxy must bound what it
 /// buffers, end the connection, never pass the request on, and go on serving everyone
@@ -505,17 +535,8 @@ async fn a_continuation_flood_is_cut_off_and_never_reaches_the_app() -> anyhow::
     if !e2e_enabled() {
         return Ok(());
     }
-    let bins = Binaries::new();
-    let pods = PodPair::new();
-    let app_addr = SocketAddr::new(pods.server.ip, 8080);
-    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
-    pods.server.intercept(&bins);
-    let proxy = Proxy::start(&pods.server, &bins, &[]).await;
-    assert_eq!(
-        h2_get(&pods.client, app_addr).await?,
-        200,
-        "before the attack"
-    );
+    let t = H2Target::start().await?;
+    let (pods, app_addr, app, proxy) = (&t.pods, t.addr, &t.app, &t.proxy);
     let rss_before = proxy.rss_kib();
 
     // Each CONTINUATION carries one 1,000-byte header; none ends the block.
@@ -592,17 +613,8 @@ async fn an_hpack_bomb_is_refused_unbuilt_and_never_reaches_the_app() -> anyhow:
     if !e2e_enabled() {
         return Ok(());
     }
-    let bins = Binaries::new();
-    let pods = PodPair::new();
-    let app_addr = SocketAddr::new(pods.server.ip, 8080);
-    let app = h2_app(&pods.server, "0.0.0.0:8080".parse()?);
-    pods.server.intercept(&bins);
-    let proxy = Proxy::start(&pods.server, &bins, &[]).await;
-    assert_eq!(
-        h2_get(&pods.client, app_addr).await?,
-        200,
-        "before the attack"
-    );
+    let t = H2Target::start().await?;
+    let (pods, app_addr, app, proxy) = (&t.pods, t.addr, &t.app, &t.proxy);
     let rss_before = proxy.rss_kib();
 
     const STREAMS: u32 = 64;
