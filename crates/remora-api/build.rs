@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", file.display());
     }
     let fds = protox::compile(&files, [&root])?;
+    // Maps as BTreeMaps: a message encodes the same bytes every time, so its digest
+    // (`revision`) is the same on every controller replica.
     tonic_prost_build::configure()
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -781,6 +781,19 @@ async fn remora_stat_and_diagnose_see_the_traffic_and_why_it_went_where_it_did()
     let web = mesh.cluster.pod("web");
     let out = tokio::task::block_in_place(|| remora(frontend, &["diagnose", "endpoints"]))
         .map_err(anyhow::Error::msg)?;
+    // The policy in force, with the revision of the controller's answer.
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("service web.shop:80"))
+        .unwrap_or_else(|| panic!("web.shop:80 in:\n{out}"));
+    let revision = line
+        .split_once(" @")
+        .and_then(|(_, r)| r.split(',').next())
+        .unwrap_or_else(|| panic!("a policy revision in {line}"));
+    assert!(
+        revision.len() == 16 && revision.chars().all(|c| c.is_ascii_hexdigit()),
+        "{line}"
+    );
     for want in [
         "service web.shop:80 [10.96.0.10:80]".to_string(),
         format!("{WEB_IP}:8080"),

@@ -29,6 +29,19 @@ pub fn is_protected_header(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case("remora-"))
 }
 
+/// What `PolicyMetadata.revision` carries: a digest of `message` as encoded (FNV-1a,
+/// 64 bits, in hex). Maps encode in key order, so every controller replica computes the
+/// same revision for the same answer, and it changes exactly when the answer does: an
+/// operator compares it across proxies to see which ones have the policy in force.
+pub fn revision(message: &impl prost::Message) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in message.encode_to_vec() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
 /// A route's regular expression (path, header or query value) as both sides compile
 /// it: it must match the whole value.
 pub fn whole_value_pattern(pattern: &str) -> String {

@@ -128,8 +128,9 @@ async fn pod_get(
         .context("the port-forward has no stream")?;
     let error = forward.take_error(ADMIN_PORT);
     let got = stat::get_over(stream, &format!("localhost:{ADMIN_PORT}"), path).await;
-    forward.abort();
-    match (got, error) {
+    // The error channel is read before the forward is aborted: aborting first dropped a
+    // message still on its way, and the user was told "connection closed" instead.
+    let result = match (got, error) {
         (Ok(body), _) => Ok(body),
         // A connection the kubelet could not make is said on the error channel, and the
         // stream just ends: that message is the reason.
@@ -138,7 +139,9 @@ async fn pod_get(
             _ => Err(e),
         },
         (Err(e), None) => Err(e),
-    }
+    };
+    forward.abort();
+    result
 }
 
 /// What to show.
@@ -207,13 +210,17 @@ fn endpoints(v: &Value) -> String {
     for t in targets {
         let _ = writeln!(
             out,
-            "{} {} (policy {}, idle {}s)",
+            "{} {} (policy {}{}, idle {}s)",
             s(&t["kind"]),
             match &t["service"] {
                 Value::String(name) => format!("{name} [{}]", s(&t["key"])),
                 _ => s(&t["key"]),
             },
             s(&t["policy"]),
+            match &t["policy_revision"] {
+                Value::String(r) if !r.is_empty() => format!(" @{r}"),
+                _ => String::new(),
+            },
             s(&t["idle_seconds"]),
         );
         for r in t["routes"].as_array().into_iter().flatten() {
@@ -311,14 +318,14 @@ mod tests {
     #[test]
     fn endpoints_show_routes_budget_and_each_endpoints_state() {
         let body = r#"[{"key":"10.96.0.10:80","kind":"service","service":"web.shop:80",
-            "policy":"shop/web","idle_seconds":0,
+            "policy":"shop/web","policy_revision":"9f2c4e1a0b3d5f60","idle_seconds":0,
             "routes":[{"route":"shop/split","backends":[{"backend":"web.shop:80","weight":1},{"backend":"web-v2.shop:80","weight":3}]}],
             "retry_budget":{"requests":10,"retries":1,"left":11},
             "endpoints":[{"addr":"10.0.0.1:8080","ready":true,"identity":"spiffe://x/web","latency_ms":1.5,"in_flight":0,"ejected":false,"pool":{"connections":2}},
                          {"addr":"10.0.0.2:8080","ready":true,"identity":null,"latency_ms":null,"in_flight":null,"ejected":true}]}]"#;
         let text = render(View::Endpoints, body, false).unwrap();
         for want in [
-            "service web.shop:80 [10.96.0.10:80] (policy shop/web, idle 0s)",
+            "service web.shop:80 [10.96.0.10:80] (policy shop/web @9f2c4e1a0b3d5f60, idle 0s)",
             "route shop/split -> web.shop:80 ×1, web-v2.shop:80 ×3",
             "retry budget: 11 left (1 retries for 10 requests in the window)",
             "10.0.0.1:8080",

@@ -52,7 +52,14 @@ pub fn workload(
         ports.extend(pod.container_ports.iter().copied());
         ports.extend(pod.probe_paths.keys().copied());
     }
-    let compile = |port| inbound(index, key, &selecting, port, cluster_networks);
+    let compile = |port| {
+        let mut policy = inbound(index, key, &selecting, port, cluster_networks);
+        let revision = remora_api::revision(&policy);
+        if let Some(m) = policy.metadata.as_mut() {
+            m.revision = revision;
+        }
+        policy
+    };
     api::InboundWorkloadPolicy {
         ports: ports
             .into_iter()

@@ -52,6 +52,10 @@ pub fn outbound(index: &Index, target: &Target, client_ns: &str) -> api::Outboun
     };
     let mut policy = traffic(index, service);
     policy.http_routes = http_routes;
+    let revision = remora_api::revision(&policy);
+    if let Some(m) = policy.metadata.as_mut() {
+        m.revision = revision;
+    }
     policy
 }
 
@@ -329,6 +333,44 @@ spec:
 
     fn index() -> Index {
         Index::from_yaml(OBJECTS)
+    }
+
+    /// `PolicyMetadata.revision` is a digest of the whole answer: the same when another
+    /// index (another replica) compiles the same objects, another when anything in the
+    /// answer changes, routes and their header maps included.
+    #[test]
+    fn the_revision_follows_the_answer_and_nothing_else() {
+        let at = |addr: &str| Target::Addr(addr.parse().unwrap());
+        let rev = |yaml: &str, addr: &str| {
+            outbound(&Index::from_yaml(yaml), &at(addr), "shop")
+                .metadata
+                .unwrap()
+                .revision
+        };
+        let first = rev(OBJECTS, "10.96.0.10:80");
+        assert_eq!(first.len(), 16, "{first}");
+        assert!(first.chars().all(|c| c.is_ascii_hexdigit()), "{first}");
+        for _ in 0..20 {
+            assert_eq!(rev(OBJECTS, "10.96.0.10:80"), first);
+            assert_eq!(
+                rev(ROUTES, "10.96.0.10:80"),
+                rev(ROUTES, "10.96.0.10:80"),
+                "maps encode in one order"
+            );
+        }
+        assert_ne!(
+            rev(
+                &OBJECTS.replace("request: 2s", "request: 3s"),
+                "10.96.0.10:80"
+            ),
+            first
+        );
+        assert_ne!(
+            rev(OBJECTS, "10.96.0.10:81"),
+            first,
+            "another port's answer"
+        );
+        assert_ne!(rev(ROUTES, "10.96.0.10:80"), rev(OBJECTS, "10.96.0.10:80"));
     }
 
     #[test]

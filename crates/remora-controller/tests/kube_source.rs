@@ -332,8 +332,11 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
     );
     // Every status write names the version it was computed from, so one computed
     // before the route changed beside the controller is refused (409) rather than
-    // overwriting: whether that race happens depends on timing, so the count of
-    // conflicts is bounded by the one change made, not asserted to be zero.
+    // overwriting. Whether that race happens depends on timing: on a loaded machine a
+    // write can also be overtaken by the controller's own write for the object's next
+    // version (they run off the watch loop). So the conflicts are bounded by one per
+    // object with a status (three), not asserted to be zero; the statuses themselves
+    // are checked above, each written once.
     let unnamed: Vec<_> = fake
         .writes()
         .into_iter()
@@ -343,5 +346,5 @@ async fn kube_source_policies_reach_the_proxy_and_get_their_status() {
         unnamed.is_empty(),
         "status writes that name no version: {unnamed:#?}"
     );
-    assert!(fake.conflicts() <= 1, "{:#?}", status_patches(&fake));
+    assert!(fake.conflicts() <= 3, "{:#?}", status_patches(&fake));
 }

@@ -63,6 +63,7 @@ impl DefaultPolicy {
         };
         Policy {
             name: Arc::from(format!("default:{}", self.as_str())),
+            revision: Arc::from(""),
             port: authz,
             routes: Vec::new(),
             probe_paths: Vec::new(),
@@ -239,6 +240,9 @@ struct RouteAuthz {
 pub struct Policy {
     /// Where it came from, for logs: `default:<name>` or the AuthorizationPolicy names.
     pub name: Arc<str>,
+    /// The controller's digest of this port's answer (`PolicyMetadata.revision`);
+    /// empty for the proxy's own.
+    revision: Arc<str>,
     port: Vec<Authz>,
     routes: Vec<RouteAuthz>,
     pub(super) probe_paths: Vec<String>,
@@ -249,6 +253,7 @@ impl Policy {
     pub fn deny_all() -> Self {
         Self {
             name: Arc::from("deny:unreadable-answer"),
+            revision: Arc::from(""),
             port: Vec::new(),
             routes: Vec::new(),
             probe_paths: Vec::new(),
@@ -259,6 +264,7 @@ impl Policy {
     pub fn debug(&self) -> serde_json::Value {
         serde_json::json!({
             "name": &*self.name,
+            "revision": &*self.revision,
             "connection_grants": self.port.len(),
             "route_grants": self.routes.len(),
             "probe_paths": &self.probe_paths,
@@ -309,6 +315,7 @@ impl Policy {
         };
         Self {
             name: Arc::from(name),
+            revision: Arc::from(p.metadata.as_ref().map_or("", |m| m.revision.as_str())),
             port: p.authorizations.into_iter().filter_map(authz).collect(),
             routes: p
                 .http_routes

@@ -208,6 +208,7 @@ impl Destinations {
                     "kind": kind,
                     "service": service,
                     "policy": policy.as_ref().map(|p| p.name.to_string()),
+                    "policy_revision": policy.as_ref().map(|p| p.revision.to_string()),
                     "routes": policy.as_ref().map(|p| p.routes.debug()).unwrap_or_default(),
                     "endpoints": d.balancer.debug(|c| {
                         serde_json::json!({"connections": c.open_connections()})

@@ -81,6 +81,9 @@ impl Default for Breaker {
 pub struct ServicePolicy {
     /// Where it came from, for logs: `default` or `namespace/name`.
     pub name: Arc<str>,
+    /// The controller's digest of the answer (`PolicyMetadata.revision`), for
+    /// `/debug/targets`; empty for the proxy's own default.
+    pub revision: Arc<str>,
     pub request_timeout: Option<Duration>,
     pub per_try_timeout: Option<Duration>,
     /// Connecting to an endpoint (TCP and TLS); None: `REMORA_CONNECT_TIMEOUT`.
@@ -175,6 +178,7 @@ impl ServicePolicy {
             .unwrap_or_default();
         Self {
             name: Arc::from(name),
+            revision: Arc::from(p.metadata.as_ref().map_or("", |m| m.revision.as_str())),
             request_timeout: optional(timeouts.request.as_ref()),
             per_try_timeout: optional(timeouts.per_try.as_ref()),
             connect_timeout: optional(timeouts.connect.as_ref()),

@@ -147,8 +147,9 @@ pub struct HeaderModifier {
 
 impl HeaderModifier {
     fn from_api(m: &api::HeaderModifier) -> Self {
-        let pairs = |map: &std::collections::HashMap<String, String>| {
-            let mut v: Vec<(HeaderName, HeaderValue)> = map
+        // In name order (the map's, as decoded).
+        let pairs = |map: &std::collections::BTreeMap<String, String>| {
+            let v: Vec<(HeaderName, HeaderValue)> = map
                 .iter()
                 .filter_map(|(k, v)| {
                     Some((
@@ -158,7 +159,6 @@ impl HeaderModifier {
                 })
                 .filter(|(k, _)| !remora_api::is_protected_header(k.as_str()))
                 .collect();
-            v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
             v
         };
         Self {
