@@ -30,7 +30,8 @@ struct Setup {
     objects: PathBuf,
     faults: Vec<Arc<Faults>>,
     controller: Proxy,
-    _proxy: Proxy,
+    /// The client pod's proxy.
+    proxy: Proxy,
 }
 
 impl Setup {
@@ -99,7 +100,7 @@ impl Setup {
             objects,
             faults,
             controller,
-            _proxy: proxy,
+            proxy,
         }
     }
 
@@ -757,22 +758,27 @@ enum Fault {
 
 /// `n` GETs to the Service at `rate` a second, whatever the answers (an open loop, as
 /// clients arrive), each given up after `patience`: how many got a whole 200.
-async fn load(pod: &Pod, n: usize, rate: u32, patience: Duration) -> usize {
+/// `n` GETs at `rate` a second, each given up after `patience`: the 200s, and the
+/// longest any call took.
+async fn load(pod: &Pod, n: usize, rate: u32, patience: Duration) -> (usize, Duration) {
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     let mut calls = Vec::with_capacity(n);
     for _ in 0..n {
         tick.tick().await;
         let pod = Pod::borrowed(pod.name.clone(), pod.ip);
         calls.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let answer = tokio::time::timeout(patience, call(&pod, http::Method::GET)).await;
-            matches!(answer, Ok(Ok((200, _, _))))
+            (matches!(answer, Ok(Ok((200, _, _)))), started.elapsed())
         }));
     }
-    let mut ok = 0;
+    let (mut ok, mut longest) = (0, Duration::ZERO);
     for c in calls {
-        ok += usize::from(c.await.expect("a call"));
+        let (good, took) = c.await.expect("a call");
+        ok += usize::from(good);
+        longest = longest.max(took);
     }
-    ok
+    (ok, longest)
 }
 
 /// Issue 12: failures recorded no latency, so a dead endpoint's estimate decayed toward
@@ -805,12 +811,32 @@ async fn one_bad_endpoint_of_three(fault: Fault, policy: bool) -> (usize, usize)
     } else {
         3
     });
-    load(s.client(), 200, 200, patience).await;
+    let rss_before = s.proxy.rss_kib();
+    let (_, learning) = load(s.client(), 200, 200, patience).await;
     let before = s.faults[0].gets.load(Relaxed);
     const COUNTED: usize = 1000;
-    let ok = load(s.client(), COUNTED, 200, patience).await;
+    let (ok, counted) = load(s.client(), COUNTED, 200, patience).await;
+    // The longest call, learning included: that is when the bad endpoint is tried.
+    let longest = learning.max(counted);
     let sent = s.faults[0].gets.load(Relaxed) - before;
-    eprintln!("{fault:?}, policy {policy}: {ok} of {COUNTED} succeeded, {sent} sent to it");
+    let rss_after = s.proxy.rss_kib();
+    eprintln!(
+        "{fault:?}, policy {policy}: {ok} of {COUNTED} succeeded, {sent} sent to it; \
+         the longest took {longest:?}; the client's proxy {rss_before} -> {rss_after} KiB"
+    );
+    // Memory stays bounded: a bad endpoint leaves nothing piling up in the proxy.
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "{fault:?}, policy {policy}: the proxy grew from {rss_before} to {rss_after} KiB"
+    );
+    // With the documented policy, no request outlasts its 2 s request timeout (a
+    // trickling answer's headers come at once; its body is the app's business).
+    if policy && !matches!(fault, Fault::Trickling) {
+        assert!(
+            longest < Duration::from_millis(2_500),
+            "{fault:?}: a request took {longest:?} under a 2 s request timeout"
+        );
+    }
     // Once it has failed, it is left alone: a failure's cost no longer fades to nothing
     // within seconds (at most one probe in the counted load). A trickling endpoint
     // fails nothing, but each answer it owes is a request still in flight: it gets
