@@ -463,6 +463,57 @@ async fn a_slow_endpoint_gets_little_and_a_concurrency_limit_fails_fast() -> any
     Ok(())
 }
 
+/// Issue 15: each request that runs out of its request timeout is answered 504 and
+/// counted once as `timeout="request"` under its route, whichever step it was in: an
+/// attempt waiting for its answer, or a request waiting for a connection slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_timeout_is_a_504_counted_under_its_route() -> anyhow::Result<()> {
+    if !e2e_enabled() {
+        return Ok(());
+    }
+    let bins = Binaries::new();
+    // One HTTP/1 connection per endpoint: of 12 callers at once, 3 wait for an answer
+    // and the rest for a connection, all past the 300 ms the request may take.
+    let policy = "  timeouts: {request: 300ms}\n  circuitBreaker: {maxConnections: 1, maxPendingRequests: 20}\n";
+    let s = Setup::start(&bins, "request-timeout", Some(policy)).await;
+    for f in &s.faults {
+        f.delay_ms.store(1000, Relaxed);
+    }
+    let client = s.client();
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let pod = Pod::borrowed(client.name.clone(), client.ip);
+            tokio::spawn(async move { call(&pod, http::Method::GET).await })
+        })
+        .collect();
+    let mut timed_out = 0;
+    for c in calls {
+        match c.await?? {
+            (504, _, _) => timed_out += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let series = |timeout| {
+        [
+            ("target", "web.shop:80"),
+            ("route_name", ""),
+            ("backend", "web.shop:80"),
+            ("timeout", timeout),
+        ]
+    };
+    let text = metrics(client).await;
+    let counted = sample(&text, "remora_http_timeouts_total", &series("request"));
+    eprintln!("{timed_out} answered 504, {counted} request timeouts counted");
+    assert_eq!(timed_out, 12);
+    assert_eq!(counted, 12.0, "{text}");
+    assert_eq!(
+        sample(&text, "remora_http_timeouts_total", &series("per_try")),
+        0.0,
+        "{text}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_changed_mid_traffic_applies_without_a_failed_request() -> anyhow::Result<()> {
     if !e2e_enabled() {

@@ -166,6 +166,10 @@ pub enum Timeout {
     PerTry,
 }
 
+impl Timeout {
+    const ALL: [Timeout; 2] = [Timeout::Request, Timeout::PerTry];
+}
+
 impl EncodeLabelValue for Timeout {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         let s = match self {
@@ -561,7 +565,7 @@ impl Metrics {
                 self.http_duration.remove(&with_route);
                 self.http_retries.remove(&with_route);
                 self.budget_exhausted.remove(&with_route);
-                for timeout in [Timeout::Request, Timeout::PerTry] {
+                for timeout in Timeout::ALL {
                     self.http_timeouts.remove(&TimeoutLabels {
                         traffic: labels.clone(),
                         route: route.clone(),
@@ -617,7 +621,7 @@ impl Metrics {
         self.series.routed(labels, &with_route.route);
         self.http_retries.get_or_create(&with_route).inc_by(0);
         self.budget_exhausted.get_or_create(&with_route).inc_by(0);
-        for timeout in [Timeout::Request, Timeout::PerTry] {
+        for timeout in Timeout::ALL {
             counters
                 .timeouts
                 .get_or_create(&counters.timed_out_labels(&unrouted, timeout))

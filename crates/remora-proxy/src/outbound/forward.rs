@@ -173,6 +173,11 @@ impl Balanced {
         let result = self
             .attempts(parts, body, &chosen, &limits, started, sent)
             .await;
+        // Whichever step ran out of the request's time (reading a body to replay,
+        // waiting for a connection slot, an attempt), the client gets 504: count it once.
+        if let Err(ForwardError::Timeout { .. }) = &result {
+            self.counters.timed_out(&sent.route, Timeout::Request);
+        }
         match (result, rule.and_then(|r| r.response_headers.as_ref())) {
             (Ok((mut rsp, in_flight)), Some(m)) => {
                 m.apply(rsp.headers_mut());
@@ -295,10 +300,8 @@ impl Balanced {
                 kept = Some(taken);
             }
             let tried = self.attempt(req, chosen, limits, deadline, avoid).await;
-            match tried.outcome {
-                Outcome::PerTryTimeout => self.counters.timed_out(&sent.route, Timeout::PerTry),
-                Outcome::RequestTimeout => self.counters.timed_out(&sent.route, Timeout::Request),
-                _ => {}
+            if tried.outcome == Outcome::PerTryTimeout {
+                self.counters.timed_out(&sent.route, Timeout::PerTry);
             }
             avoid = tried.endpoint;
             sent.endpoint = tried.endpoint.or(sent.endpoint);
