@@ -29,17 +29,41 @@ pub fn is_protected_header(name: &str) -> bool {
             .is_some_and(|p| p.eq_ignore_ascii_case("remora-"))
 }
 
-/// What `PolicyMetadata.revision` carries: a digest of `message` as encoded (FNV-1a,
-/// 64 bits, in hex). Maps encode in key order, so every controller replica computes the
-/// same revision for the same answer, and it changes exactly when the answer does: an
-/// operator compares it across proxies to see which ones have the policy in force.
-pub fn revision(message: &impl prost::Message) -> String {
+/// A policy answer headed by a `PolicyMetadata`.
+pub trait Revised: prost::Message {
+    fn metadata_mut(&mut self) -> Option<&mut v1::PolicyMetadata>;
+}
+
+impl Revised for v1::OutboundPolicy {
+    fn metadata_mut(&mut self) -> Option<&mut v1::PolicyMetadata> {
+        self.metadata.as_mut()
+    }
+}
+
+impl Revised for v1::InboundPolicy {
+    fn metadata_mut(&mut self) -> Option<&mut v1::PolicyMetadata> {
+        self.metadata.as_mut()
+    }
+}
+
+/// `answer` with `PolicyMetadata.revision` set: a digest of the answer as encoded with
+/// the revision empty (FNV-1a, 64 bits, in hex). Maps encode in key order, so every
+/// controller replica computes the same revision for the same answer, and it changes
+/// exactly when the answer does: an operator compares it across proxies to see which
+/// ones have the policy in force.
+pub fn with_revision<M: Revised>(mut answer: M) -> M {
+    if let Some(m) = answer.metadata_mut() {
+        m.revision.clear();
+    }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in message.encode_to_vec() {
+    for byte in answer.encode_to_vec() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    format!("{hash:016x}")
+    if let Some(m) = answer.metadata_mut() {
+        m.revision = format!("{hash:016x}");
+    }
+    answer
 }
 
 /// A route's regular expression (path, header or query value) as both sides compile

@@ -52,14 +52,8 @@ pub fn workload(
         ports.extend(pod.container_ports.iter().copied());
         ports.extend(pod.probe_paths.keys().copied());
     }
-    let compile = |port| {
-        let mut policy = inbound(index, key, &selecting, port, cluster_networks);
-        let revision = remora_api::revision(&policy);
-        if let Some(m) = policy.metadata.as_mut() {
-            m.revision = revision;
-        }
-        policy
-    };
+    let compile =
+        |port| remora_api::with_revision(inbound(index, key, &selecting, port, cluster_networks));
     api::InboundWorkloadPolicy {
         ports: ports
             .into_iter()
