@@ -17,7 +17,7 @@ use std::{
 use http::Request;
 use http_body_util::BodyExt;
 use remora_tests::{
-    Binaries, Cluster, Pod, Proxy, backend,
+    Binaries, Cluster, Pod, backend,
     client::{self, metrics, sample},
     e2e_enabled, eventually,
     mesh::{Control, pod_object, spiffe},
@@ -100,12 +100,12 @@ async fn a_rolling_restart_under_load_loses_no_request() -> anyhow::Result<()> {
         if *role != "client" {
             faults.insert(*role, backend::faulty(pod, "0.0.0.0:8080".parse()?));
         }
-        pod.intercept(&bins);
-        let mut env = control.proxy_env(pod, ip, sa(role));
-        env.push(("REMORA_SHUTDOWN_DELAY", "3s".into()));
-        env.push(("REMORA_SHUTDOWN_GRACE_PERIOD", "20s".into()));
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        proxies.insert(*role, Proxy::start(pod, &bins, &env).await);
+        let shutdown = [
+            ("REMORA_SHUTDOWN_DELAY", "3s"),
+            ("REMORA_SHUTDOWN_GRACE_PERIOD", "20s"),
+        ];
+        let proxy = control.proxy(&bins, pod, ip, sa(role), &shutdown).await;
+        proxies.insert(*role, proxy);
     }
 
     // 100 requests a second from the client pod, for the whole rollout.

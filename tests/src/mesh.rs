@@ -132,19 +132,29 @@ impl Control {
         }
     }
 
-    /// What a proxy in `pod` (at `ip`, running as `sa`) is given to be certified and
-    /// find the controller, as the injector gives it.
-    pub fn proxy_env(&self, pod: &Pod, ip: &str, sa: &str) -> Vec<(&'static str, String)> {
-        let token = self.root.join(format!("{sa}.token"));
-        vec![
-            ("REMORA_CONTROLLER_ADDR", CONTROLLER.to_string()),
-            ("REMORA_NAMESPACE", "shop".to_string()),
-            ("REMORA_POD_NAME", pod.name.clone()),
-            ("REMORA_POD_IP", ip.to_string()),
-            ("REMORA_SERVICE_ACCOUNT", sa.to_string()),
-            ("REMORA_TRUST_ANCHORS_PEM", self.anchors.clone()),
-            ("REMORA_IDENTITY_TOKEN_FILE", token.display().to_string()),
-        ]
+    /// Intercepts `pod` (at `ip`) and starts its proxy running as `sa`, given what the
+    /// injector gives it to be certified and find the controller, and `extra` on top.
+    pub async fn proxy(
+        &self,
+        bins: &Binaries,
+        pod: &Pod,
+        ip: &str,
+        sa: &str,
+        extra: &[(&str, &str)],
+    ) -> Proxy {
+        pod.intercept(bins);
+        let token = self.root.join(format!("{sa}.token")).display().to_string();
+        let mut env = vec![
+            ("REMORA_CONTROLLER_ADDR", CONTROLLER),
+            ("REMORA_NAMESPACE", "shop"),
+            ("REMORA_POD_NAME", pod.name.as_str()),
+            ("REMORA_POD_IP", ip),
+            ("REMORA_SERVICE_ACCOUNT", sa),
+            ("REMORA_TRUST_ANCHORS_PEM", self.anchors.as_str()),
+            ("REMORA_IDENTITY_TOKEN_FILE", token.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        Proxy::start(pod, bins, &env).await
     }
 }
 
@@ -174,11 +184,7 @@ impl Mesh {
         let control = Control::start(bins, &cluster, lifetime, &sas, &objects(&cluster)).await;
         let mut proxies = Vec::new();
         for (role, ip, sa) in ROLES {
-            let pod = cluster.pod(role);
-            pod.intercept(bins);
-            let env = control.proxy_env(pod, ip, sa);
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            proxies.push(Proxy::start(pod, bins, &env).await);
+            proxies.push(control.proxy(bins, cluster.pod(role), ip, sa, &[]).await);
         }
         let web = cluster.pod("web");
         let _ = backend::http(web, "0.0.0.0:8080".parse().unwrap());
