@@ -32,6 +32,10 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Object>, ParseError> {
     let options = serde_saphyr::options! {
         legacy_octal_numbers: true,
         with_snippet: false,
+        budget: Some(serde_saphyr::Budget {
+            max_depth: super::dir::MAX_FLOW_DEPTH,
+            ..serde_saphyr::Budget::default()
+        }),
     };
     let documents: Vec<serde_json::Value> =
         serde_saphyr::from_multiple_with_options(text, options).map_err(|e| err(reason(&e)))?;
@@ -267,6 +271,21 @@ mod tests {
             err,
             "twice.yaml: duplicate key name at line 3, column 24: the API server refuses it"
         );
+        // Nesting of any kind (block style here) is held to the pre-parse scan's depth.
+        let nested = |levels: usize| {
+            (0..levels)
+                .map(|i| format!("{}k:\n", "  ".repeat(i)))
+                .collect::<String>()
+        };
+        let limit = super::super::dir::MAX_FLOW_DEPTH;
+        let err = parse("deep.yaml", &nested(limit + 2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("depth"), "{err}");
+        let err = parse("deep.yaml", &nested(limit - 2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("apiVersion and kind are required"), "{err}");
         // A malformed file names its line.
         let broken = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop\n";
         let err = parse("broken.yaml", broken).unwrap_err().to_string();
