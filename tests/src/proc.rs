@@ -41,7 +41,7 @@ impl Binaries {
         Self::from_dir(&built)
     }
 
-    /// The binaries in `built` (e.g. `target/release`).
+    /// The binaries in `built` (e.g. `target/x86_64-unknown-linux-musl/release`).
     pub fn from_dir(built: &Path) -> Self {
         let dir =
             std::env::temp_dir().join(format!("remora-e2e-{}-{}", std::process::id(), unique()));

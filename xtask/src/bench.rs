@@ -104,7 +104,7 @@ impl Options {
                 other => anyhow::bail!(
                     "unknown option {other}\nusage: cargo xtask bench [--duration 5s] [--warmup 1s] \
                      [--rates 1000,3000] [--concurrency 32] [--throughput-mib 512] \
-                     [--paths direct,remora,remora-mtls,envoy] [--remora-env KEY=VALUE] [--envoy|--no-envoy] [--json] [--no-write]"
+                     [--paths direct,remora,remora-mtls,envoy] [--remora-env KEY=VALUE] [--libc musl|gnu] [--envoy|--no-envoy] [--json] [--no-write]"
                 ),
             }
         }
@@ -184,22 +184,78 @@ pub struct PathRun {
 
 pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
     let controller = args.first().is_some_and(|a| a == "controller");
-    in_release(root, "bench", args)?;
+    let (libc, rest) = Libc::take(args)?;
+    let built = in_release(root, "bench", args, libc)?;
     if controller {
-        return run_controller(root, &args[1..]);
+        return run_controller(root, &built, &rest[1..]);
     }
-    let opts = Options::parse(args)?;
+    let opts = Options::parse(&rest)?;
     if !e2e_enabled() {
         anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
     }
-    run_data_path(root, args, opts)
+    run_data_path(root, &built, args, libc, opts)
+}
+
+/// Which build of the proxy, init and controller is measured: by default the static musl
+/// binaries the images ship (`make static`'s build); `--libc gnu` measures a glibc build
+/// instead, to tell the libc and its allocator from the proxy's own cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Libc {
+    Musl,
+    Gnu,
+}
+
+impl Libc {
+    /// `--libc musl|gnu` taken out of `args` (the rest goes to the command's own options).
+    pub fn take(args: &[String]) -> anyhow::Result<(Libc, Vec<String>)> {
+        let mut libc = Libc::Musl;
+        let mut rest = Vec::new();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a != "--libc" {
+                rest.push(a.clone());
+                continue;
+            }
+            libc = match it.next().map(String::as_str) {
+                Some("musl") => Libc::Musl,
+                Some("gnu") => Libc::Gnu,
+                other => anyhow::bail!(
+                    "--libc takes musl (the static binaries the images ship) or gnu, not {other:?}"
+                ),
+            };
+        }
+        Ok((libc, rest))
+    }
+
+    /// The Rust target the binaries are built for.
+    pub fn target(self) -> String {
+        let arch = std::env::consts::ARCH;
+        match self {
+            Libc::Musl => format!("{arch}-unknown-linux-musl"),
+            Libc::Gnu => format!("{arch}-unknown-linux-gnu"),
+        }
+    }
+
+    /// How the report names the binaries measured.
+    pub fn describe(self) -> String {
+        match self {
+            Libc::Musl => format!("{}, release, static (as the images ship)", self.target()),
+            Libc::Gnu => format!("{}, release, dynamically linked glibc", self.target()),
+        }
+    }
 }
 
 /// Makes sure `cargo xtask <command> <args>` runs as a release build, with release
-/// builds of the proxy, init and controller in `target/release/`: a debug load generator
-/// would be the bottleneck, so everything measured and measuring is optimised. From a
-/// debug build, re-runs itself in release and exits with its status.
-pub fn in_release(root: &Path, command: &str, args: &[String]) -> anyhow::Result<()> {
+/// builds of the proxy, init and controller for `libc`'s target, and returns the folder
+/// they are in (`target/<triple>/release/`): a debug load generator would be the
+/// bottleneck, so everything measured and measuring is optimised. From a debug build,
+/// re-runs itself in release and exits with its status.
+pub fn in_release(
+    root: &Path,
+    command: &str,
+    args: &[String],
+    libc: Libc,
+) -> anyhow::Result<std::path::PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     if cfg!(debug_assertions) {
         let status = std::process::Command::new(&cargo)
@@ -224,6 +280,8 @@ pub fn in_release(root: &Path, command: &str, args: &[String]) -> anyhow::Result
             "build",
             "--quiet",
             "--release",
+            "--target",
+            &libc.target(),
             "--package",
             "remora-proxy",
             "--package",
@@ -234,10 +292,16 @@ pub fn in_release(root: &Path, command: &str, args: &[String]) -> anyhow::Result
         .status()
         .context("build the release binaries")?;
     anyhow::ensure!(built.success(), "building the release binaries failed");
-    Ok(())
+    Ok(root.join("target").join(libc.target()).join("release"))
 }
 
-fn run_data_path(root: &Path, args: &[String], opts: Options) -> anyhow::Result<()> {
+fn run_data_path(
+    root: &Path,
+    built: &Path,
+    args: &[String],
+    libc: Libc,
+    opts: Options,
+) -> anyhow::Result<()> {
     let envoy_bin = match opts.envoy {
         Some(false) => None,
         Some(true) => envoy::binary(root, true)?,
@@ -256,9 +320,9 @@ fn run_data_path(root: &Path, args: &[String], opts: Options) -> anyhow::Result<
             continue;
         }
         eprintln!("== {}", kind.name());
-        paths.push(runtime.block_on(run_path(root, kind, &opts, envoy_bin.as_deref()))?);
+        paths.push(runtime.block_on(run_path(built, kind, &opts, envoy_bin.as_deref()))?);
     }
-    let info = report::Info::collect(root, args);
+    let info = report::Info::collect(root, args, libc);
     if opts.json {
         println!("{}", report::json(&info, &opts, &paths));
     }
@@ -277,14 +341,14 @@ fn run_data_path(root: &Path, args: &[String], opts: Options) -> anyhow::Result<
     Ok(())
 }
 
-fn run_controller(root: &Path, args: &[String]) -> anyhow::Result<()> {
+fn run_controller(root: &Path, built: &Path, args: &[String]) -> anyhow::Result<()> {
     let opts = controller::Options::parse(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(controller::run(root, opts))?;
-    let info = report::Info::collect(root, args);
+    let report = runtime.block_on(controller::run(built, opts))?;
+    let info = report::Info::collect(root, args, Libc::Musl);
     let section = controller::markdown(&report, &info.date, &info.commit);
     println!("{section}");
     // The section lives in the notes, which the data-path benchmark keeps.
@@ -424,12 +488,12 @@ async fn connection_memory(
 }
 
 async fn run_path(
-    root: &Path,
+    built: &Path,
     kind: PathKind,
     opts: &Options,
     envoy_bin: Option<&Path>,
 ) -> anyhow::Result<PathRun> {
-    let bins = Binaries::from_dir(&root.join("target/release"));
+    let bins = Binaries::from_dir(built);
     let pods = PodPair::new();
     let _slow = backend::http(&pods.server, "0.0.0.0:8080".parse()?);
     backend::blast(&pods.server, "0.0.0.0:7002".parse()?);

@@ -146,8 +146,9 @@ struct Report {
 }
 
 pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let opts = Options::parse(args)?;
-    bench::in_release(root, "soak", args)?;
+    let (libc, rest) = bench::Libc::take(args)?;
+    let opts = Options::parse(&rest)?;
+    let built = bench::in_release(root, "soak", args, libc)?;
     if !remora_tests::e2e_enabled() {
         anyhow::bail!("the soak needs the end-to-end environment (root, iptables, iproute2)");
     }
@@ -155,8 +156,8 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let report = runtime.block_on(soak(root, opts))?;
-    let info = crate::bench::report::Info::collect(root, args);
+    let report = runtime.block_on(soak(&built, opts))?;
+    let info = crate::bench::report::Info::collect(root, args, libc);
     let section = markdown(&report, &info.date, &info.commit);
     println!("{section}");
     if report.opts.write {
@@ -175,8 +176,9 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn soak(root: &Path, opts: Options) -> anyhow::Result<Report> {
-    let bins = Binaries::from_dir(&root.join("target/release"));
+/// `built`: the folder with the release binaries to run.
+async fn soak(built: &Path, opts: Options) -> anyhow::Result<Report> {
+    let bins = Binaries::from_dir(built);
     let mesh = Mesh::start(&bins, &opts.lifetime).await;
     // A second backend for the churned endpoint: `other` serves the same app.
     let other = mesh.cluster.pod("other");

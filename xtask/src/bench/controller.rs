@@ -128,7 +128,8 @@ impl Drop for Controller {
     }
 }
 
-pub async fn run(root: &Path, opts: Options) -> anyhow::Result<Report> {
+/// `built`: the folder with the release `remora-controller` to measure.
+pub async fn run(built: &Path, opts: Options) -> anyhow::Result<Report> {
     let dir = std::env::temp_dir().join(format!("remora-bench-controller-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -140,7 +141,7 @@ pub async fn run(root: &Path, opts: Options) -> anyhow::Result<Report> {
         )?;
     }
     let started = Instant::now();
-    let child = Command::new(root.join("target/release/remora-controller"))
+    let child = Command::new(built.join("remora-controller"))
         .args([
             "--source",
             &format!("dir:{}", dir.display()),

@@ -155,7 +155,7 @@ pub fn client_mtls_config(certs: &Certs, server_sa: &str, admin_port: u16) -> St
         )
     };
     format!(
-        r#"# Envoy, 2 workers like remora-proxy: the client side of an mTLS pair.
+        r#"# Envoy, 2 workers (one per core; remora-proxy runs one thread): the client side of an mTLS pair.
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 static_resources:
@@ -218,7 +218,7 @@ pub fn server_mtls_config(certs: &Certs, admin_port: u16) -> String {
         )
     };
     format!(
-        r#"# Envoy, 2 workers like remora-proxy: the server side of an mTLS pair.
+        r#"# Envoy, 2 workers (one per core; remora-proxy runs one thread): the server side of an mTLS pair.
 admin:
   address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }} }}
 static_resources:

@@ -17,10 +17,12 @@ pub struct Info {
     pub memory_gib: f64,
     pub kernel: String,
     pub command: String,
+    /// What was measured: `Libc::describe`.
+    pub binaries: String,
 }
 
 impl Info {
-    pub fn collect(root: &Path, args: &[String]) -> Self {
+    pub fn collect(root: &Path, args: &[String], libc: super::Libc) -> Self {
         let out = |cmd: &mut Command| {
             cmd.output()
                 .ok()
@@ -68,6 +70,7 @@ impl Info {
             command: format!("cargo xtask bench {}", args.join(" "))
                 .trim_end()
                 .to_string(),
+            binaries: libc.describe(),
         }
     }
 }
@@ -204,6 +207,7 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
         info.cores, info.cpu, info.memory_gib, info.kernel
     );
     let _ = writeln!(w, "| command | `{}` |", info.command);
+    let _ = writeln!(w, "| binaries | {} |", info.binaries);
     let _ = writeln!(
         w,
         "| load | {} s measured after {} s warm-up per scenario; {} connections (HTTP/1.1) or up to 2 (HTTP/2); closed loop with {} callers |",
@@ -363,7 +367,7 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
     let mut j = String::new();
     let _ = write!(
         j,
-        "{{\"date\":{},\"commit\":{},\"cpu\":{},\"cores\":{},\"memory_gib\":{:.1},\"kernel\":{},\"command\":{},\
+        "{{\"date\":{},\"commit\":{},\"cpu\":{},\"cores\":{},\"memory_gib\":{:.1},\"kernel\":{},\"command\":{},\"binaries\":{},\
          \"duration_s\":{},\"warmup_s\":{},\"paths\":[",
         json_str(&info.date),
         json_str(&info.commit),
@@ -372,6 +376,7 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
         info.memory_gib,
         json_str(&info.kernel),
         json_str(&info.command),
+        json_str(&info.binaries),
         opts.duration.as_secs_f64(),
         opts.warmup.as_secs_f64()
     );
