@@ -10,7 +10,11 @@ pub mod load;
 pub mod procstat;
 pub mod report;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use remora_tests::{Binaries, PodPair, Proxy, backend, e2e_enabled};
@@ -150,7 +154,17 @@ pub struct Scenario {
     /// Both proxies' CPU seconds over the scenario (warm-up included), and the wall time.
     pub proxy_cpu_s: f64,
     pub wall_s: f64,
+    /// The share of the machine's CPU time the hypervisor took over the scenario (steal,
+    /// 0 to 100 %): a run's outliers on a shared VM show here, whatever the path.
+    pub steal_pct: f64,
+    /// How many times the scenario was measured (more than once when steal was high).
+    pub tries: u32,
 }
+
+/// Steal (percent of all cores) above which a scenario is measured again.
+const STEAL_RETRY_PCT: f64 = 2.0;
+/// At most this many measurements of one scenario.
+const MAX_TRIES: u32 = 3;
 
 /// What 1,000 connections cost one proxy: its resident memory with none, with them all
 /// idle, and at most while all are busy.
@@ -194,6 +208,11 @@ pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
         anyhow::bail!("the benchmark needs the end-to-end environment (root, iptables, iproute2)");
     }
     run_data_path(root, &built, args, libc, opts)
+}
+
+/// The machine's cores, as the load, the proxies and the apps share them.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Which build of the proxy, init and controller is measured: by default the static musl
@@ -247,7 +266,8 @@ impl Libc {
 
 /// Makes sure `cargo xtask <command> <args>` runs as a release build, with release
 /// builds of the proxy, init and controller for `libc`'s target, and returns the folder
-/// they are in (`target/<triple>/release/`): a debug load generator would be the
+/// they are in (`<target dir>/<triple>/release/`, `CARGO_TARGET_DIR` honoured as cargo
+/// honours it): a debug load generator would be the
 /// bottleneck, so everything measured and measuring is optimised. From a debug build,
 /// re-runs itself in release and exits with its status.
 pub fn in_release(
@@ -292,7 +312,16 @@ pub fn in_release(
         .status()
         .context("build the release binaries")?;
     anyhow::ensure!(built.success(), "building the release binaries failed");
-    Ok(root.join("target").join(libc.target()).join("release"))
+    Ok(target_dir(root).join(libc.target()).join("release"))
+}
+
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a relative one is taken
+/// from the workspace root), else `target/` there.
+fn target_dir(root: &Path) -> std::path::PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
 }
 
 fn run_data_path(
@@ -596,24 +625,49 @@ async fn run_path(
                 warmup: opts.warmup,
                 duration: opts.duration,
             };
-            let (cpu0, t0) = (cpu(), std::time::Instant::now());
-            let out = load::run(&pods.client, app, spec).await?;
-            let (proxy_cpu_s, wall_s) = (cpu() - cpu0, t0.elapsed().as_secs_f64());
-            let q = |p: f64| out.latency.value_at_quantile(p);
-            let s = Scenario {
-                mode,
-                rate,
-                p50_us: q(0.5),
-                p90_us: q(0.9),
-                p99_us: q(0.99),
-                p999_us: q(0.999),
-                rps: out.rps(),
-                completed: out.completed,
-                errors: out.errors,
-                first_error: out.first_error.clone(),
-                proxy_cpu_s,
-                wall_s,
-            };
+            // A scenario the hypervisor took more than STEAL_RETRY_PCT of the cores from
+            // is measured again (the path's own figures are not what moved), up to
+            // MAX_TRIES times; the try with the least steal is kept. Failed calls are
+            // never dropped with a discarded try: every try's errors are counted.
+            let mut kept: Option<Scenario> = None;
+            let (mut errors, mut first_error) = (0, None);
+            for tries in 1..=MAX_TRIES {
+                let (cpu0, steal0, t0) = (cpu(), procstat::steal_seconds(), Instant::now());
+                let out = load::run(&pods.client, app, spec).await?;
+                let (proxy_cpu_s, wall_s) = (cpu() - cpu0, t0.elapsed().as_secs_f64());
+                let steal_pct =
+                    100.0 * (procstat::steal_seconds() - steal0) / (wall_s * cores() as f64);
+                errors += out.errors;
+                first_error = first_error.or_else(|| out.first_error.clone());
+                let q = |p: f64| out.latency.value_at_quantile(p);
+                let s = Scenario {
+                    mode,
+                    rate,
+                    p50_us: q(0.5),
+                    p90_us: q(0.9),
+                    p99_us: q(0.99),
+                    p999_us: q(0.999),
+                    rps: out.rps(),
+                    completed: out.completed,
+                    errors,
+                    first_error: first_error.clone(),
+                    proxy_cpu_s,
+                    wall_s,
+                    steal_pct,
+                    tries,
+                };
+                if kept.as_ref().is_none_or(|k| s.steal_pct < k.steal_pct) {
+                    kept = Some(s);
+                }
+                if steal_pct <= STEAL_RETRY_PCT {
+                    break;
+                }
+                eprintln!(
+                    "   (the hypervisor took {steal_pct:.1} % of the cores: measuring again)"
+                );
+            }
+            let mut s = kept.expect("at least one try");
+            (s.errors, s.first_error) = (errors, first_error);
             eprintln!(
                 "   {:<20} {:>10}  p50 {:>6}µs  p99 {:>6}µs  {:>8.0} rps  {} errors",
                 mode.name(),

@@ -54,9 +54,7 @@ impl Info {
                 .find_map(|l| l.strip_prefix("model name"))
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
                 .unwrap_or_else(|| "unknown".into()),
-            cores: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            cores: super::cores(),
             memory_gib: meminfo
                 .lines()
                 .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -112,12 +110,12 @@ fn aims(paths: &[PathRun]) -> Vec<Aim> {
         let p99 = r.p99_us as f64 - d.p99_us as f64;
         out.push(Aim {
             what: format!("at 1,000 RPS the {pair} adds ≤ 0.2 ms at p50"),
-            figure: format!("+{:.3} ms", p50 / 1000.0),
+            figure: format!("{:+.3} ms", p50 / 1000.0),
             met: Some(p50 <= 200.0),
         });
         out.push(Aim {
             what: format!("at 1,000 RPS the {pair} adds ≤ 0.5 ms at p99"),
-            figure: format!("+{:.3} ms", p99 / 1000.0),
+            figure: format!("{:+.3} ms", p99 / 1000.0),
             met: Some(p99 <= 500.0),
         });
         let cores = r.proxy_cpu_s / r.wall_s;
@@ -249,11 +247,11 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
             let _ = writeln!(w, "\n## {title}\n");
             let _ = writeln!(
                 w,
-                "| path | p50 ms | p90 ms | p99 ms | p99.9 ms | +p50 | +p99 | RPS | vs direct | errors | proxy CPU s / 1k req | proxy cores |"
+                "| path | p50 ms | p90 ms | p99 ms | p99.9 ms | +p50 | +p99 | RPS | vs direct | errors | proxy CPU s / 1k req | proxy cores | steal % |"
             );
             let _ = writeln!(
                 w,
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
             );
             let base = direct.and_then(|d| scenario(d, mode, rate));
             for p in paths {
@@ -279,13 +277,17 @@ pub fn markdown(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
                         format!("{:.3}", s.proxy_cpu_s / s.wall_s),
                     )
                 };
+                let steal = match s.tries {
+                    1 => format!("{:.1}", s.steal_pct),
+                    n => format!("{:.1} (least of {n} tries)", s.steal_pct),
+                };
                 let errors = match &s.first_error {
                     Some(e) => format!("{} ({e})", s.errors),
                     None => s.errors.to_string(),
                 };
                 let _ = writeln!(
                     w,
-                    "| {} | {} | {} | {} | {} | {add50} | {add99} | {:.0} | {ratio} | {errors} | {cpu_per_k} | {cores} |",
+                    "| {} | {} | {} | {} | {} | {add50} | {add99} | {:.0} | {ratio} | {errors} | {cpu_per_k} | {cores} | {steal} |",
                     p.kind.name(),
                     ms(s.p50_us),
                     ms(s.p90_us),
@@ -397,7 +399,7 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
             let _ = write!(
                 j,
                 "{{\"mode\":{},\"rate\":{},\"p50_us\":{},\"p90_us\":{},\"p99_us\":{},\"p999_us\":{},\"rps\":{:.1},\
-                 \"completed\":{},\"errors\":{},\"proxy_cpu_s\":{:.3},\"wall_s\":{:.3}}}",
+                 \"completed\":{},\"errors\":{},\"proxy_cpu_s\":{:.3},\"wall_s\":{:.3},\"steal_pct\":{:.1},\"tries\":{}}}",
                 json_str(s.mode.name()),
                 s.rate
                     .map(|r| r.to_string())
@@ -410,7 +412,9 @@ pub fn json(info: &Info, opts: &Options, paths: &[PathRun]) -> String {
                 s.completed,
                 s.errors,
                 s.proxy_cpu_s,
-                s.wall_s
+                s.wall_s,
+                s.steal_pct,
+                s.tries
             );
         }
         j.push_str("],\"memory\":[");
