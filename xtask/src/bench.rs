@@ -266,10 +266,10 @@ impl Libc {
 
 /// Makes sure `cargo xtask <command> <args>` runs as a release build, with release
 /// builds of the proxy, init and controller for `libc`'s target, and returns the folder
-/// they are in (`<target dir>/<triple>/release/`, `CARGO_TARGET_DIR` honoured as cargo
-/// honours it): a debug load generator would be the
-/// bottleneck, so everything measured and measuring is optimised. From a debug build,
-/// re-runs itself in release and exits with its status.
+/// they are in (`<target dir>/<triple>/release/`, the target directory as cargo itself
+/// resolves it, `CARGO_TARGET_DIR` or `build.target-dir` included): a debug load
+/// generator would be the bottleneck, so everything measured and measuring is
+/// optimised. From a debug build, re-runs itself in release and exits with its status.
 pub fn in_release(
     root: &Path,
     command: &str,
@@ -312,16 +312,37 @@ pub fn in_release(
         .status()
         .context("build the release binaries")?;
     anyhow::ensure!(built.success(), "building the release binaries failed");
-    Ok(target_dir(root).join(libc.target()).join("release"))
+    Ok(target_dir(&cargo, root)?
+        .join(libc.target())
+        .join("release"))
 }
 
-/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (a relative one is taken
-/// from the workspace root), else `target/` there.
-fn target_dir(root: &Path) -> std::path::PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => root.join(dir),
-        _ => root.join("target"),
-    }
+/// Where cargo puts what it builds, asked of cargo (`target_directory` in `cargo
+/// metadata`), so every way of moving it is honoured as the build just honoured it.
+fn target_dir(cargo: &str, root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let out = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .output()
+        .context("run `cargo metadata`")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`cargo metadata` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // JSON is YAML: the parser xtask already has reads it.
+    let meta: serde_yaml_ng::Value =
+        serde_yaml_ng::from_slice(&out.stdout).context("read `cargo metadata`'s output")?;
+    meta.get("target_directory")
+        .and_then(|v| v.as_str())
+        .map(std::path::PathBuf::from)
+        .context("`cargo metadata` names no target_directory")
 }
 
 fn run_data_path(
@@ -638,7 +659,7 @@ async fn run_path(
                 let steal_pct =
                     100.0 * (procstat::steal_seconds() - steal0) / (wall_s * cores() as f64);
                 errors += out.errors;
-                first_error = first_error.or_else(|| out.first_error.clone());
+                first_error = first_error.or(out.first_error.clone());
                 let q = |p: f64| out.latency.value_at_quantile(p);
                 let s = Scenario {
                     mode,
@@ -649,8 +670,8 @@ async fn run_path(
                     p999_us: q(0.999),
                     rps: out.rps(),
                     completed: out.completed,
-                    errors,
-                    first_error: first_error.clone(),
+                    errors: out.errors,
+                    first_error: out.first_error.clone(),
                     proxy_cpu_s,
                     wall_s,
                     steal_pct,
@@ -666,6 +687,7 @@ async fn run_path(
                     "   (the hypervisor took {steal_pct:.1} % of the cores: measuring again)"
                 );
             }
+            // The kept try's figures, every try's failures.
             let mut s = kept.expect("at least one try");
             (s.errors, s.first_error) = (errors, first_error);
             eprintln!(
