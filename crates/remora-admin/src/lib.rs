@@ -9,7 +9,7 @@ pub mod server;
 pub mod time;
 
 pub use log::{LogFormat, LogLevel};
-pub use process::{ProcessCollector, kib_field, rss_kib};
+pub use process::{ProcessCollector, Stat, TICKS_PER_SECOND, kib_field, rss_kib};
 pub use server::{Admin, Readiness, ScrapeBudget, serve};
 
 use std::process::ExitCode;

@@ -7,8 +7,33 @@ use prometheus_client::{
     registry::Unit,
 };
 
-/// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on every Linux ABI).
-const TICKS_PER_SECOND: f64 = 100.0;
+/// Clock ticks per second in `/proc/<pid>/stat` and `/proc/stat` (USER_HZ, 100 on every
+/// Linux ABI).
+pub const TICKS_PER_SECOND: f64 = 100.0;
+
+/// The fields of a `/proc/<pid>/stat` line, numbered as proc(5) numbers them (1 is the
+/// pid, 2 the command name in parentheses, which may hold spaces and parentheses).
+pub struct Stat<'a>(Vec<&'a str>);
+
+impl<'a> Stat<'a> {
+    pub fn parse(text: &'a str) -> Self {
+        Self(
+            text.rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().collect())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Field `n` (3 or above: the state and after) as a number.
+    pub fn field(&self, n: usize) -> Option<f64> {
+        self.0.get(n.checked_sub(3)?)?.parse().ok()
+    }
+
+    /// User plus system CPU time (fields 14 and 15), in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        Some((self.field(14)? + self.field(15)?) / TICKS_PER_SECOND)
+    }
+}
 
 /// A `kB` field (`VmRSS:`, `VmHWM:`, `Private_Dirty:`…) of a `/proc` file's text
 /// (`status`, `smaps_rollup`), in KiB.
@@ -32,15 +57,11 @@ pub struct ProcessCollector;
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
-        if let (Some(utime), Some(stime)) = (field(14), field(15)) {
-            let cpu = ConstCounter::new((utime + stime) / TICKS_PER_SECOND);
+        let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let stat = Stat::parse(&text);
+        let field = |n: usize| stat.field(n);
+        if let Some(seconds) = stat.cpu_seconds() {
+            let cpu = ConstCounter::new(seconds);
             let e = encoder.encode_descriptor(
                 "process_cpu",
                 "User and system CPU time spent",
@@ -131,5 +152,22 @@ mod tests {
         let own = rss_kib(None).expect("this process's VmRSS");
         assert!(own > 100, "{own} KiB");
         assert_eq!(rss_kib(Some(u32::MAX)), None, "no such process");
+    }
+
+    #[test]
+    fn stat_fields_are_counted_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt
+        // cmajflt utime stime cutime cstime priority nice threads itrealvalue starttime
+        let text = "42 (a) b (c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 9000 0";
+        let stat = Stat::parse(text);
+        assert_eq!(stat.field(3), None, "the state is not a number");
+        assert_eq!(stat.field(14), Some(250.0));
+        assert_eq!(stat.field(20), Some(3.0), "threads");
+        assert_eq!(stat.field(22), Some(9000.0), "start time");
+        assert_eq!(stat.cpu_seconds(), Some(3.0), "(250 + 50) ticks at 100 Hz");
+        assert_eq!(stat.field(2), None, "the command name is not a field here");
+        assert_eq!(Stat::parse("").cpu_seconds(), None);
+        let own = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+        assert!(Stat::parse(&own).cpu_seconds().is_some(), "{own}");
     }
 }

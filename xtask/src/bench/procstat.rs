@@ -1,22 +1,13 @@
 //! Readings of a process from `/proc`: CPU time, peak and private memory.
 
-/// Clock ticks per second in `/proc/<pid>/stat` (USER_HZ).
-const TICKS_PER_SECOND: f64 = 100.0;
+use remora_admin::TICKS_PER_SECOND;
 
-/// User + system CPU seconds `pid` has used.
+/// User + system CPU seconds `pid` has used; 0 once it is gone.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (field(14) + field(15)) / TICKS_PER_SECOND
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    remora_admin::Stat::parse(&text)
+        .cpu_seconds()
+        .unwrap_or(0.0)
 }
 
 /// CPU seconds the hypervisor has taken from this machine's cores since boot ("steal",
