@@ -138,6 +138,42 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
         .unwrap();
 }
 
+/// Remora's own CRDs (`policy.remora.io`: AuthorizationPolicy, TrafficPolicy) missing,
+/// as after `helm install --skip-crds` or a CRD deleted by hand (which deletes every
+/// object of it): the controller serves endpoints without policies, and a policy created
+/// once the CRDs are installed applies without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_serves_without_remoras_own_crds_and_applies_them_once_installed() {
+    let fake = FakeApi::start().await;
+    fake.set_missing_group("policy.remora.io", true);
+    fake.apply(service("web", "10.96.0.10"));
+    fake.apply(slice(&["10.0.0.1"]));
+    let discovery = controller_over(&fake).await;
+    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let mut views = target.views.clone();
+    until(&mut views, "the Service's endpoints", |v| {
+        endpoints(v).len() == 1
+    })
+    .await;
+    let policy = target.policy(Duration::from_secs(15)).await;
+    assert_eq!(policy.request_timeout, None, "no TrafficPolicy: {policy:?}");
+
+    fake.set_missing_group("policy.remora.io", false);
+    fake.apply(traffic_policy(
+        "web",
+        json!({"targetRef": {"name": "web"}, "timeouts": {"request": "3s"}}),
+    ));
+    let mut policies = target.policy.clone();
+    let applied = policies.wait_for(|p| {
+        p.as_ref()
+            .is_some_and(|p| p.request_timeout == Some(Duration::from_secs(3)))
+    });
+    tokio::time::timeout(Duration::from_secs(60), applied)
+        .await
+        .expect("the TrafficPolicy reached the proxy once its CRD was installed")
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_list_watch_relist_reaches_the_proxy() {
     let fake = FakeApi::start().await;
