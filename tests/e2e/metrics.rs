@@ -966,7 +966,8 @@ async fn twenty_thousand_destinations_add_no_series_and_no_lasting_memory() -> a
 /// API server (its pod proxy, as `kubectl get --raw` would reach them), each named by
 /// the workload that owns it. `remora diagnose … pod/NAME`: one pod's loopback-only
 /// `/debug` pages, port-forwarded through the API server as `kubectl port-forward`
-/// does; a pod that is missing, not meshed or not listening is said to be.
+/// does; a pod that is missing, not meshed or not listening is said to be. `remora stat
+/// --watch` follows the namespace's pods from window to window, as a rollout changes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remora_stat_and_diagnose_reach_pods_through_the_api_server() -> anyhow::Result<()> {
     if !e2e_enabled() {
@@ -1106,6 +1107,27 @@ async fn remora_stat_and_diagnose_reach_pods_through_the_api_server() -> anyhow:
     let policy: serde_json::Value = serde_json::from_str(&json)?;
     let allowed = policy["decided"]["8080"]["requests_allowed"].as_u64();
     assert!(allowed.is_some_and(|n| n >= 20), "{json}");
+    // proxy-metrics passes the proxy's exposition through as it is.
+    let metrics = tokio::task::block_in_place(|| {
+        diagnose(&["proxy-metrics", &format!("pod/{}", web.name), "-n", "shop"])
+    })
+    .map_err(anyhow::Error::msg)?;
+    let served = client::sample(
+        &metrics,
+        "remora_http_responses_total",
+        &[("direction", "inbound"), ("classification", "success")],
+    );
+    assert!(served >= 20.0, "{served} responses in:\n{metrics}");
+    // Prometheus' text format (the CLI asks for no other), whole: from the first family's
+    // HELP to a last sample.
+    let last = metrics.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        metrics.starts_with("# HELP ")
+            && last
+                .rsplit_once(' ')
+                .is_some_and(|(_, v)| v.parse::<f64>().is_ok()),
+        "the exposition, whole:\n{metrics}"
+    );
     // The namespace defaults to the kubeconfig's ("default"): no such pod there.
     for (args, want) in [
         (
@@ -1136,5 +1158,72 @@ async fn remora_stat_and_diagnose_reach_pods_through_the_api_server() -> anyhow:
             .expect_err("a pod with no proxy to ask fails");
         assert!(err.contains(&want), "{want} in: {err}");
     }
+
+    // `--watch`: a table every window, over the namespace's pods as they are at each
+    // window, as a rollout changes them. web's pod goes (its workload row with it); a
+    // meshed pod that does not answer yet comes, and is told on standard error while the
+    // windows go on.
+    let traffic = Traffic::start(frontend, None);
+    let mut watching = Command::new(&cli)
+        .args([
+            "stat", "-n", "shop", "--watch", "--window", "1s", "-o", "json",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let (windows_tx, windows) = std::sync::mpsc::channel::<String>();
+    let stdout = std::io::BufReader::new(watching.stdout.take().expect("piped"));
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stdout.lines().map_while(Result::ok) {
+            if windows_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_window = || -> anyhow::Result<Vec<serde_json::Value>> {
+        let line = tokio::task::block_in_place(|| windows.recv_timeout(Duration::from_secs(15)))
+            .map_err(|e| anyhow::anyhow!("no window printed: {e}"))?;
+        Ok(serde_json::from_str(&line)?)
+    };
+    let has = |rows: &[serde_json::Value], kind: &str, name: &str| {
+        rows.iter().any(|r| r["kind"] == kind && r["name"] == name)
+    };
+    let first = next_window()?;
+    assert!(has(&first, "workload", "web"), "{first:?}");
+    fake.delete("v1", "Pod", "shop", &web.name);
+    let mut newcomer = pod(ctl, "ReplicaSet", "ctl-7c6b5");
+    newcomer["metadata"]["name"] = "web-new".into();
+    fake.apply(newcomer);
+    // The window that spans the change still counts web (scraped at both ends); from
+    // the next on, it is gone, while frontend's calls to web's Service are still seen.
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        let rows = next_window()?;
+        let gone = !has(&rows, "workload", "web");
+        later.push(rows);
+        if gone {
+            break;
+        }
+    }
+    let last = later.last().expect("a window");
+    assert!(!has(last, "workload", "web"), "web's pod left: {later:?}");
+    assert!(has(last, "service", "web.shop:80"), "{last:?}");
+    assert_eq!(
+        watching.try_wait()?,
+        None,
+        "the watch goes on through the change"
+    );
+    watching.kill()?;
+    let _ = watching.wait();
+    let _ = reader.join();
+    traffic.stop().await?;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watching.stderr.take().expect("piped"), &mut stderr)?;
+    assert!(
+        stderr.contains("web-new"),
+        "the pod that did not answer, named: {stderr}"
+    );
     Ok(())
 }

@@ -136,7 +136,13 @@ async fn pod_get(
         // stream just ends: that message is the reason.
         (Err(e), Some(error)) => match tokio::time::timeout(Duration::from_secs(1), error).await {
             Ok(Some(message)) => Err(anyhow::anyhow!("{}", message.trim())),
-            _ => Err(e),
+            // The message can be lost on the way: kube's forwarder ends at the first
+            // failure of the WebSocket (a reset, or the request written after the API
+            // server's Close) before handing over what it had already received.
+            _ => Err(e.context(format!(
+                "the port-forward to port {ADMIN_PORT} ended before the proxy answered \
+                 (is the proxy running and listening there?)"
+            ))),
         },
         (Err(e), None) => Err(e),
     };

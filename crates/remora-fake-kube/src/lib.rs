@@ -763,7 +763,20 @@ async fn forward_ports<S>(
             },
         }
     }
-    let _ = sink.send(Message::Close(None)).await;
+    // The closing handshake, as a WebSocket server makes it: our Close, then what the
+    // client still sends read (and dropped) until its Close. Dropping the connection with
+    // the client's bytes unread would reset it, and the client could lose the error
+    // message and the Close still on their way to it.
+    if sink.send(Message::Close(None)).await.is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(Ok(msg)) = incoming.next().await {
+                if msg.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 /// What a path names.
