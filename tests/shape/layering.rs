@@ -1,5 +1,6 @@
-//! The proxy's and the controller's top-level modules import each other without a
-//! cycle, so each can be read (and changed) standing only on those below it. Test code
+//! The proxy's and the controller's top-level modules, and the modules inside each of
+//! their rooms (folders), import each other without a cycle, so each can be read (and
+//! changed) standing only on those below it. Test code
 //! (`tests.rs` files, and items marked `#[cfg(test)]`) may reach anywhere.
 
 use std::{
@@ -79,9 +80,23 @@ fn ident(s: &str) -> String {
 /// The first path segment of every `crate::` path in `code`, including each item of a
 /// `crate::{a::X, b}` group.
 fn crate_paths(code: &str) -> BTreeSet<String> {
+    paths_after(code, "crate::")
+}
+
+/// The first segment after `prefix` (`crate::`, `super::`, `crate::outbound::`) of every
+/// path in `code` that starts with it, including each item of a `prefix{a::X, b}` group.
+fn paths_after(code: &str, prefix: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for (i, _) in code.match_indices("crate::") {
-        let rest = code[i + "crate::".len()..].trim_start();
+    for (i, _) in code.match_indices(prefix) {
+        // `crate::` inside `remora_crate::`, or `super::` inside `super::super::`'s tail.
+        if code[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            continue;
+        }
+        let rest = code[i + prefix.len()..].trim_start();
         if let Some(group) = rest.strip_prefix('{') {
             let mut depth = 1;
             let mut at_item = true;
@@ -139,6 +154,53 @@ fn graph(crate_dir: &str) -> Graph {
     g
 }
 
+/// The modules inside the room `room` (`src/<room>/<name>.rs` and anything under
+/// `src/<room>/<name>/`) and which of their siblings each imports: `super::x` in a file
+/// directly in the room, `crate::<room>::x` anywhere in it.
+fn room_graph(crate_dir: &str, room: &str) -> Graph {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crate_dir)
+        .join("src")
+        .join(room);
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let members: BTreeSet<String> = files.iter().filter_map(|f| top_module(&dir, f)).collect();
+    let mut g = Graph::new();
+    for file in &files {
+        let Some(from) = top_module(&dir, file) else {
+            continue;
+        };
+        if file.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let code = production_code(&fs::read_to_string(file).unwrap());
+        let mut to = paths_after(&code, &format!("crate::{room}::"));
+        if file.parent() == Some(dir.as_path()) {
+            to.extend(paths_after(&code, "super::"));
+        }
+        let edges = g.entry(from.clone()).or_default();
+        edges.extend(to.into_iter().filter(|t| *t != from && members.contains(t)));
+    }
+    g
+}
+
+/// The rooms of a crate: its top-level modules that are folders.
+fn rooms(crate_dir: &str) -> Vec<String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crate_dir)
+        .join("src");
+    let mut rooms: Vec<String> = fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    rooms.sort();
+    rooms
+}
+
 /// A cycle through the graph, if there is one, as the modules on it.
 fn find_cycle(g: &Graph) -> Option<Vec<String>> {
     fn visit(
@@ -181,6 +243,15 @@ fn the_parser_sees_groups_and_paths() {
                 #[cfg(test)]\nmod inline { use crate::d; }\n";
     let got: Vec<_> = crate_paths(&production_code(code)).into_iter().collect();
     assert_eq!(got, ["a", "c"]);
+    // Inside a room: siblings by `super::` and by the room's full path.
+    let code = "use super::{policy::P, routes};\nuse crate::outbound::balance::B;\n\
+                use remora_crate::x; let y = super::super::z;";
+    let got: Vec<_> = paths_after(code, "super::").into_iter().collect();
+    assert_eq!(got, ["policy", "routes", "super"]);
+    let got: Vec<_> = paths_after(code, "crate::outbound::").into_iter().collect();
+    assert_eq!(got, ["balance"]);
+    let got: Vec<_> = crate_paths(code).into_iter().collect();
+    assert_eq!(got, ["outbound"], "remora_crate:: is another crate's path");
     let g: Graph = [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"])]
         .into_iter()
         .map(|(k, v)| (k.into(), v.into_iter().map(String::from).collect()))
@@ -203,4 +274,23 @@ fn no_import_cycles_between_the_controllers_modules() {
     let g = graph("crates/remora-controller");
     assert!(g["policy"].contains("core"), "{g:?}");
     assert_eq!(find_cycle(&g), None, "{g:#?}");
+}
+
+/// Inside each room too (`outbound/policy.rs` and `outbound/routes.rs` once imported
+/// each other): its modules stand on one another without a cycle.
+#[test]
+fn no_import_cycles_inside_a_room() {
+    let outbound = room_graph("crates/remora-proxy", "outbound");
+    assert!(
+        outbound["forward"].contains("resilience"),
+        "the room's graph is read: {outbound:?}"
+    );
+    for krate in ["crates/remora-proxy", "crates/remora-controller"] {
+        let rooms = rooms(krate);
+        assert!(!rooms.is_empty(), "{krate} has no rooms");
+        for room in rooms {
+            let g = room_graph(krate, &room);
+            assert_eq!(find_cycle(&g), None, "{krate}: {room}: {g:#?}");
+        }
+    }
 }

@@ -7,6 +7,15 @@ pub mod v1 {
     tonic::include_proto!("remora.v1");
 }
 
+impl v1::OptionalDuration {
+    /// The limit it sets: `None` for zero (no limit), an unset value or a negative one.
+    pub fn limit(&self) -> Option<std::time::Duration> {
+        let d = self.value.as_ref()?;
+        let (seconds, nanos) = (u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
+        Some(std::time::Duration::new(seconds, nanos)).filter(|d| !d.is_zero())
+    }
+}
+
 /// Whether an HTTP route may not change header `name` (either case): hop-by-hop and
 /// framing fields (the proxies and hyper own them), `host` (a rewrite's job), and the
 /// proxies' own `remora-*` fields. The controller refuses a route that tries; the proxy
@@ -74,6 +83,25 @@ pub fn whole_value_pattern(pattern: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_optional_duration_is_a_limit_or_none() {
+        use std::time::Duration;
+        let limit = |value: Option<(i64, i32)>| {
+            super::v1::OptionalDuration {
+                value: value.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            }
+            .limit()
+        };
+        assert_eq!(
+            limit(Some((3, 500_000_000))),
+            Some(Duration::from_millis(3500))
+        );
+        assert_eq!(limit(Some((0, 0))), None, "zero: no limit");
+        assert_eq!(limit(None), None, "unset");
+        assert_eq!(limit(Some((-1, 0))), None, "negative seconds");
+        assert_eq!(limit(Some((1, -5))), None, "negative nanoseconds");
+    }
+
     #[test]
     fn protected_headers() {
         for name in [

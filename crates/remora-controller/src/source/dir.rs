@@ -3,7 +3,7 @@
 //! reason), counted in `remora_controller_source_refusals_total`, and its previous
 //! objects stay until it parses again. Files are read and parsed on a blocking thread,
 //! never on the runtime that serves the proxies, and a hostile file costs little: one
-//! larger than [`MAX_FILE_BYTES`] or nested deeper than [`MAX_FLOW_DEPTH`] is refused
+//! larger than [`MAX_FILE_BYTES`] or nested deeper than [`yaml::MAX_FLOW_DEPTH`] is refused
 //! before it is parsed.
 
 use std::{
@@ -15,7 +15,10 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{Events, Source, yaml};
+use super::{
+    Events, Source,
+    yaml::{self, MAX_FLOW_DEPTH},
+};
 use crate::{
     core::{Event, Object, ObjectKey},
     metrics::{Metrics, SourceRefusal},
@@ -27,12 +30,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The largest file read: above the 1.5 MiB the API server keeps per object, so any
 /// object a cluster can hold fits, while a parse costs tens of megabytes at most.
 pub const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
-
-/// The deepest nesting of flow collections (`[`, `{`) a file may have, refused before it
-/// is parsed (and counted as `too_deep`); the parser is held to the same depth for any
-/// nesting (`yaml::parse`). Real objects nest a few levels. (The parser this replaced
-/// took time quadratic in it: a 392 KB file of brackets took minutes.)
-pub const MAX_FLOW_DEPTH: usize = 64;
 
 #[derive(Debug)]
 pub struct Dir {

@@ -103,12 +103,7 @@ fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
 }
 
 fn optional(d: Option<&api::OptionalDuration>) -> Option<Duration> {
-    duration(d?.value.as_ref()).filter(|d| !d.is_zero())
-}
-
-/// A route's override of a limit: unset keeps the policy's; zero means no limit.
-pub(super) fn optional_override(d: Option<&api::OptionalDuration>) -> Option<Option<Duration>> {
-    d.map(|d| optional(Some(d)))
+    d?.limit()
 }
 
 impl ServicePolicy {

@@ -9,8 +9,6 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, request::Parts};
 use remora_api::v1 as api;
 use tracing::warn;
 
-use super::policy::optional_override;
-
 /// The routes of one Service, as one list of matches in precedence order.
 #[derive(Debug, Default)]
 pub struct Routes {
@@ -341,8 +339,8 @@ impl Routes {
                         .response_header_modifier
                         .as_ref()
                         .map(HeaderModifier::from_api),
-                    request_timeout: optional_override(timeouts.request.as_ref()),
-                    per_try_timeout: optional_override(timeouts.per_try.as_ref()),
+                    request_timeout: timeouts.request.as_ref().map(api::OptionalDuration::limit),
+                    per_try_timeout: timeouts.per_try.as_ref().map(api::OptionalDuration::limit),
                 });
                 let all = [api::HttpRouteMatch::default()];
                 let matches = if r.matches.is_empty() {
