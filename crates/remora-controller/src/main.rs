@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 use remora_controller::{App, Config};
 
+// mimalloc, not the libc's, as in the proxy: under musl's malloc the static controller
+// the images ship took about twice the CPU and twice the time to be ready in `cargo xtask
+// bench controller` (BENCHMARKS.md, "Controller").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let loaded = Config::load(std::env::args(), &|k| std::env::var(k).ok());
     let config = match remora_config::or_exit("remora-controller", loaded) {
