@@ -10,8 +10,9 @@ use remora_proxy::{
     addr::OrigDst,
     control::ClientInfo,
     outbound::{
-        Destinations,
+        Destination, Destinations,
         discovery::{Discovery, View},
+        policy::ServicePolicy,
     },
 };
 use serde_json::{Value, json};
@@ -100,21 +101,40 @@ async fn controller_over(fake: &FakeApi) -> Arc<Destinations> {
     )
 }
 
-/// Issue 13: without the Gateway API's CRDs, the HTTPRoute watch failed forever and the
-/// controller never became ready. It serves everything else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_source_serves_without_the_gateway_api_crds() {
-    let fake = FakeApi::start().await;
-    fake.set_missing_group("gateway.networking.k8s.io", true);
+/// `fake` serving without `group` (its CRDs not installed), web's Service with one
+/// endpoint, and a controller over it: the proxy side's destinations and web's, once its
+/// endpoint arrived (the source synced without the group).
+async fn web_served_without(fake: &FakeApi, group: &str) -> (Arc<Destinations>, Arc<Destination>) {
+    fake.set_missing_group(group, true);
     fake.apply(service("web", "10.96.0.10"));
     fake.apply(slice(&["10.0.0.1"]));
-    let discovery = controller_over(&fake).await;
-    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
+    let destinations = controller_over(fake).await;
+    let target = destinations.get(OrigDst("10.96.0.10:80".parse().unwrap()));
     let mut views = target.views.clone();
     until(&mut views, "the Service's endpoints", |v| {
         endpoints(v).len() == 1
     })
     .await;
+    (destinations, target)
+}
+
+/// Waits until `target`'s policy satisfies `want`: up to a minute, since a kind whose CRD
+/// was just installed is picked up when its watch's backoff ends.
+async fn policy_until(target: &Destination, what: &str, want: impl Fn(&ServicePolicy) -> bool) {
+    let mut policies = target.policy.clone();
+    let reached = policies.wait_for(|p| p.as_deref().is_some_and(&want));
+    tokio::time::timeout(Duration::from_secs(60), reached)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not reach the proxy"))
+        .unwrap();
+}
+
+/// Issue 13: without the Gateway API's CRDs, the HTTPRoute watch failed forever and the
+/// controller never became ready. It serves everything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_source_serves_without_the_gateway_api_crds() {
+    let fake = FakeApi::start().await;
+    let (_destinations, target) = web_served_without(&fake, "gateway.networking.k8s.io").await;
 
     // The CRDs are installed later, with a route, and one whose status cannot be read
     // (`parents` missing): the good one applies without a restart (once the watch's
@@ -130,12 +150,10 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
         json!([{"backendRefs": [{"name": "web", "port": 80}]}]),
         Value::Null,
     ));
-    let mut policies = target.policy.clone();
-    let routed = policies.wait_for(|p| p.as_ref().is_some_and(|p| !p.routes.is_empty()));
-    tokio::time::timeout(Duration::from_secs(60), routed)
-        .await
-        .expect("the HTTPRoute reached the proxy once its CRD was installed")
-        .unwrap();
+    policy_until(&target, "the HTTPRoute, once its CRD was installed", |p| {
+        !p.routes.is_empty()
+    })
+    .await;
 }
 
 /// Remora's own CRDs (`policy.remora.io`: AuthorizationPolicy, TrafficPolicy) missing,
@@ -145,16 +163,7 @@ async fn kube_source_serves_without_the_gateway_api_crds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_source_serves_without_remoras_own_crds_and_applies_them_once_installed() {
     let fake = FakeApi::start().await;
-    fake.set_missing_group("policy.remora.io", true);
-    fake.apply(service("web", "10.96.0.10"));
-    fake.apply(slice(&["10.0.0.1"]));
-    let discovery = controller_over(&fake).await;
-    let target = discovery.get(OrigDst("10.96.0.10:80".parse().unwrap()));
-    let mut views = target.views.clone();
-    until(&mut views, "the Service's endpoints", |v| {
-        endpoints(v).len() == 1
-    })
-    .await;
+    let (_destinations, target) = web_served_without(&fake, "policy.remora.io").await;
     let policy = target.policy(Duration::from_secs(15)).await;
     assert_eq!(policy.request_timeout, None, "no TrafficPolicy: {policy:?}");
 
@@ -163,15 +172,12 @@ async fn kube_source_serves_without_remoras_own_crds_and_applies_them_once_insta
         "web",
         json!({"targetRef": {"name": "web"}, "timeouts": {"request": "3s"}}),
     ));
-    let mut policies = target.policy.clone();
-    let applied = policies.wait_for(|p| {
-        p.as_ref()
-            .is_some_and(|p| p.request_timeout == Some(Duration::from_secs(3)))
-    });
-    tokio::time::timeout(Duration::from_secs(60), applied)
-        .await
-        .expect("the TrafficPolicy reached the proxy once its CRD was installed")
-        .unwrap();
+    policy_until(
+        &target,
+        "the TrafficPolicy, once its CRD was installed",
+        |p| p.request_timeout == Some(Duration::from_secs(3)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
