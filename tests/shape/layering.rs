@@ -126,18 +126,24 @@ fn paths_after(code: &str, prefix: &str) -> BTreeSet<String> {
     out
 }
 
-fn graph(crate_dir: &str) -> Graph {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+/// A crate's `src/` folder.
+fn src(crate_dir: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join(crate_dir)
-        .join("src");
+        .join("src")
+}
+
+/// The modules under `dir` (each file or folder in it, `lib`/`main` aside) and which of
+/// the others each imports, as `imports(file, code)` reads them from a file's production
+/// code.
+fn module_graph(dir: &Path, imports: impl Fn(&Path, &str) -> BTreeSet<String>) -> Graph {
     let mut files = Vec::new();
-    rust_files(&src, &mut files);
-    assert!(files.len() > 10, "no sources found under {}", src.display());
-    let tops: BTreeSet<String> = files.iter().filter_map(|f| top_module(&src, f)).collect();
+    rust_files(dir, &mut files);
+    let members: BTreeSet<String> = files.iter().filter_map(|f| top_module(dir, f)).collect();
     let mut g = Graph::new();
     for file in &files {
-        let Some(from) = top_module(&src, file) else {
+        let Some(from) = top_module(dir, file) else {
             continue;
         };
         if file.file_name().is_some_and(|n| n == "tests.rs") {
@@ -145,12 +151,19 @@ fn graph(crate_dir: &str) -> Graph {
         }
         let code = production_code(&fs::read_to_string(file).unwrap());
         let edges = g.entry(from.clone()).or_default();
-        for to in crate_paths(&code) {
-            if to != from && tops.contains(&to) {
-                edges.insert(to);
-            }
-        }
+        edges.extend(
+            imports(file, &code)
+                .into_iter()
+                .filter(|to| *to != from && members.contains(to)),
+        );
     }
+    g
+}
+
+/// A crate's top-level modules and which of the others each imports (`crate::x`).
+fn graph(crate_dir: &str) -> Graph {
+    let g = module_graph(&src(crate_dir), |_, code| crate_paths(code));
+    assert!(g.len() > 10, "modules found in {crate_dir}: {g:?}");
     g
 }
 
@@ -158,40 +171,19 @@ fn graph(crate_dir: &str) -> Graph {
 /// `src/<room>/<name>/`) and which of their siblings each imports: `super::x` in a file
 /// directly in the room, `crate::<room>::x` anywhere in it.
 fn room_graph(crate_dir: &str, room: &str) -> Graph {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(crate_dir)
-        .join("src")
-        .join(room);
-    let mut files = Vec::new();
-    rust_files(&dir, &mut files);
-    let members: BTreeSet<String> = files.iter().filter_map(|f| top_module(&dir, f)).collect();
-    let mut g = Graph::new();
-    for file in &files {
-        let Some(from) = top_module(&dir, file) else {
-            continue;
-        };
-        if file.file_name().is_some_and(|n| n == "tests.rs") {
-            continue;
-        }
-        let code = production_code(&fs::read_to_string(file).unwrap());
-        let mut to = paths_after(&code, &format!("crate::{room}::"));
+    let dir = src(crate_dir).join(room);
+    module_graph(&dir, |file, code| {
+        let mut to = paths_after(code, &format!("crate::{room}::"));
         if file.parent() == Some(dir.as_path()) {
-            to.extend(paths_after(&code, "super::"));
+            to.extend(paths_after(code, "super::"));
         }
-        let edges = g.entry(from.clone()).or_default();
-        edges.extend(to.into_iter().filter(|t| *t != from && members.contains(t)));
-    }
-    g
+        to
+    })
 }
 
 /// The rooms of a crate: its top-level modules that are folders.
 fn rooms(crate_dir: &str) -> Vec<String> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(crate_dir)
-        .join("src");
-    let mut rooms: Vec<String> = fs::read_dir(&src)
+    let mut rooms: Vec<String> = fs::read_dir(src(crate_dir))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
