@@ -59,7 +59,6 @@ impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         let stat = Stat::parse(&text);
-        let field = |n: usize| stat.field(n);
         if let Some(seconds) = stat.cpu_seconds() {
             let cpu = ConstCounter::new(seconds);
             let e = encoder.encode_descriptor(
@@ -70,10 +69,10 @@ impl Collector for ProcessCollector {
             )?;
             cpu.encode(e)?;
         }
-        if let Some(threads) = field(20) {
+        if let Some(threads) = stat.field(20) {
             gauge(&mut encoder, "process_threads", "OS threads", None, threads)?;
         }
-        if let (Some(start), Some(boot)) = (field(22), boot_time()) {
+        if let (Some(start), Some(boot)) = (stat.field(22), boot_time()) {
             let at = boot + start / TICKS_PER_SECOND;
             gauge(
                 &mut encoder,

@@ -7,12 +7,17 @@ pub mod v1 {
     tonic::include_proto!("remora.v1");
 }
 
+/// A wire duration as a `std` one; `None` if either part is negative (prost's own
+/// `TryFrom` would normalise `1 s, -5 ns` into a positive duration: the proxies refuse it).
+pub fn duration(d: &prost_types::Duration) -> Option<std::time::Duration> {
+    let (seconds, nanos) = (u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
+    Some(std::time::Duration::new(seconds, nanos))
+}
+
 impl v1::OptionalDuration {
     /// The limit it sets: `None` for zero (no limit), an unset value or a negative one.
     pub fn limit(&self) -> Option<std::time::Duration> {
-        let d = self.value.as_ref()?;
-        let (seconds, nanos) = (u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
-        Some(std::time::Duration::new(seconds, nanos)).filter(|d| !d.is_zero())
+        duration(self.value.as_ref()?).filter(|d| !d.is_zero())
     }
 }
 

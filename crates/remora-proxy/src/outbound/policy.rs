@@ -98,8 +98,7 @@ pub struct ServicePolicy {
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
-    let d = d?;
-    (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+    remora_api::duration(d?)
 }
 
 fn optional(d: Option<&api::OptionalDuration>) -> Option<Duration> {
