@@ -7,7 +7,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,7 +24,9 @@ fn scripts() -> PathBuf {
 }
 
 /// The gRPC test server, running in a pod until dropped.
-struct Server(Child);
+struct Server {
+    _child: remora_tests::Reaped,
+}
 
 impl Server {
     fn start(pod: &Pod, addr: &str) -> Self {
@@ -45,14 +47,9 @@ impl Server {
             "ready",
             "the gRPC test server did not start: is grpcio installed (pip install grpcio)?"
         );
-        Self(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        Self {
+            _child: remora_tests::Reaped(child),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -160,7 +160,7 @@ fn promtool_check(what: &str, text: &str) {
 
 /// A Prometheus server in `pod`, scraping every second, stopped on drop.
 struct Prometheus {
-    child: Child,
+    _child: remora_tests::Reaped,
 }
 
 impl Prometheus {
@@ -185,7 +185,9 @@ impl Prometheus {
             .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
             .spawn()
             .expect("prometheus: apt-get install prometheus (.ci/run does)");
-        Self { child }
+        Self {
+            _child: remora_tests::Reaped(child),
+        }
     }
 
     /// Every series an instant PromQL query returns (none while Prometheus is not
@@ -231,13 +233,6 @@ impl Prometheus {
             assert!(Instant::now() < deadline, "{promql}: got {got:?}");
             std::thread::sleep(Duration::from_millis(250));
         }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1164,14 +1159,16 @@ async fn remora_stat_and_diagnose_reach_pods_through_the_api_server() -> anyhow:
     // meshed pod that does not answer yet comes, and is told on standard error while the
     // windows go on.
     let traffic = Traffic::start(frontend, None);
-    let mut watching = Command::new(&cli)
-        .args([
-            "stat", "-n", "shop", "--watch", "--window", "1s", "-o", "json",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
+    let mut watching = remora_tests::Reaped(
+        Command::new(&cli)
+            .args([
+                "stat", "-n", "shop", "--watch", "--window", "1s", "-o", "json",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
     let (windows_tx, windows) = std::sync::mpsc::channel::<String>();
     let stdout = std::io::BufReader::new(watching.stdout.take().expect("piped"));
     let reader = std::thread::spawn(move || {

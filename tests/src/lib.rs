@@ -16,7 +16,7 @@ pub mod proc;
 
 pub use cluster::Cluster;
 pub use pod::{CLIENT_V6, Pod, PodPair, SERVER_V6};
-pub use proc::{Binaries, Proxy, built, helm_program, remora_cli};
+pub use proc::{Binaries, Proxy, Reaped, built, helm_program, remora_cli};
 
 /// Writes `dir/name` atomically (a temporary file, then a rename), as an editor or
 /// `kubectl` would: a folder watcher never reads half a file.

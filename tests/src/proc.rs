@@ -262,6 +262,31 @@ impl Drop for Proxy {
     }
 }
 
+/// A child process killed (and reaped) when this goes out of scope, a failing assertion
+/// included: a server or a watching CLI a test started never outlives it.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The `remora` CLI this build made, next to the running test (`target/<profile>/`).
 pub fn remora_cli() -> PathBuf {
     built("remora")
